@@ -1,0 +1,81 @@
+"""The package's own exception hierarchy.
+
+Every failure a caller can see is one of these, so ``except AsyncFramesError``
+catches everything we raise, and the subclass names the cause. Errors raised in
+the server travel over the wire by class name (see :mod:`asyncframes.protocol`)
+and are re-raised in the client as the same class.
+"""
+
+from __future__ import annotations
+
+
+class AsyncFramesError(Exception):
+    """Base class of every error raised by asyncframes."""
+
+
+class VideoError(AsyncFramesError):
+    """Something is wrong with a video source."""
+
+
+class VideoOpenError(VideoError):
+    """The video could not be opened: not a video, no video stream, unreadable."""
+
+
+class VideoNotFoundError(VideoOpenError, FileNotFoundError):
+    """The video file does not exist."""
+
+
+class VideoDecodeError(VideoError):
+    """A frame could not be decoded (corrupt data, or a frame the decoder never presents)."""
+
+
+class FrameIndexError(AsyncFramesError, IndexError):
+    """A requested frame index is negative or not below the video's frame count."""
+
+
+class ServerError(AsyncFramesError):
+    """The frame server failed, refused a request, or could not be reached."""
+
+
+class ServerStartError(ServerError):
+    """A frame server process could not be started."""
+
+
+class ServerDiedError(ServerError):
+    """The frame server went away while a request was outstanding."""
+
+
+class ProtocolError(ServerError):
+    """A message did not follow the wire protocol (bad header, wrong version)."""
+
+
+class RequestTimeoutError(AsyncFramesError, TimeoutError):
+    """No reply arrived within the caller's timeout."""
+
+
+class RequestCancelledError(AsyncFramesError):
+    """The request was cancelled (by the client, or by a server shutting down)."""
+
+
+#: Classes that may be named in an error message on the wire. Anything else
+#: arriving from a server is raised as :class:`ServerError`.
+WIRE_ERRORS: dict[str, type[AsyncFramesError]] = {
+    cls.__name__: cls
+    for cls in (
+        AsyncFramesError,
+        VideoError,
+        VideoOpenError,
+        VideoNotFoundError,
+        VideoDecodeError,
+        FrameIndexError,
+        ServerError,
+        ProtocolError,
+        RequestCancelledError,
+    )
+}
+
+
+def error_from_wire(kind: str, message: str) -> AsyncFramesError:
+    """Rebuild the exception a server reported, falling back to :class:`ServerError`."""
+    cls = WIRE_ERRORS.get(kind, ServerError)
+    return cls(message)

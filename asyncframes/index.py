@@ -1,0 +1,72 @@
+"""The frame index: which presentation timestamp is frame *i*, and where to seek for it.
+
+Frame *i* is the i-th frame a plain sequential decode presents. We find the
+frames by demuxing packets only (no decoding): every packet the decoder will
+present carries one presentation timestamp, so the sorted timestamps of the
+non-discarded packets are the frames in presentation order. Keyframe packets
+(discarded ones included: an edit list may start a GOP before the first shown
+frame) are the places a decoder can start from.
+
+The container's own frame count is never used: it is 0 or wrong for webm, mkv
+and ts. When timestamps are missing or ambiguous the index says so
+(``sequential``) and the reader falls back to counting decoded frames.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Optional, Sequence
+
+import attrs
+
+
+@attrs.frozen
+class FrameIndex:
+    """Presentation timestamps of every frame, and the keyframe timestamps to seek to."""
+
+    #: pts of frame i, in presentation order (strictly increasing unless ``sequential``).
+    pts: Sequence[int]
+    #: sorted pts of packets a decoder can start at (keyframes).
+    seek_pts: Sequence[int]
+    #: True when timestamps cannot identify frames; the reader must count from the start.
+    sequential: bool = False
+    #: why the index is sequential, for logs.
+    reason: str = ""
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.pts)
+
+    def index_of(self, pts: Optional[int]) -> Optional[int]:
+        """Frame index presenting ``pts``, or None if no frame has it."""
+        if pts is None:
+            return None
+        i = bisect.bisect_left(self.pts, pts)
+        if i < len(self.pts) and self.pts[i] == pts:
+            return i
+        return None
+
+    def first_at_or_after(self, pts: int) -> int:
+        """Index of the first frame presented at or after ``pts``."""
+        return bisect.bisect_left(self.pts, pts)
+
+    def keyframe_for(self, i: int, back: int = 0) -> int:
+        """pts of the keyframe to seek to for frame ``i``; ``back`` steps to earlier keyframes."""
+        k = bisect.bisect_right(self.seek_pts, self.pts[i]) - 1 - back
+        return self.seek_pts[max(k, 0)]
+
+
+def index_from_packets(packets: Sequence[tuple[Optional[int], bool, bool]]) -> FrameIndex:
+    """Build the index from ``(pts, is_keyframe, is_discard)`` of each video packet in file order."""
+    shown = [pts for pts, _key, discard in packets if not discard]
+    if any(pts is None for pts in shown):
+        return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="packets without timestamps")
+    order = sorted(shown)  # type: ignore[type-var]
+    if any(a == b for a, b in zip(order, order[1:])):
+        return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="duplicate timestamps")
+    seek = sorted({pts for pts, key, _discard in packets if key and pts is not None})
+    if not seek or (order and seek[0] > order[0]):
+        # No keyframe before the first shown frame: the decoder's behaviour at the
+        # start cannot be predicted from packets alone, so count decoded frames.
+        return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="stream does not start at a keyframe")
+    return FrameIndex(pts=order, seek_pts=seek)

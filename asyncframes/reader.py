@@ -1,0 +1,335 @@
+"""Frame-accurate random access to a video with PyAV.
+
+:class:`VideoReader` serves any batch of frame indices (any order, duplicates
+allowed) by sorting them, seeking only when the next target lies beyond what
+the open decoder reaches cheaply, decoding forward once per needed GOP, and
+writing each frame into its place(s) in the output.
+
+Frames are identified by presentation timestamp through the :mod:`index`.
+The decoder is checked against the index as it goes: the first frame after a
+seek must be the keyframe we aimed for and frames must follow one another
+without gaps. A seek that lands too late is retried from an earlier keyframe;
+any other disagreement means the packets lied about what the decoder presents,
+and the reader falls back to counting frames of a sequential decode, which is
+the definition of frame *i*. It never returns a frame it could not identify.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Iterator, Optional, Sequence
+
+import av
+import numpy as np
+
+from .errors import FrameIndexError, VideoDecodeError, VideoNotFoundError, VideoOpenError
+from .index import FrameIndex, index_from_packets
+from .video import VideoInfo
+
+log = logging.getLogger(__name__)
+
+#: Decoding this many extra frames costs about as much as one seek and decoder refill.
+SEEK_COST_FRAMES = 4
+#: How many earlier keyframes to try when a seek lands after the one we asked for.
+SEEK_RETRIES = 3
+
+
+class _Mismatch(Exception):
+    """The decoder presented something the index did not predict."""
+
+
+class _Overshoot(Exception):
+    """A seek landed after the keyframe we asked for."""
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of an ``(..., 3)`` uint8 RGB array, exact when R == G == B."""
+    acc = rgb[..., 0].astype(np.uint32) * 299
+    acc += rgb[..., 1].astype(np.uint32) * 587
+    acc += rgb[..., 2].astype(np.uint32) * 114
+    acc += 500
+    return (acc // 1000).astype(np.uint8)
+
+
+def rgb24(frame: av.VideoFrame) -> np.ndarray:
+    """Convert a decoded frame to an ``(h, w, 3)`` uint8 array (single-threaded swscale: faster here)."""
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
+class VideoReader:
+    """An open video with a frame index and a decoder kept open between reads.
+
+    Not thread-safe: one reader serves one request at a time.
+    """
+
+    def __init__(self, filename: str, stream: int = 0, thread_type: str = "AUTO") -> None:
+        self.filename = filename
+        self.stream_index = stream
+        self.thread_type = thread_type
+        self._container: Optional[av.container.InputContainer] = None
+        self._stream: Optional[av.video.stream.VideoStream] = None
+        self._frames: Optional[Iterator[av.VideoFrame]] = None
+        self._last = -1  # index of the last frame the decoder presented
+        self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
+        self._after_seek = False
+        self.signature = _file_signature(filename)
+        self.index = self._build_index()
+        if self.index.sequential:
+            log.info("%s: %s; frames are found by counting", filename, self.index.reason)
+            self.index = self._count_frames(self.index.reason)
+        if self.index.frame_count == 0:
+            self.close()
+            raise VideoOpenError(f"{filename}: the video stream has no frames")
+        container, vstream = self._ensure_open()
+        ctx = vstream.codec_context
+        self.width = int(ctx.width)
+        self.height = int(ctx.height)
+        self.codec = ctx.name
+        self.pix_fmt = ctx.pix_fmt or ""
+        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
+        self.fps = float(rate) if rate else 0.0
+        self.container_format = container.format.name
+        self.duration = float(vstream.duration * vstream.time_base) if vstream.duration else None
+        first = self.read([0], grayscale=False)[0]
+        self.detected_grayscale = bool(
+            np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
+        )
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def frame_count(self) -> int:
+        return self.index.frame_count
+
+    def info(self, grayscale: Optional[bool] = None) -> VideoInfo:
+        """Metadata, with channels resolved for the given grayscale option."""
+        gray = self.detected_grayscale if grayscale is None else grayscale
+        return VideoInfo(
+            filename=self.filename,
+            frame_count=self.frame_count,
+            height=self.height,
+            width=self.width,
+            channels=1 if gray else 3,
+            grayscale=gray,
+            fps=self.fps,
+            codec=self.codec,
+            pix_fmt=self.pix_fmt,
+            container=self.container_format,
+            duration=self.duration,
+        )
+
+    def is_stale(self) -> bool:
+        """True when the file changed on disk since the index was built."""
+        try:
+            return _file_signature(self.filename) != self.signature
+        except VideoNotFoundError:
+            return True
+
+    def check_indices(self, idxs: Sequence[int]) -> None:
+        """Raise :class:`FrameIndexError` naming the first index that is not a frame."""
+        n = self.frame_count
+        for i in idxs:
+            if i < 0:
+                raise FrameIndexError(f"frame index {i} is negative; {self.filename} has frames 0..{n - 1}")
+            if i >= n:
+                raise FrameIndexError(f"frame index {i} is out of range; {self.filename} has {n} frames (0..{n - 1})")
+
+    def read(self, idxs: Sequence[int], grayscale: Optional[bool] = None) -> np.ndarray:
+        """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8."""
+        gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+        self.check_indices(idxs)
+        out = np.empty((len(idxs), self.height, self.width, 1 if gray else 3), dtype=np.uint8)
+        places: dict[int, list[int]] = defaultdict(list)
+        for pos, i in enumerate(idxs):
+            places[int(i)].append(pos)
+
+        def sink(i: int, frame: av.VideoFrame) -> None:
+            if frame.width != self.width or frame.height != self.height:
+                raise VideoDecodeError(
+                    f"{self.filename}: frame {i} is {frame.width}x{frame.height}, "
+                    f"but the video starts at {self.width}x{self.height}; size changes are not supported"
+                )
+            rgb = rgb24(frame)
+            first, *rest = places[i]
+            if gray:
+                out[first, ..., 0] = luma(rgb)
+            else:
+                out[first] = rgb
+            for pos in rest:
+                out[pos] = out[first]
+
+        try:
+            self._decode(sorted(places), sink)
+        except _Mismatch as exc:
+            log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
+            self.index = self._count_frames(str(exc))
+            self.check_indices(idxs)
+            self._decode(sorted(places), sink)
+        return out
+
+    def close(self) -> None:
+        """Release the decoder and the file."""
+        self._frames = None
+        if self._container is not None:
+            try:
+                self._container.close()
+            finally:
+                self._container = None
+                self._stream = None
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- opening and indexing ----------------------------------------------
+
+    def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+        try:
+            container = av.open(self.filename, mode="r", metadata_errors="ignore")
+        except FileNotFoundError as exc:
+            raise VideoNotFoundError(f"video not found: {self.filename}") from exc
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise VideoOpenError(f"not a readable video: {self.filename} ({exc})") from exc
+        streams = container.streams.video
+        if self.stream_index >= len(streams):
+            container.close()
+            found = "no video stream" if not streams else f"only {len(streams)} video stream(s)"
+            raise VideoOpenError(f"{self.filename}: {found}, asked for video stream {self.stream_index}")
+        stream = streams[self.stream_index]
+        stream.thread_type = self.thread_type
+        return container, stream
+
+    def _build_index(self) -> FrameIndex:
+        container, stream = self._open()
+        try:
+            packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard)) for p in container.demux(stream) if p.size]
+        except av.FFmpegError as exc:
+            raise VideoOpenError(f"{self.filename}: cannot read packets ({exc})") from exc
+        finally:
+            container.close()
+        return index_from_packets(packets)
+
+    def _count_frames(self, reason: str) -> FrameIndex:
+        """The ground truth: decode everything once and count what is presented."""
+        self.close()
+        container, stream = self._open()
+        try:
+            pts = [frame.pts for frame in container.decode(stream)]
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(f"{self.filename}: sequential decode failed after {len(pts)} frames ({exc})") from exc
+        finally:
+            container.close()
+        return FrameIndex(pts=pts, seek_pts=[], sequential=True, reason=reason)
+
+    # -- decoding ------------------------------------------------------------
+
+    def _ensure_open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+        if self._container is None or self._stream is None:
+            self._container, self._stream = self._open()
+            self._frames = None
+        return self._container, self._stream
+
+    def _restart(self) -> None:
+        """Decode from the very start, exactly like a sequential decode."""
+        self.close()
+        container, stream = self._ensure_open()
+        self._frames = container.decode(stream)
+        self._last, self._anchor, self._after_seek = -1, None, False
+
+    def _seek_for(self, target: int, back: int = 0) -> None:
+        if self.index.sequential:
+            self._restart()
+            return
+        key = self.index.keyframe_for(target, back)
+        if key == self.index.seek_pts[0]:
+            self._restart()
+            return
+        container, stream = self._ensure_open()
+        try:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError as exc:
+            log.debug("%s: seek to pts %s failed (%s); decoding from the start", self.filename, key, exc)
+            self._restart()
+            return
+        self._frames = container.decode(stream)
+        self._anchor = key
+        self._last = self.index.first_at_or_after(key) - 1
+        self._after_seek = True
+
+    def _must_seek(self, target: int) -> bool:
+        if self._frames is None or target <= self._last:
+            return True
+        if self.index.sequential:
+            return False
+        key_idx = self.index.first_at_or_after(self.index.keyframe_for(target))
+        return key_idx - (self._last + 1) > SEEK_COST_FRAMES
+
+    def _next(self) -> tuple[int, av.VideoFrame]:
+        """The next presented frame and its index, checked against the index."""
+        assert self._frames is not None
+        while True:
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                self._frames = None
+                raise _Mismatch(f"decoder ended after frame {self._last} of {self.frame_count}") from None
+            except av.FFmpegError as exc:
+                self._frames = None
+                raise VideoDecodeError(f"{self.filename}: decoding failed after frame {self._last} ({exc})") from exc
+            if self.index.sequential:
+                i = self._last + 1
+            else:
+                if frame.pts is None:
+                    raise _Mismatch(f"decoder presented a frame without a timestamp after frame {self._last}")
+                if self._anchor is not None and frame.pts < self._anchor:
+                    continue  # leftovers decoded before the keyframe we sought
+                i = self.index.index_of(frame.pts)
+                if i is None:
+                    raise _Mismatch(f"decoder presented pts {frame.pts}, which no packet announced")
+                if i != self._last + 1:
+                    if self._after_seek and i > self._last + 1:
+                        raise _Overshoot()
+                    raise _Mismatch(f"decoder presented frame {i} right after frame {self._last}")
+            self._last = i
+            self._after_seek = False
+            return i, frame
+
+    def _decode(self, wanted: list[int], sink) -> None:  # type: ignore[no-untyped-def]
+        """Decode every index in ``wanted`` (sorted, unique) once, handing each to ``sink``."""
+        done: set[int] = set()
+        want = set(wanted)
+        for target in wanted:
+            if target in done:
+                continue
+            back = 0
+            if self._must_seek(target):
+                self._seek_for(target)
+            while target not in done:
+                try:
+                    i, frame = self._next()
+                except _Overshoot:
+                    back += 1
+                    if back > SEEK_RETRIES:
+                        self._restart()
+                    else:
+                        self._seek_for(target, back)
+                    continue
+                if i in want and i not in done:
+                    sink(i, frame)
+                    done.add(i)
+                if i > target:
+                    raise _Mismatch(f"decoder skipped frame {target}")
+
+
+def _file_signature(filename: str) -> tuple[int, int]:
+    try:
+        st = os.stat(filename)
+    except FileNotFoundError as exc:
+        raise VideoNotFoundError(f"video not found: {filename}") from exc
+    except OSError:
+        return (-1, -1)  # URLs and patterns: nothing to compare
+    return (st.st_size, st.st_mtime_ns)

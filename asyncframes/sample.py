@@ -1,0 +1,100 @@
+"""Synthetic clips made with PyAV: the built-in sample video and test material.
+
+Every frame carries its own index as a block barcode over a moving gradient,
+so neighbouring frames always differ and a wrong frame is visible.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence
+
+import av
+import numpy as np
+
+#: Codec options that force B-frames and a long GOP for H.264/HEVC encoders.
+_ENCODER_OPTIONS = {
+    "libx264": lambda gop, bf: {"bf": str(bf), "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"},
+    "libx265": lambda gop, bf: {"x265-params": f"keyint={gop}:min-keyint={gop}:bframes={bf}:scenecut=0:log-level=error"},
+}
+
+
+def pattern(i: int, height: int, width: int) -> np.ndarray:
+    """The RGB picture of frame ``i``: a moving gradient with ``i`` written as a barcode."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = (x * 2 + i * 7) % 256
+    img[..., 1] = (y * 2 + i * 3) % 256
+    img[..., 2] = ((x + y) + i * 11) % 256
+    bits = [(i >> b) & 1 for b in range(12)]
+    block = max(4, width // 16)
+    for b, on in enumerate(bits):
+        x0 = (b % 8) * block * 2
+        y0 = (b // 8) * block * 2
+        img[y0 : y0 + block, x0 : x0 + block] = 255 if on else 0
+    return img
+
+
+def write_clip(
+    path: "str | os.PathLike[str]",
+    frames: int = 90,
+    size: tuple[int, int] = (96, 128),
+    codec: str = "libx264",
+    rate: int = 30,
+    gop: int = 30,
+    bframes: int = 2,
+    pix_fmt: Optional[str] = None,
+    pts: Optional[Sequence[int]] = None,
+    time_base: Optional[Fraction] = None,
+    grayscale: bool = False,
+) -> Path:
+    """Encode a clip of ``frames`` pattern frames of ``size=(h, w)``; the container follows the suffix.
+
+    ``pts`` (with ``time_base``) sets explicit presentation times, e.g. for variable frame rate.
+    """
+    path = Path(path)
+    height, width = size
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=rate, options=_ENCODER_OPTIONS.get(codec, lambda g, b: {})(gop, bframes))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt or _default_pix_fmt(codec)
+        if codec not in _ENCODER_OPTIONS:
+            stream.codec_context.gop_size = gop
+            if bframes and codec in ("mpeg4", "mpeg2video", "mpeg1video"):
+                stream.codec_context.max_b_frames = bframes
+        if time_base is not None:
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+        for i in range(frames):
+            img = pattern(i, height, width)
+            if grayscale:
+                img[...] = img[..., :1]
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if pts is not None:
+                frame.pts = int(pts[i])
+                frame.time_base = time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _default_pix_fmt(codec: str) -> str:
+    return {"mjpeg": "yuvj420p", "ffv1": "yuv444p"}.get(codec, "yuv420p")
+
+
+def sample_video() -> Path:
+    """The package's own sample clip (H.264 with B-frames, 300 frames of 240x320), made once per user."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asyncframes"
+    path = cache / "sample-v1.mp4"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=cache)
+        os.close(fd)
+        write_clip(tmp, frames=300, size=(240, 320), gop=60, bframes=3)
+        os.replace(tmp, path)
+    return path

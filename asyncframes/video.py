@@ -1,0 +1,73 @@
+"""The video spec: which file, which stream, and how frames should be shaped.
+
+A :class:`Video` is plain data. It travels from client to server as a cattrs
+unstructured dict inside a msgpack header, so it must only hold wire-safe fields.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import attrs
+import cattrs
+
+
+@attrs.frozen
+class Video:
+    """A video source.
+
+    ``grayscale``: ``None`` detects it from the first frame (all channels equal),
+    ``True`` gives ``(h, w, 1)`` frames, ``False`` gives RGB ``(h, w, 3)`` frames.
+    ``stream`` picks the video stream when a container holds several.
+    """
+
+    filename: str = attrs.field(converter=os.fspath, validator=attrs.validators.instance_of(str))
+    grayscale: Optional[bool] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
+    stream: int = attrs.field(default=0, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
+
+    @classmethod
+    def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
+        """Describe the video at ``filename``; ``options`` are the other fields."""
+        return cls(filename=os.fspath(filename), **options)
+
+
+#: The converter used for everything that crosses the wire.
+converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def as_video(video: "Video | str | os.PathLike[str]") -> Video:
+    """Accept a :class:`Video` or a plain path."""
+    if isinstance(video, Video):
+        return video
+    if isinstance(video, (str, os.PathLike)):
+        return Video.from_filename(video)
+    raise TypeError(f"expected a Video or a path, got {type(video).__name__}")
+
+
+@attrs.frozen
+class VideoInfo:
+    """What the server knows about a video: the metadata a caller needs to size buffers.
+
+    ``channels`` and ``grayscale`` reflect the spec's ``grayscale`` option (or the
+    detection when it is ``None``), so they describe the frames you will receive.
+    """
+
+    filename: str
+    frame_count: int
+    height: int
+    width: int
+    channels: int
+    grayscale: bool
+    fps: float
+    codec: str
+    pix_fmt: str
+    container: str
+    duration: Optional[float] = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Shape of the whole video as an array: ``(frames, h, w, c)``."""
+        return (self.frame_count, self.height, self.width, self.channels)
