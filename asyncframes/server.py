@@ -1,0 +1,392 @@
+"""The frame server: answers requests from many clients with chunks of decoded frames.
+
+One thread, one ROUTER socket. The loop takes in every waiting message, then
+decodes one chunk for the next request (round-robin across requests, so a long
+request never starves another) that still has credit from its client, and
+repeats. Decoding happens only against credit, so a slow client never makes
+the server buffer without bound. Any failure while serving a request becomes
+an error message for that request; the server keeps serving.
+
+Run privately by :class:`asyncframes.AsyncVideo` (``asyncframes serve --lifeline``:
+it exits when its client process is gone), or standalone with ``asyncframes serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import OrderedDict, deque
+from typing import Any, Optional, Sequence
+
+import attrs
+import zmq
+
+from . import __version__, protocol
+from .errors import AsyncFramesError, ProtocolError, ServerError, VideoOpenError
+from .protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Credit,
+    Error,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    Ping,
+    Pong,
+    Request,
+    Shutdown,
+    Stop,
+    Welcome,
+)
+from .reader import VideoReader
+from .transport import PeerBusy, PeerGone, ServerSocket
+from .video import Video
+
+log = logging.getLogger(__name__)
+
+#: Printed (with the endpoints) on stdout once the server accepts connections.
+READY_LINE = "asyncframes server ready on"
+
+
+@attrs.frozen
+class ServerConfig:
+    """Limits and policies of one server."""
+
+    max_request_frames: int = 10_000_000
+    max_frames_per_chunk: int = 1024
+    max_window: int = 8
+    max_open_files: int = 8
+    max_requests_per_client: int = 4
+    #: Honour :class:`Stop` from clients (private servers only).
+    allow_stop: bool = False
+    #: Seconds between liveness probes of known clients.
+    probe_interval: float = 2.0
+
+
+@attrs.define
+class _Job:
+    """One request in flight."""
+
+    client: bytes
+    request: Request
+    reader_key: tuple[str, int]
+    grayscale: bool
+    frame_idxs: Sequence[int]
+    credit: int
+    next_chunk: int = 0
+    started: float = attrs.field(factory=time.monotonic)
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, math.ceil(len(self.frame_idxs) / self.request.frames_per_chunk))
+
+
+@attrs.define
+class _Client:
+    hello: bool = False
+    jobs: dict[int, _Job] = attrs.field(factory=dict)
+
+
+class FrameServer:
+    """Serves frames on ``binds`` until stopped, its lifeline breaks, or a signal arrives."""
+
+    def __init__(
+        self,
+        binds: Sequence[str],
+        config: ServerConfig = ServerConfig(),
+        lifeline_fd: Optional[int] = None,
+    ) -> None:
+        self.config = config
+        self.socket = ServerSocket(binds)
+        self.endpoints = self.socket.endpoints
+        self.lifeline_fd = lifeline_fd
+        self._parent_pid = os.getppid()
+        self._readers: "OrderedDict[tuple[str, int], VideoReader]" = OrderedDict()
+        self._clients: dict[bytes, _Client] = {}
+        self._jobs: deque[_Job] = deque()
+        self._running = False
+        self._stop_reason = ""
+        self._next_probe = time.monotonic() + config.probe_interval
+
+    # -- main loop -------------------------------------------------------------
+
+    def serve_forever(self) -> str:
+        """Run until asked to stop; returns why it stopped."""
+        poller = zmq.Poller()
+        poller.register(self.socket.socket, zmq.POLLIN)
+        if self.lifeline_fd is not None:
+            poller.register(self.lifeline_fd, zmq.POLLIN)
+        self._running = True
+        try:
+            while self._running:
+                runnable = any(job.credit > 0 for job in self._jobs)
+                events = dict(poller.poll(0 if runnable else 250))
+                if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
+                    self.stop("client process is gone")
+                    break
+                self._drain()
+                if self._running and runnable:
+                    self._step()
+                if time.monotonic() >= self._next_probe:
+                    self._probe_clients()
+        finally:
+            self._shutdown()
+        return self._stop_reason
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to end after the current chunk (safe from a signal handler)."""
+        self._stop_reason = self._stop_reason or reason
+        self._running = False
+
+    def _drain(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                client, frames = self.socket.recv()
+            except zmq.Again:
+                return
+            try:
+                message, _payload = protocol.parse(frames)
+            except ProtocolError as exc:
+                log.warning("client %s sent a malformed message: %s", client.hex(), exc)
+                self._send(client, Error(request_id=None, error="ProtocolError", message=str(exc)))
+                continue
+            self._handle(client, message)
+
+    def _shutdown(self) -> None:
+        for client, state in list(self._clients.items()):
+            if state.jobs or state.hello:
+                self._send(client, Shutdown(reason=self._stop_reason or "server stopped"))
+        self._jobs.clear()
+        self._clients.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self.socket.close()
+        log.info("server stopped: %s", self._stop_reason or "stopped")
+
+    # -- messages --------------------------------------------------------------
+
+    def _handle(self, client: bytes, message: protocol.Message) -> None:
+        state = self._clients.setdefault(client, _Client())
+        if isinstance(message, Hello):
+            if message.version != PROTOCOL_VERSION:
+                self._send(
+                    client,
+                    Error(
+                        request_id=None,
+                        error="ProtocolError",
+                        message=f"protocol version {message.version} is not supported; "
+                        f"this server ({__version__}) speaks version {PROTOCOL_VERSION}",
+                    ),
+                )
+                return
+            state.hello = True
+            self._send(client, Welcome(version=PROTOCOL_VERSION, server=__version__))
+            return
+        if isinstance(message, Ping):
+            self._send(client, Pong(request_id=message.request_id, server=__version__))
+            return
+        if not state.hello:
+            self._send(client, Error(request_id=None, error="ProtocolError", message="send hello before anything else"))
+            return
+        if isinstance(message, Request):
+            self._start(client, state, message)
+        elif isinstance(message, Credit):
+            job = state.jobs.get(message.request_id)
+            if job is not None:
+                job.credit = min(job.credit + message.chunks, self.config.max_window)
+        elif isinstance(message, Cancel):
+            job = state.jobs.pop(message.request_id, None)
+            if job is not None:
+                self._jobs.remove(job)
+                self._log_job(job, "cancelled")
+        elif isinstance(message, InfoRequest):
+            try:
+                reader = self._reader(message.video)
+                info = reader.info(message.video.grayscale)
+            except Exception as exc:
+                self._send(client, _error_for(message.request_id, exc))
+                return
+            self._send(client, InfoReply(request_id=message.request_id, info=info))
+        elif isinstance(message, Stop):
+            if self.config.allow_stop:
+                self.stop("a client asked it to stop")
+            else:
+                self._send(client, Error(request_id=None, error="ServerError", message="this server does not accept stop"))
+        else:
+            self._send(
+                client,
+                Error(request_id=None, error="ProtocolError", message=f"{type(message).__name__} is not a client message"),
+            )
+
+    def _start(self, client: bytes, state: _Client, request: Request) -> None:
+        cfg = self.config
+        rid = request.request_id
+        if rid in state.jobs:
+            self._send(client, Error(request_id=rid, error="ProtocolError", message=f"request id {rid} is already in use"))
+            return
+        if len(state.jobs) >= cfg.max_requests_per_client:
+            self._send(
+                client,
+                Error(
+                    request_id=rid,
+                    error="ServerError",
+                    message=f"too many concurrent requests from this client (limit {cfg.max_requests_per_client})",
+                ),
+            )
+            return
+        if request.frames_per_chunk > cfg.max_frames_per_chunk:
+            self._send(
+                client,
+                Error(
+                    request_id=rid,
+                    error="ServerError",
+                    message=f"frames_per_chunk {request.frames_per_chunk} exceeds this server's limit of {cfg.max_frames_per_chunk}",
+                ),
+            )
+            return
+        try:
+            reader = self._reader(request.video)
+            idxs: Sequence[int] = range(reader.frame_count) if request.frame_idxs is None else request.frame_idxs
+            if len(idxs) > cfg.max_request_frames:
+                raise ServerError(f"request for {len(idxs)} frames exceeds this server's limit of {cfg.max_request_frames}")
+            reader.check_indices(idxs)
+        except Exception as exc:
+            self._send(client, _error_for(rid, exc))
+            return
+        gray = reader.detected_grayscale if request.video.grayscale is None else request.video.grayscale
+        job = _Job(
+            client=client,
+            request=request,
+            reader_key=_reader_key(request.video),
+            grayscale=gray,
+            frame_idxs=idxs,
+            credit=min(request.window, cfg.max_window),
+        )
+        state.jobs[rid] = job
+        self._jobs.append(job)
+
+    def _step(self) -> None:
+        """Decode and send one chunk of the next request that has credit."""
+        for _ in range(len(self._jobs)):
+            job = self._jobs[0]
+            self._jobs.rotate(-1)
+            if job.credit > 0:
+                break
+        else:
+            return
+        request = job.request
+        fpc = request.frames_per_chunk
+        start = job.next_chunk * fpc
+        idxs = list(job.frame_idxs[start : start + fpc])
+        last = job.next_chunk + 1 >= job.n_chunks
+        try:
+            reader = self._reader(request.video)
+            frames = reader.read(idxs, grayscale=job.grayscale)
+        except Exception as exc:
+            self._finish(job, error=exc)
+            return
+        header = protocol.chunk_header(request.request_id, job.next_chunk, last, idxs, frames)
+        job.next_chunk += 1
+        job.credit -= 1
+        if not self._send(job.client, header, frames):
+            return
+        if last:
+            self._finish(job)
+
+    def _finish(self, job: _Job, error: Optional[BaseException] = None) -> None:
+        state = self._clients.get(job.client)
+        if state is not None:
+            state.jobs.pop(job.request.request_id, None)
+        if job in self._jobs:
+            self._jobs.remove(job)
+        if error is not None:
+            if not isinstance(error, AsyncFramesError):
+                log.exception("internal error serving request", exc_info=error)
+                self._readers.pop(job.reader_key, None)
+            self._send(job.client, _error_for(job.request.request_id, error))
+            self._log_job(job, f"failed: {error}")
+        else:
+            self._log_job(job, "done")
+
+    def _log_job(self, job: _Job, outcome: str) -> None:
+        sent = min(len(job.frame_idxs), job.next_chunk * job.request.frames_per_chunk)
+        log.info(
+            "client=%s video=%s frames=%d/%d chunks=%d time=%.3fs %s",
+            job.client.hex(),
+            job.request.video.filename,
+            sent,
+            len(job.frame_idxs),
+            job.next_chunk,
+            time.monotonic() - job.started,
+            outcome,
+        )
+
+    # -- clients ---------------------------------------------------------------
+
+    def _send(self, client: bytes, message: protocol.Message, payload: Any = None) -> bool:
+        """Send, dropping the client and its work if it has gone. True if sent."""
+        try:
+            self.socket.send(client, message, payload)
+            return True
+        except PeerGone:
+            self._drop_client(client, "disconnected")
+        except PeerBusy:
+            # Credit keeps queues short, so a full queue means a client that stopped reading;
+            # a probe that does not fit is simply skipped.
+            if not isinstance(message, Ping):
+                self._drop_client(client, "stopped reading (queue full)")
+        return False
+
+    def _drop_client(self, client: bytes, why: str) -> None:
+        state = self._clients.pop(client, None)
+        if state is None:
+            return
+        for job in state.jobs.values():
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self._log_job(job, f"abandoned: client {why}")
+
+    def _probe_clients(self) -> None:
+        """Find clients that went away without a word, so their requests are freed."""
+        self._next_probe = time.monotonic() + self.config.probe_interval
+        for client in list(self._clients):
+            self._send(client, Ping(request_id=0))
+
+    # -- videos ----------------------------------------------------------------
+
+    def resolve(self, filename: str) -> str:
+        """The path to open for a requested filename (standalone servers confine it)."""
+        return filename
+
+    def _reader(self, video: Video) -> VideoReader:
+        key = _reader_key(video)
+        reader = self._readers.get(key)
+        if reader is not None and reader.is_stale():
+            reader.close()
+            del self._readers[key]
+            reader = None
+        if reader is None:
+            path = self.resolve(video.filename)
+            reader = VideoReader(path, stream=video.stream)
+            self._readers[key] = reader
+            while len(self._readers) > self.config.max_open_files:
+                _key, old = self._readers.popitem(last=False)
+                old.close()
+        self._readers.move_to_end(key)
+        return reader
+
+
+def _reader_key(video: Video) -> tuple[str, int]:
+    return (video.filename, video.stream)
+
+
+def _error_for(request_id: Optional[int], exc: BaseException) -> Error:
+    """The error message a failure becomes on the wire."""
+    if isinstance(exc, AsyncFramesError):
+        return Error(request_id=request_id, error=type(exc).__name__, message=str(exc))
+    if isinstance(exc, MemoryError):
+        return Error(request_id=request_id, error="ServerError", message="the server ran out of memory for this request")
+    return Error(request_id=request_id, error="ServerError", message=f"internal server error: {type(exc).__name__}: {exc}")
