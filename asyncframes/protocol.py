@@ -275,5 +275,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseValidationError):
         from cattrs import transform_error
 
-        return "; ".join(transform_error(exc))
+        def say(error: BaseException, _type: Any) -> str:
+            return "required field missing" if isinstance(error, KeyError) else (str(error) or type(error).__name__)
+
+        return "; ".join(transform_error(exc, format_exception=say))
     return str(exc)

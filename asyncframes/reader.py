@@ -329,6 +329,8 @@ def _file_signature(filename: str) -> tuple[int, int]:
     try:
         st = os.stat(filename)
     except FileNotFoundError as exc:
+        if "%" in filename or "://" in filename:
+            return (-1, -1)  # an image-sequence pattern or a URL: FFmpeg decides
         raise VideoNotFoundError(f"video not found: {filename}") from exc
     except OSError:
         return (-1, -1)  # URLs and patterns: nothing to compare

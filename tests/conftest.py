@@ -1,0 +1,117 @@
+"""Shared test material: the real videos in ../shared/videos, clips we encode, and ground truth.
+
+Ground truth is always a plain sequential PyAV decode, converted with PyAV's own
+``to_ndarray(format="rgb24")``: frame i is the i-th frame it yields.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from asyncframes import AsyncVideo
+from asyncframes.sample import write_clip
+
+SHARED = Path(os.environ.get("ASYNCFRAMES_SHARED_VIDEOS", Path(__file__).resolve().parents[2] / "shared" / "videos"))
+
+
+def shared_video(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"shared test video {path} is absent (set ASYNCFRAMES_SHARED_VIDEOS to its folder)")
+    return path
+
+
+@pytest.fixture
+def centered_pair() -> Path:
+    return shared_video("centered_pair_small.mp4")
+
+
+@pytest.fixture
+def small_robot() -> Path:
+    return shared_video("small_robot.mp4")
+
+
+_VFR_PTS = np.cumsum([0] + [int(x) for x in np.random.default_rng(7).integers(10, 80, 89)])
+
+#: name -> how to make it. Each stresses something a frame reader can get wrong.
+CLIPS = {
+    # B-frames (b-pyramid) and a GOP longer than the clip: one keyframe, many reorderings.
+    "h264_bframes_longgop.mp4": dict(codec="libx264", frames=150, gop=300, bframes=3),
+    # Several GOPs with B-frames, to exercise seeking.
+    "h264_gops.mp4": dict(codec="libx264", frames=150, gop=25, bframes=2),
+    # Variable frame rate: irregular timestamps in milliseconds.
+    "h264_vfr.mp4": dict(codec="libx264", frames=90, gop=20, bframes=2, pts=_VFR_PTS, time_base=Fraction(1, 1000)),
+    # Containers whose header has no (or a wrong) frame count.
+    "vp9.webm": dict(codec="libvpx-vp9", frames=60, gop=15, bframes=0),
+    "h264.mkv": dict(codec="libx264", frames=80, gop=20, bframes=2),
+    "h264.ts": dict(codec="libx264", frames=80, gop=20, bframes=2),
+    "hevc.mp4": dict(codec="libx265", frames=60, gop=20, bframes=3),
+    "mpeg4_bframes.avi": dict(codec="mpeg4", frames=60, gop=12, bframes=2),
+    "mjpeg.avi": dict(codec="mjpeg", frames=20, bframes=0),
+    "ffv1.mkv": dict(codec="ffv1", frames=20, gop=5, bframes=0),
+    # Grayscale content in a colour pixel format, like SLEAP's centered_pair.
+    "gray.mp4": dict(codec="libx264", frames=40, gop=10, bframes=2, grayscale=True),
+}
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("clips")
+
+
+@pytest.fixture(scope="session")
+def make_clip(clip_dir: Path):
+    def make(name: str) -> Path:
+        path = clip_dir / name
+        if not path.exists():
+            if CLIPS[name]["codec"] not in av.codecs_available:
+                pytest.skip(f"this PyAV build has no {CLIPS[name]['codec']} encoder")
+            write_clip(path, **CLIPS[name])
+        return path
+
+    return make
+
+
+@lru_cache(maxsize=None)
+def _reference(path: str) -> tuple[np.ndarray, ...]:
+    with av.open(path) as container:
+        return tuple(frame.to_ndarray(format="rgb24") for frame in container.decode(video=0))
+
+
+def reference_frames(path: "str | Path") -> tuple[np.ndarray, ...]:
+    """Every frame of a plain sequential decode, as RGB arrays."""
+    return _reference(str(path))
+
+
+def assert_frames_exact(path: "str | Path", frame_idxs, frames: np.ndarray) -> None:
+    """Each returned frame equals the reference frame with that index (grayscale: its R channel)."""
+    ref = reference_frames(path)
+    assert frames.dtype == np.uint8
+    assert frames.shape[0] == len(frame_idxs)
+    for pos, i in enumerate(frame_idxs):
+        expected = ref[i] if frames.shape[-1] == 3 else ref[i][..., :1]
+        if not np.array_equal(frames[pos], expected):
+            diff = int(np.abs(frames[pos].astype(int) - expected.astype(int)).max())
+            raise AssertionError(f"{Path(path).name}: frame {i} (position {pos}) differs from the sequential decode (max diff {diff})")
+
+
+def shuffled_with_duplicates(n: int, k: int, seed: int) -> list[int]:
+    """``k`` random indices below ``n`` plus every index once, shuffled, with repeats."""
+    rng = np.random.default_rng(seed)
+    idxs = list(rng.integers(0, n, k)) + list(range(n))
+    rng.shuffle(idxs)
+    return [int(i) for i in idxs]
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One private server for a whole test module (each test still makes its own requests)."""
+    with AsyncVideo(timeout=60) as av_client:
+        yield av_client

@@ -1,0 +1,163 @@
+"""The reader returns exactly the frames a sequential decode presents, whatever the request order."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
+from asyncframes.index import FrameIndex, index_from_packets
+from asyncframes.reader import VideoReader, luma
+from asyncframes.sample import write_clip
+
+from .conftest import CLIPS, assert_frames_exact, reference_frames, shuffled_with_duplicates
+
+
+@pytest.mark.parametrize("name", sorted(CLIPS))
+def test_shuffled_batch_with_duplicates_matches_sequential_decode(make_clip, name):
+    path = make_clip(name)
+    n = len(reference_frames(path))
+    idxs = shuffled_with_duplicates(n, 60, seed=len(name))
+    with VideoReader(str(path)) as reader:
+        assert reader.frame_count == n
+        assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+        # The same reader again, backwards: the decoder state left by the first read must not leak.
+        backwards = list(range(n))[::-1]
+        assert_frames_exact(path, backwards, reader.read(backwards, grayscale=False))
+
+
+@pytest.mark.parametrize("name", ["centered_pair_small.mp4", "small_robot.mp4"])
+def test_shared_videos_random_access_is_exact(name):
+    from .conftest import shared_video
+
+    path = shared_video(name)
+    n = len(reference_frames(path))
+    with VideoReader(str(path)) as reader:
+        assert reader.frame_count == n
+        for seed in range(3):
+            idxs = shuffled_with_duplicates(n, 40, seed)[:150]
+            assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+
+
+def test_frame_count_comes_from_packets_not_the_container_header(make_clip):
+    path = make_clip("vp9.webm")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # webm does not say
+    with VideoReader(str(path)) as reader:
+        assert reader.frame_count == CLIPS["vp9.webm"]["frames"]
+
+
+def test_consecutive_reads_continue_the_open_decoder_without_seeking(make_clip, monkeypatch):
+    path = make_clip("h264_gops.mp4")
+    with VideoReader(str(path)) as reader:
+        reader.read([0])
+        seeks = []
+        original = reader._seek_for
+        monkeypatch.setattr(reader, "_seek_for", lambda *a: (seeks.append(a), original(*a)))
+        for start in range(1, 150, 10):
+            reader.read(list(range(start, min(start + 10, 150))))
+        assert seeks == []
+        reader.read([140, 2])  # going back must seek (or restart) exactly once per target GOP
+        assert len(seeks) == 2
+
+
+def test_stream_without_timestamps_is_read_by_counting(tmp_path):
+    path = write_clip(tmp_path / "raw.h264", frames=40, gop=10, bframes=2)
+    with VideoReader(str(path)) as reader:
+        assert reader.index.sequential
+        assert reader.frame_count == 40
+        idxs = [39, 3, 3, 0, 25, 24]
+        assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+
+
+def test_a_lying_index_is_caught_and_corrected(make_clip):
+    """If packets promise a frame the decoder never presents, the reader re-counts instead of guessing."""
+    path = make_clip("h264_gops.mp4")
+    with VideoReader(str(path)) as reader:
+        honest = reader.index
+        # Pretend a packet announced an extra frame between frames 30 and 31.
+        fake = list(honest.pts)
+        fake.insert(31, (fake[30] + fake[31]) // 2)
+        reader.index = FrameIndex(pts=fake, seek_pts=honest.seek_pts)
+        idxs = [60, 31, 32, 5]
+        assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+        assert reader.index.sequential and reader.frame_count == 150
+
+
+def test_grayscale_is_detected_and_served_as_one_channel(make_clip):
+    path = make_clip("gray.mp4")
+    with VideoReader(str(path)) as reader:
+        assert reader.detected_grayscale
+        assert reader.info().channels == 1
+        frames = reader.read([5, 1])
+        assert frames.shape == (2, 96, 128, 1)
+        assert_frames_exact(path, [5, 1], frames)
+
+
+def test_forcing_grayscale_on_colour_gives_luma(make_clip):
+    path = make_clip("h264_gops.mp4")
+    with VideoReader(str(path)) as reader:
+        assert not reader.detected_grayscale
+        frames = reader.read([7], grayscale=True)
+    assert frames.shape == (1, 96, 128, 1)
+    np.testing.assert_array_equal(frames[0, ..., 0], luma(reference_frames(path)[7]))
+
+
+def test_luma_of_gray_pixels_is_the_pixel_value():
+    values = np.arange(256, dtype=np.uint8)
+    rgb = np.stack([values, values, values], axis=-1)
+    np.testing.assert_array_equal(luma(rgb), values)
+
+
+def test_metadata(make_clip):
+    path = make_clip("h264_gops.mp4")
+    with VideoReader(str(path)) as reader:
+        info = reader.info()
+    assert (info.frame_count, info.height, info.width, info.channels) == (150, 96, 128, 3)
+    assert info.codec == "h264" and info.fps == pytest.approx(30)
+    assert info.shape == (150, 96, 128, 3)
+
+
+def test_indices_outside_the_video_are_refused(make_clip):
+    path = make_clip("gray.mp4")
+    with VideoReader(str(path)) as reader:
+        with pytest.raises(FrameIndexError, match="out of range.*40 frames"):
+            reader.read([0, 40])
+        with pytest.raises(FrameIndexError, match="negative"):
+            reader.read([-1])
+
+
+def test_opening_failures_name_the_cause(tmp_path):
+    with pytest.raises(VideoNotFoundError, match="not found"):
+        VideoReader(str(tmp_path / "missing.mp4"))
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 100)
+    with pytest.raises(VideoOpenError, match="not a readable video"):
+        VideoReader(str(text))
+    with pytest.raises(VideoOpenError):
+        VideoReader(str(tmp_path))
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    path = tmp_path / "tone.wav"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    with pytest.raises(VideoOpenError, match="no video stream"):
+        VideoReader(str(path))
+
+
+def test_index_from_packets_rules():
+    # Discarded packets (edit lists) decode but are never shown; they still count as seek points.
+    index = index_from_packets([(-2, True, True), (2, False, False), (0, False, False), (1, False, False), (4, True, False), (3, False, False)])
+    assert list(index.pts) == [0, 1, 2, 3, 4]
+    assert list(index.seek_pts) == [-2, 4]
+    assert index.keyframe_for(3) == -2 and index.keyframe_for(4) == 4
+    assert index.keyframe_for(4, back=1) == -2
+    assert index_from_packets([(None, True, False)]).sequential
+    assert index_from_packets([(0, True, False), (0, False, False)]).sequential
+    assert index_from_packets([(0, False, False), (1, True, False)]).sequential
