@@ -62,8 +62,8 @@ _SLICE_S = 0.05
 class FrameChunk(NamedTuple):
     """One chunk: the frame indices and their frames, ``(len(frame_idxs), h, w, c)`` uint8.
 
-    ``frames`` is a read-only view of the received buffer (no copy); use
-    ``frames.copy()`` if you need to write to it.
+    ``frames`` is a zero-copy view of the received message; the caller owns it
+    and may write to it.
     """
 
     frame_idxs: list[int]

@@ -253,7 +253,7 @@ def chunk_header(request_id: int, chunk: int, last_chunk: bool, frame_idxs: Sequ
 
 
 def chunk_array(chunk: Chunk, payload: Optional[memoryview]) -> np.ndarray:
-    """The (read-only, zero-copy) array a chunk's payload holds, checked against its header."""
+    """The zero-copy array a chunk's payload holds, checked against its header."""
     try:
         dtype = np.dtype(chunk.dtype)
     except TypeError as exc:

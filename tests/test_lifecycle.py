@@ -1,0 +1,142 @@
+"""Processes come and go cleanly: no hangs when the server dies, no orphans when the client does."""
+
+from __future__ import annotations
+
+import gc
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from asyncframes import AsyncVideo, RequestTimeoutError, ServerDiedError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inspects /proc")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def child_pids() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().split(")")[-1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            kids.add(int(stat.split("/")[2]))
+    return kids
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def private_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncframes-*")))
+
+
+def test_server_killed_mid_stream_raises_server_died_within_5s(make_clip):
+    path = make_clip("h264_bframes_longgop.mp4")
+    with AsyncVideo.from_video(path, frames_per_chunk=5) as av:
+        chunks = av.chunks
+        next(chunks)
+        os.kill(av.server_pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ServerDiedError, match="killed by signal 9"):
+            for _ in chunks:  # chunks already received may still be delivered
+                pass
+        assert time.monotonic() - start < 5
+
+
+def test_server_killed_while_idle_is_reported_on_the_next_call(make_clip):
+    with AsyncVideo() as av:
+        os.kill(av.server_pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ServerDiedError):
+            av.info(make_clip("gray.mp4"))
+        assert time.monotonic() - start < 5
+
+
+def test_a_frozen_server_becomes_a_timeout_not_a_hang(make_clip):
+    path = make_clip("h264_gops.mp4")
+    with AsyncVideo(timeout=1.0) as av:
+        av.load_by_chunk(path, frames_per_chunk=10)
+        os.kill(av.server_pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError, match="within 1 s"):
+                for _ in av.chunks:
+                    pass
+            assert time.monotonic() - start < 5
+        finally:
+            os.kill(av.server_pid, signal.SIGCONT)
+
+
+def test_client_process_killed_its_server_exits_within_a_few_seconds(make_clip):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from asyncframes import AsyncVideo
+        av = AsyncVideo.from_video({str(make_clip("h264_gops.mp4"))!r}, frames_per_chunk=1)
+        next(av.chunks)
+        print(av.server_pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(proc.stdout.readline())
+        assert alive(server_pid)
+        proc.kill()
+        proc.wait()
+        assert wait_gone(server_pid, 5), "the orphaned server is still running"
+    finally:
+        proc.kill()
+
+
+def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
+    av = AsyncVideo()
+    pid = av.server_pid
+    del av
+    gc.collect()
+    assert wait_gone(pid, 5)
+
+
+def test_fifty_cycles_leave_no_process_socket_or_directory_behind(make_clip):
+    path = make_clip("gray.mp4")
+    with AsyncVideo.from_video(path, [0]) as av:  # warm up the shared ZeroMQ context
+        list(av.chunks)
+    kids, fds, dirs = child_pids(), open_fds(), private_dirs()
+    for cycle in range(50):
+        av = AsyncVideo.from_video(path, [cycle % 40, 0], frames_per_chunk=1)
+        assert [idxs for idxs, _ in av.chunks] == [[cycle % 40], [0]]
+        av.close()
+    deadline = time.monotonic() + 5
+    while child_pids() - kids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child_pids() - kids == set()
+    assert open_fds() <= fds
+    assert private_dirs() <= dirs
