@@ -45,12 +45,16 @@ class _Overshoot(Exception):
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of an ``(..., 3)`` uint8 RGB array, exact when R == G == B."""
-    acc = rgb[..., 0].astype(np.uint32) * 299
-    acc += rgb[..., 1].astype(np.uint32) * 587
-    acc += rgb[..., 2].astype(np.uint32) * 114
-    acc += 500
-    return (acc // 1000).astype(np.uint8)
+    """BT.601 luma of an ``(..., 3)`` uint8 RGB array (8-bit weights 77/150/29); exactly R when R == G == B."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    if np.array_equal(r, g) and np.array_equal(r, b):
+        return r  # gray content: skip the arithmetic
+    acc = r.astype(np.uint16) * 77
+    acc += g.astype(np.uint16) * 150
+    acc += b.astype(np.uint16) * 29
+    acc += 128
+    acc >>= 8
+    return acc.astype(np.uint8)
 
 
 def rgb24(frame: av.VideoFrame) -> np.ndarray:
@@ -136,11 +140,23 @@ class VideoReader:
             if i >= n:
                 raise FrameIndexError(f"frame index {i} is out of range; {self.filename} has {n} frames (0..{n - 1})")
 
-    def read(self, idxs: Sequence[int], grayscale: Optional[bool] = None) -> np.ndarray:
-        """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8."""
+    def frame_shape(self, grayscale: Optional[bool] = None) -> tuple[int, int, int]:
+        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option."""
+        gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+        return (self.height, self.width, 1 if gray else 3)
+
+    def read(self, idxs: Sequence[int], grayscale: Optional[bool] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8.
+
+        ``out``, if given, is filled and returned (the server reuses its chunk buffers).
+        """
         gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
         self.check_indices(idxs)
-        out = np.empty((len(idxs), self.height, self.width, 1 if gray else 3), dtype=np.uint8)
+        shape = (len(idxs), *self.frame_shape(gray))
+        if out is None:
+            out = np.empty(shape, dtype=np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
         places: dict[int, list[int]] = defaultdict(list)
         for pos, i in enumerate(idxs):
             places[int(i)].append(pos)

@@ -80,10 +80,15 @@ class ServerSocket:
         parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         return parts[0].bytes, parts[1:]
 
-    def send(self, client: bytes, message: Message, payload: Any = None) -> None:
-        """Queue ``message`` for ``client``; raise :class:`PeerGone` or :class:`PeerBusy`."""
+    def send(self, client: bytes, message: Message, payload: Any = None) -> Optional[zmq.MessageTracker]:
+        """Queue ``message`` for ``client``; raise :class:`PeerGone` or :class:`PeerBusy`.
+
+        With a payload, returns a tracker that is ``done`` once ZeroMQ no longer needs the buffer.
+        """
         try:
-            self.socket.send_multipart([client, *protocol.frames_of(message, payload)], flags=zmq.NOBLOCK, copy=False)
+            return self.socket.send_multipart(
+                [client, *protocol.frames_of(message, payload)], flags=zmq.NOBLOCK, copy=False, track=payload is not None
+            )
         except zmq.Again as exc:
             raise PeerBusy() from exc
         except zmq.ZMQError as exc:

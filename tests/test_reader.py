@@ -110,6 +110,12 @@ def test_luma_of_gray_pixels_is_the_pixel_value():
     np.testing.assert_array_equal(luma(rgb), values)
 
 
+def test_luma_of_colour_follows_bt601():
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    exact = rgb @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(luma(rgb).astype(float) - exact).max() <= 1.0
+
+
 def test_metadata(make_clip):
     path = make_clip("h264_gops.mp4")
     with VideoReader(str(path)) as reader:

@@ -1,0 +1,153 @@
+"""Side-by-side throughput and memory of asyncframes against plain PyAV, measured in one run.
+
+    python benchmarks/bench.py [VIDEO ...] [--rounds 3]
+
+With no videos it uses ../shared/videos (when present) and the built-in sample.
+Each round runs every method once, interleaved, so machine noise hits all of
+them alike; the table shows medians and ratios to the plain-PyAV baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from asyncframes import AsyncVideo
+from asyncframes.reader import VideoReader
+from asyncframes.sample import sample_video
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+def pyav_sequential(path: str, n: int) -> float:
+    """What a user does without us: decode in their own thread, default settings."""
+    start = time.perf_counter()
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            frame.to_ndarray(format="rgb24")
+    return n / (time.perf_counter() - start)
+
+
+def reader_in_process(path: str, n: int, chunk: int) -> float:
+    start = time.perf_counter()
+    with VideoReader(path) as reader:
+        for i in range(0, n, chunk):
+            reader.read(list(range(i, min(i + chunk, n))))
+    return n / (time.perf_counter() - start)
+
+
+def async_stream(path: str, n: int, chunk: int, warm: bool) -> float:
+    """End to end: a private server decodes, frames cross ZeroMQ, the caller receives arrays.
+
+    ``warm``: time a second stream from the same server (buffers and decoder already set up).
+    """
+    with AsyncVideo() as client:
+        client.info(path)  # server up, index built: time the stream itself
+        if warm:
+            _stream(client, path, None, chunk)
+        start = time.perf_counter()
+        assert _stream(client, path, None, chunk) == n
+        return n / (time.perf_counter() - start)
+
+
+def _stream(client: AsyncVideo, path: str, idxs, chunk: int) -> int:
+    client.load_by_chunk(path, idxs, chunk)
+    return sum(len(frame_idxs) for frame_idxs, _ in client.chunks)
+
+
+def pyav_random_naive(path: str, idxs: list[int]) -> float:
+    """Random access the usual way: for each index, seek to the nearest keyframe and decode forward."""
+    start = time.perf_counter()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        pts = sorted(p.pts for p in container.demux(stream) if p.size)
+        for i in idxs:
+            container.seek(pts[i], stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts >= pts[i]:
+                    frame.to_ndarray(format="rgb24")
+                    break
+    return len(idxs) / (time.perf_counter() - start)
+
+
+def async_random(path: str, idxs: list[int], chunk: int) -> float:
+    with AsyncVideo() as client:
+        client.info(path)
+        start = time.perf_counter()
+        assert _stream(client, path, idxs, chunk) == len(idxs)
+        return len(idxs) / (time.perf_counter() - start)
+
+
+_MEMORY_PROBE = """
+import json, sys
+from asyncframes import AsyncVideo
+def peak(pid="self"):  # VmHWM: peak resident set, in MB (ru_maxrss is not kept everywhere)
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+path, chunk = sys.argv[1], int(sys.argv[2])
+with AsyncVideo() as client:
+    client.info(path)
+    before = peak()
+    client.load_by_chunk(path, None, chunk)
+    chunk_bytes = max(frames.nbytes for _, frames in client.chunks)
+    after = peak()
+    server = peak(client.server_pid)
+print(json.dumps([after - before, server, chunk_bytes / 1e6]))
+"""
+
+
+def peak_rss_streaming(path: str, chunk: int) -> tuple[float, float, float]:
+    """(client peak RSS growth while streaming, server peak RSS, largest chunk), in MB, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path, str(chunk)], capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout))  # type: ignore[return-value]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("videos", nargs="*")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frames-per-chunk", type=int, default=64)
+    parser.add_argument("--random", type=int, default=200, help="random indices for the random-access comparison")
+    args = parser.parse_args()
+    videos = args.videos or [str(p) for p in (SHARED / "centered_pair_small.mp4", SHARED / "small_robot.mp4") if p.exists()]
+    videos = videos or [str(sample_video())]
+    chunk = args.frames_per_chunk
+    for path in videos:
+        with VideoReader(path) as reader:
+            n, info = reader.frame_count, reader.info()
+        rng = np.random.default_rng(0)
+        idxs = [int(i) for i in rng.integers(0, n, args.random)]
+        results: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, fn in [
+                ("pyav sequential decode+rgb (baseline)", lambda: pyav_sequential(path, n)),
+                ("VideoReader in-process, chunks", lambda: reader_in_process(path, n, chunk)),
+                ("AsyncVideo stream, new server", lambda: async_stream(path, n, chunk, warm=False)),
+                ("AsyncVideo stream, warm server", lambda: async_stream(path, n, chunk, warm=True)),
+                ("pyav random, seek per frame (baseline)", lambda: pyav_random_naive(path, idxs)),
+                ("AsyncVideo random indices", lambda: async_random(path, idxs, chunk)),
+            ]:
+                results.setdefault(name, []).append(fn())
+        print(f"\n{Path(path).name}: {n} frames {info.width}x{info.height}x{info.channels} {info.codec}, "
+              f"{chunk} frames/chunk, {args.rounds} rounds")
+        base_seq = statistics.median(results["pyav sequential decode+rgb (baseline)"])
+        base_rand = statistics.median(results["pyav random, seek per frame (baseline)"])
+        for name, values in results.items():
+            med = statistics.median(values)
+            base = base_rand if "random" in name else base_seq
+            print(f"  {name:42s} {med:8.0f} frames/s   x{med / base:5.2f} of baseline   (min {min(values):.0f}, max {max(values):.0f})")
+        client_mb, server_mb, chunk_mb = peak_rss_streaming(path, chunk)
+        print(f"  memory: largest chunk {chunk_mb:.1f} MB; client peak RSS grew {client_mb:.1f} MB over the whole stream "
+              f"({client_mb / chunk_mb:.1f} chunks); server peak RSS {server_mb:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
