@@ -11,14 +11,17 @@ __version__ = "0.1.0"
 from .client import AsyncVideo, FrameChunk
 from .errors import (
     AsyncFramesError,
+    AuthenticationError,
     FrameIndexError,
     ProtocolError,
     RequestCancelledError,
     RequestTimeoutError,
     ServerDiedError,
     ServerError,
+    ServerShutdownError,
     ServerStartError,
     VideoDecodeError,
+    VideoAccessError,
     VideoError,
     VideoNotFoundError,
     VideoOpenError,
@@ -27,6 +30,7 @@ from .video import Video, VideoInfo
 
 __all__ = [
     "AsyncFramesError",
+    "AuthenticationError",
     "AsyncVideo",
     "FrameChunk",
     "FrameIndexError",
@@ -35,8 +39,10 @@ __all__ = [
     "RequestTimeoutError",
     "ServerDiedError",
     "ServerError",
+    "ServerShutdownError",
     "ServerStartError",
     "Video",
+    "VideoAccessError",
     "VideoDecodeError",
     "VideoError",
     "VideoInfo",

@@ -1,17 +1,22 @@
-"""``AsyncVideo``: ask a frame server for frames and receive them chunk by chunk.
+"""``AsyncVideo``: ask frame servers for frames and receive them chunk by chunk.
 
 The client never blocks without a bound: every wait polls in short slices and
-checks that the server is still alive, so a dead server is reported as
-:class:`ServerDiedError` within a fraction of a second (private servers) and
-a silent one as :class:`RequestTimeoutError` after ``timeout`` seconds.
-Flow control is by credit: the server keeps at most ``prefetch`` chunks
-ahead of what the caller has taken, so memory stays bounded however long the
-request.
+checks that each server is still there (its process for a private server, the
+connection for any server), so a dead server is reported as
+:class:`ServerDiedError` within a second or so, and a silent one as
+:class:`RequestTimeoutError` after ``timeout`` seconds.
+
+Flow control is by credit: a server keeps at most ``prefetch`` chunks ahead of
+what the caller has taken, so memory stays bounded however long the request.
+Given several servers, a request is dealt out chunk by chunk (chunk *k* to
+server *k mod n*), each server streams its share, and chunks are handed back
+in order.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections import deque
@@ -19,40 +24,27 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Unio
 
 import attrs
 import numpy as np
+import zmq
 
 from . import protocol
 from .errors import (
     AsyncFramesError,
+    AuthenticationError,
     FrameIndexError,
     ProtocolError,
     RequestTimeoutError,
     ServerDiedError,
-    ServerError,
+    ServerShutdownError,
     ServerStartError,
     error_from_wire,
 )
 from .process import ServerProcess
-from .protocol import (
-    PROTOCOL_VERSION,
-    Cancel,
-    Chunk,
-    Credit,
-    Error,
-    Hello,
-    InfoReply,
-    InfoRequest,
-    Ping,
-    Pong,
-    Request,
-    Shutdown,
-    Stop,
-    Welcome,
-)
-from .transport import ClientSocket
+from .transport import ClientCurve, ClientSocket, poll_any
 from .video import Video, VideoInfo, as_video
 
 VideoLike = Union[Video, str, "os.PathLike[str]"]
 FrameIdxs = Optional[Union[Sequence[int], range, np.ndarray, Iterable[int]]]
+PathLike = Union[str, "os.PathLike[str]"]
 
 _DEFAULT: Any = object()
 #: Longest single wait between liveness checks.
@@ -68,14 +60,6 @@ class FrameChunk(NamedTuple):
 
     frame_idxs: list[int]
     frames: np.ndarray
-
-
-@attrs.define
-class _Stream:
-    request_id: int
-    next_chunk: int = 0
-    done: bool = False
-    inbox: deque = attrs.field(factory=deque)
 
 
 def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
@@ -103,43 +87,115 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
     return idxs
 
 
-class AsyncVideo:
-    """Frames from a background frame server, chunk by chunk.
+class _Connection:
+    """One server: its socket, whether it greeted us, and whether it is still there."""
 
-    With no ``endpoint`` a private server process is started and stopped with
-    this object; with one, a running server (``asyncframes serve``) is used.
-    ``timeout`` bounds every wait (``None``: wait as long as the server lives).
+    def __init__(self, endpoint: str, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None) -> None:
+        self.endpoint = endpoint
+        self.process = process
+        self.socket = ClientSocket(endpoint, curve)
+        self.curve = curve is not None
+        self.greeted = False
+        self.server_version = ""
+        self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
+        self.chunks_received = 0
+
+    def check(self, busy: bool) -> None:
+        """Raise if the server is gone (``busy``: something is outstanding on this connection)."""
+        self._check_process()
+        for event in self.socket.events():
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (self.curve and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                raise AuthenticationError(f"the frame server at {self.endpoint} refused our CURVE credentials")
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                raise ProtocolError(f"the peer at {self.endpoint} does not speak ZMTP as we do (security settings differ?)")
+            if event == zmq.EVENT_DISCONNECTED:
+                self.greeted = False
+                if busy:
+                    if self.process is not None:
+                        self._wait_for_exit()
+                    raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
+
+    def _check_process(self) -> None:
+        if self.process is None:
+            return
+        code = self.process.exit_code()
+        if code is not None:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise ServerDiedError(f"the frame server (pid {self.process.pid}) {how}")
+
+    def _wait_for_exit(self, within: float = 1.0) -> None:
+        """A private server's socket closed: report how the process ended, if it did."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            self._check_process()
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.socket.close()
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+@attrs.define
+class _Stream:
+    """A request in flight, dealt over ``conns``: global chunk k comes from ``conns[k % n]``."""
+
+    request_id: int
+    conns: list[_Connection]
+    total_chunks: Optional[int]  # None: a single server decides (every frame of the video)
+    next_chunk: int = 0
+    done: bool = False
+
+
+class AsyncVideo:
+    """Frames from background frame servers, chunk by chunk.
+
+    ``endpoint``: None starts a private server process that lives as long as this
+    object; a string (or several) connects to running servers (``asyncframes serve``).
+    ``timeout`` bounds every wait (None: wait as long as the server lives).
+    ``curve_secret``/``curve_server_key``: this client's ``.key_secret`` file and
+    the server's ``.key`` file, for servers that require CURVE authentication.
     Not thread-safe: use one AsyncVideo per thread.
     """
 
     def __init__(
         self,
-        endpoint: Optional[str] = None,
+        endpoint: Optional[Union[str, Sequence[str]]] = None,
         *,
         timeout: Optional[float] = 30.0,
         start_timeout: float = 30.0,
         prefetch: int = 2,
+        curve_secret: Optional[PathLike] = None,
+        curve_server_key: Optional[PathLike] = None,
         server_log_level: str = "WARNING",
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
-        self._server: Optional[ServerProcess] = None
-        self._socket: Optional[ClientSocket] = None
+        self._conns: list[_Connection] = []
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if (curve_secret is None) != (curve_server_key is None):
+            raise ValueError("CURVE needs both curve_secret (ours) and curve_server_key (the server's)")
         self.timeout = timeout
+        self.start_timeout = start_timeout
         self.prefetch = prefetch
         self._ids = itertools.count(1)
         self._stream: Optional[_Stream] = None
         self._replies: dict[int, Any] = {}
-        self.server_version = ""
-        if endpoint is None:
-            self._server = ServerProcess(start_timeout=start_timeout, log_level=server_log_level)
-            endpoint = self._server.endpoint
-        self.endpoint = endpoint
+        self._awaiting: set[int] = set()
+        curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
-            self._socket = ClientSocket([endpoint])
-            self._handshake(start_timeout)
+            if endpoint is None:
+                process = ServerProcess(start_timeout=start_timeout, log_level=server_log_level)
+                self._conns.append(_Connection(process.endpoint, None, process))
+            else:
+                endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+                if not endpoints:
+                    raise ValueError("no endpoint given")
+                self._conns.extend(_Connection(e, curve) for e in endpoints)
+            for conn in self._conns:
+                self._greet(conn)
         except BaseException:
             self.close()
             raise
@@ -170,12 +226,22 @@ class AsyncVideo:
         idxs = normalize_frame_idxs(frame_idxs)
         if isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, (int, np.integer)) or frames_per_chunk < 1:
             raise ValueError(f"frames_per_chunk must be a positive integer, got {frames_per_chunk!r}")
+        fpc = int(frames_per_chunk)
         self.cancel()
         rid = next(self._ids)
-        self._send(
-            Request(request_id=rid, video=spec, frame_idxs=idxs, frames_per_chunk=int(frames_per_chunk), window=self.prefetch)
-        )
-        self._stream = _Stream(request_id=rid)
+        if len(self._conns) == 1:
+            self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
+            self._request(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))
+            return
+        if idxs is None:
+            idxs = list(range(self.info(spec).frame_count))
+        chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
+        conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
+        self._stream = _Stream(rid, conns, total_chunks=len(chunks), done=not chunks)
+        for j, conn in enumerate(conns):
+            share = [i for chunk in chunks[j :: len(conns)] for i in chunk]
+            if share:
+                self._request(conn, protocol.Request(rid, spec, share, fpc, self.prefetch))
 
     @property
     def done(self) -> bool:
@@ -199,7 +265,7 @@ class AsyncVideo:
     def next_chunk(self, timeout: Optional[float] = _DEFAULT) -> Optional[FrameChunk]:
         """The next chunk if one arrives within ``timeout`` seconds (0: only if ready now), else None.
 
-        Raises the request's error (e.g. :class:`FrameIndexError`) if the server reported one.
+        Raises the request's error (e.g. :class:`FrameIndexError`) if a server reported one.
         """
         self._check_open()
         timeout = self.timeout if timeout is _DEFAULT else timeout
@@ -208,67 +274,91 @@ class AsyncVideo:
             stream = self._stream
             if stream is None or stream.done:
                 return None
-            while stream.inbox:
-                chunk = self._take(stream, *stream.inbox.popleft())
+            conn = stream.conns[stream.next_chunk % len(stream.conns)]
+            if conn.inbox:
+                chunk = self._take(stream, conn, *conn.inbox.popleft())
                 if chunk is not None:
                     return chunk
-                if stream.done:
-                    return None
+                continue
             if not self._pump(deadline):
                 return None
 
     def cancel(self) -> None:
         """Abandon the current request; chunks still in flight are discarded."""
         stream, self._stream = self._stream, None
-        if stream is not None and not stream.done and not self._closed:
-            self._send(Cancel(request_id=stream.request_id))
+        if stream is None:
+            return
+        for conn in stream.conns:
+            conn.inbox.clear()
+            if not stream.done and not self._closed:
+                _quietly(conn.socket.send, protocol.Cancel(request_id=stream.request_id))
 
     def info(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> VideoInfo:
         """Metadata of ``video`` as the server sees it (frame count, size, channels, fps, codec)."""
         self._check_open()
         rid = next(self._ids)
-        self._send(InfoRequest(request_id=rid, video=self._spec(video)))
+        self._request(self._conns[0], protocol.InfoRequest(request_id=rid, video=self._spec(video)))
         reply = self._await_reply(rid, timeout)
-        if isinstance(reply, Error):
+        if isinstance(reply, protocol.Error):
             raise error_from_wire(reply.error, reply.message)
-        assert isinstance(reply, InfoReply)
+        assert isinstance(reply, protocol.InfoReply)
         return reply.info
 
     def ping(self, timeout: Optional[float] = _DEFAULT) -> float:
-        """Round-trip time to the server in seconds."""
+        """Round-trip time to the (first) server in seconds."""
         self._check_open()
         rid = next(self._ids)
         start = time.perf_counter()
-        self._send(Ping(request_id=rid))
+        self._request(self._conns[0], protocol.Ping(request_id=rid))
         self._await_reply(rid, timeout)
         return time.perf_counter() - start
 
-    # -- lifetime ----------------------------------------------------------------
+    # -- what and where ----------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The (first) server's endpoint."""
+        return self._conns[0].endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [conn.endpoint for conn in self._conns]
+
+    @property
+    def server_version(self) -> str:
+        return self._conns[0].server_version if self._conns else ""
 
     @property
     def server_pid(self) -> Optional[int]:
         """Process id of the private server, if this client owns one."""
-        return self._server.pid if self._server is not None else None
+        process = self._conns[0].process if self._conns else None
+        return process.pid if process is not None else None
+
+    @property
+    def chunks_by_endpoint(self) -> dict[str, int]:
+        """How many chunks each server has delivered to this client."""
+        return {conn.endpoint: conn.chunks_received for conn in self._conns}
+
+    # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel any request, stop a private server, release the socket. Safe to call twice."""
-        if getattr(self, "_closed", True) and getattr(self, "_socket", None) is None and getattr(self, "_server", None) is None:
+        """Cancel any request, stop a private server, release the sockets. Safe to call twice."""
+        conns = getattr(self, "_conns", [])
+        if not conns:
+            self._closed = True
             return
-        self._closed = True
-        socket, self._socket = getattr(self, "_socket", None), None
-        server, self._server = getattr(self, "_server", None), None
         try:
-            if socket is not None:
-                stream = getattr(self, "_stream", None)
-                if stream is not None and not stream.done:
-                    _quietly(socket.send, Cancel(request_id=stream.request_id))
-                if server is not None:
-                    _quietly(socket.send, Stop())
-                socket.close()
+            if not getattr(self, "_closed", True):
+                self.cancel()
+                for conn in conns:
+                    if conn.process is not None:
+                        _quietly(conn.socket.send, protocol.Stop())
         finally:
+            self._closed = True
             self._stream = None
-            if server is not None:
-                server.stop()
+            self._conns = []
+            for conn in conns:
+                conn.close()
 
     def __enter__(self) -> "AsyncVideo":
         return self
@@ -286,7 +376,7 @@ class AsyncVideo:
 
     def _spec(self, video: VideoLike) -> Video:
         spec = as_video(video)
-        if self._server is not None and "://" not in spec.filename:
+        if self._conns and self._conns[0].process is not None and "://" not in spec.filename:
             # Our own server shares our filesystem; make the path independent of its cwd.
             spec = attrs.evolve(spec, filename=os.path.abspath(spec.filename))
         return spec
@@ -295,86 +385,94 @@ class AsyncVideo:
         if self._closed:
             raise AsyncFramesError("this AsyncVideo is closed")
 
-    def _send(self, message: protocol.Message) -> None:
-        assert self._socket is not None
-        self._socket.send(message)
+    def _greet(self, conn: _Connection) -> None:
+        """Handshake (again, after a reconnect) so the server knows our protocol version."""
+        conn.socket.send(protocol.Hello(version=protocol.PROTOCOL_VERSION, client=f"asyncframes pid={os.getpid()}"))
+        deadline = time.monotonic() + self.start_timeout
+        while not conn.greeted:
+            if not self._pump(deadline, hello=conn):
+                hint = " (is CURVE configured on one side only?)" if not conn.curve else ""
+                raise ServerStartError(f"no answer from the frame server at {conn.endpoint} within {self.start_timeout:g} s{hint}")
 
-    def _handshake(self, timeout: float) -> None:
-        self._send(Hello(version=PROTOCOL_VERSION, client=f"asyncframes-client pid={os.getpid()}"))
-        deadline = time.monotonic() + timeout
-        while True:
-            received = self._receive(deadline)
-            if received is None:
-                raise ServerStartError(f"no answer from the frame server at {self.endpoint} within {timeout:g} s")
-            message, _ = received
-            if isinstance(message, Welcome):
-                self.server_version = message.server
-                return
-            if isinstance(message, Error):
-                raise error_from_wire(message.error, message.message)
+    def _request(self, conn: _Connection, message: protocol.Message) -> None:
+        conn.check(busy=False)
+        if not conn.greeted:
+            self._greet(conn)
+        if isinstance(message, (protocol.InfoRequest, protocol.Ping)):
+            self._awaiting.add(message.request_id)
+        conn.socket.send(message)
 
     def _await_reply(self, rid: int, timeout: Optional[float]) -> Any:
         timeout = self.timeout if timeout is _DEFAULT else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while rid not in self._replies:
-            if not self._pump(deadline):
-                raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
-        return self._replies.pop(rid)
+        try:
+            while rid not in self._replies:
+                if not self._pump(deadline):
+                    raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
+            return self._replies.pop(rid)
+        finally:
+            self._awaiting.discard(rid)
 
-    def _receive(self, deadline: Optional[float]) -> Optional[tuple[protocol.Message, Optional[memoryview]]]:
-        """One message, or None once ``deadline`` passes; raises ServerDiedError if the server is gone."""
-        assert self._socket is not None
+    def _busy(self, conn: _Connection) -> bool:
+        stream = self._stream
+        return bool(self._awaiting) or (stream is not None and not stream.done and conn in stream.conns)
+
+    def _pump(self, deadline: Optional[float], hello: Optional[_Connection] = None) -> bool:
+        """Receive what is waiting (up to ``deadline``) and file it where it belongs. False on timeout."""
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))
-            if self._socket.poll(int(wait * 1000)):
-                return self._socket.recv()
-            self._check_server()
+            ready = poll_any([conn.socket for conn in self._conns], int(wait * 1000))
+            if ready:
+                for conn in self._conns:
+                    if conn.socket in ready:
+                        self._file(conn, *conn.socket.recv())
+                return True
+            for conn in self._conns:
+                conn.check(busy=conn is hello or self._busy(conn))
             if remaining is not None and remaining <= wait:
-                return None
+                return False
 
-    def _check_server(self) -> None:
-        if self._server is None:
-            return
-        code = self._server.exit_code()
-        if code is not None:
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            self._stream = None
-            raise ServerDiedError(f"the frame server (pid {self._server.pid}) {how}")
-
-    def _pump(self, deadline: Optional[float]) -> bool:
-        """Receive one message and file it where it belongs. False on timeout."""
-        received = self._receive(deadline)
-        if received is None:
-            return False
-        message, payload = received
+    def _file(self, conn: _Connection, message: protocol.Message, payload: Optional[memoryview]) -> None:
         stream = self._stream
-        if isinstance(message, (Chunk, Error)) and stream is not None and message.request_id == stream.request_id:
-            stream.inbox.append((message, payload))
-        elif isinstance(message, (InfoReply, Pong)) or (isinstance(message, Error) and message.request_id is not None):
-            self._replies[message.request_id] = message
-        elif isinstance(message, Error):
+        if isinstance(message, (protocol.Chunk, protocol.Error)) and stream is not None and message.request_id == stream.request_id:
+            if conn in stream.conns:
+                conn.inbox.append((message, payload))
+        elif isinstance(message, protocol.Welcome):
+            conn.greeted, conn.server_version = True, message.server
+        elif isinstance(message, (protocol.InfoReply, protocol.Pong)) or (
+            isinstance(message, protocol.Error) and message.request_id is not None
+        ):
+            if message.request_id in self._awaiting:
+                self._replies[message.request_id] = message
+        elif isinstance(message, protocol.Error):
             raise error_from_wire(message.error, message.message)
-        elif isinstance(message, Shutdown):
-            self._stream = None
-            raise ServerDiedError(f"the frame server shut down: {message.reason}")
+        elif isinstance(message, protocol.Shutdown):
+            conn.greeted = False
+            if self._busy(conn):
+                self.cancel()
+                raise ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
         # Anything else (probes, chunks of cancelled requests) needs no action.
-        return True
 
-    def _take(self, stream: _Stream, message: protocol.Message, payload: Optional[memoryview]) -> Optional[FrameChunk]:
-        if isinstance(message, Error):
-            stream.done = True
+    def _take(self, stream: _Stream, conn: _Connection, message: protocol.Message, payload: Optional[memoryview]) -> Optional[FrameChunk]:
+        if isinstance(message, protocol.Error):
+            self.cancel()
             raise error_from_wire(message.error, message.message)
-        assert isinstance(message, Chunk)
-        if message.chunk != stream.next_chunk:
-            stream.done = True
-            raise ProtocolError(f"expected chunk {stream.next_chunk}, the server sent chunk {message.chunk}")
+        assert isinstance(message, protocol.Chunk)
+        n = len(stream.conns)
+        expected = stream.next_chunk // n
+        if message.chunk != expected:
+            self.cancel()
+            raise ProtocolError(f"expected chunk {expected} from {conn.endpoint}, it sent chunk {message.chunk}")
         frames = protocol.chunk_array(message, payload)
         stream.next_chunk += 1
-        if message.last_chunk:
-            stream.done = True
+        conn.chunks_received += 1
+        if stream.total_chunks is None:
+            stream.done = message.last_chunk
         else:
-            self._send(Credit(request_id=stream.request_id, chunks=1))
+            stream.done = stream.next_chunk >= stream.total_chunks
+        if not message.last_chunk:
+            conn.socket.send(protocol.Credit(request_id=stream.request_id, chunks=1))
         if not message.frame_idxs:
             return None
         return FrameChunk(list(message.frame_idxs), frames)
@@ -387,4 +485,4 @@ def _quietly(fn: Any, *args: Any) -> None:
         pass
 
 
-__all__ = ["AsyncVideo", "FrameChunk", "normalize_frame_idxs", "ServerError"]
+__all__ = ["AsyncVideo", "FrameChunk", "normalize_frame_idxs"]

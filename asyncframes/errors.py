@@ -25,6 +25,10 @@ class VideoNotFoundError(VideoOpenError, FileNotFoundError):
     """The video file does not exist."""
 
 
+class VideoAccessError(VideoOpenError, PermissionError):
+    """The server refuses this path: it lies outside the server's video root."""
+
+
 class VideoDecodeError(VideoError):
     """A frame could not be decoded (corrupt data, or a frame the decoder never presents)."""
 
@@ -43,6 +47,14 @@ class ServerStartError(ServerError):
 
 class ServerDiedError(ServerError):
     """The frame server went away while a request was outstanding."""
+
+
+class ServerShutdownError(ServerDiedError):
+    """The frame server shut down (e.g. its operator stopped it) while a request was outstanding."""
+
+
+class AuthenticationError(ServerError):
+    """The server refused our CURVE credentials, or ours do not match its key."""
 
 
 class ProtocolError(ServerError):
@@ -66,6 +78,7 @@ WIRE_ERRORS: dict[str, type[AsyncFramesError]] = {
         VideoError,
         VideoOpenError,
         VideoNotFoundError,
+        VideoAccessError,
         VideoDecodeError,
         FrameIndexError,
         ServerError,

@@ -1,28 +1,45 @@
-"""ZeroMQ transport: endpoints and the two socket roles.
+"""ZeroMQ transport: endpoints, security, and the two socket roles.
 
-The server owns a ROUTER socket, each client a DEALER: both directions are
-reliable queues (no PUB/SUB, so nothing is dropped before a peer is ready),
-and the ROUTER knows which client each message came from. The server's ROUTER
-is *mandatory*: sending to a client that has gone raises
+The server owns a ROUTER socket, each client one DEALER per server: both
+directions are reliable queues (no PUB/SUB, so nothing is dropped before a peer
+is ready), and the ROUTER knows which client each message came from. The
+server's ROUTER is *mandatory*: sending to a client that has gone raises
 :class:`PeerGone` instead of silently dropping, so its work is freed at once.
-Payload frames are sent with ``copy=False``.
+Payload frames are sent with ``copy=False``. A client socket carries a monitor
+so a lost connection or a refused CURVE handshake is seen, not waited out.
+Optional CURVE encryption and authentication use ZeroMQ's own ``zmq.auth``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+import attrs
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
+from .errors import AuthenticationError
 from .protocol import Message
 
-#: Kernel-level keepalive for TCP, plus ZMTP heartbeats: a silent peer is dropped in seconds.
+#: ZMTP heartbeats: a peer that stops answering is disconnected within seconds.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+
+#: Monitor events a client acts on.
+CLIENT_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class PeerGone(Exception):
@@ -31,6 +48,58 @@ class PeerGone(Exception):
 
 class PeerBusy(Exception):
     """The client's queue is full; try again later."""
+
+
+@attrs.frozen
+class ServerCurve:
+    """The server's CURVE key pair and the folder of client public keys it accepts."""
+
+    public: bytes
+    secret: bytes
+    allowed_clients_dir: str
+
+    @classmethod
+    def load(cls, secret_file: "str | os.PathLike[str]", allowed_clients_dir: "str | os.PathLike[str]") -> "ServerCurve":
+        public, secret = _load_secret(secret_file)
+        if not os.path.isdir(allowed_clients_dir):
+            raise AuthenticationError(f"client key folder {allowed_clients_dir} does not exist")
+        return cls(public=public, secret=secret, allowed_clients_dir=os.fspath(allowed_clients_dir))
+
+
+@attrs.frozen
+class ClientCurve:
+    """A client's CURVE key pair and the public key of the server it expects."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    @classmethod
+    def load(cls, secret_file: "str | os.PathLike[str]", server_key_file: "str | os.PathLike[str]") -> "ClientCurve":
+        public, secret = _load_secret(secret_file)
+        try:
+            server_public, _ = zmq.auth.load_certificate(os.fspath(server_key_file))
+        except (OSError, ValueError) as exc:
+            raise AuthenticationError(f"cannot read the server's public key {server_key_file}: {exc}") from exc
+        return cls(public=public, secret=secret, server_public=server_public)
+
+
+def _load_secret(path: "str | os.PathLike[str]") -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(os.fspath(path))
+    except (OSError, ValueError) as exc:
+        raise AuthenticationError(f"cannot read the key pair {path}: {exc}") from exc
+    if secret is None:
+        raise AuthenticationError(f"{path} holds no secret key (use the .key_secret file made by 'asyncframes keygen')")
+    return public, secret
+
+
+def create_keys(directory: "str | os.PathLike[str]", name: str) -> tuple[str, str]:
+    """Write ``name.key`` (public, to share) and ``name.key_secret`` (keep private) into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(os.fspath(directory), name)
+    os.chmod(secret_file, 0o600)
+    return public_file, secret_file
 
 
 def private_endpoint() -> tuple[str, Optional[str]]:
@@ -58,21 +127,29 @@ def _context() -> zmq.Context:
 class ServerSocket:
     """The server's ROUTER: receives (client, message, payload), sends to a named client."""
 
-    def __init__(self, binds: Sequence[str], *, sndhwm: int = 1000, rcvhwm: int = 1000) -> None:
+    def __init__(self, binds: Sequence[str], *, curve: Optional[ServerCurve] = None, sndhwm: int = 1000) -> None:
         self.socket = _context().socket(zmq.ROUTER)
+        self.authenticator: Optional[ThreadAuthenticator] = None
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
-        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if curve is not None:
+            # ZAP handler: only clients whose public key is in the folder get through.
+            self.authenticator = ThreadAuthenticator(_context())
+            self.authenticator.start()
+            self.authenticator.configure_curve(domain="*", location=curve.allowed_clients_dir)
+            self.socket.curve_server = True
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_secretkey = curve.secret
         self.endpoints: list[str] = []
         try:
             for address in binds:
                 self.socket.bind(address)
                 self.endpoints.append(self.socket.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError:
-            self.socket.close(linger=0)
+            self.close()
             raise
 
     def recv(self) -> tuple[bytes, Sequence[Any]]:
@@ -98,49 +175,59 @@ class ServerSocket:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
 
 class ClientSocket:
-    """A client's DEALER connected to one or more server endpoints."""
+    """A client's DEALER connected to one server, with a monitor of its connection."""
 
-    def __init__(self, endpoints: Sequence[str]) -> None:
+    def __init__(self, endpoint: str, curve: Optional[ClientCurve] = None) -> None:
+        self.endpoint = endpoint
         self.socket = _context().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.socket.setsockopt(zmq.RCVHWM, 0)  # credit-based flow control bounds what is queued
-        for endpoint in endpoints:
-            self.socket.connect(endpoint)
+        if curve is not None:
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_secretkey = curve.secret
+            self.socket.curve_serverkey = curve.server_public
+        self.monitor = self.socket.get_monitor_socket(CLIENT_EVENTS)
+        self.socket.connect(endpoint)
 
     def send(self, message: Message) -> None:
         self.socket.send_multipart(protocol.frames_of(message), copy=True)
-
-    def poll(self, timeout_ms: int) -> bool:
-        """True when a message is waiting."""
-        return bool(self.socket.poll(timeout_ms, zmq.POLLIN))
 
     def recv(self) -> tuple[Message, Optional[memoryview]]:
         """The waiting message and its payload (zero-copy); raises ProtocolError if malformed."""
         return protocol.parse(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False))
 
+    def has_message(self) -> bool:
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def events(self) -> list[int]:
+        """Connection events (``zmq.EVENT_*``) since the last call."""
+        found = []
+        while self.monitor.poll(0):
+            found.append(int(recv_monitor_message(self.monitor)["event"]))
+        return found
+
     def close(self) -> None:
         if not self.socket.closed:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
             self.socket.close(linger=0)
 
 
-def fd_is_readable(fd: int) -> bool:
-    """Whether a file descriptor (e.g. the lifeline pipe) has data or EOF waiting."""
+def poll_any(sockets: Sequence[ClientSocket], timeout_ms: int) -> list[ClientSocket]:
+    """The sockets with a message waiting, after at most ``timeout_ms``."""
     poller = zmq.Poller()
-    poller.register(fd, zmq.POLLIN)
-    return bool(poller.poll(0))
-
-
-__all__ = [
-    "ClientSocket",
-    "PeerBusy",
-    "PeerGone",
-    "ServerSocket",
-    "fd_is_readable",
-    "private_endpoint",
-    "remove_private_dir",
-]
+    for sock in sockets:
+        poller.register(sock.socket, zmq.POLLIN)
+    ready = dict(poller.poll(timeout_ms))
+    return [sock for sock in sockets if sock.socket in ready]
