@@ -1,27 +1,53 @@
-"""The ``asyncframes`` command: inspect videos, stream frames end to end, run a server."""
+"""The ``asyncframes`` command: inspect videos, stream frames end to end, run and probe servers."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 
 from . import __version__
 from .errors import AsyncFramesError
 
+log = logging.getLogger("asyncframes.cli")
 
-def _cmd_info(args: argparse.Namespace) -> int:
+DEFAULT_BIND = "tcp://127.0.0.1:9010"
+
+
+def _client(args: argparse.Namespace) -> Any:
+    """An AsyncVideo for the command's options: a private server, or the given endpoint(s)."""
     from .client import AsyncVideo
+
+    return AsyncVideo(
+        getattr(args, "endpoint", None) or None,
+        timeout=args.timeout,
+        curve_secret=args.curve_secret,
+        curve_server_key=args.curve_server_key,
+    )
+
+
+def _video_arg(args: argparse.Namespace) -> str:
+    if args.video:
+        return args.video
+    if getattr(args, "endpoint", None):
+        raise SystemExit("asyncframes: error: name a VIDEO (a path the server can open) when using --endpoint")
     from .sample import sample_video
 
-    video = args.video or str(sample_video())
-    with AsyncVideo(timeout=args.timeout) as client:
+    return str(sample_video())
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    video = _video_arg(args)
+    with _client(args) as client:
         info = client.info(video)
     if args.json:
         print(json.dumps(attrs.asdict(info)))
@@ -42,12 +68,9 @@ def _parse_frames(text: Optional[str]) -> Optional[range]:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
-    from .client import AsyncVideo
-    from .sample import sample_video
-
-    video = args.video or str(sample_video())
+    video = _video_arg(args)
     started = time.perf_counter()
-    with AsyncVideo(timeout=args.timeout) as client:
+    with _client(args) as client:
         ready = time.perf_counter()
         info = client.info(video)
         print(f"video   {info.filename}")
@@ -62,15 +85,55 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             if args.verbose:
                 print(f"chunk {chunks - 1:5d}  frames {frame_idxs[0]}..{frame_idxs[-1]}  shape {array.shape}")
         done = time.perf_counter()
+        spread = client.chunks_by_endpoint
     elapsed = done - first
-    print(f"server  started in {ready - started:.2f} s")
+    print(f"server  {'connected' if args.endpoint else 'started'} in {ready - started:.2f} s")
+    if len(spread) > 1:
+        print("        " + ", ".join(f"{endpoint}: {n} chunks" for endpoint, n in spread.items()))
     print(f"stream  {frames} frames in {chunks} chunks, {nbytes / 1e6:.1f} MB in {elapsed:.2f} s")
     print(f"        {frames / elapsed if elapsed else 0:.0f} frames/s, {nbytes / 1e6 / elapsed if elapsed else 0:.0f} MB/s")
     return 0
 
 
+def _cmd_ping(args: argparse.Namespace) -> int:
+    from .client import AsyncVideo
+
+    with AsyncVideo(
+        args.endpoint,
+        timeout=args.timeout,
+        start_timeout=args.timeout,
+        curve_secret=args.curve_secret,
+        curve_server_key=args.curve_server_key,
+    ) as client:
+        rtt = client.ping()
+        print(f"pong from {client.endpoint}: asyncframes {client.server_version}, {rtt * 1000:.1f} ms")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .transport import create_keys
+
+    public, secret = create_keys(args.directory, args.name)
+    print(f"public key  {public}   (give this to the other side)")
+    print(f"secret key  {secret}   (keep private)")
+    return 0
+
+
+def _is_loopback(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True  # ipc and inproc stay on this machine
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or "*"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import READY_LINE, FrameServer, ServerConfig
+    from .transport import ServerCurve
 
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s asyncframes-server %(levelname)s %(message)s"
@@ -78,17 +141,51 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.lifeline:
         # A private server belongs to its client: Ctrl-C goes to the client, which stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    server = FrameServer(
-        args.bind or ["tcp://127.0.0.1:9010"],
-        ServerConfig(allow_stop=args.allow_stop),
-        lifeline_fd=sys.stdin.fileno() if args.lifeline else None,
+    if bool(args.curve_secret) != bool(args.allow_client_keys):
+        raise SystemExit("asyncframes: error: --curve-secret and --allow-client-keys go together")
+    root = None if args.unconfined else os.path.abspath(args.root)
+    if root is not None and not os.path.isdir(root):
+        raise SystemExit(f"asyncframes: error: --root {root} is not a directory")
+    binds = args.bind or [DEFAULT_BIND]
+    curve = ServerCurve.load(args.curve_secret, args.allow_client_keys) if args.curve_secret else None
+    config = ServerConfig(
+        root=root,
+        max_request_frames=args.max_request_frames,
+        max_frames_per_chunk=args.max_frames_per_chunk,
+        max_open_files=args.max_open_files,
+        max_requests_per_client=args.max_requests_per_client,
+        allow_stop=args.allow_stop,
     )
+    server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
     if not args.lifeline:
         signal.signal(signal.SIGINT, lambda *_: server.stop("interrupted"))
+    exposed = [e for e in server.endpoints if not _is_loopback(e)]
+    if exposed and curve is None:
+        log.warning(
+            "listening on %s without authentication: anyone who can reach it can read every video %s",
+            ", ".join(exposed),
+            f"under {root}" if root else "this server can read",
+        )
+    log.info(
+        "serving %s; CURVE %s",
+        f"videos under {root}" if root else "any path (unconfined)",
+        f"on, clients from {args.allow_client_keys}" if curve else "off",
+    )
     print(READY_LINE, " ".join(server.endpoints), flush=True)
-    server.serve_forever()
+    reason = server.serve_forever()
+    log.info("bye (%s)", reason)
     return 0
+
+
+def _add_client_options(parser: argparse.ArgumentParser, *, endpoint: bool = True, timeout: float = 60.0) -> None:
+    if endpoint:
+        parser.add_argument(
+            "--endpoint", action="append", help="use a running server (repeatable: spread over several); default: start a private one"
+        )
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for an answer")
+    parser.add_argument("--curve-secret", help="this client's .key_secret file, for a server that requires CURVE")
+    parser.add_argument("--curve-server-key", help="the server's public .key file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,24 +196,41 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a video's metadata (default: the built-in sample)")
     info.add_argument("video", nargs="?", help="video file; omitted: the built-in sample clip")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    _add_client_options(info)
     info.set_defaults(func=_cmd_info)
 
-    stream = sub.add_parser(
-        "stream", aliases=["demo"], help="stream frames through a frame server and report throughput"
-    )
+    stream = sub.add_parser("stream", aliases=["demo"], help="stream frames through a frame server and report throughput")
     stream.add_argument("video", nargs="?", help="video file; omitted: the built-in sample clip")
     stream.add_argument("--frames", help="START:STOP[:STEP] (default: every frame)")
     stream.add_argument("--frames-per-chunk", type=int, default=64)
-    stream.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each chunk")
     stream.add_argument("-v", "--verbose", action="store_true", help="print every chunk")
+    _add_client_options(stream)
     stream.set_defaults(func=_cmd_stream)
 
-    serve = sub.add_parser("serve", help="run a frame server")
-    serve.add_argument("--bind", action="append", help="endpoint to bind, repeatable (default tcp://127.0.0.1:9010)")
-    serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (used by private servers)")
-    serve.add_argument("--allow-stop", action="store_true", help="let clients stop the server")
+    ping = sub.add_parser("ping", help="check that a server answers (exit 0) or not (exit 1)")
+    ping.add_argument("endpoint", help="e.g. tcp://127.0.0.1:9010")
+    _add_client_options(ping, endpoint=False, timeout=5.0)
+    ping.set_defaults(func=_cmd_ping)
+
+    keygen = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
+    keygen.add_argument("directory")
+    keygen.add_argument("--name", default="asyncframes")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    serve = sub.add_parser("serve", help="run a frame server until SIGINT/SIGTERM")
+    serve.add_argument("--bind", action="append", help=f"endpoint to listen on, repeatable (default {DEFAULT_BIND})")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--root", default=".", help="serve videos under this folder only (default: the current folder)")
+    where.add_argument("--unconfined", action="store_true", help="serve any path the server user can read")
+    serve.add_argument("--curve-secret", help="the server's .key_secret file: require CURVE")
+    serve.add_argument("--allow-client-keys", help="folder of client public .key files that may connect")
+    serve.add_argument("--max-request-frames", type=int, default=10_000_000, help="largest request, in frames")
+    serve.add_argument("--max-frames-per-chunk", type=int, default=1024)
+    serve.add_argument("--max-open-files", type=int, default=8, help="videos kept open (least recently used are closed)")
+    serve.add_argument("--max-requests-per-client", type=int, default=4, help="concurrent requests per client")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (one line per request), WARNING")
+    serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")
+    serve.add_argument("--allow-stop", action="store_true", help="let clients stop the server (private servers)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 
@@ -130,3 +244,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. piped into head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

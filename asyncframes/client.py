@@ -96,6 +96,7 @@ class _Connection:
         self.socket = ClientSocket(endpoint, curve)
         self.curve = curve is not None
         self.greeted = False
+        self.connected = False  # a ZMTP handshake has succeeded at least once
         self.server_version = ""
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
@@ -104,13 +105,18 @@ class _Connection:
         """Raise if the server is gone (``busy``: something is outstanding on this connection)."""
         self._check_process()
         for event in self.socket.events():
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (self.curve and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise AuthenticationError(f"the frame server at {self.endpoint} refused our CURVE credentials")
-            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                raise ProtocolError(f"the peer at {self.endpoint} does not speak ZMTP as we do (security settings differ?)")
-            if event == zmq.EVENT_DISCONNECTED:
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                raise AuthenticationError(
+                    f"the handshake with {self.endpoint} failed: its security settings differ from ours "
+                    "(CURVE required on one side only, or not a frame server?)"
+                )
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
                 self.greeted = False
-                if busy:
+                if busy and self.connected:
                     if self.process is not None:
                         self._wait_for_exit()
                     raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
@@ -391,8 +397,13 @@ class AsyncVideo:
         deadline = time.monotonic() + self.start_timeout
         while not conn.greeted:
             if not self._pump(deadline, hello=conn):
-                hint = " (is CURVE configured on one side only?)" if not conn.curve else ""
-                raise ServerStartError(f"no answer from the frame server at {conn.endpoint} within {self.start_timeout:g} s{hint}")
+                conn.check(busy=False)
+                if not conn.connected:
+                    raise ServerStartError(
+                        f"could not reach a frame server at {conn.endpoint} within {self.start_timeout:g} s "
+                        "(is it running, and is the endpoint right?)"
+                    )
+                raise ServerStartError(f"the frame server at {conn.endpoint} did not answer within {self.start_timeout:g} s")
 
     def _request(self, conn: _Connection, message: protocol.Message) -> None:
         conn.check(busy=False)

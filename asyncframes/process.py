@@ -32,7 +32,7 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--log-level", log_level],
+                [sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the server's log lines go to our stderr

@@ -68,10 +68,17 @@ class VideoReader:
     Not thread-safe: one reader serves one request at a time.
     """
 
-    def __init__(self, filename: str, stream: int = 0, thread_type: str = "AUTO") -> None:
+    def __init__(
+        self,
+        filename: str,
+        stream: int = 0,
+        thread_type: str = "AUTO",
+        container_options: Optional[dict[str, str]] = None,
+    ) -> None:
         self.filename = filename
         self.stream_index = stream
         self.thread_type = thread_type
+        self.container_options = dict(container_options or {})
         self._container: Optional[av.container.InputContainer] = None
         self._stream: Optional[av.video.stream.VideoStream] = None
         self._frames: Optional[Iterator[av.VideoFrame]] = None
@@ -205,7 +212,9 @@ class VideoReader:
 
     def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
         try:
-            container = av.open(self.filename, mode="r", metadata_errors="ignore")
+            container = av.open(
+                self.filename, mode="r", metadata_errors="ignore", container_options=self.container_options
+            )
         except FileNotFoundError as exc:
             raise VideoNotFoundError(f"video not found: {self.filename}") from exc
         except (av.FFmpegError, OSError, ValueError) as exc:

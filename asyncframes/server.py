@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from . import __version__, protocol
-from .errors import AsyncFramesError, ProtocolError, ServerError, VideoOpenError
+from .errors import AsyncFramesError, ProtocolError, ServerError, VideoAccessError
 from .protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -42,7 +42,7 @@ from .protocol import (
     Welcome,
 )
 from .reader import VideoReader
-from .transport import PeerBusy, PeerGone, ServerSocket
+from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,20 @@ log = logging.getLogger(__name__)
 READY_LINE = "asyncframes server ready on"
 
 
+#: Demuxers a confined server will open: video containers and image formats, nothing that
+#: follows references to other files or URLs (playlists such as HLS, concat lists).
+VIDEO_DEMUXERS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,ivf,obu,m4v,h264,hevc,"
+    "mjpeg,mpegvideo,yuv4mpegpipe,nut,mxf,image2,gif,apng,png_pipe,jpeg_pipe,bmp_pipe,tiff_pipe,webp_pipe"
+)
+
+
 @attrs.frozen
 class ServerConfig:
     """Limits and policies of one server."""
 
+    #: Requests name files under this folder; None serves any path the server can read.
+    root: Optional[str] = None
     max_request_frames: int = 10_000_000
     max_frames_per_chunk: int = 1024
     max_window: int = 8
@@ -129,9 +139,10 @@ class FrameServer:
         binds: Sequence[str],
         config: ServerConfig = ServerConfig(),
         lifeline_fd: Optional[int] = None,
+        curve: Optional[ServerCurve] = None,
     ) -> None:
         self.config = config
-        self.socket = ServerSocket(binds)
+        self.socket = ServerSocket(binds, curve=curve)
         self.endpoints = self.socket.endpoints
         self.lifeline_fd = lifeline_fd
         self._parent_pid = os.getppid()
@@ -238,9 +249,10 @@ class FrameServer:
         elif isinstance(message, InfoRequest):
             try:
                 reader = self._reader(message.video)
-                info = reader.info(message.video.grayscale)
+                info = attrs.evolve(reader.info(message.video.grayscale), filename=message.video.filename)
             except Exception as exc:
                 self._send(client, _error_for(message.request_id, exc))
+                log.info("client=%s info video=%s refused: %s", client.hex(), message.video.filename, exc)
                 return
             self._send(client, InfoReply(request_id=message.request_id, info=info))
         elif isinstance(message, Stop):
@@ -288,6 +300,7 @@ class FrameServer:
             reader.check_indices(idxs)
         except Exception as exc:
             self._send(client, _error_for(rid, exc))
+            log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
             return
         gray = reader.detected_grayscale if request.video.grayscale is None else request.video.grayscale
         job = _Job(
@@ -394,8 +407,21 @@ class FrameServer:
     # -- videos ----------------------------------------------------------------
 
     def resolve(self, filename: str) -> str:
-        """The path to open for a requested filename (standalone servers confine it)."""
-        return filename
+        """The path to open for a requested filename: under ``root`` when the server has one.
+
+        Relative names resolve under the root; absolute names must lie inside it; ``..``
+        and symlinks are resolved first, so neither can lead out.
+        """
+        root = self.config.root
+        if root is None:
+            return filename
+        if "\x00" in filename:
+            raise VideoAccessError("file names may not contain NUL bytes")
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(real_root, filename))
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise VideoAccessError(f"{filename}: outside this server's video folder; name a file under it")
+        return real
 
     def _reader(self, video: Video) -> VideoReader:
         key = _reader_key(video)
@@ -406,7 +432,8 @@ class FrameServer:
             reader = None
         if reader is None:
             path = self.resolve(video.filename)
-            reader = VideoReader(path, stream=video.stream)
+            options = {"format_whitelist": VIDEO_DEMUXERS, "protocol_whitelist": "file"} if self.config.root else None
+            reader = VideoReader(path, stream=video.stream, container_options=options)
             self._readers[key] = reader
             while len(self._readers) > self.config.max_open_files:
                 _key, old = self._readers.popitem(last=False)

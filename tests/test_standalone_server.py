@@ -1,0 +1,324 @@
+"""A standalone `asyncframes serve` shared by many clients: confinement, fairness, security, scale-out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from asyncframes import (
+    AsyncVideo,
+    AuthenticationError,
+    ServerDiedError,
+    ServerError,
+    ServerShutdownError,
+    ServerStartError,
+    VideoAccessError,
+    VideoNotFoundError,
+    VideoOpenError,
+)
+from asyncframes import protocol
+from asyncframes.protocol import PROTOCOL_VERSION
+from asyncframes.server import READY_LINE
+from asyncframes.video import Video
+
+from .conftest import assert_frames_exact, reference_frames
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and loopback tcp")
+
+
+class Server:
+    """`asyncframes serve` in a subprocess, with its log captured."""
+
+    def __init__(self, tmp_path: Path, *args: str, bind: str = "tcp://127.0.0.1:*") -> None:
+        self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncframes", "serve", "--bind", bind, *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert line.startswith(READY_LINE), f"no readiness line: {line!r}\n{self.log}"
+        self.endpoint = line.split()[-1]
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()  # the server writes it; our handle only passes it on
+
+    def wait_for_log(self, text: str, within: float = 10) -> str:
+        deadline = time.monotonic() + within
+        while text not in self.log:
+            assert time.monotonic() < deadline, f"{text!r} not in server log:\n{self.log}"
+            time.sleep(0.05)
+        return self.log
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def video_root(tmp_path, make_clip):
+    root = tmp_path / "videos"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(make_clip("h264_gops.mp4"), root / "gops.mp4")
+    shutil.copy(make_clip("gray.mp4"), root / "sub" / "gray.mp4")
+    secret = tmp_path / "secret.mp4"
+    shutil.copy(make_clip("gray.mp4"), secret)
+    (root / "link-out.mp4").symlink_to(secret)
+    return root
+
+
+@pytest.fixture
+def server(tmp_path, video_root):
+    srv = Server(tmp_path, "--root", str(video_root))
+    yield srv
+    srv.stop()
+
+
+def test_clients_connect_to_a_running_server(server, video_root):
+    with AsyncVideo(server.endpoint) as av:
+        assert av.server_pid is None  # nothing was spawned
+        assert av.ping() < 1
+        info = av.info("gops.mp4")
+        assert (info.filename, info.frame_count) == ("gops.mp4", 150)
+        av.load_by_chunk("sub/gray.mp4", [5, 0, 39], frames_per_chunk=2)
+        got = list(av.chunks)
+    assert [idxs for idxs, _ in got] == [[5, 0], [39]]
+    for idxs, frames in got:
+        assert_frames_exact(video_root / "sub" / "gray.mp4", idxs, frames)
+    log = server.wait_for_log("video=sub/gray.mp4 frames=3/3 chunks=2")
+    assert "done" in log
+
+
+def test_ping_and_info_from_the_command_line(server):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60)
+    ping = run("ping", server.endpoint)
+    assert ping.returncode == 0 and "pong from" in ping.stdout
+    info = run("info", "--endpoint", server.endpoint, "gops.mp4")
+    assert info.returncode == 0 and "frame_count  150" in info.stdout
+    dead = run("ping", "tcp://127.0.0.1:1", "--timeout", "1")
+    assert dead.returncode == 1 and "could not reach" in dead.stderr
+
+
+@pytest.mark.parametrize("name", ["../secret.mp4", "sub/../../secret.mp4", "link-out.mp4", "/etc/passwd", "/etc/../etc/hostname"])
+def test_paths_outside_the_root_are_refused(server, name):
+    with AsyncVideo(server.endpoint) as av:
+        with pytest.raises(VideoAccessError, match="outside this server's video folder"):
+            av.info(name)
+        av.load_by_chunk(name, [0])
+        with pytest.raises(VideoAccessError):
+            list(av.chunks)
+        assert av.info("gops.mp4").frame_count == 150  # and the server keeps serving
+
+
+def test_absolute_paths_inside_the_root_are_fine_and_missing_files_say_so(server, video_root):
+    with AsyncVideo(server.endpoint) as av:
+        assert av.info(str(video_root / "sub" / "gray.mp4")).frame_count == 40
+        with pytest.raises(VideoNotFoundError):
+            av.info("nope.mp4")
+
+
+def test_playlists_cannot_reach_outside_the_root(server, video_root, tmp_path):
+    (video_root / "list.ffconcat").write_text(f"ffconcat version 1.0\nfile {tmp_path / 'secret.mp4'}\n")
+    (video_root / "list.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{tmp_path / 'secret.mp4'}\n#EXT-X-ENDLIST\n")
+    with AsyncVideo(server.endpoint) as av:
+        for name in ("list.ffconcat", "list.m3u8"):
+            with pytest.raises(VideoOpenError):
+                av.info(name)
+
+
+def test_limits_are_enforced_with_clear_errors(tmp_path, video_root):
+    srv = Server(tmp_path, "--root", str(video_root), "--max-frames-per-chunk", "16", "--max-request-frames", "100")
+    try:
+        with AsyncVideo(srv.endpoint) as av:
+            av.load_by_chunk("gops.mp4", range(10), frames_per_chunk=64)
+            with pytest.raises(ServerError, match="frames_per_chunk 64 exceeds this server's limit of 16"):
+                list(av.chunks)
+            av.load_by_chunk("gops.mp4", None, frames_per_chunk=16)  # 150 frames
+            with pytest.raises(ServerError, match="150 frames exceeds this server's limit of 100"):
+                list(av.chunks)
+            av.load_by_chunk("gops.mp4", range(32), frames_per_chunk=16)
+            assert len(list(av.chunks)) == 2
+    finally:
+        srv.stop()
+
+
+def test_a_long_request_does_not_starve_a_short_one(server):
+    """Both clients consume as fast as they can; the server interleaves their chunks."""
+    arrivals: dict[str, list[float]] = {"long": [], "short": []}
+    long_started = threading.Event()
+
+    def consume(name, idxs, chunk):
+        with AsyncVideo(server.endpoint) as av:
+            av.load_by_chunk("gops.mp4", idxs, frames_per_chunk=chunk)
+            for _ in av.chunks:
+                arrivals[name].append(time.monotonic())
+                if name == "long" and len(arrivals["long"]) == 3:
+                    long_started.set()
+
+    long = threading.Thread(target=consume, args=("long", list(range(150)) * 4, 4))  # 150 chunks
+    long.start()
+    assert long_started.wait(30)
+    consume("short", list(range(20)), 4)  # 5 chunks
+    long.join(60)
+    done_short = arrivals["short"][-1]
+    long_before_short_done = sum(t <= done_short for t in arrivals["long"])
+    assert len(arrivals["long"]) == 150
+    assert long_before_short_done < 40, f"the short request waited for {long_before_short_done} chunks of the long one"
+
+
+def test_a_client_that_vanishes_mid_stream_is_forgotten(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    sock.send(protocol.encode(protocol.Hello(version=PROTOCOL_VERSION)))
+    sock.send(protocol.encode(protocol.Request(1, Video("gops.mp4"), None, frames_per_chunk=2, window=2)))
+    chunks = 0
+    while chunks < 2:
+        message, _ = protocol.parse(sock.recv_multipart())
+        chunks += isinstance(message, protocol.Chunk)
+    sock.close()  # gone without a word, with 73 chunks still to come
+    server.wait_for_log("abandoned: client disconnected", within=10)
+    with AsyncVideo(server.endpoint) as av:  # and the server is fine
+        assert av.info("gops.mp4").frame_count == 150
+
+
+def test_sigterm_ends_streams_with_a_clear_error(tmp_path, video_root):
+    srv = Server(tmp_path, "--root", str(video_root))
+    with AsyncVideo(srv.endpoint) as av:
+        av.load_by_chunk("gops.mp4", list(range(150)) * 10, frames_per_chunk=2)
+        chunks = av.chunks
+        next(chunks)
+        srv.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        with pytest.raises(ServerShutdownError, match="shut down: terminated"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - start < 5
+    assert srv.stop() == 0
+    assert "server stopped: terminated" in srv.log
+
+
+def test_a_killed_remote_server_is_reported_within_5s(tmp_path, video_root):
+    srv = Server(tmp_path, "--root", str(video_root))
+    try:
+        with AsyncVideo(srv.endpoint) as av:
+            av.load_by_chunk("gops.mp4", list(range(150)) * 10, frames_per_chunk=2)
+            chunks = av.chunks
+            next(chunks)
+            srv.proc.kill()
+            start = time.monotonic()
+            with pytest.raises(ServerDiedError, match="lost the connection"):
+                for _ in chunks:
+                    pass
+            assert time.monotonic() - start < 5
+    finally:
+        srv.stop()
+
+
+def test_a_restarted_server_is_used_again_after_a_fresh_handshake(tmp_path, video_root):
+    first = Server(tmp_path, "--root", str(video_root))
+    endpoint = first.endpoint
+    av = AsyncVideo(endpoint)
+    try:
+        assert av.info("gops.mp4").frame_count == 150
+        first.stop()
+        second = Server(tmp_path, "--root", str(video_root), bind=endpoint)
+        try:
+            time.sleep(0.5)
+            with pytest.raises(ServerDiedError):  # what was outstanding is lost, and we say so...
+                av.load_by_chunk("gops.mp4", [1, 2])
+                list(av.chunks)
+            av.load_by_chunk("gops.mp4", [1, 2])  # ...and the next request just works
+            assert [idxs for idxs, _ in av.chunks] == [[1, 2]]
+        finally:
+            second.stop()
+    finally:
+        av.close()
+
+
+def test_curve_lets_in_only_known_clients(tmp_path, video_root):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60, check=True)
+    run("keygen", str(tmp_path / "server"), "--name", "server")
+    run("keygen", str(tmp_path / "clients"), "--name", "alice")
+    run("keygen", str(tmp_path / "strangers"), "--name", "mallory")
+    srv = Server(
+        tmp_path,
+        "--root", str(video_root),
+        "--curve-secret", str(tmp_path / "server" / "server.key_secret"),
+        "--allow-client-keys", str(tmp_path / "clients"),
+    )
+    server_key = tmp_path / "server" / "server.key"
+    try:
+        with AsyncVideo(srv.endpoint, curve_secret=tmp_path / "clients" / "alice.key_secret", curve_server_key=server_key) as av:
+            av.load_by_chunk("sub/gray.mp4", [3])
+            (idxs, frames), = list(av.chunks)
+            assert_frames_exact(video_root / "sub" / "gray.mp4", idxs, frames)
+        with pytest.raises(AuthenticationError, match="refused our CURVE credentials"):
+            AsyncVideo(srv.endpoint, curve_secret=tmp_path / "strangers" / "mallory.key_secret", curve_server_key=server_key, start_timeout=5)
+        with pytest.raises(AuthenticationError, match="security settings differ"):
+            AsyncVideo(srv.endpoint, start_timeout=5)
+        # A raw socket without CURVE gets nothing at all, not even an error message.
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(srv.endpoint)
+        raw.send(protocol.encode(protocol.Hello(version=PROTOCOL_VERSION)))
+        assert not raw.poll(1000)
+        raw.close()
+        assert srv.log.count("client=") == 1  # alice's request; strangers were never served
+    finally:
+        srv.stop()
+
+
+def test_several_servers_share_one_request(tmp_path, video_root):
+    servers = [Server(tmp_path, "--root", str(video_root)) for _ in range(3)]
+    try:
+        with AsyncVideo([s.endpoint for s in servers]) as av:
+            av.load_by_chunk("gops.mp4", frames_per_chunk=10)
+            got = list(av.chunks)
+            spread = av.chunks_by_endpoint
+        assert [i for idxs, _ in got for i in idxs] == list(range(150))
+        for idxs, frames in got:
+            assert_frames_exact(video_root / "gops.mp4", idxs, frames)
+        assert sorted(spread.values()) == [5, 5, 5], spread
+        for s in servers:
+            assert "frames=50/50 chunks=5" in s.wait_for_log("done")
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_scale_out_with_errors_and_short_requests(tmp_path, video_root):
+    servers = [Server(tmp_path, "--root", str(video_root)) for _ in range(2)]
+    try:
+        with AsyncVideo([s.endpoint for s in servers]) as av:
+            av.load_by_chunk("gops.mp4", [7], frames_per_chunk=4)  # one chunk: one server
+            assert [idxs for idxs, _ in av.chunks] == [[7]]
+            av.load_by_chunk("gops.mp4", [])
+            assert list(av.chunks) == []
+            av.load_by_chunk("gops.mp4", list(range(8)) + [150], frames_per_chunk=4)
+            with pytest.raises(Exception, match="150 is out of range"):
+                list(av.chunks)
+            av.load_by_chunk("sub/gray.mp4", list(range(39, -1, -1)), frames_per_chunk=3)
+            got = [i for idxs, _ in av.chunks for i in idxs]
+            assert got == list(range(39, -1, -1))
+    finally:
+        for s in servers:
+            s.stop()
