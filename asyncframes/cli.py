@@ -97,16 +97,22 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 def _cmd_ping(args: argparse.Namespace) -> int:
     from .client import AsyncVideo
+    from .errors import AuthenticationError
 
-    with AsyncVideo(
-        args.endpoint,
-        timeout=args.timeout,
-        start_timeout=args.timeout,
-        curve_secret=args.curve_secret,
-        curve_server_key=args.curve_server_key,
-    ) as client:
-        rtt = client.ping()
-        print(f"pong from {client.endpoint}: asyncframes {client.server_version}, {rtt * 1000:.1f} ms")
+    try:
+        with AsyncVideo(
+            args.endpoint,
+            timeout=args.timeout,
+            start_timeout=args.timeout,
+            curve_secret=args.curve_secret,
+            curve_server_key=args.curve_server_key,
+        ) as client:
+            rtt = client.ping()
+            print(f"pong from {client.endpoint}: asyncframes {client.server_version}, {rtt * 1000:.1f} ms")
+    except AuthenticationError as exc:
+        if not args.any_answer:
+            raise
+        print(f"{args.endpoint} is up but will not talk to us: {exc}")
     return 0
 
 
@@ -209,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ping = sub.add_parser("ping", help="check that a server answers (exit 0) or not (exit 1)")
     ping.add_argument("endpoint", help="e.g. tcp://127.0.0.1:9010")
+    ping.add_argument(
+        "--any-answer", action="store_true", help="a server that refuses our credentials counts as up (health checks)"
+    )
     _add_client_options(ping, endpoint=False, timeout=5.0)
     ping.set_defaults(func=_cmd_ping)
 

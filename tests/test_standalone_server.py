@@ -283,6 +283,11 @@ def test_curve_lets_in_only_known_clients(tmp_path, video_root):
         assert not raw.poll(1000)
         raw.close()
         assert srv.log.count("client=") == 1  # alice's request; strangers were never served
+        health = subprocess.run(
+            [sys.executable, "-m", "asyncframes", "ping", "--any-answer", srv.endpoint, "--timeout", "5"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert health.returncode == 0 and "is up but will not talk to us" in health.stdout
     finally:
         srv.stop()
 
