@@ -1,6 +1,6 @@
 """Side-by-side throughput and memory of asyncframes against plain PyAV, measured in one run.
 
-    python benchmarks/bench.py [VIDEO ...] [--rounds 3]
+    python benchmarks/bench.py [VIDEO ...] [--rounds 3] [--scale-out]
 
 With no videos it uses ../shared/videos (when present) and the built-in sample.
 Each round runs every method once, interleaved, so machine noise hits all of
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -110,12 +111,59 @@ def peak_rss_streaming(path: str, chunk: int) -> tuple[float, float, float]:
     return tuple(json.loads(out.stdout))  # type: ignore[return-value]
 
 
+def scale_out(rounds: int, chunk: int) -> None:
+    """Throughput of one request spread over 1 and 2 standalone servers on loopback.
+
+    Each server is pinned to its own CPU, standing in for a machine of its own;
+    unpinned, a single server already keeps a 2-CPU box busy.
+    """
+    import tempfile
+
+    from asyncframes.sample import write_clip
+    from asyncframes.server import READY_LINE
+
+    folder = Path(tempfile.mkdtemp(prefix="asyncframes-bench-"))
+    clip = write_clip(folder / "short_gops.mp4", frames=960, size=(480, 640), gop=chunk, bframes=2)
+    servers = []
+    cpus = sorted(os.sched_getaffinity(0))
+    count = min(len(cpus), 3)
+    try:
+        for k in range(count):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(folder), "--log-level", "WARNING"],
+                stdout=subprocess.PIPE, text=True, preexec_fn=lambda cpu=cpus[k]: os.sched_setaffinity(0, {cpu}),
+            )
+            line = proc.stdout.readline()
+            assert line.startswith(READY_LINE), line
+            servers.append((proc, line.split()[-1]))
+        results: dict[int, list[float]] = {}
+        for _ in range(rounds):
+            for n in range(1, count + 1):
+                with AsyncVideo([endpoint for _, endpoint in servers[:n]]) as client:
+                    _stream(client, clip.name, list(range(64)), chunk)  # warm every server's reader
+                    start = time.perf_counter()
+                    got = _stream(client, clip.name, None, chunk)
+                    results.setdefault(n, []).append(got / (time.perf_counter() - start))
+        print(f"\nscale-out: {clip.name} (960 frames 640x480, GOP {chunk}), {chunk} frames/chunk, {rounds} rounds, "
+              f"each server pinned to one of {len(cpus)} CPUs")
+        base = statistics.median(results[1])
+        for n, values in results.items():
+            med = statistics.median(values)
+            print(f"  {n} server(s) on loopback  {med:8.0f} frames/s   x{med / base:5.2f} of one server   "
+                  f"(min {min(values):.0f}, max {max(values):.0f})")
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("videos", nargs="*")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frames-per-chunk", type=int, default=64)
     parser.add_argument("--random", type=int, default=200, help="random indices for the random-access comparison")
+    parser.add_argument("--scale-out", action="store_true", help="also compare 1, 2 and 3 loopback servers")
     args = parser.parse_args()
     videos = args.videos or [str(p) for p in (SHARED / "centered_pair_small.mp4", SHARED / "small_robot.mp4") if p.exists()]
     videos = videos or [str(sample_video())]
@@ -147,6 +195,8 @@ def main() -> None:
         client_mb, server_mb, chunk_mb = peak_rss_streaming(path, chunk)
         print(f"  memory: largest chunk {chunk_mb:.1f} MB; client peak RSS grew {client_mb:.1f} MB over the whole stream "
               f"({client_mb / chunk_mb:.1f} chunks); server peak RSS {server_mb:.1f} MB")
+    if args.scale_out:
+        scale_out(args.rounds, 32)
 
 
 if __name__ == "__main__":
