@@ -50,36 +50,50 @@ def write_clip(
     pts: Optional[Sequence[int]] = None,
     time_base: Optional[Fraction] = None,
     grayscale: bool = False,
+    options: Optional[dict[str, str]] = None,
+    start: Optional[int] = None,
+    streams: int = 1,
+    container_options: Optional[dict[str, str]] = None,
 ) -> Path:
     """Encode a clip of ``frames`` pattern frames of ``size=(h, w)``; the container follows the suffix.
 
-    ``pts`` (with ``time_base``) sets explicit presentation times, e.g. for variable frame rate.
+    ``pts`` (with ``time_base``) sets explicit presentation times, e.g. for variable frame rate;
+    ``start`` shifts them (a negative start makes MP4 write an edit list that hides those frames).
+    ``options`` go to the encoder. Stream *k* of ``streams`` shows frame numbers from ``1000 * k``.
     """
     path = Path(path)
     height, width = size
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(codec, rate=rate, options=_ENCODER_OPTIONS.get(codec, lambda g, b: {})(gop, bframes))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = pix_fmt or _default_pix_fmt(codec)
-        if codec not in _ENCODER_OPTIONS:
-            stream.codec_context.gop_size = gop
-            if bframes and codec in ("mpeg4", "mpeg2video", "mpeg1video"):
-                stream.codec_context.max_b_frames = bframes
-        if time_base is not None:
-            stream.time_base = time_base
-            stream.codec_context.time_base = time_base
+    encoder_options = {**_ENCODER_OPTIONS.get(codec, lambda g, b: {})(gop, bframes), **(options or {})}
+    with av.open(str(path), mode="w", options=container_options or {}) as out:
+        outs = []
+        for _ in range(streams):
+            stream = out.add_stream(codec, rate=rate, options=encoder_options)
+            stream.width, stream.height = width, height
+            stream.pix_fmt = pix_fmt or _default_pix_fmt(codec)
+            if codec not in _ENCODER_OPTIONS:
+                stream.codec_context.gop_size = gop
+                if bframes and codec in ("mpeg4", "mpeg2video", "mpeg1video"):
+                    stream.codec_context.max_b_frames = bframes
+            if time_base is not None:
+                stream.time_base = time_base
+                stream.codec_context.time_base = time_base
+            outs.append(stream)
         for i in range(frames):
-            img = pattern(i, height, width)
-            if grayscale:
-                img[...] = img[..., :1]
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            if pts is not None:
-                frame.pts = int(pts[i])
-                frame.time_base = time_base
-            for packet in stream.encode(frame):
+            for k, stream in enumerate(outs):
+                img = pattern(i + 1000 * k, height, width)
+                if grayscale:
+                    img[...] = img[..., :1]
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                if pts is not None:
+                    frame.pts = int(pts[i]) + (start or 0)
+                    frame.time_base = time_base
+                elif start is not None:
+                    frame.pts = i + start
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for stream in outs:
+            for packet in stream.encode():
                 out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
     return path
 
 

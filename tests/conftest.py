@@ -60,6 +60,24 @@ CLIPS = {
     "gray.mp4": dict(codec="libx264", frames=40, gop=10, bframes=2, grayscale=True),
 }
 
+#: A wider zoo, each a way real files differ; used for the reader's exactness only.
+ZOO = {
+    "h264_opengop.ts": dict(codec="libx264", frames=120, gop=40, bframes=3, options={"x264-params": "open-gop=1"}),
+    "hevc_opengop.mkv": dict(codec="libx265", frames=90, options={"x265-params": "keyint=30:min-keyint=30:bframes=4:open-gop=1:log-level=error"}),
+    "h264_10bit.mp4": dict(codec="libx264", frames=40, gop=20, pix_fmt="yuv420p10le"),
+    "h264_edit_list_discards.mp4": dict(codec="libx264", frames=60, gop=20, start=-7),  # the first 7 are never shown
+    "h264_offset_start.ts": dict(codec="libx264", frames=60, gop=20, start=500),
+    "h264_second_stream.mkv": dict(codec="libx264", frames=40, gop=20, streams=2),
+    "h264_raw.h264": dict(codec="libx264", frames=50, gop=20),  # no timestamps at all
+    "vp9_altref.webm": dict(codec="libvpx-vp9", frames=60, gop=30, bframes=0, options={"auto-alt-ref": "1", "lag-in-frames": "16"}),
+    "vp8.webm": dict(codec="libvpx", frames=40, gop=15, bframes=0),
+    "av1.mp4": dict(codec="libsvtav1", frames=40, gop=20, bframes=0),
+    "mpeg2.mpg": dict(codec="mpeg2video", frames=60, gop=15, bframes=2),
+    "wmv2.wmv": dict(codec="wmv2", frames=30, gop=10, bframes=0),
+    "prores.mov": dict(codec="prores_ks", frames=15, bframes=0, pix_fmt="yuv422p10le"),
+    "rawvideo.y4m": dict(codec="rawvideo", frames=15, bframes=0),
+}
+
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -70,29 +88,30 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_clip(clip_dir: Path):
     def make(name: str) -> Path:
         path = clip_dir / name
+        spec = CLIPS.get(name) or ZOO[name]
         if not path.exists():
-            if CLIPS[name]["codec"] not in av.codecs_available:
-                pytest.skip(f"this PyAV build has no {CLIPS[name]['codec']} encoder")
-            write_clip(path, **CLIPS[name])
+            if spec["codec"] not in av.codecs_available:
+                pytest.skip(f"this PyAV build has no {spec['codec']} encoder")
+            write_clip(path, **spec)
         return path
 
     return make
 
 
 @lru_cache(maxsize=None)
-def _reference(path: str) -> tuple[np.ndarray, ...]:
+def _reference(path: str, stream: int) -> tuple[np.ndarray, ...]:
     with av.open(path) as container:
-        return tuple(frame.to_ndarray(format="rgb24") for frame in container.decode(video=0))
+        return tuple(frame.to_ndarray(format="rgb24") for frame in container.decode(video=stream))
 
 
-def reference_frames(path: "str | Path") -> tuple[np.ndarray, ...]:
+def reference_frames(path: "str | Path", stream: int = 0) -> tuple[np.ndarray, ...]:
     """Every frame of a plain sequential decode, as RGB arrays."""
-    return _reference(str(path))
+    return _reference(str(path), stream)
 
 
-def assert_frames_exact(path: "str | Path", frame_idxs, frames: np.ndarray) -> None:
+def assert_frames_exact(path: "str | Path", frame_idxs, frames: np.ndarray, stream: int = 0) -> None:
     """Each returned frame equals the reference frame with that index (grayscale: its R channel)."""
-    ref = reference_frames(path)
+    ref = reference_frames(path, stream)
     assert frames.dtype == np.uint8
     assert frames.shape[0] == len(frame_idxs)
     for pos, i in enumerate(frame_idxs):

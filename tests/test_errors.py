@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import av
+import numpy as np
 import pytest
 
 from asyncframes import (
     AsyncFramesError,
     AsyncVideo,
     FrameIndexError,
+    VideoDecodeError,
     VideoNotFoundError,
     VideoOpenError,
 )
@@ -90,6 +93,32 @@ def test_a_truncated_file_gives_what_a_sequential_decode_gives(client, make_clip
             assert_frames_exact(cut, idxs, frames)
     except AsyncFramesError as exc:  # a clear error is acceptable; wrong pixels or a hang are not
         assert str(exc)
+    good_request_still_works(client, make_clip("gray.mp4"))
+
+
+def test_a_damaged_mp4_serves_what_can_be_decoded_and_names_the_rest(client, make_clip, tmp_path):
+    """The index (in the moov) promises more frames than the cut-off data holds."""
+    from asyncframes.sample import write_clip
+
+    whole = write_clip(tmp_path / "whole.mp4", frames=120, gop=30, container_options={"movflags": "faststart"})
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    decodable = []
+    with av.open(str(cut)) as container:
+        try:
+            for frame in container.decode(video=0):
+                decodable.append(frame)
+        except av.FFmpegError:
+            pass  # a plain sequential decode stops here too
+    n = len(decodable)
+    assert 0 < n < 120
+    client.load_by_chunk(cut, list(range(n))[::-1], frames_per_chunk=16)
+    for idxs, frames in client.chunks:
+        for i, frame in zip(idxs, frames):
+            assert np.array_equal(frame, decodable[i].to_ndarray(format="rgb24")), f"frame {i}"
+    client.load_by_chunk(cut, [0, 119])
+    with pytest.raises((FrameIndexError, VideoDecodeError)):
+        list(client.chunks)
     good_request_still_works(client, make_clip("gray.mp4"))
 
 

@@ -11,7 +11,7 @@ from asyncframes.index import FrameIndex, index_from_packets
 from asyncframes.reader import VideoReader, luma
 from asyncframes.sample import write_clip
 
-from .conftest import CLIPS, assert_frames_exact, reference_frames, shuffled_with_duplicates
+from .conftest import CLIPS, ZOO, assert_frames_exact, reference_frames, shuffled_with_duplicates
 
 
 @pytest.mark.parametrize("name", sorted(CLIPS))
@@ -25,6 +25,25 @@ def test_shuffled_batch_with_duplicates_matches_sequential_decode(make_clip, nam
         # The same reader again, backwards: the decoder state left by the first read must not leak.
         backwards = list(range(n))[::-1]
         assert_frames_exact(path, backwards, reader.read(backwards, grayscale=False))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_codec_zoo_random_access_is_exact(make_clip, name):
+    """Open GOPs, edit lists that hide frames, offsets, raw streams, many codecs and containers."""
+    path = make_clip(name)
+    stream = ZOO[name].get("streams", 1) - 1  # the last video stream, when there are several
+    n = len(reference_frames(path, stream))
+    idxs = shuffled_with_duplicates(n, 20, seed=n)
+    with VideoReader(str(path), stream=stream) as reader:
+        assert reader.frame_count == n
+        assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False), stream)
+
+
+def test_edit_list_hides_frames_from_the_count(make_clip):
+    path = make_clip("h264_edit_list_discards.mp4")
+    assert len(reference_frames(path)) == 53  # 60 encoded, 7 before the edit
+    with VideoReader(str(path)) as reader:
+        assert reader.frame_count == 53 and not reader.index.sequential
 
 
 @pytest.mark.parametrize("name", ["centered_pair_small.mp4", "small_robot.mp4"])
