@@ -5,7 +5,9 @@ spawn, never a fork, so it is safe from apps that run threads (Qt), and unlike
 ``multiprocessing``'s spawn it does not re-import the caller's ``__main__``.
 Its stdin is a lifeline pipe: when this process dies, the pipe closes and the
 server exits by itself. It binds a private endpoint (ipc in a 0700 temp dir)
-and reports it on stdout when ready.
+and reports it on stdout when ready. Set ``ASYNCFRAMES_PYTHON`` to the
+interpreter to use where ``sys.executable`` is not a plain Python (embedded or
+frozen apps).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level],
+                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the server's log lines go to our stderr

@@ -26,16 +26,18 @@ PORT=9010
 mkdir -p "$build"
 
 say() { echo "smoke: $*"; }
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi  # apt-get, dockerd and debootstrap need root
 
 ensure_docker() {
     if docker info >/dev/null 2>&1; then return; fi
     if ! command -v dockerd >/dev/null 2>&1; then
         say "installing Docker's engine from Debian (docker.io)"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
     fi
     say "starting dockerd (host networking only: no iptables, no bridge)"
-    nohup dockerd --iptables=false --ip6tables=false --bridge=none >"$build/dockerd.log" 2>&1 &
+    $SUDO nohup dockerd --iptables=false --ip6tables=false --bridge=none >"$build/dockerd.log" 2>&1 &
     for _ in $(seq 1 60); do
         docker info >/dev/null 2>&1 && return
         sleep 1
@@ -46,16 +48,16 @@ ensure_docker() {
 ensure_base() {
     if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then return; fi
     if ! command -v debootstrap >/dev/null 2>&1; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
     fi
     say "building $BASE_IMAGE with debootstrap (Debian bookworm, python3) from $DEBIAN_MIRROR"
     local rootfs="$build/rootfs"
-    rm -rf "$rootfs"
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$DEBIAN_MIRROR" >"$build/debootstrap.log" 2>&1 \
+    $SUDO rm -rf "$rootfs"
+    $SUDO debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$DEBIAN_MIRROR" >"$build/debootstrap.log" 2>&1 \
         || { tail -20 "$build/debootstrap.log"; exit 1; }
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
-    rm -rf "$rootfs"
+    $SUDO sh -c "rm -rf '$rootfs'/var/cache/apt/archives/*.deb '$rootfs'/var/lib/apt/lists/*"
+    $SUDO tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+    $SUDO rm -rf "$rootfs"
 }
 
 build_wheels() {

@@ -117,6 +117,34 @@ def test_client_process_killed_its_server_exits_within_a_few_seconds(make_clip):
         proc.kill()
 
 
+def test_works_from_a_worker_thread_while_other_threads_run(make_clip):
+    """As in a Qt app: the server is a fresh interpreter, never a fork of a threaded process."""
+    import threading
+
+    path = make_clip("h264_gops.mp4")
+    stop = threading.Event()
+    busy = [threading.Thread(target=lambda: [sum(range(1000)) for _ in iter(stop.is_set, True)]) for _ in range(3)]
+    for t in busy:
+        t.start()
+    result = {}
+
+    def worker():
+        try:
+            with AsyncVideo.from_video(path, range(0, 150, 7), frames_per_chunk=4) as av:
+                result["idxs"] = [i for idxs, _ in av.chunks for i in idxs]
+        except BaseException as exc:  # report it to the main thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(60)
+    stop.set()
+    for t in busy:
+        t.join()
+    assert "error" not in result, result.get("error")
+    assert result["idxs"] == list(range(0, 150, 7))
+
+
 def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
     av = AsyncVideo()
     pid = av.server_pid

@@ -200,20 +200,20 @@ def test_a_client_that_vanishes_mid_stream_is_forgotten(server):
         assert av.info("gops.mp4").frame_count == 150
 
 
-def test_sigterm_ends_streams_with_a_clear_error(tmp_path, video_root):
+@pytest.mark.parametrize("sig, reason", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_a_signal_ends_streams_with_a_clear_error(tmp_path, video_root, sig, reason):
     srv = Server(tmp_path, "--root", str(video_root))
-    with AsyncVideo(srv.endpoint) as av:
-        av.load_by_chunk("gops.mp4", list(range(150)) * 10, frames_per_chunk=2)
+    with AsyncVideo.from_video("gops.mp4", list(range(150)) * 10, frames_per_chunk=2, endpoint=srv.endpoint) as av:
         chunks = av.chunks
         next(chunks)
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(sig)
         start = time.monotonic()
-        with pytest.raises(ServerShutdownError, match="shut down: terminated"):
+        with pytest.raises(ServerShutdownError, match=f"shut down: {reason}"):
             for _ in chunks:
                 pass
         assert time.monotonic() - start < 5
     assert srv.stop() == 0
-    assert "server stopped: terminated" in srv.log
+    assert f"server stopped: {reason}" in srv.log
 
 
 def test_a_killed_remote_server_is_reported_within_5s(tmp_path, video_root):
