@@ -16,7 +16,6 @@ in order.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections import deque

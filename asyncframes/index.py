@@ -24,8 +24,9 @@ import attrs
 class FrameIndex:
     """Presentation timestamps of every frame, and the keyframe timestamps to seek to."""
 
-    #: pts of frame i, in presentation order (strictly increasing unless ``sequential``).
-    pts: Sequence[int]
+    #: pts of frame i, in presentation order (strictly increasing unless ``sequential``,
+    #: where entries are whatever the decoder said, None included).
+    pts: Sequence[Optional[int]]
     #: sorted pts of packets a decoder can start at (keyframes).
     seek_pts: Sequence[int]
     #: True when timestamps cannot identify frames; the reader must count from the start.
@@ -41,27 +42,28 @@ class FrameIndex:
         """Frame index presenting ``pts``, or None if no frame has it."""
         if pts is None:
             return None
-        i = bisect.bisect_left(self.pts, pts)
+        i = bisect.bisect_left(_timestamps(self), pts)
         if i < len(self.pts) and self.pts[i] == pts:
             return i
         return None
 
     def first_at_or_after(self, pts: int) -> int:
         """Index of the first frame presented at or after ``pts``."""
-        return bisect.bisect_left(self.pts, pts)
+        return bisect.bisect_left(_timestamps(self), pts)
 
     def keyframe_for(self, i: int, back: int = 0) -> int:
         """pts of the keyframe to seek to for frame ``i``; ``back`` steps to earlier keyframes."""
-        k = bisect.bisect_right(self.seek_pts, self.pts[i]) - 1 - back
+        k = bisect.bisect_right(self.seek_pts, _timestamps(self)[i]) - 1 - back
         return self.seek_pts[max(k, 0)]
 
 
 def index_from_packets(packets: Sequence[tuple[Optional[int], bool, bool]]) -> FrameIndex:
     """Build the index from ``(pts, is_keyframe, is_discard)`` of each video packet in file order."""
     shown = [pts for pts, _key, discard in packets if not discard]
-    if any(pts is None for pts in shown):
+    known = [pts for pts in shown if pts is not None]
+    if len(known) != len(shown):
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="packets without timestamps")
-    order = sorted(shown)  # type: ignore[type-var]
+    order = sorted(known)
     if any(a == b for a, b in zip(order, order[1:])):
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="duplicate timestamps")
     seek = sorted({pts for pts, key, _discard in packets if key and pts is not None})
@@ -70,3 +72,8 @@ def index_from_packets(packets: Sequence[tuple[Optional[int], bool, bool]]) -> F
         # start cannot be predicted from packets alone, so count decoded frames.
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="stream does not start at a keyframe")
     return FrameIndex(pts=order, seek_pts=seek)
+
+
+def _timestamps(index: FrameIndex) -> Sequence[int]:
+    """The pts list of a seekable index (all known)."""
+    return index.pts  # type: ignore[return-value]

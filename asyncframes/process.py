@@ -58,10 +58,12 @@ class ServerProcess:
             except queue.Empty:
                 if self.popen.poll() is not None:
                     self.kill()
-                    raise ServerStartError(f"the frame server exited with code {self.popen.returncode} before it was ready")
+                    raise ServerStartError(
+                        f"the frame server exited with code {self.popen.returncode} before it was ready"
+                    ) from None
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise ServerStartError(f"the frame server did not start within {timeout:g} s")
+                    raise ServerStartError(f"the frame server did not start within {timeout:g} s") from None
                 continue
             if line.startswith(READY_LINE):
                 return line[len(READY_LINE) :].split()[0]

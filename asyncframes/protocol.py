@@ -266,7 +266,7 @@ def chunk_array(chunk: Chunk, payload: Optional[memoryview]) -> np.ndarray:
         raise ProtocolError(f"chunk payload has {size} bytes, header says {chunk.shape} {dtype} ({expected} bytes)")
     if not chunk.shape or chunk.shape[0] != len(chunk.frame_idxs):
         raise ProtocolError(f"chunk shape {chunk.shape} does not match {len(chunk.frame_idxs)} frame indices")
-    if expected == 0:
+    if expected == 0 or payload is None:
         return np.empty(chunk.shape, dtype=dtype)
     return np.frombuffer(payload, dtype=dtype).reshape(chunk.shape)
 

@@ -102,7 +102,7 @@ class VideoReader:
         rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
         self.fps = float(rate) if rate else 0.0
         self.container_format = container.format.name
-        self.duration = float(vstream.duration * vstream.time_base) if vstream.duration else None
+        self.duration = float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None
         first = self.read([0], grayscale=False)[0]
         self.detected_grayscale = bool(
             np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
@@ -312,9 +312,10 @@ class VideoReader:
                     raise _Mismatch(f"decoder presented a frame without a timestamp after frame {self._last}")
                 if self._anchor is not None and frame.pts < self._anchor:
                     continue  # leftovers decoded before the keyframe we sought
-                i = self.index.index_of(frame.pts)
-                if i is None:
+                found = self.index.index_of(frame.pts)
+                if found is None:
                     raise _Mismatch(f"decoder presented pts {frame.pts}, which no packet announced")
+                i = found
                 if i != self._last + 1:
                     if self._after_seek and i > self._last + 1:
                         raise _Overshoot()

@@ -10,10 +10,11 @@ import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import av
 import numpy as np
+from av.video.stream import VideoStream
 
 #: Codec options that force B-frames and a long GOP for H.264/HEVC encoders.
 _ENCODER_OPTIONS = {
@@ -65,9 +66,9 @@ def write_clip(
     height, width = size
     encoder_options = {**_ENCODER_OPTIONS.get(codec, lambda g, b: {})(gop, bframes), **(options or {})}
     with av.open(str(path), mode="w", options=container_options or {}) as out:
-        outs = []
+        outs: list[VideoStream] = []
         for _ in range(streams):
-            stream = out.add_stream(codec, rate=rate, options=encoder_options)
+            stream = cast(VideoStream, out.add_stream(codec, rate=rate, options=encoder_options))
             stream.width, stream.height = width, height
             stream.pix_fmt = pix_fmt or _default_pix_fmt(codec)
             if codec not in _ENCODER_OPTIONS:

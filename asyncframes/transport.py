@@ -32,6 +32,10 @@ from .protocol import Message
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
+#: Largest message a server accepts (a request for 10 million frames is ~50 MB);
+#: ZeroMQ drops a peer that sends more, before it is read into memory.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
 #: Monitor events a client acts on.
 CLIENT_EVENTS = (
     zmq.EVENT_DISCONNECTED
@@ -133,6 +137,7 @@ class ServerSocket:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if curve is not None:

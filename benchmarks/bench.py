@@ -175,15 +175,15 @@ def main() -> None:
         idxs = [int(i) for i in rng.integers(0, n, args.random)]
         results: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for name, fn in [
-                ("pyav sequential decode+rgb (baseline)", lambda: pyav_sequential(path, n)),
-                ("VideoReader in-process, chunks", lambda: reader_in_process(path, n, chunk)),
-                ("AsyncVideo stream, new server", lambda: async_stream(path, n, chunk, warm=False)),
-                ("AsyncVideo stream, warm server", lambda: async_stream(path, n, chunk, warm=True)),
-                ("pyav random, seek per frame (baseline)", lambda: pyav_random_naive(path, idxs)),
-                ("AsyncVideo random indices", lambda: async_random(path, idxs, chunk)),
+            for name, fn, fn_args in [
+                ("pyav sequential decode+rgb (baseline)", pyav_sequential, (path, n)),
+                ("VideoReader in-process, chunks", reader_in_process, (path, n, chunk)),
+                ("AsyncVideo stream, new server", async_stream, (path, n, chunk, False)),
+                ("AsyncVideo stream, warm server", async_stream, (path, n, chunk, True)),
+                ("pyav random, seek per frame (baseline)", pyav_random_naive, (path, idxs)),
+                ("AsyncVideo random indices", async_random, (path, idxs, chunk)),
             ]:
-                results.setdefault(name, []).append(fn())
+                results.setdefault(name, []).append(fn(*fn_args))
         print(f"\n{Path(path).name}: {n} frames {info.width}x{info.height}x{info.channels} {info.codec}, "
               f"{chunk} frames/chunk, {args.rounds} rounds")
         base_seq = statistics.median(results["pyav sequential decode+rgb (baseline)"])

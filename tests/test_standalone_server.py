@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,17 +19,16 @@ from asyncframes import (
     ServerDiedError,
     ServerError,
     ServerShutdownError,
-    ServerStartError,
     VideoAccessError,
     VideoNotFoundError,
     VideoOpenError,
+    protocol,
 )
-from asyncframes import protocol
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.server import READY_LINE
 from asyncframes.video import Video
 
-from .conftest import assert_frames_exact, reference_frames
+from .conftest import assert_frames_exact
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and loopback tcp")
 
@@ -108,7 +106,9 @@ def test_clients_connect_to_a_running_server(server, video_root):
 
 
 def test_ping_and_info_from_the_command_line(server):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60)
+
     ping = run("ping", server.endpoint)
     assert ping.returncode == 0 and "pong from" in ping.stdout
     info = run("info", "--endpoint", server.endpoint, "gops.mp4")
@@ -255,7 +255,9 @@ def test_a_restarted_server_is_used_again_after_a_fresh_handshake(tmp_path, vide
 
 
 def test_curve_lets_in_only_known_clients(tmp_path, video_root):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60, check=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60, check=True)
+
     run("keygen", str(tmp_path / "server"), "--name", "server")
     run("keygen", str(tmp_path / "clients"), "--name", "alice")
     run("keygen", str(tmp_path / "strangers"), "--name", "mallory")
