@@ -138,7 +138,8 @@ def _is_loopback(endpoint: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import READY_LINE, FrameServer, ServerConfig
+    from .process import READY_LINE
+    from .server import FrameServer, ServerConfig
     from .transport import ServerCurve
 
     logging.basicConfig(

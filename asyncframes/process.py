@@ -21,8 +21,10 @@ import time
 from typing import IO, Optional
 
 from .errors import ServerStartError
-from .server import READY_LINE
 from .transport import private_endpoint, remove_private_dir
+
+#: Printed (with the endpoints) on stdout by ``asyncframes serve`` once it accepts connections.
+READY_LINE = "asyncframes server ready on"
 
 
 class ServerProcess:

@@ -47,10 +47,6 @@ from .video import Video
 
 log = logging.getLogger(__name__)
 
-#: Printed (with the endpoints) on stdout once the server accepts connections.
-READY_LINE = "asyncframes server ready on"
-
-
 #: Demuxers a confined server will open: video containers and image formats, nothing that
 #: follows references to other files or URLs (playlists such as HLS, concat lists).
 VIDEO_DEMUXERS = (

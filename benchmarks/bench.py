@@ -119,8 +119,8 @@ def scale_out(rounds: int, chunk: int) -> None:
     """
     import tempfile
 
+    from asyncframes.process import READY_LINE
     from asyncframes.sample import write_clip
-    from asyncframes.server import READY_LINE
 
     folder = Path(tempfile.mkdtemp(prefix="asyncframes-bench-"))
     clip = write_clip(folder / "short_gops.mp4", frames=960, size=(480, 640), gop=chunk, bframes=2)

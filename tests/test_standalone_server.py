@@ -24,8 +24,8 @@ from asyncframes import (
     VideoOpenError,
     protocol,
 )
+from asyncframes.process import READY_LINE
 from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.server import READY_LINE
 from asyncframes.video import Video
 
 from .conftest import assert_frames_exact
