@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import av
 import numpy as np
@@ -34,6 +34,46 @@ log = logging.getLogger(__name__)
 SEEK_COST_FRAMES = 4
 #: How many earlier keyframes to try when a seek lands after the one we asked for.
 SEEK_RETRIES = 3
+
+
+class FrameCache:
+    """Frames decoded on the way to others, kept for later chunks of the same request.
+
+    A shuffled request needs the same GOPs chunk after chunk; keeping the frames
+    later chunks will ask for (within ``max_bytes``) means each GOP is decoded
+    about once per request instead of once per chunk. The caller says which
+    frames are still ``wanted``; frames nobody wants any more are dropped.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self._frames: dict[int, np.ndarray] = {}
+        self.wanted: frozenset[int] = frozenset()
+
+    def want(self, idxs: Iterable[int]) -> None:
+        """Frames that later chunks will ask for; everything else is released."""
+        self.wanted = frozenset(idxs)
+        for i in [i for i in self._frames if i not in self.wanted]:
+            self.nbytes -= self._frames.pop(i).nbytes
+
+    def get(self, i: int) -> Optional[np.ndarray]:
+        frame = self._frames.get(i)
+        self.hits += frame is not None
+        return frame
+
+    def accepts(self, i: int, nbytes: int) -> bool:
+        """Whether :meth:`offer` would keep frame ``i`` of ``nbytes`` bytes."""
+        return i in self.wanted and i not in self._frames and self.nbytes + nbytes <= self.max_bytes
+
+    def offer(self, i: int, frame: np.ndarray) -> None:
+        if self.accepts(i, frame.nbytes):
+            self._frames[i] = frame.copy()
+            self.nbytes += frame.nbytes
+
+    def __len__(self) -> int:
+        return len(self._frames)
 
 
 class _Mismatch(Exception):
@@ -152,10 +192,18 @@ class VideoReader:
         gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
         return (self.height, self.width, 1 if gray else 3)
 
-    def read(self, idxs: Sequence[int], grayscale: Optional[bool] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def read(
+        self,
+        idxs: Sequence[int],
+        grayscale: Optional[bool] = None,
+        out: Optional[np.ndarray] = None,
+        cache: Optional[FrameCache] = None,
+    ) -> np.ndarray:
         """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8.
 
         ``out``, if given, is filled and returned (the server reuses its chunk buffers).
+        ``cache`` serves frames kept by earlier reads and keeps the ones it wants that
+        this read decodes (it must be used with one grayscale setting only).
         """
         gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
         self.check_indices(idxs)
@@ -167,30 +215,62 @@ class VideoReader:
         places: dict[int, list[int]] = defaultdict(list)
         for pos, i in enumerate(idxs):
             places[int(i)].append(pos)
+        if cache is not None:
+            for i in list(places):
+                kept = cache.get(i)
+                if kept is not None:
+                    out[places.pop(i)] = kept
+        extra: frozenset[int] = cache.wanted if cache is not None else frozenset()
+        frame_bytes = int(np.prod(shape[1:]))
+        targets = sorted(places)
+        if cache is not None and targets:
+            targets = sorted(set(targets) | self._gop_companions(targets, cache, frame_bytes))
 
         def sink(i: int, frame: av.VideoFrame) -> None:
+            if i not in places and (cache is None or not cache.accepts(i, frame_bytes)):
+                return  # passing by, and nobody will keep it
             if frame.width != self.width or frame.height != self.height:
                 raise VideoDecodeError(
                     f"{self.filename}: frame {i} is {frame.width}x{frame.height}, "
                     f"but the video starts at {self.width}x{self.height}; size changes are not supported"
                 )
             rgb = rgb24(frame)
-            first, *rest = places[i]
-            if gray:
-                out[first, ..., 0] = luma(rgb)
-            else:
-                out[first] = rgb
-            for pos in rest:
-                out[pos] = out[first]
+            image = luma(rgb)[..., None] if gray else rgb
+            if i in places:
+                out[places[i]] = image
+            if cache is not None:
+                cache.offer(i, image)
 
         try:
-            self._decode(sorted(places), sink)
+            self._decode(targets, sink, extra)
         except _Mismatch as exc:
             log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
             self.index = self._count_frames(str(exc))
             self.check_indices(idxs)
-            self._decode(sorted(places), sink)
+            self._decode(sorted(places), sink, extra)
         return out
+
+    def _gop_companions(self, targets: list[int], cache: FrameCache, frame_bytes: int) -> set[int]:
+        """Frames the cache wants that lie later in a GOP we are opening anyway (within its budget).
+
+        Decoding them now costs a few frames; decoding them in a later chunk would cost
+        another pass from the keyframe.
+        """
+        if self.index.sequential:
+            return set()
+        room = (cache.max_bytes - cache.nbytes) // max(frame_bytes, 1)
+        last_in_gop: dict[int, int] = {}
+        for t in targets:
+            key = self.index.keyframe_for(t)
+            last_in_gop[key] = max(t, last_in_gop.get(key, t))
+        companions = sorted(
+            i
+            for i in cache.wanted
+            if 0 <= i < self.frame_count
+            and i > last_in_gop.get(self.index.keyframe_for(i), self.frame_count)
+            and cache.accepts(i, frame_bytes)
+        )
+        return set(companions[: max(room, 0)])
 
     def close(self) -> None:
         """Release the decoder and the file."""
@@ -324,8 +404,11 @@ class VideoReader:
             self._after_seek = False
             return i, frame
 
-    def _decode(self, wanted: list[int], sink) -> None:  # type: ignore[no-untyped-def]
-        """Decode every index in ``wanted`` (sorted, unique) once, handing each to ``sink``."""
+    def _decode(self, wanted: list[int], sink, extra: frozenset[int] = frozenset()) -> None:  # type: ignore[no-untyped-def]
+        """Decode every index in ``wanted`` (sorted, unique) once, handing each to ``sink``.
+
+        Frames in ``extra`` that are decoded on the way are handed to ``sink`` too.
+        """
         done: set[int] = set()
         want = set(wanted)
         for target in wanted:
@@ -347,6 +430,8 @@ class VideoReader:
                 if i in want and i not in done:
                     sink(i, frame)
                     done.add(i)
+                elif i in extra:
+                    sink(i, frame)
                 if i > target:
                     raise _Mismatch(f"decoder skipped frame {target}")
 

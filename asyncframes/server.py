@@ -41,7 +41,7 @@ from .protocol import (
     Stop,
     Welcome,
 )
-from .reader import VideoReader
+from .reader import FrameCache, VideoReader
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
@@ -66,6 +66,10 @@ class ServerConfig:
     max_window: int = 8
     max_open_files: int = 8
     max_requests_per_client: int = 4
+    #: Bytes of decoded frames kept per request for its later chunks (0: none).
+    request_cache_bytes: int = 256 * 1024 * 1024
+    #: How many frames ahead a request's cache looks for frames to keep.
+    cache_lookahead_frames: int = 8192
     #: Honour :class:`Stop` from clients (private servers only).
     allow_stop: bool = False
     #: Seconds between liveness probes of known clients.
@@ -82,6 +86,7 @@ class _Job:
     grayscale: bool
     frame_idxs: Sequence[int]
     credit: int
+    cache: Optional[FrameCache] = None
     next_chunk: int = 0
     started: float = attrs.field(factory=time.monotonic)
 
@@ -306,6 +311,7 @@ class FrameServer:
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
+            cache=FrameCache(cfg.request_cache_bytes) if cfg.request_cache_bytes > 0 else None,
         )
         state.jobs[rid] = job
         self._jobs.append(job)
@@ -324,10 +330,13 @@ class FrameServer:
         start = job.next_chunk * fpc
         idxs = list(job.frame_idxs[start : start + fpc])
         last = job.next_chunk + 1 >= job.n_chunks
+        if job.cache is not None:
+            ahead = self.config.cache_lookahead_frames
+            job.cache.want(job.frame_idxs[start : start + fpc + ahead])  # this chunk and the ones after
         try:
             reader = self._reader(request.video)
             frames = self._buffers.take((len(idxs), *reader.frame_shape(job.grayscale)))
-            reader.read(idxs, grayscale=job.grayscale, out=frames)
+            reader.read(idxs, grayscale=job.grayscale, out=frames, cache=job.cache)
         except Exception as exc:
             self._finish(job, error=exc)
             return
@@ -340,6 +349,7 @@ class FrameServer:
             self._finish(job)
 
     def _finish(self, job: _Job, error: Optional[BaseException] = None) -> None:
+        job.cache = None
         state = self._clients.get(job.client)
         if state is not None:
             state.jobs.pop(job.request.request_id, None)
@@ -390,6 +400,7 @@ class FrameServer:
         if state is None:
             return
         for job in state.jobs.values():
+            job.cache = None
             if job in self._jobs:
                 self._jobs.remove(job)
             self._log_job(job, f"abandoned: client {why}")

@@ -173,6 +173,7 @@ def main() -> None:
             n, info = reader.frame_count, reader.info()
         rng = np.random.default_rng(0)
         idxs = [int(i) for i in rng.integers(0, n, args.random)]
+        shuffled = [int(i) for i in rng.permutation(n)]
         results: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for name, fn, fn_args in [
@@ -182,6 +183,7 @@ def main() -> None:
                 ("AsyncVideo stream, warm server", async_stream, (path, n, chunk, True)),
                 ("pyav random, seek per frame (baseline)", pyav_random_naive, (path, idxs)),
                 ("AsyncVideo random indices", async_random, (path, idxs, chunk)),
+                ("AsyncVideo every frame, shuffled (random)", async_random, (path, shuffled, chunk)),
             ]:
                 results.setdefault(name, []).append(fn(*fn_args))
         print(f"\n{Path(path).name}: {n} frames {info.width}x{info.height}x{info.channels} {info.codec}, "

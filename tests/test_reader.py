@@ -8,7 +8,7 @@ import pytest
 
 from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
 from asyncframes.index import FrameIndex, index_from_packets
-from asyncframes.reader import VideoReader, luma
+from asyncframes.reader import FrameCache, VideoReader, luma
 from asyncframes.sample import write_clip
 
 from .conftest import CLIPS, ZOO, assert_frames_exact, reference_frames, shuffled_with_duplicates
@@ -79,6 +79,46 @@ def test_consecutive_reads_continue_the_open_decoder_without_seeking(make_clip, 
         assert seeks == []
         reader.read([140, 2])  # going back must seek (or restart) exactly once per target GOP
         assert len(seeks) == 2
+
+
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_a_shuffled_request_decodes_each_gop_about_once_with_a_cache(make_clip, monkeypatch, grayscale):
+    """Chunk after chunk of a shuffled request: frames decoded on the way are kept for later chunks."""
+    path = make_clip("h264_gops.mp4")
+    idxs = shuffled_with_duplicates(150, 30, seed=5)
+    decoded = {"plain": 0, "cached": 0}
+    for mode in decoded:
+        with VideoReader(str(path)) as reader:
+            original = reader._next
+
+            def counting_next(original=original, mode=mode):
+                decoded[mode] += 1
+                return original()
+
+            monkeypatch.setattr(reader, "_next", counting_next)
+            cache = FrameCache(64 << 20) if mode == "cached" else None
+            for k in range(0, len(idxs), 12):
+                if cache is not None:
+                    cache.want(idxs[k:])
+                frames = reader.read(idxs[k : k + 12], grayscale=grayscale, cache=cache)
+                ref = reference_frames(path)
+                expected = [luma(ref[i])[..., None] if grayscale else ref[i] for i in idxs[k : k + 12]]
+                for got, want in zip(frames, expected):
+                    np.testing.assert_array_equal(got, want)
+    assert decoded["cached"] <= 160  # one pass over the 150 frames, give or take a seek
+    assert decoded["plain"] > 3 * decoded["cached"]
+
+
+def test_the_cache_keeps_to_its_budget_and_only_what_is_wanted(make_clip):
+    path = make_clip("h264_gops.mp4")
+    frame_bytes = 96 * 128 * 3
+    cache = FrameCache(10 * frame_bytes)
+    with VideoReader(str(path)) as reader:
+        cache.want(range(0, 150))
+        reader.read([149], cache=cache)  # decodes 125..149 on the way
+        assert len(cache) == 10 and cache.nbytes <= cache.max_bytes
+        cache.want([])
+        assert len(cache) == 0 and cache.nbytes == 0
 
 
 def test_stream_without_timestamps_is_read_by_counting(tmp_path):
