@@ -45,17 +45,22 @@ class FrameCache:
     frames are still ``wanted``; frames nobody wants any more are dropped.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, finish_gops: bool = True) -> None:
         self.max_bytes = max_bytes
+        #: Also decode the rest of each GOP we open when later chunks want it. Worth it for
+        #: requests that jump around; an ascending request gets there by decoding on anyway.
+        self.finish_gops = finish_gops
         self.nbytes = 0
         self.hits = 0
         self._frames: dict[int, np.ndarray] = {}
         self.wanted: frozenset[int] = frozenset()
 
-    def want(self, idxs: Iterable[int]) -> None:
-        """Frames that later chunks will ask for; everything else is released."""
-        self.wanted = frozenset(idxs)
-        for i in [i for i in self._frames if i not in self.wanted]:
+    def want(self, later: Iterable[int], now: Iterable[int] = ()) -> None:
+        """Frames ``later`` chunks will ask for are kept from now on; frames the chunk
+        being read ``now`` needs stay if already kept; everything else is released."""
+        self.wanted = frozenset(later)
+        keep = self.wanted.union(now)
+        for i in [i for i in self._frames if i not in keep]:
             self.nbytes -= self._frames.pop(i).nbytes
 
     def get(self, i: int) -> Optional[np.ndarray]:
@@ -223,7 +228,7 @@ class VideoReader:
         extra: frozenset[int] = cache.wanted if cache is not None else frozenset()
         frame_bytes = int(np.prod(shape[1:]))
         targets = sorted(places)
-        if cache is not None and targets:
+        if cache is not None and cache.finish_gops and targets:
             targets = sorted(set(targets) | self._gop_companions(targets, cache, frame_bytes))
 
         def sink(i: int, frame: av.VideoFrame) -> None:

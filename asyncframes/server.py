@@ -311,7 +311,7 @@ class FrameServer:
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
-            cache=FrameCache(cfg.request_cache_bytes) if cfg.request_cache_bytes > 0 else None,
+            cache=FrameCache(cfg.request_cache_bytes, finish_gops=not _ascending(idxs)) if cfg.request_cache_bytes > 0 else None,
         )
         state.jobs[rid] = job
         self._jobs.append(job)
@@ -332,7 +332,7 @@ class FrameServer:
         last = job.next_chunk + 1 >= job.n_chunks
         if job.cache is not None:
             ahead = self.config.cache_lookahead_frames
-            job.cache.want(job.frame_idxs[start : start + fpc + ahead])  # this chunk and the ones after
+            job.cache.want(later=job.frame_idxs[start + fpc : start + fpc + ahead], now=idxs)
         try:
             reader = self._reader(request.video)
             frames = self._buffers.take((len(idxs), *reader.frame_shape(job.grayscale)))
@@ -447,6 +447,13 @@ class FrameServer:
                 old.close()
         self._readers.move_to_end(key)
         return reader
+
+
+def _ascending(idxs: Sequence[int]) -> bool:
+    """Whether a request only ever moves forward (a decoder serves it by decoding on)."""
+    if isinstance(idxs, range):
+        return idxs.step > 0
+    return all(a <= b for a, b in zip(idxs, idxs[1:]))
 
 
 def _reader_key(video: Video) -> tuple[str, int]:

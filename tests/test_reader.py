@@ -99,7 +99,7 @@ def test_a_shuffled_request_decodes_each_gop_about_once_with_a_cache(make_clip, 
             cache = FrameCache(64 << 20) if mode == "cached" else None
             for k in range(0, len(idxs), 12):
                 if cache is not None:
-                    cache.want(idxs[k:])
+                    cache.want(later=idxs[k + 12 :], now=idxs[k : k + 12])
                 frames = reader.read(idxs[k : k + 12], grayscale=grayscale, cache=cache)
                 ref = reference_frames(path)
                 expected = [luma(ref[i])[..., None] if grayscale else ref[i] for i in idxs[k : k + 12]]
