@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import av
 import numpy as np
@@ -85,6 +85,10 @@ class _Mismatch(Exception):
     """The decoder presented something the index did not predict."""
 
 
+class _Damaged(Exception):
+    """Damaged data (a decode error, or a frame flagged corrupt) while decoding with frame threads."""
+
+
 class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
 
@@ -102,9 +106,21 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return acc.astype(np.uint8)
 
 
+def _swscale_options() -> dict[str, Any]:
+    # Single-threaded swscale is ~2.5x faster on small frames; older PyAV cannot ask for it.
+    try:
+        av.VideoFrame(16, 16, "yuv420p").to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return {}
+    return {"threads": 1}
+
+
+_SWSCALE = _swscale_options()
+
+
 def rgb24(frame: av.VideoFrame) -> np.ndarray:
-    """Convert a decoded frame to an ``(h, w, 3)`` uint8 array (single-threaded swscale: faster here)."""
-    return frame.to_ndarray(format="rgb24", threads=1)
+    """Convert a decoded frame to an ``(h, w, 3)`` uint8 array, exactly as ``to_ndarray(format="rgb24")`` does."""
+    return frame.to_ndarray(format="rgb24", **_SWSCALE)
 
 
 class VideoReader:
@@ -117,9 +133,15 @@ class VideoReader:
         self,
         filename: str,
         stream: int = 0,
-        thread_type: str = "AUTO",
+        thread_type: Optional[str] = "AUTO",
         container_options: Optional[dict[str, str]] = None,
     ) -> None:
+        """``thread_type``: the decoder's threading ("AUTO" adds frame threads; None keeps
+        PyAV's default). Valid streams decode bit-identically either way. On damaged data
+        the decoder conceals errors, and how depends on its threading and history; the
+        first frame flagged corrupt switches this reader to PyAV's default threading (what
+        a plain sequential decode uses), which brings it closer, but a concealed frame's
+        pixels are not promised, only its identity."""
         self.filename = filename
         self.stream_index = stream
         self.thread_type = thread_type
@@ -246,14 +268,26 @@ class VideoReader:
             if cache is not None:
                 cache.offer(i, image)
 
-        try:
-            self._decode(targets, sink, extra)
-        except _Mismatch as exc:
-            log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
-            self.index = self._count_frames(str(exc))
-            self.check_indices(idxs)
-            self._decode(sorted(places), sink, extra)
-        return out
+        for _attempt in range(3):
+            try:
+                self._decode(targets, sink, extra)
+                return out
+            except _Damaged:
+                log.warning(
+                    "%s: damaged data (a decode error or a frame flagged corrupt); decoding this file with "
+                    "PyAV's default threading from now on, as a sequential decode does",
+                    self.filename,
+                )
+                self.thread_type = None
+                self.close()
+            except _Mismatch as exc:
+                if self.index.sequential:
+                    raise VideoDecodeError(f"{self.filename}: the decoder is not repeatable here ({exc})") from None
+                log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
+                self.index = self._count_frames(str(exc))
+                self.check_indices(idxs)
+                targets = sorted(places)
+        raise VideoDecodeError(f"{self.filename}: could not decode frames {sorted(places)[:8]} consistently")
 
     def _gop_companions(self, targets: list[int], cache: FrameCache, frame_bytes: int) -> set[int]:
         """Frames the cache wants that lie later in a GOP we are opening anyway (within its budget).
@@ -310,7 +344,8 @@ class VideoReader:
             found = "no video stream" if not streams else f"only {len(streams)} video stream(s)"
             raise VideoOpenError(f"{self.filename}: {found}, asked for video stream {self.stream_index}")
         stream = streams[self.stream_index]
-        stream.thread_type = self.thread_type
+        if self.thread_type is not None:
+            stream.thread_type = self.thread_type
         return container, stream
 
     def _build_index(self) -> FrameIndex:
@@ -389,7 +424,14 @@ class VideoReader:
                 raise _Mismatch(f"decoder ended after frame {self._last} of {self.frame_count}") from None
             except av.FFmpegError as exc:
                 self._frames = None
+                if self.thread_type is not None:
+                    # Frame threads report a later packet's error before earlier frames are out;
+                    # decode as a sequential decode would to see where it really fails.
+                    raise _Damaged() from exc
                 raise VideoDecodeError(f"{self.filename}: decoding failed after frame {self._last} ({exc})") from exc
+            if self.thread_type is not None and getattr(frame, "is_corrupt", False):
+                self._frames = None
+                raise _Damaged()
             if self.index.sequential:
                 i = self._last + 1
             else:

@@ -11,7 +11,7 @@ from asyncframes.index import FrameIndex, index_from_packets
 from asyncframes.reader import FrameCache, VideoReader, luma
 from asyncframes.sample import write_clip
 
-from .conftest import CLIPS, ZOO, assert_frames_exact, reference_frames, shuffled_with_duplicates
+from .conftest import CLIPS, ZOO, assert_frames_exact, corrupt_frames, reference_frames, shuffled_with_duplicates
 
 
 @pytest.mark.parametrize("name", sorted(CLIPS))
@@ -119,6 +119,33 @@ def test_the_cache_keeps_to_its_budget_and_only_what_is_wanted(make_clip):
         assert len(cache) == 10 and cache.nbytes <= cache.max_bytes
         cache.want([])
         assert len(cache) == 0 and cache.nbytes == 0
+
+
+def _cut_with_a_corrupt_frame(source, tmp_path):
+    """A prefix of ``source`` whose last frame a sequential decode flags as corrupt."""
+    data = source.read_bytes()
+    for percent in range(50, 95, 3):
+        cut = tmp_path / f"cut{percent}{source.suffix}"
+        cut.write_bytes(data[: len(data) * percent // 100])
+        with av.open(str(cut)) as container:
+            if any(frame.is_corrupt for frame in container.decode(video=0)):
+                return cut
+    pytest.skip("no truncation of this clip gave a frame the decoder flags as corrupt")
+
+
+def test_a_cut_off_stream_serves_every_intact_frame_exactly(make_clip, tmp_path):
+    """A recording cut off mid-frame: every frame but the damaged one is exact, in any order.
+
+    The damaged frame's pixels are the decoder's error concealment, which depends on
+    its history (threading, where decoding started); only its identity is promised.
+    """
+    cut = _cut_with_a_corrupt_frame(make_clip("h264.ts"), tmp_path)
+    damaged = corrupt_frames(cut)
+    n = len(reference_frames(cut))
+    with VideoReader(str(cut)) as reader:
+        assert reader.frame_count == n
+        for order in (list(range(n))[::-1], shuffled_with_duplicates(n, 10, seed=2)):
+            assert_frames_exact(cut, order, reader.read(order, grayscale=False), skip=damaged)
 
 
 def test_stream_without_timestamps_is_read_by_counting(tmp_path):
