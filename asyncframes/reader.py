@@ -331,9 +331,7 @@ class VideoReader:
 
     def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
         try:
-            container = av.open(
-                self.filename, mode="r", metadata_errors="ignore", container_options=self.container_options
-            )
+            container = _av_open(self.filename, self.container_options)
         except FileNotFoundError as exc:
             raise VideoNotFoundError(f"video not found: {self.filename}") from exc
         except (av.FFmpegError, OSError, ValueError) as exc:
@@ -481,6 +479,16 @@ class VideoReader:
                     sink(i, frame)
                 if i > target:
                     raise _Mismatch(f"decoder skipped frame {target}")
+
+
+def _av_open(filename: str, container_options: dict[str, str]) -> Any:
+    """``av.open`` for reading, tolerant of undecodable metadata where PyAV lets us say so."""
+    try:
+        return av.open(filename, mode="r", metadata_errors="ignore", container_options=container_options)
+    except TypeError as exc:  # PyAV 19 dropped metadata_errors
+        if "metadata_errors" not in str(exc):
+            raise
+        return av.open(filename, mode="r", container_options=container_options)
 
 
 def _file_signature(filename: str) -> tuple[int, int]:
