@@ -162,6 +162,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_open_files=args.max_open_files,
         max_requests_per_client=args.max_requests_per_client,
         request_cache_bytes=int(args.request_cache_mb * 1024 * 1024),
+        total_cache_bytes=int(args.cache_mb * 1024 * 1024),
+        max_chunk_bytes=int(args.max_chunk_mb * 1024 * 1024),
         allow_stop=args.allow_stop,
     )
     server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
@@ -239,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frames-per-chunk", type=int, default=1024)
     serve.add_argument("--max-open-files", type=int, default=8, help="videos kept open (least recently used are closed)")
     serve.add_argument("--max-requests-per-client", type=int, default=4, help="concurrent requests per client")
+    serve.add_argument("--max-chunk-mb", type=float, default=1024, help="largest chunk in MiB (frames x frame size)")
     serve.add_argument(
         "--request-cache-mb", type=float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
     )
+    serve.add_argument("--cache-mb", type=float, default=1024, help="decoded frames kept by all requests together")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (one line per request), WARNING")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")
     serve.add_argument("--allow-stop", action="store_true", help="let clients stop the server (private servers)")

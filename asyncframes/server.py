@@ -66,8 +66,12 @@ class ServerConfig:
     max_window: int = 8
     max_open_files: int = 8
     max_requests_per_client: int = 4
-    #: Bytes of decoded frames kept per request for its later chunks (0: none).
+    #: Bytes of decoded frames kept per request for its later chunks (0: none) ...
     request_cache_bytes: int = 256 * 1024 * 1024
+    #: ... and by all requests together.
+    total_cache_bytes: int = 1024 * 1024 * 1024
+    #: Largest chunk in bytes (frames_per_chunk x frame size): bounds memory per chunk in flight.
+    max_chunk_bytes: int = 1024 * 1024 * 1024
     #: How many frames ahead a request's cache looks for frames to keep.
     cache_lookahead_frames: int = 8192
     #: Honour :class:`Stop` from clients (private servers only).
@@ -304,6 +308,19 @@ class FrameServer:
             log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
             return
         gray = reader.detected_grayscale if request.video.grayscale is None else request.video.grayscale
+        chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * math.prod(reader.frame_shape(gray))
+        if chunk_bytes > cfg.max_chunk_bytes:
+            self._send(
+                client,
+                Error(
+                    request_id=rid,
+                    error="ServerError",
+                    message=f"a chunk of {request.frames_per_chunk} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
+                    f"over this server's limit of {cfg.max_chunk_bytes / 2**20:.3g} MiB; ask for fewer frames per chunk",
+                ),
+            )
+            return
+        budget = min(cfg.request_cache_bytes, cfg.total_cache_bytes - self._cache_bytes_promised())
         job = _Job(
             client=client,
             request=request,
@@ -311,10 +328,13 @@ class FrameServer:
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
-            cache=FrameCache(cfg.request_cache_bytes, finish_gops=not _ascending(idxs)) if cfg.request_cache_bytes > 0 else None,
+            cache=FrameCache(budget, finish_gops=not _ascending(idxs)) if budget > 0 else None,
         )
         state.jobs[rid] = job
         self._jobs.append(job)
+
+    def _cache_bytes_promised(self) -> int:
+        return sum(job.cache.max_bytes for job in self._jobs if job.cache is not None)
 
     def _step(self) -> None:
         """Decode and send one chunk of the next request that has credit."""

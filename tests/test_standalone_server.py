@@ -145,7 +145,9 @@ def test_playlists_cannot_reach_outside_the_root(server, video_root, tmp_path):
 
 
 def test_limits_are_enforced_with_clear_errors(tmp_path, video_root):
-    srv = Server(tmp_path, "--root", str(video_root), "--max-frames-per-chunk", "16", "--max-request-frames", "100")
+    srv = Server(
+        tmp_path, "--root", str(video_root), "--max-frames-per-chunk", "16", "--max-request-frames", "100", "--max-chunk-mb", "0.5"
+    )
     try:
         with AsyncVideo(srv.endpoint) as av:
             av.load_by_chunk("gops.mp4", range(10), frames_per_chunk=64)
@@ -154,7 +156,10 @@ def test_limits_are_enforced_with_clear_errors(tmp_path, video_root):
             av.load_by_chunk("gops.mp4", None, frames_per_chunk=16)  # 150 frames
             with pytest.raises(ServerError, match="150 frames exceeds this server's limit of 100"):
                 list(av.chunks)
-            av.load_by_chunk("gops.mp4", range(32), frames_per_chunk=16)
+            av.load_by_chunk("gops.mp4", range(32), frames_per_chunk=16)  # 16 x 36 KiB: too big for 0.5 MiB
+            with pytest.raises(ServerError, match="0.562 MiB, over this server's limit of 0.5 MiB; ask for fewer frames per chunk"):
+                list(av.chunks)
+            av.load_by_chunk("gops.mp4", range(20), frames_per_chunk=10)
             assert len(list(av.chunks)) == 2
     finally:
         srv.stop()
