@@ -439,7 +439,11 @@ class AsyncVideo:
                         self._file(conn, *conn.socket.recv())
                 return True
             for conn in self._conns:
-                conn.check(busy=conn is hello or self._busy(conn))
+                try:
+                    conn.check(busy=conn is hello or self._busy(conn))
+                except ServerDiedError:
+                    self.cancel()  # that request is over; the next one starts afresh
+                    raise
             if remaining is not None and remaining <= wait:
                 return False
 

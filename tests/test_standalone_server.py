@@ -234,6 +234,7 @@ def test_a_killed_remote_server_is_reported_within_5s(tmp_path, video_root):
                 for _ in chunks:
                     pass
             assert time.monotonic() - start < 5
+            assert av.done and av.next_chunk(timeout=0) is None  # the lost request is over, not pending
     finally:
         srv.stop()
 
