@@ -106,6 +106,10 @@ def create_keys(directory: "str | os.PathLike[str]", name: str) -> tuple[str, st
     return public_file, secret_file
 
 
+#: Longest unix socket path (sun_path holds 108 bytes on Linux, 104 on macOS, with a NUL).
+_MAX_IPC_PATH = 103
+
+
 def private_endpoint() -> tuple[str, Optional[str]]:
     """An endpoint only this user can reach: ipc in a fresh 0700 temp dir, or loopback tcp.
 
@@ -115,7 +119,11 @@ def private_endpoint() -> tuple[str, Optional[str]]:
     if sys.platform.startswith("win") or not zmq.has("ipc"):
         return "tcp://127.0.0.1:*", None
     directory = tempfile.mkdtemp(prefix="asyncframes-")
-    return f"ipc://{directory}/server.sock", directory
+    path = f"{directory}/server.sock"
+    if len(path.encode()) > _MAX_IPC_PATH:  # a long TMPDIR: unix socket paths are short
+        remove_private_dir(directory)
+        return "tcp://127.0.0.1:*", None
+    return f"ipc://{path}", directory
 
 
 def remove_private_dir(directory: Optional[str]) -> None:

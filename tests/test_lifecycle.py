@@ -145,6 +145,15 @@ def test_works_from_a_worker_thread_while_other_threads_run(make_clip):
     assert result["idxs"] == list(range(0, 150, 7))
 
 
+def test_a_long_tmpdir_falls_back_to_loopback_tcp(tmp_path, monkeypatch, make_clip):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with AsyncVideo.from_video(make_clip("gray.mp4"), [1]) as av:
+        assert av.endpoint.startswith("tcp://127.0.0.1:")
+        assert [idxs for idxs, _ in av.chunks] == [[1]]
+
+
 def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
     av = AsyncVideo()
     pid = av.server_pid
