@@ -51,7 +51,6 @@ class FrameCache:
         #: requests that jump around; an ascending request gets there by decoding on anyway.
         self.finish_gops = finish_gops
         self.nbytes = 0
-        self.hits = 0
         self._frames: dict[int, np.ndarray] = {}
         self.wanted: frozenset[int] = frozenset()
 
@@ -64,9 +63,7 @@ class FrameCache:
             self.nbytes -= self._frames.pop(i).nbytes
 
     def get(self, i: int) -> Optional[np.ndarray]:
-        frame = self._frames.get(i)
-        self.hits += frame is not None
-        return frame
+        return self._frames.get(i)
 
     def accepts(self, i: int, nbytes: int) -> bool:
         """Whether :meth:`offer` would keep frame ``i`` of ``nbytes`` bytes."""
@@ -181,9 +178,13 @@ class VideoReader:
     def frame_count(self) -> int:
         return self.index.frame_count
 
+    def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
+        """The grayscale option as served: None means what the first frame showed."""
+        return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+
     def info(self, grayscale: Optional[bool] = None) -> VideoInfo:
         """Metadata, with channels resolved for the given grayscale option."""
-        gray = self.detected_grayscale if grayscale is None else grayscale
+        gray = self.resolve_grayscale(grayscale)
         return VideoInfo(
             filename=self.filename,
             frame_count=self.frame_count,
@@ -216,8 +217,7 @@ class VideoReader:
 
     def frame_shape(self, grayscale: Optional[bool] = None) -> tuple[int, int, int]:
         """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option."""
-        gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
-        return (self.height, self.width, 1 if gray else 3)
+        return (self.height, self.width, 1 if self.resolve_grayscale(grayscale) else 3)
 
     def read(
         self,
@@ -232,7 +232,7 @@ class VideoReader:
         ``cache`` serves frames kept by earlier reads and keeps the ones it wants that
         this read decodes (it must be used with one grayscale setting only).
         """
-        gray = getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+        gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
         shape = (len(idxs), *self.frame_shape(gray))
         if out is None:

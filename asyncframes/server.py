@@ -307,7 +307,7 @@ class FrameServer:
             self._send(client, _error_for(rid, exc))
             log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
             return
-        gray = reader.detected_grayscale if request.video.grayscale is None else request.video.grayscale
+        gray = reader.resolve_grayscale(request.video.grayscale)
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * math.prod(reader.frame_shape(gray))
         if chunk_bytes > cfg.max_chunk_bytes:
             self._send(
