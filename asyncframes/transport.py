@@ -81,18 +81,20 @@ class ClientCurve:
     @classmethod
     def load(cls, secret_file: "str | os.PathLike[str]", server_key_file: "str | os.PathLike[str]") -> "ClientCurve":
         public, secret = _load_secret(secret_file)
-        try:
-            server_public, _ = zmq.auth.load_certificate(os.fspath(server_key_file))
-        except (OSError, ValueError) as exc:
-            raise AuthenticationError(f"cannot read the server's public key {server_key_file}: {exc}") from exc
+        server_public, _ = _load_certificate(server_key_file, "the server's public key")
         return cls(public=public, secret=secret, server_public=server_public)
 
 
-def _load_secret(path: "str | os.PathLike[str]") -> tuple[bytes, bytes]:
+def _load_certificate(path: "str | os.PathLike[str]", what: str) -> tuple[bytes, Optional[bytes]]:
+    """(public, secret or None) from a ``zmq.auth`` certificate file, failing as AuthenticationError."""
     try:
-        public, secret = zmq.auth.load_certificate(os.fspath(path))
+        return zmq.auth.load_certificate(os.fspath(path))
     except (OSError, ValueError) as exc:
-        raise AuthenticationError(f"cannot read the key pair {path}: {exc}") from exc
+        raise AuthenticationError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _load_secret(path: "str | os.PathLike[str]") -> tuple[bytes, bytes]:
+    public, secret = _load_certificate(path, "the key pair")
     if secret is None:
         raise AuthenticationError(f"{path} holds no secret key (use the .key_secret file made by 'asyncframes keygen')")
     return public, secret
