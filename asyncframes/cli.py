@@ -23,7 +23,7 @@ log = logging.getLogger("asyncframes.cli")
 DEFAULT_BIND = "tcp://127.0.0.1:9010"
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, **options: Any) -> Any:
     """An AsyncVideo for the command's options: a private server, or the given endpoint(s)."""
     from .client import AsyncVideo
 
@@ -32,6 +32,7 @@ def _client(args: argparse.Namespace) -> Any:
         timeout=args.timeout,
         curve_secret=args.curve_secret,
         curve_server_key=args.curve_server_key,
+        **options,
     )
 
 
@@ -96,17 +97,10 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
-    from .client import AsyncVideo
     from .errors import AuthenticationError
 
     try:
-        with AsyncVideo(
-            args.endpoint,
-            timeout=args.timeout,
-            start_timeout=args.timeout,
-            curve_secret=args.curve_secret,
-            curve_server_key=args.curve_server_key,
-        ) as client:
+        with _client(args, start_timeout=args.timeout) as client:
             rtt = client.ping()
             print(f"pong from {client.endpoint}: asyncframes {client.server_version}, {rtt * 1000:.1f} ms")
     except AuthenticationError as exc:
