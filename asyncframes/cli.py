@@ -182,6 +182,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", nargs="*", metavar="VIDEO", help="videos to measure (default: generated clips and ../shared/videos)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every comparison (default 3)")
+    parser.add_argument("--frames-per-chunk", type=int, default=64)
+    parser.add_argument("--random", type=int, default=100, help="random indices in the random-access request (default 100)")
+    parser.add_argument("--scrub", type=int, default=20, help="random single frames per round for scrubbing (default 20)")
+    parser.add_argument("--memory-frames", type=int, default=10_000, help="frames streamed to the slow consumer (0: skip)")
+    parser.add_argument("--workers", type=int, nargs="*", default=None, help="worker counts to compare (default 1 2 N; none given: skip)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def _add_client_options(parser: argparse.ArgumentParser, *, endpoint: bool = True, timeout: float = 60.0) -> None:
     if endpoint:
         parser.add_argument(
@@ -223,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("directory")
     keygen.add_argument("--name", default="asyncframes")
     keygen.set_defaults(func=_cmd_keygen)
+
+    bench = sub.add_parser("bench", help="measure asyncframes side by side with in-process PyAV, in one run")
+    _add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     serve = sub.add_parser("serve", help="run a frame server until SIGINT/SIGTERM")
     serve.add_argument("--bind", action="append", help=f"endpoint to listen on, repeatable (default {DEFAULT_BIND})")

@@ -6,6 +6,7 @@ so neighbouring frames always differ and a wrong frame is visible.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from fractions import Fraction
@@ -25,17 +26,25 @@ _ENCODER_OPTIONS = {
 
 def pattern(i: int, height: int, width: int) -> np.ndarray:
     """The RGB picture of frame ``i``: a moving gradient with ``i`` written as a barcode."""
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    img[..., 0] = (x * 2 + i * 7) % 256
-    img[..., 1] = (y * 2 + i * 3) % 256
-    img[..., 2] = ((x + y) + i * 11) % 256
-    bits = [(i >> b) & 1 for b in range(12)]
+    base = _gradient(height, width)
+    # uint8 arithmetic wraps modulo 256, which is the motion we want
+    img = base + np.array([i * 7 % 256, i * 3 % 256, i * 11 % 256], dtype=np.uint8)
     block = max(4, width // 16)
-    for b, on in enumerate(bits):
+    for b in range(12):
         x0 = (b % 8) * block * 2
         y0 = (b // 8) * block * 2
-        img[y0 : y0 + block, x0 : x0 + block] = 255 if on else 0
+        img[y0 : y0 + block, x0 : x0 + block] = 255 if (i >> b) & 1 else 0
+    return img
+
+
+@functools.lru_cache(maxsize=8)
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = (x * 2) % 256
+    img[..., 1] = (y * 2) % 256
+    img[..., 2] = (x + y) % 256
+    img.flags.writeable = False
     return img
 
 

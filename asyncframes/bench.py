@@ -1,0 +1,423 @@
+"""``asyncframes bench``: asyncframes measured side by side with in-process decoding, in one run.
+
+Machines are noisy, so every comparison is made within one run: each round
+runs every method once, interleaved, and the tables show medians and ratios to
+an in-process baseline measured in the same rounds. Nothing here is a pass/fail
+test; the targets are printed next to the figures for the reader to judge.
+See ``docs/performance.md`` for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import av
+import numpy as np
+
+from . import __version__
+from .client import AsyncVideo
+from .reader import rgb24
+from .sample import write_clip
+from .video import Video
+
+#: Where the shared test videos live in the project's layout, used when present.
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asyncframes" / "bench-v1"
+
+
+#: The generated clips: name → write_clip arguments. All H.264 with B-frames.
+CLIPS: dict[str, dict[str, Any]] = {
+    "h264_384x384.mp4": dict(frames=900, size=(384, 384), gop=60, bframes=3),
+    "h264_1080p.mp4": dict(frames=240, size=(1080, 1920), gop=60, bframes=3),
+    "h264_384x384_longgop.mp4": dict(frames=1200, size=(384, 384), gop=600, bframes=3),
+}
+
+
+def generated_clips(folder: Optional[Path] = None) -> list[Path]:
+    """The bench's own clips, encoded once and kept in the user's cache."""
+    folder = folder or _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, kwargs in CLIPS.items():
+        path = folder / name
+        if not path.exists():
+            print(f"encoding {name} (once; kept in {folder}) ...", file=sys.stderr, flush=True)
+            fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=folder)
+            os.close(fd)
+            write_clip(tmp, options={"preset": "veryfast"}, **kwargs)
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def default_videos() -> list[Path]:
+    shared = [SHARED_VIDEOS / n for n in ("centered_pair_small.mp4", "small_robot.mp4")]
+    return [p for p in shared if p.exists()] + generated_clips()
+
+
+# -- in-process baselines (what a user does without us) ----------------------------
+
+
+def _frame_pts(path: str) -> list[int]:
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+
+
+def pyav_naive(path: str) -> int:
+    """Sequential decode with PyAV's defaults: ``container.decode`` and ``to_ndarray("rgb24")``."""
+    n = 0
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            frame.to_ndarray(format="rgb24")
+            n += 1
+    return n
+
+
+def pyav_best(path: str, limit: Optional[int] = None) -> int:
+    """Sequential decode done well: frame threads in the decoder, single-threaded conversion."""
+    n = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            rgb24(frame)
+            n += 1
+            if n == limit:
+                break
+    return n
+
+
+class SeekingReader:
+    """Random access the usual way: seek to the keyframe before the frame, decode up to it."""
+
+    def __init__(self, path: str) -> None:
+        self.pts = _frame_pts(path)
+        self.container = av.open(path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+
+    def read(self, i: int) -> np.ndarray:
+        target = self.pts[i]
+        self.container.seek(target, stream=self.stream, backward=True)
+        for frame in self.container.decode(self.stream):
+            if frame.pts is not None and frame.pts >= target:
+                return rgb24(frame)
+        raise RuntimeError(f"frame {i} not found")
+
+    def close(self) -> None:
+        self.container.close()
+
+
+# -- asyncframes ---------------------------------------------------------------------
+
+
+def _drain(client: AsyncVideo) -> int:
+    """Take every chunk, holding each until the next arrives, as a consumer loop does."""
+    n = 0
+    for frame_idxs, _frames in client.chunks:
+        n += len(frame_idxs)
+    return n
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+# -- the measurements ----------------------------------------------------------------
+
+
+class Results:
+    """Per-round samples of named figures, with medians."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self.notes: dict[str, Any] = {}
+
+    def add(self, name: str, *values: float) -> None:
+        self.samples.setdefault(name, []).extend(values)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def pct(self, name: str, q: float) -> float:
+        values = sorted(self.samples[name])
+        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **{name: {"median": self.median(name), "samples": values} for name, values in self.samples.items()},
+            **self.notes,
+        }
+
+
+def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, frames_per_chunk: int) -> Results:
+    """Every per-video comparison, interleaved over ``rounds``."""
+    res = Results()
+    n = len(_frame_pts(path))
+    rng = np.random.default_rng(7)
+    random_idxs = [int(i) for i in rng.integers(0, n, random_count)]
+    rgb = Video(path, grayscale=False)  # the same pixels the baselines make, to check exactness
+    exact = True
+    for _ in range(rounds):
+        # sequential, frames/s
+        t, count = _timed(lambda: pyav_naive(path))
+        res.add("sequential.pyav_naive_fps", count / t)
+        t, count = _timed(lambda: pyav_best(path))
+        res.add("sequential.pyav_best_fps", count / t)
+        with AsyncVideo() as client:
+            client.info(path)  # server started and the video opened: time the stream itself
+            client.load_by_chunk(path, None, frames_per_chunk)
+            t, count = _timed(lambda: _drain(client))
+            res.add("sequential.asyncframes_fps", count / t)
+        # random access, one request of random_count indices
+        seeker = SeekingReader(path)
+        try:
+            t, expected = _timed(lambda: [seeker.read(i) for i in random_idxs])
+        finally:
+            seeker.close()
+        res.add("random.pyav_seek_fps", len(random_idxs) / t)
+        with AsyncVideo() as client:
+            client.info(rgb)
+            start = time.perf_counter()
+            client.load_by_chunk(rgb, random_idxs, frames_per_chunk)
+            got = [frame for _, frames in client.chunks for frame in frames]
+            res.add("random.asyncframes_fps", len(random_idxs) / (time.perf_counter() - start))
+        exact = exact and len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+        # scrubbing: one frame at a time, as a GUI asks while the user drags a slider
+        scrub_idxs = [int(i) for i in rng.integers(0, n, scrub_count)]
+        seeker = SeekingReader(path)
+        try:
+            for i in scrub_idxs:
+                res.add("scrub.pyav_seek_ms", _timed(lambda: seeker.read(i))[0] * 1e3)
+        finally:
+            seeker.close()
+        with AsyncVideo() as client:
+            client.info(rgb)
+            for i in scrub_idxs:
+                res.add("scrub.asyncframes_cold_ms", _timed(lambda: _one_frame(client, rgb, i))[0] * 1e3)
+                res.add("scrub.asyncframes_repeat_ms", _timed(lambda: _one_frame(client, rgb, i))[0] * 1e3)
+        # time to the first chunk
+        start = time.perf_counter()
+        with AsyncVideo.from_video(path, None, frames_per_chunk) as client:
+            client.next_chunk()
+            res.add("first_chunk.fresh_ms", (time.perf_counter() - start) * 1e3)
+            client.load_by_chunk(path, range(n // 2, n), frames_per_chunk)
+            client.next_chunk()  # the decoder is now mid-file; ask for the start again
+            res.add("first_chunk.running_ms", _timed(lambda: _first(client, path, frames_per_chunk))[0] * 1e3)
+        res.add("first_chunk.pyav_open_decode_ms", _timed(lambda: pyav_best(path, limit=frames_per_chunk))[0] * 1e3)
+    res.notes["random.exact"] = exact
+    res.notes["frames"] = n
+    return res
+
+
+def _one_frame(client: AsyncVideo, video: Video, i: int) -> np.ndarray:
+    client.load_by_chunk(video, [i], 1)
+    chunk = client.next_chunk()
+    assert chunk is not None and chunk.frame_idxs == [i]
+    return chunk.frames[0]
+
+
+def _first(client: AsyncVideo, path: str, frames_per_chunk: int) -> None:
+    client.load_by_chunk(path, None, frames_per_chunk)
+    assert client.next_chunk() is not None
+
+
+_MEMORY_PROBE = """
+import json, sys, threading, time
+from asyncframes import AsyncVideo
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+import os
+PAGE = os.sysconf("SC_PAGE_SIZE")
+path, total, fpc, delay, prefetch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+peak = [0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+with AsyncVideo(prefetch=prefetch) as client:
+    n = client.info(path).frame_count
+    client.load_by_chunk(path, [0], 1)
+    chunk_bytes = [frames.nbytes for _, frames in client.chunks][0] * fpc
+    before = rss()
+    threading.Thread(target=sample, daemon=True).start()
+    start = time.perf_counter()
+    client.load_by_chunk(path, [i % n for i in range(total)], fpc)
+    got = 0
+    for idxs, frames in client.chunks:
+        got += len(idxs)
+        time.sleep(delay)
+    elapsed = time.perf_counter() - start
+    stop.set()
+print(json.dumps({"frames": got, "growth_mb": (peak[0] - before) / 1e6, "chunk_mb": chunk_bytes / 1e6,
+                  "window_mb": prefetch * chunk_bytes / 1e6, "consumer_fps": got / elapsed}))
+"""
+
+
+def bench_memory(path: str, total: int, frames_per_chunk: int, delay: float, prefetch: int = 2) -> dict[str, Any]:
+    """Client resident memory growth while a slow consumer takes ``total`` frames, in a fresh process."""
+    args = [path, str(total), str(frames_per_chunk), str(delay), str(prefetch)]
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def bench_workers(path: str, rounds: int, counts: Sequence[int], frames_per_chunk: int) -> dict[int, list[float]]:
+    """Frames/s of one large request (every frame, shuffled) with servers of 1, 2 and N decoder workers."""
+    n = len(_frame_pts(path))
+    order = [int(i) for i in np.random.default_rng(3).permutation(n)]
+    out: dict[int, list[float]] = {k: [] for k in counts}
+    for _ in range(rounds):
+        for k in counts:
+            with AsyncVideo(workers=k) as client:
+                client.info(path)
+                for idxs in (None, order):
+                    client.load_by_chunk(path, idxs, frames_per_chunk)
+                    t, count = _timed(lambda: _drain(client))
+                    out[k].append(count / t)
+    return out
+
+
+# -- optional third-party readers ----------------------------------------------------
+
+
+def optional_readers() -> Iterator[tuple[str, Callable[[str], int]]]:
+    """Sequential readers from other libraries, when they are installed (never required)."""
+    try:
+        import cv2  # type: ignore[import-not-found]
+
+        def opencv(path: str) -> int:
+            cap, n = cv2.VideoCapture(path), 0
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                n += 1
+            cap.release()
+            return n
+
+        yield "opencv", opencv
+    except ImportError:
+        pass
+    try:
+        import decord  # type: ignore[import-not-found]
+
+        def decord_reader(path: str) -> int:
+            vr = decord.VideoReader(path)
+            return sum(len(vr.get_batch(list(range(i, min(i + 64, len(vr)))))) for i in range(0, len(vr), 64))
+
+        yield "decord", decord_reader
+    except ImportError:
+        pass
+    try:
+        from torchcodec.decoders import VideoDecoder  # type: ignore[import-not-found]
+
+        def torchcodec_reader(path: str) -> int:
+            dec = VideoDecoder(path)
+            return sum(1 for _ in dec)
+
+        yield "torchcodec", torchcodec_reader
+    except ImportError:
+        pass
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def _describe(path: str) -> str:
+    with av.open(path) as container:
+        s = container.streams.video[0]
+        return f"{s.codec_context.width}x{s.codec_context.height} {s.codec_context.name}"
+
+
+def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int) -> None:
+    m = res.median
+    base = m("sequential.pyav_best_fps")
+    rbase = m("random.pyav_seek_fps")
+    print(f"\n{name}: {res.notes['frames']} frames, {desc}; {fpc} frames/chunk; medians of "
+          f"{len(res.samples['sequential.pyav_best_fps'])} rounds")
+    print("  sequential                               frames/s   x baseline")
+    print(f"    PyAV naive (defaults)                  {m('sequential.pyav_naive_fps'):8.0f}   {m('sequential.pyav_naive_fps') / base:6.2f}")
+    print(f"    PyAV best practice (baseline)          {base:8.0f}   {1:6.2f}")
+    for other in [k for k in res.samples if k.startswith("sequential.other.")]:
+        print(f"    {other.split('.')[-1]:38s} {m(other):8.0f}   {m(other) / base:6.2f}")
+    print(f"    asyncframes end to end                 {m('sequential.asyncframes_fps'):8.0f}   "
+          f"{m('sequential.asyncframes_fps') / base:6.2f}   target >= 0.90")
+    print(f"  random access, {random_count} random indices     frames/s   x baseline")
+    print(f"    PyAV seek per frame (baseline)         {rbase:8.0f}   {1:6.2f}")
+    print(f"    asyncframes, one request               {m('random.asyncframes_fps'):8.0f}   "
+          f"{m('random.asyncframes_fps') / rbase:6.2f}   target >= 3; frames exact: {res.notes['random.exact']}")
+    print("  scrubbing, one frame per request         p50 ms     p95 ms")
+    print(f"    in-process seek + decode               {m('scrub.pyav_seek_ms'):8.1f}   {res.pct('scrub.pyav_seek_ms', 95):8.1f}")
+    print(f"    asyncframes, cold frame                {m('scrub.asyncframes_cold_ms'):8.1f}   "
+          f"{res.pct('scrub.asyncframes_cold_ms', 95):8.1f}   target p95 <= {res.pct('scrub.pyav_seek_ms', 95) + 10:.1f}")
+    print(f"    asyncframes, same frame again          {m('scrub.asyncframes_repeat_ms'):8.1f}   "
+          f"{res.pct('scrub.asyncframes_repeat_ms', 95):8.1f}   target p50 <= 5")
+    print("  time to the first chunk                  p50 ms")
+    print(f"    fresh from_video(), server start       {m('first_chunk.fresh_ms'):8.1f}              target <= 250")
+    print(f"    running server                         {m('first_chunk.running_ms'):8.1f}              target <= 20")
+    print(f"    in-process: open + decode {fpc:3d} frames  {m('first_chunk.pyav_open_decode_ms'):8.1f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    videos = [Path(v) for v in args.videos] or default_videos()
+    fpc = args.frames_per_chunk
+    report: dict[str, Any] = {
+        "asyncframes": __version__,
+        "pyav": av.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "frames_per_chunk": fpc,
+        "videos": {},
+    }
+    print(f"asyncframes {__version__}, PyAV {av.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()} with {os.cpu_count()} CPUs")
+    for video in videos:
+        path = str(video)
+        res = bench_video(path, args.rounds, args.random, args.scrub, fpc)
+        for name, reader in optional_readers():
+            for _ in range(args.rounds):
+                t, count = _timed(lambda: reader(path))
+                res.add(f"sequential.other.{name}_fps", count / t)
+        print_video(video.name, _describe(path), res, fpc, args.random)
+        report["videos"][video.name] = {"path": path, **res.as_dict()}
+    if args.memory_frames:
+        target = next((v for v in videos if "384x384" in v.name), videos[0])
+        mem = bench_memory(str(target), args.memory_frames, fpc, delay=0.04)
+        report["memory"] = {"video": target.name, **mem}
+        print(f"\nclient memory: {mem['frames']} frames of {target.name} to a consumer taking "
+              f"{mem['consumer_fps']:.0f} frames/s: resident memory grew {mem['growth_mb']:.1f} MB; window "
+              f"(prefetch 2 x {mem['chunk_mb']:.1f} MB chunks) {mem['window_mb']:.1f} MB; "
+              f"target <= window + 100 = {mem['window_mb'] + 100:.1f} MB")
+    counts = args.workers if args.workers is not None else sorted({1, 2, os.cpu_count() or 1})
+    if counts:
+        target = next((v for v in videos if "1080p" in v.name), videos[0])
+        scaling = bench_workers(str(target), args.rounds, counts, fpc)
+        base = statistics.median(scaling[counts[0]])
+        print(f"\nworkers: every frame of {target.name} (in order, then shuffled), medians of {args.rounds} rounds")
+        for k, values in scaling.items():
+            print(f"  {k} worker(s)   {statistics.median(values):8.0f} frames/s   x{statistics.median(values) / base:5.2f}")
+        report["workers"] = {"video": target.name, **{str(k): {"median": statistics.median(v), "samples": v} for k, v in scaling.items()}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
