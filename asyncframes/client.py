@@ -25,7 +25,7 @@ import attrs
 import numpy as np
 import zmq
 
-from . import protocol
+from . import protocol, shm
 from .errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -99,6 +99,28 @@ class _Connection:
         self.server_version = ""
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
+        self.shm_pid: Optional[int] = None  # the server's pid when we reach its shared memory
+        self.slots = shm.ClientSlots()
+
+    def welcome(self, message: protocol.Welcome) -> None:
+        """The server greeted us: note its version and whether its shared memory is in reach."""
+        self.greeted, self.server_version = True, message.server
+        probe = message.shm
+        reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
+        self.shm_pid = probe.pid if reachable and probe is not None else None
+        self.slots = shm.ClientSlots()  # slot numbers are per server process
+
+    def drop(self, message: protocol.Message) -> None:
+        """A chunk nobody will look at: hand its shared slot straight back."""
+        if isinstance(message, protocol.Chunk) and message.shm is not None:
+            self.slots.forget(message.shm.retired)
+            self.slots.discard(message.shm.slot)
+
+    def send_released(self) -> None:
+        """Tell the server which shared slots the caller has let go of since we last said."""
+        freed = self.slots.take_freed()
+        if freed:
+            self.socket.send(protocol.Release(slots=freed))
 
     def check(self, busy: bool) -> None:
         """Raise if the server is gone (``busy``: something is outstanding on this connection)."""
@@ -294,9 +316,13 @@ class AsyncVideo:
         if stream is None:
             return
         for conn in stream.conns:
+            for message, _payload in conn.inbox:
+                conn.drop(message)
             conn.inbox.clear()
             if not stream.done and not self._closed:
                 _quietly(conn.socket.send, protocol.Cancel(request_id=stream.request_id))
+            if not self._closed:
+                _quietly(conn.send_released)
 
     def info(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> VideoInfo:
         """Metadata of ``video`` as the server sees it (frame count, size, channels, fps, codec)."""
@@ -410,6 +436,9 @@ class AsyncVideo:
             self._greet(conn)
         if isinstance(message, (protocol.InfoRequest, protocol.Ping)):
             self._awaiting.add(message.request_id)
+        if isinstance(message, protocol.Request):
+            message = attrs.evolve(message, shm=conn.shm_pid is not None)
+            conn.send_released()
         conn.socket.send(message)
 
     def _await_reply(self, rid: int, timeout: Optional[float]) -> Any:
@@ -452,8 +481,12 @@ class AsyncVideo:
         if isinstance(message, (protocol.Chunk, protocol.Error)) and stream is not None and message.request_id == stream.request_id:
             if conn in stream.conns:
                 conn.inbox.append((message, payload))
+            else:
+                conn.drop(message)
+        elif isinstance(message, protocol.Chunk):
+            conn.drop(message)  # of a request we cancelled
         elif isinstance(message, protocol.Welcome):
-            conn.greeted, conn.server_version = True, message.server
+            conn.welcome(message)
         elif isinstance(message, (protocol.InfoReply, protocol.Pong)) or (
             isinstance(message, protocol.Error) and message.request_id is not None
         ):
@@ -478,7 +511,7 @@ class AsyncVideo:
         if message.chunk != expected:
             self.cancel()
             raise ProtocolError(f"expected chunk {expected} from {conn.endpoint}, it sent chunk {message.chunk}")
-        frames = protocol.chunk_array(message, payload)
+        frames = self._frames_of(conn, message, payload)
         stream.next_chunk += 1
         conn.chunks_received += 1
         if stream.total_chunks is None:
@@ -486,10 +519,31 @@ class AsyncVideo:
         else:
             stream.done = stream.next_chunk >= stream.total_chunks
         if not message.last_chunk:
+            conn.send_released()
             conn.socket.send(protocol.Credit(request_id=stream.request_id, chunks=1))
         if not message.frame_idxs:
             return None
         return FrameChunk(list(message.frame_idxs), frames)
+
+    def _frames_of(self, conn: _Connection, message: protocol.Chunk, payload: Optional[memoryview]) -> np.ndarray:
+        """The chunk's frames: a view of its shared slot, or of the received payload."""
+        where = message.shm
+        if where is None:
+            return protocol.chunk_array(message, payload)
+        conn.slots.forget(where.retired)
+        dtype, nbytes = protocol.chunk_layout(message)
+        if conn.shm_pid is None or payload is not None or nbytes > where.size:
+            self.cancel()
+            raise ProtocolError(f"{conn.endpoint} sent a shared-memory chunk that does not fit what was agreed")
+        try:
+            return conn.slots.array(conn.shm_pid, where.fd, where.slot, where.size, tuple(message.shape), dtype.str)
+        except (OSError, ValueError) as exc:
+            self.cancel()
+            if not shm.process_alive(conn.shm_pid):
+                raise ServerDiedError(
+                    f"lost the connection to the frame server at {conn.endpoint}: its process (pid {conn.shm_pid}) is gone"
+                ) from exc
+            raise ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}") from exc
 
 
 def _quietly(fn: Any, *args: Any) -> None:

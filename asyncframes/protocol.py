@@ -23,7 +23,7 @@ from .errors import ProtocolError
 from .video import Video, VideoInfo, converter
 
 #: Bumped on any incompatible change; checked in the hello/welcome handshake.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _v = attrs.validators
 _int = _v.instance_of(int)
@@ -41,11 +41,21 @@ class Hello:
 
 
 @attrs.frozen
+class ShmProbe:
+    """Where a client on the same machine can prove it reaches the server's shared memory."""
+
+    pid: int = attrs.field(validator=_positive)
+    fd: int = attrs.field(validator=_nonneg)
+    token: bytes = attrs.field(validator=_v.instance_of(bytes))
+
+
+@attrs.frozen
 class Welcome:
-    """Server → client: handshake accepted."""
+    """Server → client: handshake accepted; ``shm`` is offered by servers that can share memory."""
 
     version: int = attrs.field(validator=_int)
     server: str = attrs.field(validator=_v.instance_of(str))
+    shm: Optional[ShmProbe] = None
 
 
 @attrs.frozen
@@ -53,7 +63,8 @@ class Request:
     """Client → server: stream frames ``frame_idxs`` (None = all) in chunks.
 
     ``window`` is the number of chunks the server may send before the client
-    returns :class:`Credit`; it bounds memory on both sides.
+    returns :class:`Credit`; it bounds memory on both sides. ``shm``: the client
+    reached the server's probe, so chunks may come in shared memory.
     """
 
     request_id: int = attrs.field(validator=_nonneg)
@@ -61,11 +72,25 @@ class Request:
     frame_idxs: Optional[list[int]] = attrs.field(validator=_v.optional(_idx_list))
     frames_per_chunk: int = attrs.field(default=64, validator=_positive)
     window: int = attrs.field(default=2, validator=_positive)
+    shm: bool = attrs.field(default=False, validator=_v.instance_of(bool))
+
+
+@attrs.frozen
+class ShmSlot:
+    """Where a chunk's pixels are: slot ``slot``, the server's memfd ``fd`` of ``size`` bytes.
+
+    ``retired``: slots the server has closed; the client drops its mappings of them.
+    """
+
+    slot: int = attrs.field(validator=_positive)
+    fd: int = attrs.field(validator=_nonneg)
+    size: int = attrs.field(validator=_positive)
+    retired: list[int] = attrs.field(factory=list, validator=_idx_list)
 
 
 @attrs.frozen
 class Chunk:
-    """Server → client: one chunk of frames; the payload frame holds the pixels."""
+    """Server → client: one chunk of frames; the payload frame (or a shared slot) holds the pixels."""
 
     request_id: int = attrs.field(validator=_nonneg)
     chunk: int = attrs.field(validator=_nonneg)
@@ -73,6 +98,8 @@ class Chunk:
     frame_idxs: list[int] = attrs.field(validator=_idx_list)
     dtype: str = attrs.field(validator=_v.instance_of(str))
     shape: list[int] = attrs.field(validator=_v.deep_iterable(_nonneg, _v.instance_of(list)))
+    #: Set when the pixels are in shared memory instead of a payload frame.
+    shm: Optional[ShmSlot] = None
 
 
 @attrs.frozen
@@ -100,6 +127,13 @@ class Credit:
 
     request_id: int = attrs.field(validator=_nonneg)
     chunks: int = attrs.field(default=1, validator=_positive)
+
+
+@attrs.frozen
+class Release:
+    """Client → server: the caller no longer holds the chunks in these shared slots."""
+
+    slots: list[int] = attrs.field(validator=_idx_list)
 
 
 @attrs.frozen
@@ -146,7 +180,7 @@ class Shutdown:
 
 
 Message = Union[
-    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown
+    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, Release, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown
 ]
 
 KINDS: dict[str, type] = {
@@ -157,6 +191,7 @@ KINDS: dict[str, type] = {
     "error": Error,
     "cancel": Cancel,
     "credit": Credit,
+    "release": Release,
     "info": InfoRequest,
     "info_reply": InfoReply,
     "ping": Ping,
@@ -186,6 +221,12 @@ def _strict_float(value: Any, _type: type) -> float:
     return float(value)
 
 
+def _strict_bytes(value: Any, _type: type) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
 def _strict_bool(value: Any, _type: type) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"expected a boolean, got {type(value).__name__}")
@@ -196,6 +237,7 @@ converter.register_structure_hook(int, _strict_int)
 converter.register_structure_hook(str, _strict_str)
 converter.register_structure_hook(float, _strict_float)
 converter.register_structure_hook(bool, _strict_bool)
+converter.register_structure_hook(bytes, _strict_bytes)
 
 
 def encode(message: Message) -> bytes:
@@ -240,7 +282,9 @@ def parse(frames: Sequence[Any]) -> tuple[Message, Optional[memoryview]]:
     return decode(header), payload
 
 
-def chunk_header(request_id: int, chunk: int, last_chunk: bool, frame_idxs: Sequence[int], frames: np.ndarray) -> Chunk:
+def chunk_header(
+    request_id: int, chunk: int, last_chunk: bool, frame_idxs: Sequence[int], frames: np.ndarray, shm: Optional[ShmSlot] = None
+) -> Chunk:
     """Describe ``frames`` for the wire."""
     return Chunk(
         request_id=request_id,
@@ -249,23 +293,29 @@ def chunk_header(request_id: int, chunk: int, last_chunk: bool, frame_idxs: Sequ
         frame_idxs=[int(i) for i in frame_idxs],
         dtype=frames.dtype.str,
         shape=list(frames.shape),
+        shm=shm,
     )
 
 
-def chunk_array(chunk: Chunk, payload: Optional[memoryview]) -> np.ndarray:
-    """The zero-copy array a chunk's payload holds, checked against its header."""
+def chunk_layout(chunk: Chunk) -> tuple[np.dtype, int]:
+    """The dtype and byte size a chunk's header announces, checked for sense."""
     try:
         dtype = np.dtype(chunk.dtype)
     except TypeError as exc:
         raise ProtocolError(f"chunk has an unknown dtype {chunk.dtype!r}") from exc
     if dtype.hasobject:
         raise ProtocolError("chunk dtype holds Python objects")
-    expected = math.prod(chunk.shape) * dtype.itemsize
+    if not chunk.shape or chunk.shape[0] != len(chunk.frame_idxs):
+        raise ProtocolError(f"chunk shape {chunk.shape} does not match {len(chunk.frame_idxs)} frame indices")
+    return dtype, math.prod(chunk.shape) * dtype.itemsize
+
+
+def chunk_array(chunk: Chunk, payload: Optional[memoryview]) -> np.ndarray:
+    """The zero-copy array a chunk's payload holds, checked against its header."""
+    dtype, expected = chunk_layout(chunk)
     size = 0 if payload is None else payload.nbytes
     if size != expected:
         raise ProtocolError(f"chunk payload has {size} bytes, header says {chunk.shape} {dtype} ({expected} bytes)")
-    if not chunk.shape or chunk.shape[0] != len(chunk.frame_idxs):
-        raise ProtocolError(f"chunk shape {chunk.shape} does not match {len(chunk.frame_idxs)} frame indices")
     if expected == 0 or payload is None:
         return np.empty(chunk.shape, dtype=dtype)
     return np.frombuffer(payload, dtype=dtype).reshape(chunk.shape)

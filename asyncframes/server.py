@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 import zmq
 
-from . import __version__, protocol
+from . import __version__, protocol, shm
 from .errors import AsyncFramesError, ProtocolError, ServerError, VideoAccessError
 from .protocol import (
     PROTOCOL_VERSION,
@@ -36,7 +36,10 @@ from .protocol import (
     InfoRequest,
     Ping,
     Pong,
+    Release,
     Request,
+    ShmProbe,
+    ShmSlot,
     Shutdown,
     Stop,
     Welcome,
@@ -78,6 +81,8 @@ class ServerConfig:
     allow_stop: bool = False
     #: Seconds between liveness probes of known clients.
     probe_interval: float = 2.0
+    #: Offer shared-memory chunks to clients on this machine that can reach them.
+    shared_memory: bool = True
 
 
 @attrs.define
@@ -134,6 +139,13 @@ class _BufferPool:
 class _Client:
     hello: bool = False
     jobs: dict[int, _Job] = attrs.field(factory=dict)
+    #: Shared-memory chunk slots, once the client asked for shared memory.
+    slots: Optional[shm.ServerSlots] = None
+
+    def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
 
 
 class FrameServer:
@@ -155,6 +167,7 @@ class FrameServer:
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
         self._buffers = _BufferPool()
+        self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
         self._stop_reason = ""
         self._next_probe = time.monotonic() + config.probe_interval
@@ -208,7 +221,11 @@ class FrameServer:
             if state.jobs or state.hello:
                 self._send(client, Shutdown(reason=self._stop_reason or "server stopped"))
         self._jobs.clear()
+        for state in self._clients.values():
+            state.close()
         self._clients.clear()
+        if self._probe is not None:
+            self._probe.close()
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
@@ -232,7 +249,9 @@ class FrameServer:
                 )
                 return
             state.hello = True
-            self._send(client, Welcome(version=PROTOCOL_VERSION, server=__version__))
+            probe = self._probe
+            offer = ShmProbe(pid=os.getpid(), fd=probe.buffer.fd, token=probe.token) if probe is not None else None
+            self._send(client, Welcome(version=PROTOCOL_VERSION, server=__version__, shm=offer))
             return
         if isinstance(message, Ping):
             self._send(client, Pong(request_id=message.request_id, server=__version__))
@@ -246,6 +265,9 @@ class FrameServer:
             job = state.jobs.get(message.request_id)
             if job is not None:
                 job.credit = min(job.credit + message.chunks, self.config.max_window)
+        elif isinstance(message, Release):
+            if state.slots is not None:
+                state.slots.release(message.slots)
         elif isinstance(message, Cancel):
             job = state.jobs.pop(message.request_id, None)
             if job is not None:
@@ -330,6 +352,9 @@ class FrameServer:
             credit=min(request.window, cfg.max_window),
             cache=FrameCache(budget, finish_gops=not _ascending(idxs)) if budget > 0 else None,
         )
+        if request.shm and self._probe is not None and state.slots is None:
+            # Enough slots for the window, the chunk the caller holds, and releases on their way.
+            state.slots = shm.ServerSlots(max_slots=cfg.max_window + 3)
         state.jobs[rid] = job
         self._jobs.append(job)
 
@@ -353,17 +378,30 @@ class FrameServer:
         if job.cache is not None:
             ahead = self.config.cache_lookahead_frames
             job.cache.want(later=job.frame_idxs[start + fpc : start + fpc + ahead], now=idxs)
+        state = self._clients.get(job.client)
+        slots = state.slots if state is not None and request.shm else None
+        lease: Optional[tuple[int, shm.SharedBuffer]] = None
         try:
             reader = self._reader(request.video)
-            frames = self._buffers.take((len(idxs), *reader.frame_shape(job.grayscale)))
+            shape = (len(idxs), *reader.frame_shape(job.grayscale))
+            lease = slots.take(math.prod(shape)) if slots is not None and idxs else None
+            frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
             reader.read(idxs, grayscale=job.grayscale, out=frames, cache=job.cache)
         except Exception as exc:
+            if lease is not None and slots is not None:
+                slots.release([lease[0]])
             self._finish(job, error=exc)
             return
-        header = protocol.chunk_header(request.request_id, job.next_chunk, last, idxs, frames)
         job.next_chunk += 1
         job.credit -= 1
-        if not self._send(job.client, header, frames):
+        if lease is not None and slots is not None:
+            where = ShmSlot(slot=lease[0], fd=lease[1].fd, size=lease[1].size, retired=slots.take_retired())
+            header = protocol.chunk_header(request.request_id, job.next_chunk - 1, last, idxs, frames, shm=where)
+            sent = self._send(job.client, header)
+        else:
+            header = protocol.chunk_header(request.request_id, job.next_chunk - 1, last, idxs, frames)
+            sent = self._send(job.client, header, frames)
+        if not sent:
             return
         if last:
             self._finish(job)
@@ -419,6 +457,7 @@ class FrameServer:
         state = self._clients.pop(client, None)
         if state is None:
             return
+        state.close()
         for job in state.jobs.values():
             job.cache = None
             if job in self._jobs:

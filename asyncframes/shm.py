@@ -1,0 +1,232 @@
+"""Shared-memory chunk buffers between a server and a client on the same machine.
+
+The server decodes a chunk straight into an anonymous shared memory file
+(``memfd``) and sends only its description; the client maps the same memory
+and hands the caller an array over it, so no pixel is copied after decoding.
+The client reaches the server's memfd through ``/proc/<pid>/fd/<fd>``, which
+the kernel allows only to the same user (or root); a probe buffer carrying a
+random token, checked at the handshake, tells whether that works (it does not
+across machines, containers or users, and those clients get frames inline).
+
+Nothing has a name, so nothing can leak: the memory is freed when the last
+process that maps it exits or lets go, however either side ends.
+
+A slot is reused only after the client says it is free, and the client says so
+only when the last array over it is gone (:class:`Lease`), so a chunk the
+caller still holds is never overwritten.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import sys
+from collections import deque
+from typing import Any, Optional
+
+import numpy as np
+
+#: memfd needs Linux (os.memfd_create) and /proc.
+AVAILABLE = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+_TOKEN_BYTES = 16
+
+
+class SharedBuffer:
+    """A memfd of ``size`` bytes mapped into this process."""
+
+    def __init__(self, size: int, name: str = "asyncframes") -> None:
+        self.size = max(int(size), 1)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)  # type: ignore[attr-defined]
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.array = np.frombuffer(self.map, dtype=np.uint8)
+
+    def view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The start of the buffer as a uint8 array of ``shape``."""
+        return self.array[: int(np.prod(shape))].reshape(shape)
+
+    def close(self) -> None:
+        """Let go of this process's hold; the memory lives on while the client maps it."""
+        if self.fd >= 0:
+            self.array = np.empty(0, np.uint8)
+            try:
+                self.map.close()
+            except BufferError:
+                pass  # an array over it is still alive; the mapping goes with it
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Probe:
+    """The server's proof of reach: a small shared buffer holding a random token."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_bytes(_TOKEN_BYTES)
+        self.buffer = SharedBuffer(_TOKEN_BYTES, "asyncframes-probe")
+        self.buffer.array[:] = np.frombuffer(self.token, np.uint8)
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+def attach(pid: int, fd: int, size: int) -> mmap.mmap:
+    """Map another process's memfd; raises OSError or ValueError when it cannot be reached."""
+    ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(ours).st_size != size:
+            raise ValueError("shared buffer has an unexpected size")
+        return mmap.mmap(ours, size)
+    finally:
+        os.close(ours)
+
+
+def can_reach(pid: int, fd: int, token: bytes) -> bool:
+    """Whether the probe of the server ``pid`` is reachable from here and holds ``token``."""
+    if not AVAILABLE or len(token) != _TOKEN_BYTES:
+        return False
+    try:
+        mapped = attach(pid, fd, _TOKEN_BYTES)
+    except (OSError, ValueError):
+        return False
+    try:
+        return secrets.compare_digest(bytes(mapped[:_TOKEN_BYTES]), token)
+    finally:
+        mapped.close()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, which holds no memory any more, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+class Lease:
+    """One chunk's frames in a mapped slot; when the last array over it dies, the slot is free.
+
+    Arrays made from a lease (``np.asarray(lease)``) keep it alive through their
+    ``base``, as do all views of them.
+    """
+
+    def __init__(self, base: np.ndarray, shape: tuple[int, ...], dtype: str, slot: int, freed: "deque[int]") -> None:
+        self._base = base  # keeps the mapping alive
+        self._slot = slot
+        self._freed = freed
+        self.__array_interface__: dict[str, Any] = {
+            "data": (base.ctypes.data, False),
+            "shape": tuple(shape),
+            "typestr": dtype,
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        # May run in any thread (garbage collection): only a deque append, which is atomic.
+        self._freed.append(self._slot)
+
+
+class ClientSlots:
+    """The client's side of one server's slots: mappings, and slots freed since last told."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, np.ndarray] = {}
+        self.freed: deque[int] = deque()
+
+    def array(self, pid: int, fd: int, slot: int, size: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """An array over slot ``slot`` of the server ``pid``, mapping it the first time."""
+        base = self._maps.get(slot)
+        if base is None or base.nbytes != size:
+            base = np.frombuffer(attach(pid, fd, size), dtype=np.uint8)
+            self._maps[slot] = base
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if need > base.nbytes:
+            raise ValueError(f"chunk of {need} bytes does not fit slot {slot} of {base.nbytes} bytes")
+        return np.asarray(Lease(base, shape, dtype, slot, self.freed))
+
+    def discard(self, slot: int) -> None:
+        """A slot whose chunk will never be looked at (a cancelled request): free at once."""
+        self.freed.append(slot)
+
+    def forget(self, slots: "list[int]") -> None:
+        """The server retired these slots: drop our mappings (arrays still using one keep it)."""
+        for slot in slots:
+            self._maps.pop(slot, None)
+
+    def take_freed(self) -> list[int]:
+        out = []
+        while True:
+            try:
+                out.append(self.freed.popleft())
+            except IndexError:
+                return out
+
+    def clear(self) -> None:
+        self._maps.clear()
+        self.freed.clear()
+
+
+class ServerSlots:
+    """The server's slots for one client: free ones are reused, lent ones wait for the client.
+
+    At most ``max_slots`` exist per client; when all are lent (the caller keeps its
+    chunks), :meth:`take` returns None and the chunk goes inline instead.
+    """
+
+    def __init__(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self._ids = iter(range(1, sys.maxsize))
+        self.free: dict[int, SharedBuffer] = {}
+        self.lent: dict[int, SharedBuffer] = {}
+        self.retired: list[int] = []
+
+    def take(self, nbytes: int) -> Optional[tuple[int, SharedBuffer]]:
+        """A slot of at least ``nbytes`` to decode into (now lent), or None if none can be had."""
+        fits = [(buf.size, slot) for slot, buf in self.free.items() if buf.size >= nbytes]
+        if fits:
+            _, slot = min(fits)
+        else:
+            if len(self.free) + len(self.lent) >= self.max_slots:
+                if not self.free:
+                    return None
+                # retire the smallest free slot to make room for a bigger one
+                small = min(self.free, key=lambda s: self.free[s].size)
+                self.free.pop(small).close()
+                self.retired.append(small)
+            slot = next(self._ids)
+            self.free[slot] = SharedBuffer(_round_up(nbytes), f"asyncframes-slot-{slot}")
+        buf = self.free.pop(slot)
+        self.lent[slot] = buf
+        return slot, buf
+
+    def release(self, slots: "list[int]") -> None:
+        for slot in slots:
+            buf = self.lent.pop(slot, None)
+            if buf is not None:
+                self.free[slot] = buf
+
+    def take_retired(self) -> list[int]:
+        out, self.retired = self.retired, []
+        return out
+
+    def close(self) -> None:
+        for buf in [*self.free.values(), *self.lent.values()]:
+            buf.close()
+        self.free.clear()
+        self.lent.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.size for b in [*self.free.values(), *self.lent.values()])
+
+
+def _round_up(n: int, unit: int = 1 << 20) -> int:
+    """Sizes in whole MiB, so the slightly smaller last chunk reuses a slot."""
+    return max(unit, -(-n // unit) * unit)
