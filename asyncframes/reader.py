@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import av
@@ -73,6 +73,42 @@ class FrameCache:
         if self.accepts(i, frame.nbytes):
             self._frames[i] = frame.copy()
             self.nbytes += frame.nbytes
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+class RecentFrames:
+    """The frames of recent small requests, for a GUI that asks for the same frame again.
+
+    Least recently used frames go first once ``max_bytes`` is exceeded. Keys say
+    which file, stream and grayscale setting a frame belongs to.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._frames: "OrderedDict[tuple[Any, int], np.ndarray]" = OrderedDict()
+
+    def get(self, key: Any, i: int) -> Optional[np.ndarray]:
+        frame = self._frames.get((key, i))
+        if frame is not None:
+            self._frames.move_to_end((key, i))
+        return frame
+
+    def put(self, key: Any, i: int, frame: np.ndarray) -> None:
+        if frame.nbytes > self.max_bytes or (key, i) in self._frames:
+            return
+        self._frames[(key, i)] = frame.copy()
+        self.nbytes += frame.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._frames.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def forget(self, key: Any) -> None:
+        """Drop every frame of ``key`` (its file changed or closed)."""
+        for k in [k for k in self._frames if k[0] == key]:
+            self.nbytes -= self._frames.pop(k).nbytes
 
     def __len__(self) -> int:
         return len(self._frames)

@@ -44,7 +44,7 @@ from .protocol import (
     Stop,
     Welcome,
 )
-from .reader import FrameCache, VideoReader
+from .reader import FrameCache, RecentFrames, VideoReader
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
@@ -77,6 +77,10 @@ class ServerConfig:
     max_chunk_bytes: int = 1024 * 1024 * 1024
     #: How many frames ahead a request's cache looks for frames to keep.
     cache_lookahead_frames: int = 8192
+    #: Bytes of frames kept from recent small requests (scrubbing: the same frame asked again).
+    recent_cache_bytes: int = 128 * 1024 * 1024
+    #: Requests of at most this many frames count as small.
+    recent_request_frames: int = 8
     #: Honour :class:`Stop` from clients (private servers only).
     allow_stop: bool = False
     #: Seconds between liveness probes of known clients.
@@ -167,6 +171,7 @@ class FrameServer:
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
         self._buffers = _BufferPool()
+        self._recent = RecentFrames(config.recent_cache_bytes)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
         self._stop_reason = ""
@@ -386,7 +391,7 @@ class FrameServer:
             shape = (len(idxs), *reader.frame_shape(job.grayscale))
             lease = slots.take(math.prod(shape)) if slots is not None and idxs else None
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
-            reader.read(idxs, grayscale=job.grayscale, out=frames, cache=job.cache)
+            self._read(job, reader, idxs, frames)
         except Exception as exc:
             if lease is not None and slots is not None:
                 slots.release([lease[0]])
@@ -405,6 +410,22 @@ class FrameServer:
             return
         if last:
             self._finish(job)
+
+    def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
+        """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache."""
+        if len(job.frame_idxs) > self.config.recent_request_frames:
+            reader.read(idxs, grayscale=job.grayscale, out=frames, cache=job.cache)
+            return
+        key = (job.reader_key, job.grayscale)
+        kept = [self._recent.get(key, i) for i in idxs]
+        missing = [pos for pos, frame in enumerate(kept) if frame is None]
+        if missing:
+            decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache)
+            for pos, frame in zip(missing, decoded):
+                kept[pos] = frame
+                self._recent.put(key, idxs[pos], frame)
+        for pos, frame in enumerate(kept):
+            frames[pos] = frame
 
     def _finish(self, job: _Job, error: Optional[BaseException] = None) -> None:
         job.cache = None
@@ -497,6 +518,9 @@ class FrameServer:
             del self._readers[key]
             reader = None
         if reader is None:
+            # A file opened afresh may have changed since its frames were kept.
+            self._recent.forget((key, True))
+            self._recent.forget((key, False))
             path = self.resolve(video.filename)
             options = {"format_whitelist": VIDEO_DEMUXERS, "protocol_whitelist": "file"} if self.config.root else None
             reader = VideoReader(path, stream=video.stream, container_options=options)
