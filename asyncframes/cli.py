@@ -133,6 +133,7 @@ def _is_loopback(endpoint: str) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .process import READY_LINE
+    from .pool import default_workers
     from .server import FrameServer, ServerConfig
     from .transport import ServerCurve
 
@@ -159,6 +160,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         total_cache_bytes=int(args.cache_mb * 1024 * 1024),
         max_chunk_bytes=int(args.max_chunk_mb * 1024 * 1024),
         allow_stop=args.allow_stop,
+        workers=args.workers or default_workers(),
+        shared_memory=not args.no_shared_memory,
     )
     server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
@@ -261,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-cache-mb", type=float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
     )
     serve.add_argument("--cache-mb", type=float, default=1024, help="decoded frames kept by all requests together")
+    serve.add_argument(
+        "--workers", type=int, default=0, help="decoder threads sharing each chunk, split by GOP (default: one per 2 CPUs)"
+    )
+    serve.add_argument(
+        "--no-shared-memory", action="store_true", help="always send frames inline, never in shared memory"
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (one line per request), WARNING")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")
     serve.add_argument("--allow-stop", action="store_true", help="let clients stop the server (private servers)")

@@ -183,6 +183,9 @@ class AsyncVideo:
     ``timeout`` bounds every wait (None: wait as long as the server lives).
     ``curve_secret``/``curve_server_key``: this client's ``.key_secret`` file and
     the server's ``.key`` file, for servers that require CURVE authentication.
+    ``workers``: decoder threads of a private server (None: one per 2 CPUs).
+    ``shared_memory``: take frames through shared memory when the server is on
+    this machine (no copy at all); False always receives them inline.
     Not thread-safe: use one AsyncVideo per thread.
     """
 
@@ -196,6 +199,8 @@ class AsyncVideo:
         curve_secret: Optional[PathLike] = None,
         curve_server_key: Optional[PathLike] = None,
         server_log_level: str = "WARNING",
+        workers: Optional[int] = None,
+        shared_memory: bool = True,
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
@@ -209,12 +214,14 @@ class AsyncVideo:
         self._ids = itertools.count(1)
         self._stream: Optional[_Stream] = None
         self._replies: dict[int, Any] = {}
+        self.shared_memory = shared_memory
         self._awaiting: set[int] = set()
         curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
             if endpoint is None:
-                process = ServerProcess(start_timeout=start_timeout, log_level=server_log_level)
+                options = ["--workers", str(workers)] if workers else []
+                process = ServerProcess(start_timeout=start_timeout, log_level=server_log_level, options=options)
                 self._conns.append(_Connection(process.endpoint, None, process))
             else:
                 endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
@@ -437,7 +444,7 @@ class AsyncVideo:
         if isinstance(message, (protocol.InfoRequest, protocol.Ping)):
             self._awaiting.add(message.request_id)
         if isinstance(message, protocol.Request):
-            message = attrs.evolve(message, shm=conn.shm_pid is not None)
+            message = attrs.evolve(message, shm=self.shared_memory and conn.shm_pid is not None)
             conn.send_released()
         conn.socket.send(message)
 

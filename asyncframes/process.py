@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Optional
+from typing import IO, Optional, Sequence
 
 from .errors import ServerStartError
 from .transport import private_endpoint, remove_private_dir
@@ -30,13 +30,14 @@ READY_LINE = "asyncframes server ready on"
 class ServerProcess:
     """A private frame server owned by one client."""
 
-    def __init__(self, start_timeout: float = 30.0, log_level: str = "WARNING") -> None:
+    def __init__(self, start_timeout: float = 30.0, log_level: str = "WARNING", options: Sequence[str] = ()) -> None:
+        """``options``: more ``asyncframes serve`` options (e.g. ``--workers 2``)."""
         bind, self._private_dir = private_endpoint()
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.popen = subprocess.Popen(
-                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level],
+                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level, *options],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the server's log lines go to our stderr

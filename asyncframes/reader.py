@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict, defaultdict
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -53,26 +54,33 @@ class FrameCache:
         self.nbytes = 0
         self._frames: dict[int, np.ndarray] = {}
         self.wanted: frozenset[int] = frozenset()
+        self._lock = threading.Lock()  # decoder workers share a request's cache
 
     def want(self, later: Iterable[int], now: Iterable[int] = ()) -> None:
         """Frames ``later`` chunks will ask for are kept from now on; frames the chunk
         being read ``now`` needs stay if already kept; everything else is released."""
-        self.wanted = frozenset(later)
-        keep = self.wanted.union(now)
-        for i in [i for i in self._frames if i not in keep]:
-            self.nbytes -= self._frames.pop(i).nbytes
+        with self._lock:
+            self.wanted = frozenset(later)
+            keep = self.wanted.union(now)
+            for i in [i for i in self._frames if i not in keep]:
+                self.nbytes -= self._frames.pop(i).nbytes
 
     def get(self, i: int) -> Optional[np.ndarray]:
-        return self._frames.get(i)
+        with self._lock:
+            return self._frames.get(i)
 
     def accepts(self, i: int, nbytes: int) -> bool:
         """Whether :meth:`offer` would keep frame ``i`` of ``nbytes`` bytes."""
         return i in self.wanted and i not in self._frames and self.nbytes + nbytes <= self.max_bytes
 
     def offer(self, i: int, frame: np.ndarray) -> None:
-        if self.accepts(i, frame.nbytes):
-            self._frames[i] = frame.copy()
-            self.nbytes += frame.nbytes
+        if not self.accepts(i, frame.nbytes):
+            return
+        kept = frame.copy()
+        with self._lock:
+            if self.accepts(i, frame.nbytes):
+                self._frames[i] = kept
+                self.nbytes += frame.nbytes
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -168,13 +176,15 @@ class VideoReader:
         stream: int = 0,
         thread_type: Optional[str] = "AUTO",
         container_options: Optional[dict[str, str]] = None,
+        index: Optional[FrameIndex] = None,
     ) -> None:
         """``thread_type``: the decoder's threading ("AUTO" adds frame threads; None keeps
         PyAV's default). Valid streams decode bit-identically either way. On damaged data
         the decoder conceals errors, and how depends on its threading and history; the
         first frame flagged corrupt switches this reader to PyAV's default threading (what
         a plain sequential decode uses), which brings it closer, but a concealed frame's
-        pixels are not promised, only its identity."""
+        pixels are not promised, only its identity. ``index``: one already built for
+        this file (another reader's), to skip demuxing it again."""
         self.filename = filename
         self.stream_index = stream
         self.thread_type = thread_type
@@ -186,8 +196,8 @@ class VideoReader:
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
         self.signature = _file_signature(filename)
-        self.index = self._build_index()
-        if self.index.sequential:
+        self.index = index if index is not None else self._build_index()
+        if self.index.sequential and not self.index.pts:
             log.info("%s: %s; frames are found by counting", filename, self.index.reason)
             self.index = self._count_frames(self.index.reason)
         if self.index.frame_count == 0:
@@ -261,23 +271,26 @@ class VideoReader:
         grayscale: Optional[bool] = None,
         out: Optional[np.ndarray] = None,
         cache: Optional[FrameCache] = None,
+        positions: Optional[Sequence[int]] = None,
     ) -> np.ndarray:
         """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8.
 
         ``out``, if given, is filled and returned (the server reuses its chunk buffers).
         ``cache`` serves frames kept by earlier reads and keeps the ones it wants that
         this read decodes (it must be used with one grayscale setting only).
+        ``positions``: frame ``idxs[k]`` goes to ``out[positions[k]]`` instead of ``out[k]``
+        (decoder workers each fill their share of one chunk).
         """
         gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
         shape = (len(idxs), *self.frame_shape(gray))
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
-        elif out.shape != shape or out.dtype != np.uint8:
+        elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
             raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
         places: dict[int, list[int]] = defaultdict(list)
         for pos, i in enumerate(idxs):
-            places[int(i)].append(pos)
+            places[int(i)].append(pos if positions is None else positions[pos])
         if cache is not None:
             for i in list(places):
                 kept = cache.get(i)

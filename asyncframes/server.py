@@ -44,6 +44,7 @@ from .protocol import (
     Stop,
     Welcome,
 )
+from .pool import DecoderPool
 from .reader import FrameCache, RecentFrames, VideoReader
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
@@ -87,6 +88,8 @@ class ServerConfig:
     probe_interval: float = 2.0
     #: Offer shared-memory chunks to clients on this machine that can reach them.
     shared_memory: bool = True
+    #: Decoder threads that share each chunk, split by GOP.
+    workers: int = 1
 
 
 @attrs.define
@@ -172,6 +175,7 @@ class FrameServer:
         self._jobs: deque[_Job] = deque()
         self._buffers = _BufferPool()
         self._recent = RecentFrames(config.recent_cache_bytes)
+        self._pool = DecoderPool(config.workers, config.max_open_files)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
         self._stop_reason = ""
@@ -231,6 +235,7 @@ class FrameServer:
         self._clients.clear()
         if self._probe is not None:
             self._probe.close()
+        self._pool.close()
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
@@ -414,7 +419,7 @@ class FrameServer:
     def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
         """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache."""
         if len(job.frame_idxs) > self.config.recent_request_frames:
-            reader.read(idxs, grayscale=job.grayscale, out=frames, cache=job.cache)
+            self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache)
             return
         key = (job.reader_key, job.grayscale)
         kept = [self._recent.get(key, i) for i in idxs]

@@ -1,0 +1,214 @@
+"""The fast paths keep every promise: shared memory, decoder workers, caches, and the bench.
+
+Speed itself is measured by ``asyncframes bench``, never here; these tests check
+that going fast never returns a wrong frame, never overwrites a frame the caller
+holds, and never leaves memory behind when a process dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncframes import AsyncVideo, ServerDiedError, Video, shm
+from asyncframes.cli import main as cli_main
+from asyncframes.sample import write_clip
+
+from .conftest import assert_frames_exact, shuffled_with_duplicates
+
+needs_shm = pytest.mark.skipif(not shm.AVAILABLE, reason="shared memory needs Linux memfd")
+
+
+def shared_mappings(pid: "int | str" = "self") -> list[str]:
+    """Our shared-memory slots mapped into a process."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if "memfd:asyncframes" in line]
+
+
+def shared_fds(pid: int) -> set[str]:
+    """Our shared-memory slot files a process holds open (Python's mmap holds a second fd of each)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:asyncframes-slot" in target:
+            found.add(target)
+    return found
+
+
+@needs_shm
+def test_frames_arrive_in_shared_memory_without_a_copy(make_clip):
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo.from_video(clip, frames_per_chunk=32) as av:
+        chunks = list(av.chunks)
+        assert shared_mappings(), "the client maps the server's slots"
+    assert all(type(frames.base).__name__ == "Lease" for _, frames in chunks)
+    idxs = [i for frame_idxs, _ in chunks for i in frame_idxs]
+    assert_frames_exact(clip, idxs, np.concatenate([frames for _, frames in chunks]))
+
+
+@needs_shm
+def test_chunks_the_caller_keeps_are_never_overwritten(make_clip):
+    """Keeping every chunk of a long request: slots run out, later chunks come inline, all stay exact."""
+    clip = make_clip("h264_gops.mp4")
+    idxs = shuffled_with_duplicates(150, 150, seed=4)
+    with AsyncVideo.from_video(clip, idxs, frames_per_chunk=10) as av:
+        kept = list(av.chunks)  # 30 chunks held at once, far more than the server has slots
+        frames = np.concatenate([f for _, f in kept])
+        bases = {type(f.base).__name__ for _, f in kept}
+    assert "Lease" in bases and len(bases) == 2, "the first chunks are shared, the rest inline"
+    assert_frames_exact(clip, idxs, frames)
+
+
+@needs_shm
+def test_slots_are_reused_once_the_caller_lets_go(make_clip):
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo(prefetch=2) as av:
+        for _ in range(3):
+            av.load_by_chunk(clip, shuffled_with_duplicates(150, 50, seed=1), frames_per_chunk=8)
+            for frame_idxs, frames in av.chunks:
+                assert_frames_exact(clip, frame_idxs, frames)
+        assert len(shared_fds(av.server_pid)) <= 2 + 3, "window + held + releases in flight"
+
+
+@needs_shm
+def test_without_shared_memory_frames_come_inline_and_exact(make_clip):
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo.from_video(clip, frames_per_chunk=32, shared_memory=False) as av:
+        chunks = list(av.chunks)
+        assert not shared_fds(av.server_pid)
+    assert all(type(frames.base).__name__ != "Lease" for _, frames in chunks)
+    assert_frames_exact(clip, [i for f, _ in chunks for i in f], np.concatenate([f for _, f in chunks]))
+
+
+@needs_shm
+def test_server_killed_mid_stream_leaves_no_shared_memory(make_clip):
+    clip = make_clip("h264_gops.mp4")
+    av = AsyncVideo.from_video(clip, list(range(150)) * 20, frames_per_chunk=4)
+    chunks = av.chunks
+    first = next(chunks)
+    assert shared_mappings()
+    os.kill(av.server_pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(ServerDiedError):
+        for _ in chunks:
+            pass
+    assert time.monotonic() - start < 5
+    assert_frames_exact(clip, first.frame_idxs, first.frames)  # what we held is still intact
+    av.close()
+    del first, chunks
+    assert not shared_mappings(), "the last mapping went with the last array"
+    assert not [p for p in Path("/dev/shm").glob("*asyncframes*")], "nothing was ever named"
+
+
+CLIENT_SCRIPT = """
+import sys
+from asyncframes import AsyncVideo
+av = AsyncVideo(sys.argv[1])
+av.load_by_chunk(sys.argv[2], list(range(150)) * 50, frames_per_chunk=4)
+next(av.chunks)
+print("streaming", flush=True)
+sys.stdin.read()
+"""
+
+
+@needs_shm
+def test_client_killed_mid_stream_frees_its_slots_and_the_server_serves_on(tmp_path, make_clip):
+    clip = make_clip("h264_gops.mp4")
+    shutil.copy(clip, tmp_path / "gops.mp4")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        endpoint = server.stdout.readline().split()[-1]
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SCRIPT, endpoint, "gops.mp4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert client.stdout.readline().strip() == "streaming"
+        assert shared_fds(server.pid), "the server decodes into shared slots for this client"
+        client.kill()
+        client.wait()
+        deadline = time.monotonic() + 10
+        while shared_fds(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not shared_fds(server.pid), "the server closed the slots of the client that died"
+        with AsyncVideo.from_video("gops.mp4", [149, 0], endpoint=endpoint) as av:
+            (idxs, frames), = av.chunks
+            assert_frames_exact(clip, idxs, frames)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("clip_name", ["h264_gops.mp4", "h264_vfr.mp4", "h264.mkv", "vp9.webm"])
+def test_two_decoder_workers_are_exact(make_clip, clip_name):
+    clip = make_clip(clip_name)
+    with AsyncVideo(workers=2) as av:
+        n = av.info(clip).frame_count
+        for idxs in (None, shuffled_with_duplicates(n, 40, seed=9)):
+            av.load_by_chunk(Video(str(clip), grayscale=False), idxs, frames_per_chunk=48)
+            got = list(av.chunks)
+            assert_frames_exact(clip, [i for f, _ in got for i in f], np.concatenate([f for _, f in got]))
+
+
+def test_two_decoder_workers_on_the_shared_video(centered_pair):
+    with AsyncVideo(workers=2) as av:
+        idxs = shuffled_with_duplicates(1100, 100, seed=2)
+        av.load_by_chunk(centered_pair, idxs, frames_per_chunk=128)
+        frames = np.concatenate([f for _, f in av.chunks])
+    assert frames.shape == (len(idxs), 384, 384, 1)
+    assert_frames_exact(centered_pair, idxs, frames)
+
+
+def test_a_frame_asked_again_is_the_same_frame_and_follows_the_file(tmp_path):
+    """The recent-frames cache serves a repeated frame, and never a stale one after the file changes."""
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=30, gop=10)
+    with AsyncVideo() as av:
+        for i in (17, 17, 3, 17):
+            av.load_by_chunk(path, [i], 1)
+            (idxs, frames), = av.chunks
+            assert_frames_exact(path, idxs, frames)
+        first = frames.copy()
+        time.sleep(0.01)
+        write_clip(path, frames=30, gop=10, size=(96, 128), rate=25, options={"crf": "40"})  # same name, new pixels
+        from .conftest import _reference
+
+        _reference.cache_clear()
+        av.load_by_chunk(path, [17], 1)
+        (idxs, frames), = av.chunks
+        assert_frames_exact(path, idxs, frames)
+        assert not np.array_equal(frames, first)
+
+
+def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
+    clip = make_clip("h264_gops.mp4")
+    out = tmp_path / "bench.json"
+    code = cli_main(
+        ["bench", str(clip), "--rounds", "1", "--random", "20", "--scrub", "3", "--memory-frames", "300",
+         "--workers", "1", "2", "--json", str(out)]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    for heading in ("sequential", "random access", "scrubbing", "first chunk", "client memory", "workers"):
+        assert heading in text
+    report = json.loads(out.read_text())
+    figures = report["videos"]["h264_gops.mp4"]
+    assert figures["random.exact"] is True
+    for name in ("sequential.pyav_best_fps", "sequential.asyncframes_fps", "random.asyncframes_fps",
+                 "scrub.asyncframes_repeat_ms", "first_chunk.fresh_ms", "first_chunk.running_ms"):
+        assert figures[name]["median"] > 0
+    assert report["memory"]["frames"] == 300
+    assert set(report["workers"]) >= {"1", "2"}
