@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -118,6 +119,9 @@ class SeekingReader:
                 return rgb24(frame)
         raise RuntimeError(f"frame {i} not found")
 
+    def read_all(self, idxs: Sequence[int]) -> list[np.ndarray]:
+        return [self.read(i) for i in idxs]
+
     def close(self) -> None:
         self.container.close()
 
@@ -190,7 +194,7 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
         # random access, one request of random_count indices
         seeker = SeekingReader(path)
         try:
-            t, expected = _timed(lambda: [seeker.read(i) for i in random_idxs])
+            t, expected = _timed(partial(seeker.read_all, random_idxs))
         finally:
             seeker.close()
         res.add("random.pyav_seek_fps", len(random_idxs) / t)
@@ -206,14 +210,14 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
         seeker = SeekingReader(path)
         try:
             for i in scrub_idxs:
-                res.add("scrub.pyav_seek_ms", _timed(lambda: seeker.read(i))[0] * 1e3)
+                res.add("scrub.pyav_seek_ms", _timed(partial(seeker.read, i))[0] * 1e3)
         finally:
             seeker.close()
         with AsyncVideo() as client:
             client.info(rgb)
             for i in scrub_idxs:
-                res.add("scrub.asyncframes_cold_ms", _timed(lambda: _one_frame(client, rgb, i))[0] * 1e3)
-                res.add("scrub.asyncframes_repeat_ms", _timed(lambda: _one_frame(client, rgb, i))[0] * 1e3)
+                for name in ("scrub.asyncframes_cold_ms", "scrub.asyncframes_repeat_ms"):
+                    res.add(name, _timed(partial(_one_frame, client, rgb, i))[0] * 1e3)
         # time to the first chunk
         start = time.perf_counter()
         with AsyncVideo.from_video(path, None, frames_per_chunk) as client:
@@ -400,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         res = bench_video(path, args.rounds, args.random, args.scrub, fpc)
         for name, reader in optional_readers():
             for _ in range(args.rounds):
-                t, count = _timed(lambda: reader(path))
+                t, count = _timed(partial(reader, path))
                 res.add(f"sequential.other.{name}_fps", count / t)
         print_video(video.name, _describe(path), res, fpc, args.random)
         report["videos"][video.name] = {"path": path, **res.as_dict()}

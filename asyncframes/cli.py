@@ -132,8 +132,8 @@ def _is_loopback(endpoint: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .process import READY_LINE
     from .pool import default_workers
+    from .process import READY_LINE
     from .server import FrameServer, ServerConfig
     from .transport import ServerCurve
 

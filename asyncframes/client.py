@@ -159,6 +159,7 @@ class _Connection:
 
     def close(self) -> None:
         self.socket.close()
+        self.slots.clear()  # arrays the caller still holds keep their own mapping
         if self.process is not None:
             self.process.stop()
             self.process = None

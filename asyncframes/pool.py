@@ -15,7 +15,7 @@ import bisect
 import os
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -50,11 +50,15 @@ class DecoderPool:
         grayscale: bool,
         out: np.ndarray,
         cache: Optional[FrameCache] = None,
+        interrupt: Optional[Callable[[], bool]] = None,
     ) -> None:
-        """Frames ``idxs`` of ``main``'s file into ``out``; ``key`` names the file for the workers' readers."""
+        """Frames ``idxs`` of ``main``'s file into ``out``; ``key`` names the file for the workers' readers.
+
+        ``interrupt`` (asked between frames, in this thread only) is honoured when one reader does the work.
+        """
         shares = self._split(main, idxs)
         if self._executor is None or len(shares) < 2:
-            main.read(idxs, grayscale=grayscale, out=out, cache=cache)
+            main.read(idxs, grayscale=grayscale, out=out, cache=cache, interrupt=interrupt)
             return
         futures = [
             self._executor.submit(self._read_share, worker, main, key, [idxs[p] for p in share], share, grayscale, out, cache)

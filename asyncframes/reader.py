@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict, defaultdict
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import av
 import numpy as np
@@ -128,6 +128,10 @@ class _Mismatch(Exception):
 
 class _Damaged(Exception):
     """Damaged data (a decode error, or a frame flagged corrupt) while decoding with frame threads."""
+
+
+class ReadInterrupted(Exception):
+    """A read stopped between frames because its ``interrupt`` callback said so."""
 
 
 class _Overshoot(Exception):
@@ -272,6 +276,7 @@ class VideoReader:
         out: Optional[np.ndarray] = None,
         cache: Optional[FrameCache] = None,
         positions: Optional[Sequence[int]] = None,
+        interrupt: Optional[Callable[[], bool]] = None,
     ) -> np.ndarray:
         """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8.
 
@@ -279,7 +284,8 @@ class VideoReader:
         ``cache`` serves frames kept by earlier reads and keeps the ones it wants that
         this read decodes (it must be used with one grayscale setting only).
         ``positions``: frame ``idxs[k]`` goes to ``out[positions[k]]`` instead of ``out[k]``
-        (decoder workers each fill their share of one chunk).
+        (decoder workers each fill their share of one chunk). ``interrupt`` is asked
+        between frames; when it says True the read stops with :class:`ReadInterrupted`.
         """
         gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
@@ -319,7 +325,7 @@ class VideoReader:
 
         for _attempt in range(3):
             try:
-                self._decode(targets, sink, extra)
+                self._decode(targets, sink, extra, interrupt)
                 return out
             except _Damaged:
                 log.warning(
@@ -498,7 +504,9 @@ class VideoReader:
             self._after_seek = False
             return i, frame
 
-    def _decode(self, wanted: list[int], sink, extra: frozenset[int] = frozenset()) -> None:  # type: ignore[no-untyped-def]
+    def _decode(  # type: ignore[no-untyped-def]
+        self, wanted: list[int], sink, extra: frozenset[int] = frozenset(), interrupt: Optional[Callable[[], bool]] = None
+    ) -> None:
         """Decode every index in ``wanted`` (sorted, unique) once, handing each to ``sink``.
 
         Frames in ``extra`` that are decoded on the way are handed to ``sink`` too.
@@ -528,6 +536,8 @@ class VideoReader:
                     sink(i, frame)
                 if i > target:
                     raise _Mismatch(f"decoder skipped frame {target}")
+                if interrupt is not None and interrupt():
+                    raise ReadInterrupted()
 
 
 def _av_open(filename: str, container_options: dict[str, str]) -> Any:

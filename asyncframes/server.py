@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import OrderedDict, deque
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -26,6 +26,7 @@ import zmq
 
 from . import __version__, protocol, shm
 from .errors import AsyncFramesError, ProtocolError, ServerError, VideoAccessError
+from .pool import DecoderPool
 from .protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -44,12 +45,14 @@ from .protocol import (
     Stop,
     Welcome,
 )
-from .pool import DecoderPool
-from .reader import FrameCache, RecentFrames, VideoReader
+from .reader import FrameCache, ReadInterrupted, RecentFrames, VideoReader
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
 log = logging.getLogger(__name__)
+
+#: How often a chunk being decoded looks for a cancel of its request, in seconds.
+INTERRUPT_CHECK_S = 0.005
 
 #: Demuxers a confined server will open: video containers and image formats, nothing that
 #: follows references to other files or URLs (playlists such as HLS, concat lists).
@@ -173,6 +176,7 @@ class FrameServer:
         self._readers: "OrderedDict[tuple[str, int], VideoReader]" = OrderedDict()
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
+        self._pending: deque[tuple[bytes, protocol.Message]] = deque()  # read while a chunk was decoding
         self._buffers = _BufferPool()
         self._recent = RecentFrames(config.recent_cache_bytes)
         self._pool = DecoderPool(config.workers, config.max_open_files)
@@ -193,7 +197,7 @@ class FrameServer:
         try:
             while self._running:
                 runnable = any(job.credit > 0 for job in self._jobs)
-                events = dict(poller.poll(0 if runnable else 250))
+                events = dict(poller.poll(0 if runnable or self._pending else 250))
                 if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
@@ -212,18 +216,52 @@ class FrameServer:
         self._running = False
 
     def _drain(self, limit: int = 1000) -> None:
+        while self._pending:
+            self._handle(*self._pending.popleft())
         for _ in range(limit):
+            got = self._receive()
+            if got is None:
+                return
+            self._handle(*got)
+
+    def _receive(self) -> Optional[tuple[bytes, protocol.Message]]:
+        """The next well-formed message (malformed ones are answered here); None when none waits."""
+        while True:
             try:
                 client, frames = self.socket.recv()
             except zmq.Again:
-                return
+                return None
             try:
                 message, _payload = protocol.parse(frames)
             except ProtocolError as exc:
                 log.warning("client %s sent a malformed message: %s", client.hex(), exc)
                 self._send(client, Error(request_id=None, error="ProtocolError", message=str(exc)))
                 continue
-            self._handle(client, message)
+            return client, message
+
+    def _interrupter(self, job: _Job) -> Callable[[], bool]:
+        """Asked between frames: has ``job``'s client cancelled it? Other messages wait their turn.
+
+        A client that moves on (a GUI jumping elsewhere) then waits for at most a few
+        milliseconds, not for the rest of a chunk nobody wants.
+        """
+        next_check = [time.monotonic() + INTERRUPT_CHECK_S]
+
+        def cancelled() -> bool:
+            now = time.monotonic()
+            if now < next_check[0]:
+                return False
+            next_check[0] = now + INTERRUPT_CHECK_S
+            while True:
+                got = self._receive()
+                if got is None:
+                    return False
+                self._pending.append(got)
+                client, message = got
+                if client == job.client and isinstance(message, Cancel) and message.request_id == job.request.request_id:
+                    return True
+
+        return cancelled
 
     def _shutdown(self) -> None:
         for client, state in list(self._clients.items()):
@@ -397,6 +435,10 @@ class FrameServer:
             lease = slots.take(math.prod(shape)) if slots is not None and idxs else None
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
             self._read(job, reader, idxs, frames)
+        except ReadInterrupted:
+            if lease is not None and slots is not None:
+                slots.release([lease[0]])
+            return  # its client cancelled it; the cancel waits in self._pending
         except Exception as exc:
             if lease is not None and slots is not None:
                 slots.release([lease[0]])
@@ -418,14 +460,15 @@ class FrameServer:
 
     def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
         """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache."""
+        interrupt = self._interrupter(job)
         if len(job.frame_idxs) > self.config.recent_request_frames:
-            self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache)
+            self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache, interrupt)
             return
         key = (job.reader_key, job.grayscale)
         kept = [self._recent.get(key, i) for i in idxs]
         missing = [pos for pos, frame in enumerate(kept) if frame is None]
         if missing:
-            decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache)
+            decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache, interrupt=interrupt)
             for pos, frame in zip(missing, decoded):
                 kept[pos] = frame
                 self._recent.put(key, idxs[pos], frame)

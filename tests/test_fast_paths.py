@@ -7,8 +7,10 @@ holds, and never leaves memory behind when a process dies.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +110,7 @@ def test_server_killed_mid_stream_leaves_no_shared_memory(make_clip):
     assert_frames_exact(clip, first.frame_idxs, first.frames)  # what we held is still intact
     av.close()
     del first, chunks
+    gc.collect()  # the ServerDiedError's traceback is a reference cycle
     assert not shared_mappings(), "the last mapping went with the last array"
     assert not [p for p in Path("/dev/shm").glob("*asyncframes*")], "nothing was ever named"
 
@@ -212,3 +215,16 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
         assert figures[name]["median"] > 0
     assert report["memory"]["frames"] == 300
     assert set(report["workers"]) >= {"1", "2"}
+
+
+def test_a_cancelled_chunk_stops_decoding_at_once(centered_pair, capfd):
+    """A GUI that jumps elsewhere does not wait for the rest of a chunk nobody wants."""
+    with AsyncVideo(server_log_level="INFO") as av:
+        av.info(centered_pair)
+        av.load_by_chunk(centered_pair, None, frames_per_chunk=1024)  # one long chunk, half a second of decoding here
+        time.sleep(0.1)
+        av.load_by_chunk(centered_pair, [5], 1)
+        (idxs, frames), = av.chunks
+        assert_frames_exact(centered_pair, idxs, frames)
+    log = capfd.readouterr().err
+    assert re.search(r"frames=0/1100 chunks=0 time=\S+ cancelled", log), log
