@@ -286,20 +286,63 @@ def bench_memory(path: str, total: int, frames_per_chunk: int, delay: float, pre
     return json.loads(out.stdout)
 
 
-def bench_workers(path: str, rounds: int, counts: Sequence[int], frames_per_chunk: int) -> dict[int, list[float]]:
-    """Frames/s of one large request (every frame, shuffled) with servers of 1, 2 and N decoder workers."""
+def bench_workers(path: str, rounds: int, counts: Sequence[int], frames_per_chunk: int) -> dict[str, dict[int, list[float]]]:
+    """Frames/s of large requests (every frame in order; every frame shuffled) with 1, 2 and N decoder workers.
+
+    Each server first streams the whole video once, so the figures are of a running server.
+    """
     n = len(_frame_pts(path))
     order = [int(i) for i in np.random.default_rng(3).permutation(n)]
-    out: dict[int, list[float]] = {k: [] for k in counts}
+    out: dict[str, dict[int, list[float]]] = {"in_order": {k: [] for k in counts}, "shuffled": {k: [] for k in counts}}
     for _ in range(rounds):
         for k in counts:
             with AsyncVideo(workers=k) as client:
-                client.info(path)
-                for idxs in (None, order):
+                client.load_by_chunk(path, None, frames_per_chunk)
+                _drain(client)
+                for name, idxs in (("in_order", None), ("shuffled", order)):
                     client.load_by_chunk(path, idxs, frames_per_chunk)
-                    t, count = _timed(lambda: _drain(client))
-                    out[k].append(count / t)
+                    t, count = _timed(partial(_drain, client))
+                    out[name][k].append(count / t)
     return out
+
+
+def bench_scale_out(rounds: int, frames_per_chunk: int = 32) -> dict[int, list[float]]:
+    """Frames/s of one request spread over 1, 2 (and 3) standalone servers on loopback.
+
+    Each server is pinned to its own CPU, standing in for a machine of its own;
+    unpinned, a single server already keeps a small machine busy.
+    """
+    from .process import READY_LINE
+
+    folder = Path(tempfile.mkdtemp(prefix="asyncframes-bench-"))
+    clip = write_clip(folder / "short_gops.mp4", frames=960, size=(480, 640), gop=frames_per_chunk, bframes=2)
+    cpus = sorted(os.sched_getaffinity(0))
+    servers: list[tuple[subprocess.Popen, str]] = []
+    results: dict[int, list[float]] = {}
+    try:
+        for cpu in cpus[:3]:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(folder),
+                 "--log-level", "WARNING", "--workers", "1"],
+                stdout=subprocess.PIPE, text=True, preexec_fn=partial(os.sched_setaffinity, 0, {cpu}),
+            )
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith(READY_LINE), line
+            servers.append((proc, line.split()[-1]))
+        for _ in range(rounds):
+            for n in range(1, len(servers) + 1):
+                with AsyncVideo([endpoint for _, endpoint in servers[:n]]) as client:
+                    client.load_by_chunk(clip.name, list(range(64)), frames_per_chunk)  # warm every server's reader
+                    _drain(client)
+                    client.load_by_chunk(clip.name, None, frames_per_chunk)
+                    t, count = _timed(partial(_drain, client))
+                    results.setdefault(n, []).append(count / t)
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait()
+    return results
 
 
 # -- optional third-party readers ----------------------------------------------------
@@ -420,11 +463,23 @@ def run(args: argparse.Namespace) -> int:
     if counts:
         target = next((v for v in videos if "1080p" in v.name), videos[0])
         scaling = bench_workers(str(target), args.rounds, counts, fpc)
-        base = statistics.median(scaling[counts[0]])
-        print(f"\nworkers: every frame of {target.name} (in order, then shuffled), medians of {args.rounds} rounds")
-        for k, values in scaling.items():
-            print(f"  {k} worker(s)   {statistics.median(values):8.0f} frames/s   x{statistics.median(values) / base:5.2f}")
-        report["workers"] = {"video": target.name, **{str(k): {"median": statistics.median(v), "samples": v} for k, v in scaling.items()}}
+        print(f"\nworkers: every frame of {target.name}, on a running server; frames/s, medians of {args.rounds} rounds")
+        print("              in order         shuffled")
+        first = {name: statistics.median(values[counts[0]]) for name, values in scaling.items()}
+        for k in counts:
+            row = [statistics.median(scaling[name][k]) for name in ("in_order", "shuffled")]
+            print(f"  {k} worker(s) {row[0]:7.0f} (x{row[0] / first['in_order']:4.2f})  {row[1]:7.0f} (x{row[1] / first['shuffled']:4.2f})")
+        report["workers"] = {
+            "video": target.name,
+            **{name: {str(k): {"median": statistics.median(v), "samples": v} for k, v in values.items()} for name, values in scaling.items()},
+        }
+    if args.scale_out:
+        spread = bench_scale_out(args.rounds)
+        base = statistics.median(spread[1])
+        print("\nscale-out: 960 frames of 640x480 with 32-frame GOPs over loopback servers, each pinned to its own CPU")
+        for k, values in spread.items():
+            print(f"  {k} server(s)   {statistics.median(values):8.0f} frames/s   x{statistics.median(values) / base:5.2f}")
+        report["scale_out"] = {str(k): {"median": statistics.median(v), "samples": v} for k, v in spread.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")

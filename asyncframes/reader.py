@@ -324,7 +324,11 @@ class VideoReader:
             rgb = rgb24(frame)
             image = (rgb[..., :1] if self._gray_by_chroma(frame, rgb) else luma(rgb)[..., None]) if gray else rgb
             if i in places:
-                out[places[i]] = image
+                where = places[i]
+                if len(where) == 1:
+                    out[where[0]] = image  # plain indexing copies faster than a list index
+                else:
+                    out[where] = image
             if cache is not None:
                 cache.offer(i, image)
 
@@ -360,7 +364,7 @@ class VideoReader:
         if self._chroma_trials is None or frame.format.name not in _YUV_8BIT:
             return False
         for plane in frame.planes[1:3]:
-            chroma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+            chroma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]  # type: ignore[call-overload]
             if not (chroma == 128).all():
                 return False
         if self._chroma_trials > 0:

@@ -398,7 +398,7 @@ class FrameServer:
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
-            cache=FrameCache(budget, finish_gops=not _ascending(idxs)) if budget > 0 else None,
+            cache=_request_cache(idxs, budget),
         )
         if request.shm and self._probe is not None and state.slots is None:
             # Enough slots for the window, the chunk the caller holds, and releases on their way.
@@ -580,11 +580,17 @@ class FrameServer:
         return reader
 
 
-def _ascending(idxs: Sequence[int]) -> bool:
-    """Whether a request only ever moves forward (a decoder serves it by decoding on)."""
+def _request_cache(idxs: Sequence[int], budget: int) -> Optional[FrameCache]:
+    """The cache a request needs: none when it strictly moves forward (nothing decoded is asked
+    for again); for requests that only move forward, no decoding ahead within GOPs."""
+    if budget <= 0:
+        return None
     if isinstance(idxs, range):
-        return idxs.step > 0
-    return all(a <= b for a, b in zip(idxs, idxs[1:]))
+        return None if idxs.step > 0 else FrameCache(budget)
+    pairs = list(zip(idxs, idxs[1:]))
+    if all(a < b for a, b in pairs):
+        return None
+    return FrameCache(budget, finish_gops=not all(a <= b for a, b in pairs))
 
 
 def _reader_key(video: Video) -> tuple[str, int]:
