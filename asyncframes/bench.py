@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .client import AsyncVideo
-from .reader import rgb24
+from .convert import rgb24
 from .sample import write_clip
 from .video import Video
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import av
 import numpy as np
 
+from .convert import Converter
 from .errors import FrameIndexError, VideoDecodeError, VideoNotFoundError, VideoOpenError
 from .index import FrameIndex, index_from_packets
 from .video import VideoInfo
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 SEEK_COST_FRAMES = 4
 #: How many earlier keyframes to try when a seek lands after the one we asked for.
 SEEK_RETRIES = 3
-#: Frames whose RGB channels confirm the neutral-chroma gray test before it is trusted alone.
-CHROMA_TRIALS = 32
-#: Planar 8-bit YUV formats: planes 1 and 2 are chroma, 128 is neutral.
-_YUV_8BIT = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p", "yuv411p", "yuv410p"})
 
 
 class FrameCache:
@@ -142,36 +139,6 @@ class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
 
 
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of an ``(..., 3)`` uint8 RGB array (8-bit weights 77/150/29); exactly R when R == G == B."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    if np.array_equal(r, g) and np.array_equal(r, b):
-        return r  # gray content: skip the arithmetic
-    acc = r.astype(np.uint16) * 77
-    acc += g.astype(np.uint16) * 150
-    acc += b.astype(np.uint16) * 29
-    acc += 128
-    acc >>= 8
-    return acc.astype(np.uint8)
-
-
-def _swscale_options() -> dict[str, Any]:
-    # Single-threaded swscale is ~2.5x faster on small frames; older PyAV cannot ask for it.
-    try:
-        av.VideoFrame(16, 16, "yuv420p").to_ndarray(format="rgb24", threads=1)
-    except TypeError:
-        return {}
-    return {"threads": 1}
-
-
-_SWSCALE = _swscale_options()
-
-
-def rgb24(frame: av.VideoFrame) -> np.ndarray:
-    """Convert a decoded frame to an ``(h, w, 3)`` uint8 array, exactly as ``to_ndarray(format="rgb24")`` does."""
-    return frame.to_ndarray(format="rgb24", **_SWSCALE)
-
-
 class VideoReader:
     """An open video with a frame index and a decoder kept open between reads.
 
@@ -203,7 +170,7 @@ class VideoReader:
         self._last = -1  # index of the last frame the decoder presented
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
-        self._chroma_trials: Optional[int] = CHROMA_TRIALS  # None: the neutral-chroma shortcut is off
+        self._convert = Converter(filename)
         self.signature = _file_signature(filename)
         self.index = index if index is not None else self._build_index()
         if self.index.sequential and not self.index.pts:
@@ -321,8 +288,7 @@ class VideoReader:
                     f"{self.filename}: frame {i} is {frame.width}x{frame.height}, "
                     f"but the video starts at {self.width}x{self.height}; size changes are not supported"
                 )
-            rgb = rgb24(frame)
-            image = (rgb[..., :1] if self._gray_by_chroma(frame, rgb) else luma(rgb)[..., None]) if gray else rgb
+            image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
             if i in places:
                 where = places[i]
                 if len(where) == 1:
@@ -352,28 +318,6 @@ class VideoReader:
                 self.check_indices(idxs)
                 targets = sorted(places)
         raise VideoDecodeError(f"{self.filename}: could not decode frames {sorted(places)[:8]} consistently")
-
-    def _gray_by_chroma(self, frame: av.VideoFrame, rgb: np.ndarray) -> bool:
-        """True when the frame is gray because its chroma is neutral (128 everywhere).
-
-        Checking the small chroma planes costs a tenth of comparing the RGB channels.
-        Neutral chroma makes swscale's R, G and B equal; the first frames of each
-        reader confirm that against the RGB channels, and any disagreement turns the
-        shortcut off for good.
-        """
-        if self._chroma_trials is None or frame.format.name not in _YUV_8BIT:
-            return False
-        for plane in frame.planes[1:3]:
-            chroma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]  # type: ignore[call-overload]
-            if not (chroma == 128).all():
-                return False
-        if self._chroma_trials > 0:
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                log.info("%s: neutral chroma without equal RGB channels; comparing channels instead", self.filename)
-                self._chroma_trials = None
-                return False
-            self._chroma_trials -= 1
-        return True
 
     def _gop_companions(self, targets: list[int], cache: FrameCache, frame_bytes: int) -> set[int]:
         """Frames the cache wants that lie later in a GOP we are opening anyway (within its budget).

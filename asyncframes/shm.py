@@ -77,7 +77,11 @@ class Probe:
 
 def attach(pid: int, fd: int, size: int) -> mmap.mmap:
     """Map another process's memfd; raises OSError or ValueError when it cannot be reached."""
-    ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    path = f"/proc/{pid}/fd/{fd}"
+    # Look before opening: the pid may be another machine's, naming some unrelated local file.
+    if not os.readlink(path).startswith("/memfd:asyncframes"):
+        raise ValueError(f"{path} is not an asyncframes shared buffer")
+    ours = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         if os.fstat(ours).st_size != size:
             raise ValueError("shared buffer has an unexpected size")

@@ -222,9 +222,25 @@ def test_a_cancelled_chunk_stops_decoding_at_once(centered_pair, capfd):
     with AsyncVideo(server_log_level="INFO") as av:
         av.info(centered_pair)
         av.load_by_chunk(centered_pair, None, frames_per_chunk=1024)  # one long chunk, half a second of decoding here
-        time.sleep(0.1)
+        time.sleep(0.03)
         av.load_by_chunk(centered_pair, [5], 1)
         (idxs, frames), = av.chunks
         assert_frames_exact(centered_pair, idxs, frames)
     log = capfd.readouterr().err
     assert re.search(r"frames=0/1100 chunks=0 time=\S+ cancelled", log), log
+
+
+@needs_shm
+def test_the_probe_proves_reach_and_refuses_anything_else(tmp_path):
+    probe = shm.Probe()
+    try:
+        me = os.getpid()
+        assert shm.can_reach(me, probe.buffer.fd, probe.token)
+        assert not shm.can_reach(me, probe.buffer.fd, bytes(16)), "wrong token"
+        with open(tmp_path / "not-shared", "wb") as f:
+            f.write(probe.token)
+            f.flush()
+            assert not shm.can_reach(me, f.fileno(), probe.token), "a plain file is never opened as a slot"
+        assert not shm.can_reach(2**22 + 7, 3, probe.token), "no such process"
+    finally:
+        probe.close()

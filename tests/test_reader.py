@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
+from asyncframes.convert import luma
 from asyncframes.index import FrameIndex, index_from_packets
-from asyncframes.reader import FrameCache, VideoReader, luma
+from asyncframes.reader import FrameCache, VideoReader
 from asyncframes.sample import write_clip
 
 from .conftest import CLIPS, ZOO, assert_frames_exact, corrupt_frames, reference_frames, shuffled_with_duplicates
@@ -253,3 +254,22 @@ def test_index_from_packets_rules():
     assert index_from_packets([(None, True, False)]).sequential
     assert index_from_packets([(0, True, False), (0, False, False)]).sequential
     assert index_from_packets([(0, False, False), (1, True, False)]).sequential
+
+
+def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradicted(make_clip, monkeypatch):
+    import av
+
+    from asyncframes import convert
+
+    with av.open(str(make_clip("gray.mp4"))) as container:
+        frame = next(container.decode(video=0))
+    rgb = frame.to_ndarray(format="rgb24")
+    conv = convert.Converter("gray.mp4")
+    assert np.array_equal(conv.gray(frame), rgb[..., :1])
+    assert conv._trials == convert.TRIALS - 1
+    tinted = rgb.copy()
+    tinted[0, 0, 2] ^= 1  # a channel that disagrees although the chroma planes are neutral
+    monkeypatch.setattr(convert, "rgb24", lambda _frame: tinted)
+    assert np.array_equal(conv.gray(frame), luma(tinted)[..., None])
+    assert conv._trials is None, "the shortcut is off for good"
+    assert np.array_equal(conv.gray(frame), luma(tinted)[..., None])
