@@ -105,6 +105,9 @@ class RecentFrames:
             self._frames.move_to_end((key, i))
         return frame
 
+    def has(self, key: Any, i: int) -> bool:
+        return (key, i) in self._frames
+
     def put(self, key: Any, i: int, frame: np.ndarray) -> None:
         if frame.nbytes > self.max_bytes or (key, i) in self._frames:
             return

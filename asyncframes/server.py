@@ -85,6 +85,8 @@ class ServerConfig:
     recent_cache_bytes: int = 128 * 1024 * 1024
     #: Requests of at most this many frames count as small.
     recent_request_frames: int = 8
+    #: Frames around the last small request decoded into that cache while the server is idle.
+    read_around_frames: int = 24
     #: Honour :class:`Stop` from clients (private servers only).
     allow_stop: bool = False
     #: Seconds between liveness probes of known clients.
@@ -179,6 +181,8 @@ class FrameServer:
         self._pending: deque[tuple[bytes, protocol.Message]] = deque()  # read while a chunk was decoding
         self._buffers = _BufferPool()
         self._recent = RecentFrames(config.recent_cache_bytes)
+        #: (reader key, grayscale, frame) of the last small request, to read around when idle
+        self._around: Optional[tuple[tuple[str, int], bool, int]] = None
         self._pool = DecoderPool(config.workers, config.max_open_files)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
@@ -197,13 +201,16 @@ class FrameServer:
         try:
             while self._running:
                 runnable = any(job.credit > 0 for job in self._jobs)
-                events = dict(poller.poll(0 if runnable or self._pending else 250))
+                events = dict(poller.poll(0 if runnable or self._pending or self._around else 250))
                 if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
                 self._drain()
                 if self._running and runnable:
                     self._step()
+                elif self._running and self._around is not None and not self._pending:
+                    if not any(job.credit > 0 for job in self._jobs):  # nothing came in meanwhile
+                        self._read_around()
                 if time.monotonic() >= self._next_probe:
                     self._probe_clients()
         finally:
@@ -467,6 +474,7 @@ class FrameServer:
         key = (job.reader_key, job.grayscale)
         kept = [self._recent.get(key, i) for i in idxs]
         missing = [pos for pos, frame in enumerate(kept) if frame is None]
+        log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
         if missing:
             decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache, interrupt=interrupt)
             for pos, frame in zip(missing, decoded):
@@ -474,6 +482,38 @@ class FrameServer:
                 self._recent.put(key, idxs[pos], frame)
         for pos, frame in enumerate(kept):
             frames[pos] = frame
+        if idxs:
+            self._around = (job.reader_key, job.grayscale, idxs[-1])
+
+    def _read_around(self) -> None:
+        """While idle, decode the frames around the last small request into the recent-frames cache.
+
+        A GUI stepping back or forth from the frame it just showed then finds its next
+        frame ready. Any message that arrives stops this between two frames.
+        """
+        assert self._around is not None
+        key, gray, i = self._around
+        self._around = None
+        reader = self._readers.get(key)
+        if reader is None:
+            return
+        cfg = self.config
+        frame_bytes = math.prod(reader.frame_shape(gray))
+        span = min(cfg.read_around_frames, cfg.recent_cache_bytes // 4 // max(frame_bytes, 1))
+        lo, hi = max(0, i - span // 2), min(reader.frame_count, i + span // 2 + 1)
+        wanted = [j for j in range(lo, hi) if not self._recent.has((key, gray), j)]
+        if not wanted:
+            return
+        try:
+            frames = reader.read(wanted, grayscale=gray, interrupt=lambda: bool(self.socket.socket.poll(0)))
+        except ReadInterrupted:
+            return
+        except Exception as exc:  # an idle nicety: a failure here is the next request's to report
+            log.debug("reading around frame %d failed: %s", i, exc)
+            return
+        for j, frame in zip(wanted, frames):
+            self._recent.put((key, gray), j, frame)
+        log.debug("read around frame %d of %s: kept frames %d..%d", i, key[0], lo, hi - 1)
 
     def _finish(self, job: _Job, error: Optional[BaseException] = None) -> None:
         job.cache = None

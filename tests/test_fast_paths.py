@@ -244,3 +244,21 @@ def test_the_probe_proves_reach_and_refuses_anything_else(tmp_path):
         assert not shm.can_reach(2**22 + 7, 3, probe.token), "no such process"
     finally:
         probe.close()
+
+
+def test_stepping_back_and_forth_after_a_pause_is_served_from_frames_read_around(make_clip, capfd):
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo(server_log_level="DEBUG") as av:
+        av.load_by_chunk(clip, [60], 1)
+        list(av.chunks)
+        deadline = time.monotonic() + 10
+        while "read around frame 60" not in capfd.readouterr().err:
+            assert time.monotonic() < deadline, "the idle server never read around frame 60"
+            time.sleep(0.05)
+        for i in (59, 61, 49, 71):
+            av.load_by_chunk(clip, [i], 1)
+            (idxs, frames), = av.chunks
+            assert_frames_exact(clip, idxs, frames)
+    log = capfd.readouterr().err
+    for i in (59, 61, 49, 71):
+        assert f"frames [{i}]: 1 of 1 from the recent-frames cache" in log
