@@ -547,6 +547,8 @@ class AsyncVideo:
             return conn.slots.array(conn.shm_pid, where.fd, where.slot, where.size, tuple(message.shape), dtype.str)
         except (OSError, ValueError) as exc:
             self.cancel()
+            if conn.process is not None:
+                conn._wait_for_exit()  # our own server: say how it ended
             if not shm.process_alive(conn.shm_pid):
                 raise ServerDiedError(
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {conn.shm_pid}) is gone"
