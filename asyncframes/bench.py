@@ -347,6 +347,12 @@ def bench_scale_out(rounds: int, frames_per_chunk: int = 32) -> dict[int, list[f
 
 # -- optional third-party readers ----------------------------------------------------
 
+OTHER_LABELS = {
+    "opencv": "OpenCV VideoCapture + BGR->RGB",
+    "decord": "decord, batches of 64",
+    "torchcodec": "torchcodec VideoDecoder",
+}
+
 
 def optional_readers() -> Iterator[tuple[str, Callable[[str], int]]]:
     """Sequential readers from other libraries, when they are installed (never required)."""
@@ -408,7 +414,8 @@ def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int)
     print(f"    PyAV naive (defaults)                  {m('sequential.pyav_naive_fps'):8.0f}   {m('sequential.pyav_naive_fps') / base:6.2f}")
     print(f"    PyAV best practice (baseline)          {base:8.0f}   {1:6.2f}")
     for other in [k for k in res.samples if k.startswith("sequential.other.")]:
-        print(f"    {other.split('.')[-1]:38s} {m(other):8.0f}   {m(other) / base:6.2f}")
+        label = OTHER_LABELS.get(other.split(".")[-1].removesuffix("_fps"), other)
+        print(f"    {label:38s} {m(other):8.0f}   {m(other) / base:6.2f}")
     print(f"    asyncframes, first stream of a server  {m('sequential.asyncframes_new_server_fps'):8.0f}   "
           f"{m('sequential.asyncframes_new_server_fps') / base:6.2f}")
     print(f"    asyncframes end to end, running server {m('sequential.asyncframes_fps'):8.0f}   "
