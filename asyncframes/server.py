@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: How often a chunk being decoded looks for a cancel of its request, in seconds.
 INTERRUPT_CHECK_S = 0.005
+#: Quiet time after a small request before the server reads around it: a client that asks
+#: again at once (the same frame, the next one) is answered before any of that starts.
+READ_AROUND_DELAY_S = 0.02
 
 #: Demuxers a confined server will open: video containers and image formats, nothing that
 #: follows references to other files or URLs (playlists such as HLS, concat lists).
@@ -183,6 +186,7 @@ class FrameServer:
         self._recent = RecentFrames(config.recent_cache_bytes)
         #: (reader key, grayscale, frame) of the last small request, to read around when idle
         self._around: Optional[tuple[tuple[str, int], bool, int]] = None
+        self._around_at = 0.0
         self._pool = DecoderPool(config.workers, config.max_open_files)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
@@ -201,14 +205,14 @@ class FrameServer:
         try:
             while self._running:
                 runnable = any(job.credit > 0 for job in self._jobs)
-                events = dict(poller.poll(0 if runnable or self._pending or self._around else 250))
+                events = dict(poller.poll(0 if runnable or self._pending else self._idle_wait_ms()))
                 if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
                 self._drain()
                 if self._running and runnable:
                     self._step()
-                elif self._running and self._around is not None and not self._pending:
+                elif self._running and self._around is not None and not self._pending and self._idle_wait_ms() == 0:
                     if not any(job.credit > 0 for job in self._jobs):  # nothing came in meanwhile
                         self._read_around()
                 if time.monotonic() >= self._next_probe:
@@ -484,6 +488,13 @@ class FrameServer:
             frames[pos] = frame
         if idxs:
             self._around = (job.reader_key, job.grayscale, idxs[-1])
+            self._around_at = time.monotonic() + READ_AROUND_DELAY_S
+
+    def _idle_wait_ms(self) -> int:
+        """How long the loop may sleep: until reading around is due, else a quarter second."""
+        if self._around is None:
+            return 250
+        return max(0, math.ceil((self._around_at - time.monotonic()) * 1000))
 
     def _read_around(self) -> None:
         """While idle, decode the frames around the last small request into the recent-frames cache.
