@@ -202,42 +202,25 @@ KINDS: dict[str, type] = {
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 
 
-def _strict_int(value: Any, _type: type) -> int:
-    # cattrs would turn "3" or 3.7 into an int; on the wire that is a protocol error.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
-    return value
+def _strict(accepts: tuple[type, ...], what: str, then: Any = None) -> Any:
+    """A structure hook that takes only ``accepts`` (never a bool posing as a number).
+
+    cattrs would turn "3" or 3.7 into an int; on the wire that is a protocol error.
+    """
+
+    def hook(value: Any, _type: type) -> Any:
+        if not isinstance(value, accepts) or (isinstance(value, bool) and bool not in accepts):
+            raise TypeError(f"expected {what}, got {type(value).__name__}")
+        return value if then is None else then(value)
+
+    return hook
 
 
-def _strict_str(value: Any, _type: type) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _strict_float(value: Any, _type: type) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _strict_bytes(value: Any, _type: type) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError(f"expected bytes, got {type(value).__name__}")
-    return value
-
-
-def _strict_bool(value: Any, _type: type) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected a boolean, got {type(value).__name__}")
-    return value
-
-
-converter.register_structure_hook(int, _strict_int)
-converter.register_structure_hook(str, _strict_str)
-converter.register_structure_hook(float, _strict_float)
-converter.register_structure_hook(bool, _strict_bool)
-converter.register_structure_hook(bytes, _strict_bytes)
+converter.register_structure_hook(int, _strict((int,), "an integer"))
+converter.register_structure_hook(str, _strict((str,), "a string"))
+converter.register_structure_hook(float, _strict((int, float), "a number", float))
+converter.register_structure_hook(bool, _strict((bool,), "a boolean"))
+converter.register_structure_hook(bytes, _strict((bytes,), "bytes"))
 
 
 def encode(message: Message) -> bytes:
