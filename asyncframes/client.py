@@ -37,7 +37,7 @@ from .errors import (
     ServerStartError,
     error_from_wire,
 )
-from .process import ServerProcess
+from .process import ServerProcess, prestart, take_prestarted
 from .transport import ClientCurve, ClientSocket, poll_any
 from .video import Video, VideoInfo, as_video
 
@@ -221,8 +221,10 @@ class AsyncVideo:
         self._closed = False
         try:
             if endpoint is None:
-                options = ["--workers", str(workers)] if workers else []
-                process = ServerProcess(start_timeout=start_timeout, log_level=server_log_level, options=options)
+                options = _server_options(workers)
+                process = take_prestarted(server_log_level, options, start_timeout) or ServerProcess(
+                    start_timeout=start_timeout, log_level=server_log_level, options=options
+                )
                 self._conns.append(_Connection(process.endpoint, None, process))
             else:
                 endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
@@ -234,6 +236,16 @@ class AsyncVideo:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def prestart(*, workers: Optional[int] = None, server_log_level: str = "WARNING") -> int:
+        """Start a private server now, in the background, for the next ``AsyncVideo()``; its pid.
+
+        Starting Python, NumPy and PyAV takes a few hundred milliseconds. Call this
+        when your app starts, and the first video it opens finds its server ready.
+        The arguments must match the ``AsyncVideo`` that is to take it.
+        """
+        return prestart(server_log_level, _server_options(workers))
 
     @classmethod
     def from_video(
@@ -554,6 +566,10 @@ class AsyncVideo:
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {conn.shm_pid}) is gone"
                 ) from exc
             raise ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}") from exc
+
+
+def _server_options(workers: Optional[int]) -> list[str]:
+    return ["--workers", str(workers)] if workers else []
 
 
 def _quietly(fn: Any, *args: Any) -> None:

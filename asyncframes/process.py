@@ -12,6 +12,7 @@ frozen apps).
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import subprocess
@@ -30,8 +31,16 @@ READY_LINE = "asyncframes server ready on"
 class ServerProcess:
     """A private frame server owned by one client."""
 
-    def __init__(self, start_timeout: float = 30.0, log_level: str = "WARNING", options: Sequence[str] = ()) -> None:
-        """``options``: more ``asyncframes serve`` options (e.g. ``--workers 2``)."""
+    def __init__(
+        self, start_timeout: float = 30.0, log_level: str = "WARNING", options: Sequence[str] = (), wait: bool = True
+    ) -> None:
+        """``options``: more ``asyncframes serve`` options (e.g. ``--workers 2``).
+        ``wait=False`` returns at once; :meth:`wait_ready` then waits for the server."""
+        self.start_timeout = start_timeout
+        self.log_level = log_level
+        self.options = tuple(options)
+        self.owner_pid = os.getpid()
+        self.endpoint = ""
         bind, self._private_dir = private_endpoint()
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -47,17 +56,21 @@ class ServerProcess:
         except OSError as exc:
             remove_private_dir(self._private_dir)
             raise ServerStartError(f"could not start the frame server: {exc}") from exc
-        self.endpoint = self._wait_ready(start_timeout)
+        self._lines: "queue.Queue[str]" = queue.Queue()
+        assert self.popen.stdout is not None
+        threading.Thread(target=_read_first_line, args=(self.popen.stdout, self._lines), daemon=True).start()
+        self._started = time.monotonic()
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self, timeout: float) -> str:
-        lines: "queue.Queue[str]" = queue.Queue()
-        stdout = self.popen.stdout
-        assert stdout is not None
-        threading.Thread(target=_read_first_line, args=(stdout, lines), daemon=True).start()
-        deadline = time.monotonic() + timeout
+    def wait_ready(self) -> str:
+        """The endpoint, once the server says it is ready (within ``start_timeout`` of its start)."""
+        if self.endpoint:
+            return self.endpoint
+        deadline = self._started + self.start_timeout
         while True:
             try:
-                line = lines.get(timeout=0.05)
+                line = self._lines.get(timeout=0.05)
             except queue.Empty:
                 if self.popen.poll() is not None:
                     self.kill()
@@ -66,10 +79,11 @@ class ServerProcess:
                     ) from None
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise ServerStartError(f"the frame server did not start within {timeout:g} s") from None
+                    raise ServerStartError(f"the frame server did not start within {self.start_timeout:g} s") from None
                 continue
             if line.startswith(READY_LINE):
-                return line[len(READY_LINE) :].split()[0]
+                self.endpoint = line[len(READY_LINE) :].split()[0]
+                return self.endpoint
             self.kill()
             raise ServerStartError(f"the frame server said {line!r} instead of getting ready")
 
@@ -113,6 +127,50 @@ class ServerProcess:
                 pass
         remove_private_dir(self._private_dir)
         self._private_dir = None
+
+
+_spare_lock = threading.Lock()
+_spare: Optional[ServerProcess] = None
+
+
+def prestart(log_level: str = "WARNING", options: Sequence[str] = ()) -> int:
+    """Start a private server in the background for the next client of this process; its pid.
+
+    Python, NumPy and PyAV take a few hundred milliseconds to start; an app that
+    calls this early (at start-up) finds its first server ready when it needs it.
+    A server nobody takes exits with this process.
+    """
+    global _spare
+    with _spare_lock:
+        if _spare is None or _spare.exit_code() is not None or _spare.owner_pid != os.getpid():
+            _spare = ServerProcess(log_level=log_level, options=options, wait=False)
+        return _spare.pid
+
+
+def take_prestarted(log_level: str, options: Sequence[str], start_timeout: float) -> Optional[ServerProcess]:
+    """The prestarted server if there is one started like this (and by this process), ready."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None:
+        return None
+    if spare.owner_pid != os.getpid():
+        return None  # a forked child: that server belongs to the parent
+    if spare.exit_code() is not None or (spare.log_level, spare.options) != (log_level, tuple(options)):
+        spare.stop()
+        return None
+    spare.start_timeout = start_timeout
+    spare.wait_ready()
+    return spare
+
+
+@atexit.register
+def _stop_prestarted() -> None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare.owner_pid == os.getpid():
+        spare.stop()
 
 
 def _read_first_line(stream: IO[bytes], out: "queue.Queue[str]") -> None:

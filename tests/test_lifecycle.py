@@ -177,3 +177,32 @@ def test_fifty_cycles_leave_no_process_socket_or_directory_behind(make_clip):
     assert child_pids() - kids == set()
     assert open_fds() <= fds
     assert private_dirs() <= dirs
+
+
+def test_a_prestarted_server_is_taken_by_the_next_client_and_stopped_with_it(make_clip):
+    from .conftest import assert_frames_exact
+
+    path = make_clip("gray.mp4")
+    pid = AsyncVideo.prestart()
+    assert alive(pid)
+    with AsyncVideo.from_video(path, [3, 1]) as av:
+        assert av.server_pid == pid
+        (idxs, frames), = av.chunks
+        assert_frames_exact(path, idxs, frames)
+    assert wait_gone(pid, 5)
+
+
+def test_a_prestarted_server_started_differently_is_not_used(make_clip):
+    pid = AsyncVideo.prestart()
+    with AsyncVideo(workers=2) as av:
+        assert av.server_pid != pid
+        av.load_by_chunk(make_clip("gray.mp4"), [0])
+        assert [idxs for idxs, _ in av.chunks] == [[0]]
+    assert wait_gone(pid, 5), "the unsuitable one was stopped, not left behind"
+
+
+def test_a_prestarted_server_nobody_takes_exits_with_its_process():
+    script = "from asyncframes import AsyncVideo; print(AsyncVideo.prestart(), flush=True)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    pid = int(proc.stdout)
+    assert wait_gone(pid, 5)
