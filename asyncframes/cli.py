@@ -162,6 +162,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allow_stop=args.allow_stop,
         workers=args.workers or default_workers(),
         shared_memory=not args.no_shared_memory,
+        max_shared_bytes=int(args.max_shared_mb * 1024 * 1024),
     )
     server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-shared-memory", action="store_true", help="always send frames inline, never in shared memory"
+    )
+    serve.add_argument(
+        "--max-shared-mb", type=float, default=4096, help="shared memory for chunks, all clients together (beyond: inline)"
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (one line per request), WARNING")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")

@@ -96,6 +96,8 @@ class ServerConfig:
     probe_interval: float = 2.0
     #: Offer shared-memory chunks to clients on this machine that can reach them.
     shared_memory: bool = True
+    #: Shared memory for chunk slots, all clients together; beyond it chunks go inline.
+    max_shared_bytes: int = 4 * 1024 * 1024 * 1024
     #: Decoder threads that share each chunk, split by GOP.
     workers: int = 1
 
@@ -443,7 +445,8 @@ class FrameServer:
         try:
             reader = self._reader(request.video)
             shape = (len(idxs), *reader.frame_shape(job.grayscale))
-            lease = slots.take(math.prod(shape)) if slots is not None and idxs else None
+            room = self.config.max_shared_bytes - self._shared_bytes()
+            lease = slots.take(math.prod(shape), room) if slots is not None and idxs else None
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
             self._read(job, reader, idxs, frames)
         except ReadInterrupted:
@@ -468,6 +471,10 @@ class FrameServer:
             return
         if last:
             self._finish(job)
+
+    def _shared_bytes(self) -> int:
+        """Shared memory held for all clients' chunk slots."""
+        return sum(state.slots.nbytes for state in self._clients.values() if state.slots is not None)
 
     def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
         """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache."""

@@ -191,11 +191,16 @@ class ServerSlots:
         self.lent: dict[int, SharedBuffer] = {}
         self.retired: list[int] = []
 
-    def take(self, nbytes: int) -> Optional[tuple[int, SharedBuffer]]:
-        """A slot of at least ``nbytes`` to decode into (now lent), or None if none can be had."""
+    def take(self, nbytes: int, room: Optional[int] = None) -> Optional[tuple[int, SharedBuffer]]:
+        """A slot of at least ``nbytes`` to decode into (now lent), or None if none can be had.
+
+        ``room``: bytes the server may still add to shared memory (None: no limit).
+        """
         fits = [(buf.size, slot) for slot, buf in self.free.items() if buf.size >= nbytes]
         if fits:
             _, slot = min(fits)
+        elif room is not None and _round_up(nbytes) > room:
+            return None
         else:
             if len(self.free) + len(self.lent) >= self.max_slots:
                 if not self.free:

@@ -262,3 +262,26 @@ def test_stepping_back_and_forth_after_a_pause_is_served_from_frames_read_around
     log = capfd.readouterr().err
     for i in (59, 61, 49, 71):
         assert f"frames [{i}]: 1 of 1 from the recent-frames cache" in log
+
+
+@needs_shm
+def test_a_server_keeps_to_its_shared_memory_budget(tmp_path, make_clip):
+    """Beyond --max-shared-mb, chunks go inline: still exact, and no more slots are made."""
+    clip = make_clip("h264_gops.mp4")
+    shutil.copy(clip, tmp_path / "gops.mp4")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(tmp_path),
+         "--max-shared-mb", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        endpoint = server.stdout.readline().split()[-1]
+        with AsyncVideo.from_video("gops.mp4", frames_per_chunk=8, endpoint=endpoint) as av:
+            kept = list(av.chunks)  # 8 frames of 96x128 RGB fit one 1 MiB slot; the budget allows one
+            assert len(shared_fds(server.pid)) == 1
+        shared = [type(f.base).__name__ == "Lease" for _, f in kept]
+        assert shared[0] and not any(shared[1:]), "the one slot stays lent to the chunk we keep; the rest came inline"
+        assert_frames_exact(clip, [i for f, _ in kept for i in f], np.concatenate([f for _, f in kept]))
+    finally:
+        server.terminate()
+        server.wait(10)
