@@ -64,7 +64,7 @@ class DecoderPool:
             self._executor.submit(self._read_share, worker, main, key, [idxs[p] for p in share], share, grayscale, out, cache)
             for worker, share in shares.items()
         ]
-        errors = [f.exception() for f in futures]
+        errors = [f.exception() for f in futures]  # wait for every share: none may still write into out
         for error in errors:
             if error is not None:
                 raise error

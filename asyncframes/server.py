@@ -206,22 +206,24 @@ class FrameServer:
         self._running = True
         try:
             while self._running:
-                runnable = any(job.credit > 0 for job in self._jobs)
-                events = dict(poller.poll(0 if runnable or self._pending else self._idle_wait_ms()))
+                events = dict(poller.poll(0 if self._runnable() or self._pending else self._idle_wait_ms()))
                 if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
                 self._drain()
-                if self._running and runnable:
+                if self._running and self._runnable():
                     self._step()
-                elif self._running and self._around is not None and not self._pending and self._idle_wait_ms() == 0:
-                    if not any(job.credit > 0 for job in self._jobs):  # nothing came in meanwhile
-                        self._read_around()
+                elif self._running and self._around is not None and self._idle_wait_ms() == 0:
+                    self._read_around()
                 if time.monotonic() >= self._next_probe:
                     self._probe_clients()
         finally:
             self._shutdown()
         return self._stop_reason
+
+    def _runnable(self) -> bool:
+        """Whether some request has credit for a chunk."""
+        return any(job.credit > 0 for job in self._jobs)
 
     def stop(self, reason: str) -> None:
         """Ask the loop to end after the current chunk (safe from a signal handler)."""
@@ -449,25 +451,19 @@ class FrameServer:
             lease = slots.take(math.prod(shape), room) if slots is not None and idxs else None
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
             self._read(job, reader, idxs, frames)
-        except ReadInterrupted:
-            if lease is not None and slots is not None:
-                slots.release([lease[0]])
-            return  # its client cancelled it; the cancel waits in self._pending
         except Exception as exc:
             if lease is not None and slots is not None:
                 slots.release([lease[0]])
-            self._finish(job, error=exc)
+            if not isinstance(exc, ReadInterrupted):  # interrupted: its client cancelled it (see self._pending)
+                self._finish(job, error=exc)
             return
-        job.next_chunk += 1
-        job.credit -= 1
+        where = None
         if lease is not None and slots is not None:
             where = ShmSlot(slot=lease[0], fd=lease[1].fd, size=lease[1].size, retired=slots.take_retired())
-            header = protocol.chunk_header(request.request_id, job.next_chunk - 1, last, idxs, frames, shm=where)
-            sent = self._send(job.client, header)
-        else:
-            header = protocol.chunk_header(request.request_id, job.next_chunk - 1, last, idxs, frames)
-            sent = self._send(job.client, header, frames)
-        if not sent:
+        header = protocol.chunk_header(request.request_id, job.next_chunk, last, idxs, frames, shm=where)
+        job.next_chunk += 1
+        job.credit -= 1
+        if not self._send(job.client, header, frames if where is None else None):
             return
         if last:
             self._finish(job)
