@@ -25,6 +25,8 @@ from asyncframes.files import (
     source_identity,
 )
 
+from .conftest import shared_video
+
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
@@ -167,9 +169,7 @@ def test_sequence_files_start_within_five_numbers_and_stop_at_the_first_gap(tmp_
 
 
 def test_sequence_files_of_the_shared_robot_frames():
-    folder = Path(__file__).resolve().parents[2] / "shared" / "videos" / "robot_frames"
-    if not folder.exists():
-        pytest.skip("shared robot_frames absent")
+    folder = shared_video("robot_frames")
     assert [Path(p).name for p in sequence_files(str(folder / "robot%d.jpg"))] == ["robot0.jpg", "robot1.jpg", "robot2.jpg"]
 
 
