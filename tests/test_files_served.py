@@ -188,6 +188,24 @@ def test_decoder_workers_never_read_a_changed_file_under_the_old_index(tmp_path)
 # -- resources ------------------------------------------------------------------------
 
 
+def test_a_served_request_when_the_server_is_out_of_file_descriptors_is_a_server_error(tmp_path, root):
+    for n in range(12):
+        os.link(root / "v.y4m", root / f"v{n}.y4m")
+    srv = Server(tmp_path, "--root", str(root), "--max-open-files", "64")
+    try:
+        with AsyncVideo(srv.endpoint) as client:
+            assert client.info("v.y4m").frame_count == 60
+            used = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+            resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (used + 4, used + 4))
+            with pytest.raises(ServerError, match="out of file descriptors.*EMFILE") as caught:
+                for n in range(12):  # each open video holds a descriptor
+                    client.info(f"v{n}.y4m")
+            assert not isinstance(caught.value, VideoOpenError)
+            assert client.info("v.y4m").frame_count == 60  # what is open still serves
+    finally:
+        srv.stop()
+
+
 def test_a_server_out_of_file_descriptors_says_so_and_does_not_blame_the_file(tmp_path):
     path = tmp_path / "v.y4m"
     path.write_bytes(y4m_bytes(4, seed=1))
