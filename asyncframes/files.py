@@ -256,17 +256,20 @@ def confine(root: str, filename: str) -> str:
 
     Relative names resolve under the root; absolute names must lie inside it; ``..`` and
     symlinks are resolved first, so neither can lead out; for an image-sequence pattern
-    every file FFmpeg would read must lie inside too. Raises :class:`VideoAccessError`.
+    every file FFmpeg would read must lie inside too. A name that reads as a URL is refused
+    unless a file of that name exists under the root (FFmpeg gets the absolute path, which
+    it never reads as a URL). Raises :class:`VideoAccessError`.
     """
     if "\x00" in filename:
         raise VideoAccessError("file names may not contain NUL bytes")
-    if looks_like_url(filename):
-        raise VideoAccessError(
-            f"{filename!r} is a URL or FFmpeg protocol; a confined server serves only files under its root "
-            "(name a file relative to the root; write ./NAME for a file whose name contains ':')"
-        )
     real_root = os.path.realpath(root)
-    real = _realpath(os.path.join(real_root, filename), filename)
+    joined = os.path.join(real_root, filename)
+    if looks_like_url(filename) and not os.path.lexists(joined):
+        raise VideoAccessError(
+            f"{filename!r} is a URL or FFmpeg protocol, not a file under the root; a confined server serves "
+            "only files under its root (name a file relative to the root)"
+        )
+    real = _realpath(joined, filename)
     if not _inside(real, real_root):
         raise VideoAccessError(f"{filename}: outside this server's video folder; name a file under it")
     for name in files_ffmpeg_may_open(real)[1:]:

@@ -103,10 +103,11 @@ def test_urls_are_refused_by_name_on_a_confined_server(tree, url):
     assert repr(url) in str(caught.value)
 
 
-def test_a_file_whose_name_has_a_colon_is_reached_with_dot_slash(tree):
-    (tree / "a:b.mp4").write_bytes(b"x")
-    assert not looks_like_url("./a:b.mp4")
-    assert confine(str(tree), "./a:b.mp4") == str(tree / "a:b.mp4")
+def test_a_file_whose_name_reads_as_a_url_is_served_when_it_exists(tree):
+    (tree / "cam1.2024-01-01T10:00.mp4").write_bytes(b"x")
+    assert looks_like_url("cam1.2024-01-01T10:00.mp4")
+    assert confine(str(tree), "cam1.2024-01-01T10:00.mp4") == str(tree / "cam1.2024-01-01T10:00.mp4")
+    assert confine(str(tree), "./cam1.2024-01-01T10:00.mp4") == str(tree / "cam1.2024-01-01T10:00.mp4")
 
 
 def test_confined_servers_force_sequence_patterns_and_whitelists():
