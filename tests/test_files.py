@@ -144,6 +144,8 @@ def test_a_valid_pattern_names_a_different_file_for_each_number():
     for length in range(6):
         for chars in itertools.product("a%d1/", repeat=length):
             pattern = "".join(chars)
+            if "%111" in pattern:
+                continue  # FFmpeg cuts numbers to 19 characters: with that width every name is alike
             names = {}
             for number in (0, 1, 7, 12, 345):
                 ok, name = frame_filename(pattern, number)
