@@ -632,6 +632,15 @@ class FrameServer:
             path = self.resolve(video.filename)
             options = files.container_options(confined=self.config.root is not None)
             reader = VideoReader(path, stream=video.stream, container_options=options)
+            if self.config.root is not None:
+                try:
+                    # What was opened is still there, unchanged, and passes the check: a file
+                    # added to an image sequence while it was being opened cannot slip through.
+                    self.resolve(video.filename)
+                    reader.check_unchanged("being opened")
+                except AsyncFramesError:
+                    reader.close()
+                    raise
             self._readers[key] = reader
             while len(self._readers) > self.config.max_open_files:
                 _key, old = self._readers.popitem(last=False)
