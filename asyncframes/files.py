@@ -19,6 +19,7 @@ identified by the identities of its files, in order.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 from typing import Callable, Optional
@@ -126,9 +127,37 @@ def frame_filename(pattern: str, number: int, buf_size: int = FFMPEG_PATH_BYTES)
     ``%d``, or no ``%d`` at all fails, and then ``name`` is what FFmpeg had written so far
     (image2 may still open that). Names are truncated to ``buf_size - 1`` bytes as FFmpeg's are.
     """
+    parts = _split(pattern, buf_size) if number >= 0 else None
+    if parts is not None:  # the common case, without walking the pattern again
+        before, width, after = parts
+        return True, before + _digits(width, number) + after
+    ok, name, _where = _expand(pattern, number, buf_size)
+    return ok, name
+
+
+def _digits(width: int, number: int) -> str:
+    """``%0*d`` printed into FFmpeg's 20-byte buffer."""
+    return ("%0*d" % (min(width + (1 if number < 0 else 0), 40), number))[:19]
+
+
+@functools.lru_cache(maxsize=256)
+def _split(pattern: str, buf_size: int) -> Optional[tuple[str, int, str]]:
+    """``(before, width, after)`` of a valid pattern whose names always fit FFmpeg's buffer, else None."""
+    ok, name, where = _expand(pattern, 0, buf_size)
+    if not ok or where is None:
+        return None
+    start, width = where
+    before, after = name[:start], name[start + len(_digits(width, 0)) :]
+    if len(os.fsencode(before + after)) + 20 >= buf_size:
+        return None  # names may be cut short: leave it to the exact walk
+    return before, width, after
+
+
+def _expand(pattern: str, number: int, buf_size: int) -> tuple[bool, str, Optional[tuple[int, int]]]:
+    """The exact walk of ``av_get_frame_filename``; also where the number went (character offset, width)."""
     src = os.fsencode(pattern)
     out = bytearray()
-    found = False
+    where: Optional[tuple[int, int]] = None
     limit = buf_size - 1
     p = 0
     while p < len(src):
@@ -150,16 +179,15 @@ def frame_filename(pattern: str, number: int, buf_size: int = FFMPEG_PATH_BYTES)
         if c == ord("%"):
             if len(out) < limit:
                 out.append(c)
-        elif c == ord("d") and not found:
-            found = True
-            width = min(nd + (1 if number < 0 else 0), 40)
-            digits = (b"%0*d" % (width, number))[:19]  # FFmpeg prints into a 20-byte buffer
+        elif c == ord("d") and where is None:
+            digits = _digits(nd, number).encode()
             if len(out) + len(digits) > limit:
-                return False, os.fsdecode(bytes(out))
+                return False, os.fsdecode(bytes(out)), None
+            where = (len(os.fsdecode(bytes(out))), nd)
             out += digits
         else:
-            return False, os.fsdecode(bytes(out))
-    return found, os.fsdecode(bytes(out))
+            return False, os.fsdecode(bytes(out)), None
+    return where is not None, os.fsdecode(bytes(out)), where
 
 
 def is_pattern(path: str) -> bool:
