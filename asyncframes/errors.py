@@ -29,6 +29,10 @@ class VideoAccessError(VideoOpenError, PermissionError):
     """The server refuses this path: it lies outside the server's video root."""
 
 
+class VideoChangedError(VideoError):
+    """The file changed (replaced or rewritten) while a request was reading it; ask again."""
+
+
 class VideoDecodeError(VideoError):
     """A frame could not be decoded (corrupt data, or a frame the decoder never presents)."""
 
@@ -79,6 +83,7 @@ WIRE_ERRORS: dict[str, type[AsyncFramesError]] = {
         VideoOpenError,
         VideoNotFoundError,
         VideoAccessError,
+        VideoChangedError,
         VideoDecodeError,
         FrameIndexError,
         ServerError,

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .errors import VideoChangedError
 from .reader import FrameCache, VideoReader
 
 
@@ -102,6 +103,7 @@ class DecoderPool:
             del readers[key]
             reader = None
         if reader is None:
+            main.check_unchanged()  # a worker opening a changed file would read it under main's index
             reader = VideoReader(
                 main.filename,
                 stream=main.stream_index,
@@ -109,6 +111,14 @@ class DecoderPool:
                 container_options=main.container_options,
                 index=main.index,
             )
+            if reader.signature != main.signature:
+                # The file changed since ``main`` indexed it: this reader sees the new file,
+                # and its frames must not be served under the old file's index.
+                reader.close()
+                raise VideoChangedError(
+                    f"{main.filename}: the file changed while being read (replaced or rewritten); "
+                    "frames of two versions are never mixed: ask again to read the new version"
+                )
             readers[key] = reader
             while len(readers) > self.max_open_files:
                 readers.popitem(last=False)[1].close()

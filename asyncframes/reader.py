@@ -17,7 +17,6 @@ the definition of frame *i*. It never returns a frame it could not identify.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -26,7 +25,8 @@ import av
 import numpy as np
 
 from .convert import Converter
-from .errors import FrameIndexError, VideoDecodeError, VideoNotFoundError, VideoOpenError
+from .errors import FrameIndexError, VideoChangedError, VideoDecodeError, VideoNotFoundError, VideoOpenError
+from .files import SourceIdentity, resource_error, source_identity
 from .index import FrameIndex, index_from_packets
 from .video import VideoInfo
 
@@ -174,7 +174,8 @@ class VideoReader:
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
         self._convert = Converter(filename)
-        self.signature = _file_signature(filename)
+        #: The identity of the file(s) as opened (see :mod:`asyncframes.files`).
+        self.signature: SourceIdentity = source_identity(filename)
         self.index = index if index is not None else self._build_index()
         if self.index.sequential and not self.index.pts:
             log.info("%s: %s; frames are found by counting", filename, self.index.reason)
@@ -196,6 +197,7 @@ class VideoReader:
         self.detected_grayscale = bool(
             np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
         )
+        self.check_unchanged("being opened")
 
     # -- public -------------------------------------------------------------
 
@@ -225,11 +227,20 @@ class VideoReader:
         )
 
     def is_stale(self) -> bool:
-        """True when the file changed on disk since the index was built."""
+        """True when the file changed on disk (replaced, rewritten, removed) since it was opened."""
         try:
-            return _file_signature(self.filename) != self.signature
+            return source_identity(self.filename) != self.signature
         except VideoNotFoundError:
             return True
+
+    def check_unchanged(self, doing: str = "being read") -> None:
+        """Raise :class:`VideoChangedError` if the file changed since this reader opened it."""
+        if self.is_stale():
+            self.close()
+            raise VideoChangedError(
+                f"{self.filename}: the file changed while {doing} (replaced or rewritten); "
+                "frames of two versions are never mixed: ask again to read the new version"
+            )
 
     def check_indices(self, idxs: Sequence[int]) -> None:
         """Raise :class:`FrameIndexError` naming the first index that is not a frame."""
@@ -368,6 +379,9 @@ class VideoReader:
         except FileNotFoundError as exc:
             raise VideoNotFoundError(f"video not found: {self.filename}") from exc
         except (av.FFmpegError, OSError, ValueError) as exc:
+            server_fault = resource_error(exc, f"opening {self.filename}")
+            if server_fault is not None:
+                raise server_fault from exc
             raise VideoOpenError(f"not a readable video: {self.filename} ({exc})") from exc
         streams = container.streams.video
         if self.stream_index >= len(streams):
@@ -384,7 +398,9 @@ class VideoReader:
         try:
             packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard)) for p in container.demux(stream) if p.size]
         except av.FFmpegError as exc:
-            raise VideoOpenError(f"{self.filename}: cannot read packets ({exc})") from exc
+            raise resource_error(exc, f"reading {self.filename}") or VideoOpenError(
+                f"{self.filename}: cannot read packets ({exc})"
+            ) from exc
         finally:
             container.close()
         return index_from_packets(packets)
@@ -396,6 +412,9 @@ class VideoReader:
         try:
             pts = [frame.pts for frame in container.decode(stream)]
         except av.FFmpegError as exc:
+            server_fault = resource_error(exc, f"reading {self.filename}")
+            if server_fault is not None:
+                raise server_fault from exc
             raise VideoDecodeError(f"{self.filename}: sequential decode failed after {len(pts)} frames ({exc})") from exc
         finally:
             container.close()
@@ -455,6 +474,9 @@ class VideoReader:
                 raise _Mismatch(f"decoder ended after frame {self._last} of {self.frame_count}") from None
             except av.FFmpegError as exc:
                 self._frames = None
+                server_fault = resource_error(exc, f"reading {self.filename}")
+                if server_fault is not None:
+                    raise server_fault from exc
                 if self.thread_type is not None:
                     # Frame threads report a later packet's error before earlier frames are out;
                     # decode as a sequential decode would to see where it really fails.
@@ -527,14 +549,3 @@ def _av_open(filename: str, container_options: dict[str, str]) -> Any:
             raise
         return av.open(filename, mode="r", container_options=container_options)
 
-
-def _file_signature(filename: str) -> tuple[int, int]:
-    try:
-        st = os.stat(filename)
-    except FileNotFoundError as exc:
-        if "%" in filename or "://" in filename:
-            return (-1, -1)  # an image-sequence pattern or a URL: FFmpeg decides
-        raise VideoNotFoundError(f"video not found: {filename}") from exc
-    except OSError:
-        return (-1, -1)  # URLs and patterns: nothing to compare
-    return (st.st_size, st.st_mtime_ns)

@@ -24,8 +24,8 @@ import attrs
 import numpy as np
 import zmq
 
-from . import __version__, protocol, shm
-from .errors import AsyncFramesError, ProtocolError, ServerError, VideoAccessError
+from . import __version__, files, protocol, shm
+from .errors import AsyncFramesError, ProtocolError, ServerError, VideoChangedError
 from .pool import DecoderPool
 from .protocol import (
     PROTOCOL_VERSION,
@@ -57,12 +57,8 @@ INTERRUPT_CHECK_S = 0.005
 #: again at once (the same frame, the next one) is answered before any of that starts.
 READ_AROUND_DELAY_S = 0.02
 
-#: Demuxers a confined server will open: video containers and image formats, nothing that
-#: follows references to other files or URLs (playlists such as HLS, concat lists).
-VIDEO_DEMUXERS = (
-    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,ivf,obu,m4v,h264,hevc,"
-    "mjpeg,mpegvideo,yuv4mpegpipe,nut,mxf,image2,gif,apng,png_pipe,jpeg_pipe,bmp_pipe,tiff_pipe,webp_pipe"
-)
+#: Demuxers a confined server will open (kept here for old imports; see :mod:`asyncframes.files`).
+VIDEO_DEMUXERS = files.VIDEO_DEMUXERS
 
 
 @attrs.frozen
@@ -113,6 +109,8 @@ class _Job:
     frame_idxs: Sequence[int]
     credit: int
     cache: Optional[FrameCache] = None
+    #: The file's identity when the request started: a change later fails the request.
+    identity: files.SourceIdentity = ()
     next_chunk: int = 0
     started: float = attrs.field(factory=time.monotonic)
 
@@ -414,6 +412,7 @@ class FrameServer:
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
             cache=_request_cache(idxs, budget),
+            identity=reader.signature,
         )
         if request.shm and self._probe is not None and state.slots is None:
             # Enough slots for the window, the chunk the caller holds, and releases on their way.
@@ -473,10 +472,19 @@ class FrameServer:
         return sum(state.slots.nbytes for state in self._clients.values() if state.slots is not None)
 
     def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
-        """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache."""
+        """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache.
+
+        The file must be the one the request started on, before and after decoding.
+        """
+        if reader.signature != job.identity:
+            raise VideoChangedError(
+                f"{job.request.video.filename}: the file changed while being read (replaced or rewritten); "
+                "frames of two versions are never mixed: ask again to read the new version"
+            )
         interrupt = self._interrupter(job)
         if len(job.frame_idxs) > self.config.recent_request_frames:
             self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache, interrupt)
+            reader.check_unchanged()
             return
         key = (job.reader_key, job.grayscale)
         kept = [self._recent.get(key, i) for i in idxs]
@@ -484,6 +492,7 @@ class FrameServer:
         log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
         if missing:
             decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache, interrupt=interrupt)
+            reader.check_unchanged()
             for pos, frame in zip(missing, decoded):
                 kept[pos] = frame
                 self._recent.put(key, idxs[pos], frame)
@@ -525,6 +534,8 @@ class FrameServer:
         except Exception as exc:  # an idle nicety: a failure here is the next request's to report
             log.debug("reading around frame %d failed: %s", i, exc)
             return
+        if reader.is_stale():
+            return  # the file changed: these frames may be the old version's
         for j, frame in zip(wanted, frames):
             self._recent.put((key, gray), j, frame)
         log.debug("read around frame %d of %s: kept frames %d..%d", i, key[0], lo, hi - 1)
@@ -599,18 +610,13 @@ class FrameServer:
         """The path to open for a requested filename: under ``root`` when the server has one.
 
         Relative names resolve under the root; absolute names must lie inside it; ``..``
-        and symlinks are resolved first, so neither can lead out.
+        and symlinks are resolved first, so neither can lead out; every file of an image
+        sequence must lie inside too; URLs are refused (see :func:`files.confine`).
         """
         root = self.config.root
         if root is None:
             return filename
-        if "\x00" in filename:
-            raise VideoAccessError("file names may not contain NUL bytes")
-        real_root = os.path.realpath(root)
-        real = os.path.realpath(os.path.join(real_root, filename))
-        if os.path.commonpath([real, real_root]) != real_root:
-            raise VideoAccessError(f"{filename}: outside this server's video folder; name a file under it")
-        return real
+        return files.confine(root, filename)
 
     def _reader(self, video: Video) -> VideoReader:
         key = _reader_key(video)
@@ -624,8 +630,17 @@ class FrameServer:
             self._recent.forget((key, True))
             self._recent.forget((key, False))
             path = self.resolve(video.filename)
-            options = {"format_whitelist": VIDEO_DEMUXERS, "protocol_whitelist": "file"} if self.config.root else None
+            options = files.container_options(confined=self.config.root is not None)
             reader = VideoReader(path, stream=video.stream, container_options=options)
+            if self.config.root is not None:
+                try:
+                    # What was opened is still there, unchanged, and passes the check: a file
+                    # added to an image sequence while it was being opened cannot slip through.
+                    self.resolve(video.filename)
+                    reader.check_unchanged("being opened")
+                except AsyncFramesError:
+                    reader.close()
+                    raise
             self._readers[key] = reader
             while len(self._readers) > self.config.max_open_files:
                 _key, old = self._readers.popitem(last=False)
