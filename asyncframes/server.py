@@ -159,11 +159,11 @@ def cache_shares(total: int, per_request: int, active: int, idle: int) -> tuple[
     Active requests share ``total`` equally, each up to ``per_request``; idle requests
     (their clients are not taking chunks) share what is left the same way. So the sum
     never exceeds ``total``, a request's share shrinks as more arrive, and requests
-    nobody is reading cannot keep the cache from those that are being read.
+    nobody is reading cannot keep the cache from those that are being read (nor get more).
     """
     active_share = min(per_request, total // active) if active > 0 else 0
     left = max(0, total - active * active_share)
-    idle_share = min(per_request, left // idle) if idle > 0 else 0
+    idle_share = min(active_share if active > 0 else per_request, left // idle) if idle > 0 else 0
     return active_share, idle_share
 
 
