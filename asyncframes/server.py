@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 
 #: How often a chunk being decoded looks for a cancel of its request, in seconds.
 INTERRUPT_CHECK_S = 0.005
-#: A request with no credit that has not been sent a chunk for this long counts as idle:
-#: its frame cache shrinks so that active requests get the cache they need.
-CACHE_IDLE_S = 0.5
+#: A request with no credit that has not been sent a chunk for this long counts as idle (its
+#: client is paused, not just slow): its frame cache shrinks so that active requests get theirs.
+CACHE_IDLE_S = 5.0
 #: A server that has sent no chunk for this long frees the chunk buffers it keeps for reuse.
 BUFFERS_IDLE_S = 2.0
 #: How often a request waiting for room to send looks again, in seconds.
@@ -570,7 +570,11 @@ class FrameServer:
             slots = state.slots if state is not None and job.request.shm else None
             chunk_bytes = job.next_chunk_bytes()
             if slots is not None and chunk_bytes and now >= job.shm_retry_at:
-                lease = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes())
+                try:
+                    lease = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes())
+                except OSError as exc:  # no shared memory to be had now: the chunk goes inline
+                    log.warning("no shared-memory slot for client %s: %s", job.client.hex(), exc)
+                    lease = None
                 if lease is not None:
                     return job, lease
                 job.shm_retry_at = now + ROOM_RETRY_S
@@ -809,7 +813,7 @@ def _release_free_memory() -> None:
     if _malloc_trim is None:
         try:
             _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)

@@ -20,7 +20,7 @@ from asyncframes import AsyncVideo, protocol
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.reader import FrameCache, VideoReader
 from asyncframes.sample import write_clip
-from asyncframes.server import FrameServer, ServerConfig, _BufferPool, cache_shares, inline_room
+from asyncframes.server import CACHE_IDLE_S, FrameServer, ServerConfig, _BufferPool, _Job, cache_shares, inline_room
 from asyncframes.video import Video
 
 from .test_standalone_server import Server
@@ -103,6 +103,31 @@ def test_a_frame_cache_shrinks_to_a_new_budget_dropping_the_frames_needed_last()
     assert len(cache) == 0 and cache.nbytes == 0
     cache.resize(10 * frame.nbytes)  # grows again when there is room
     assert cache.accepts(0, frame.nbytes)
+
+
+def test_idle_requests_give_their_cache_share_to_active_ones():
+    KiB = 1024
+    server = FrameServer(["tcp://127.0.0.1:*"], ServerConfig(request_cache_bytes=256 * KiB, total_cache_bytes=1024 * KiB))
+    try:
+        frame = np.zeros(KiB, dtype=np.uint8)
+        jobs = []
+        for k in range(5):
+            job = _Job(b"c%d" % k, protocol.Request(k, Video("v.mp4"), [3, 1, 2]), ("v.mp4", 0), False, [3, 1, 2], credit=0)
+            job.cache = FrameCache(256 * KiB)
+            job.cache.want(later=range(256))
+            for i in range(256):
+                job.cache.offer(i, frame)
+            job.last_sent -= CACHE_IDLE_S  # its client took nothing for a while: paused
+            jobs.append(job)
+            server._jobs.append(job)
+        jobs[0].credit = 1  # one client reads
+        server._rebalance_caches()
+        assert jobs[0].cache is not None and jobs[0].cache.max_bytes == 256 * KiB
+        for job in jobs[1:]:
+            assert job.cache is not None and job.cache.nbytes <= job.cache.max_bytes == 192 * KiB
+        assert sum(job.cache.nbytes for job in jobs if job.cache is not None) <= 1024 * KiB
+    finally:
+        server._shutdown()
 
 
 # -- item 5: paused clients do not take the cache from a reading one ------------------------------
