@@ -7,7 +7,6 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
