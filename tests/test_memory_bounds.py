@@ -157,6 +157,15 @@ def _wait_until(condition: Callable[[], bool], within: float, what: str) -> None
         time.sleep(0.01)
 
 
+def _all_spent(server: FrameServer) -> bool:
+    """Whether the server holds four requests, none with credit (read from another thread)."""
+    try:
+        jobs = list(server._jobs)
+    except RuntimeError:  # the server thread rotated them meanwhile
+        return False
+    return len(jobs) == 4 and all(job.credit == 0 for job in jobs)
+
+
 def test_paused_clients_do_not_take_the_frame_cache_from_a_reading_one(in_process_server, make_clip, monkeypatch):
     """Four clients start shuffled requests and stop reading; a fifth client's shuffled request
     still decodes each frame about once (as alone), not once per chunk for want of a cache."""
@@ -191,7 +200,7 @@ def test_paused_clients_do_not_take_the_frame_cache_from_a_reading_one(in_proces
             av.load_by_chunk(path, shuffled(seed), frames_per_chunk=10)
             assert av.next_chunk() is not None
         # They stop reading: once their credit is spent, nothing of theirs is decoded any more.
-        _wait_until(lambda: len(server._jobs) == 4 and all(job.credit == 0 for job in list(server._jobs)), 30, "paused requests")
+        _wait_until(lambda: _all_spent(server), 30, "the paused requests to spend their credit")
         with_paused = decodes_of_a_shuffled_request()
     finally:
         for av in paused:
