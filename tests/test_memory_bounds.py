@@ -19,7 +19,16 @@ from asyncframes import AsyncVideo, protocol
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.reader import FrameCache, VideoReader
 from asyncframes.sample import write_clip
-from asyncframes.server import CACHE_IDLE_S, FrameServer, ServerConfig, _BufferPool, _Job, cache_shares, inline_room
+from asyncframes.server import (
+    CACHE_IDLE_S,
+    FrameServer,
+    ServerConfig,
+    _BufferPool,
+    _Client,
+    _Job,
+    cache_shares,
+    inline_room,
+)
 from asyncframes.video import Video
 
 from .test_standalone_server import Server
@@ -125,6 +134,34 @@ def test_idle_requests_give_their_cache_share_to_active_ones():
         for job in jobs[1:]:
             assert job.cache is not None and job.cache.nbytes <= job.cache.max_bytes == 192 * KiB
         assert sum(job.cache.nbytes for job in jobs if job.cache is not None) <= 1024 * KiB
+    finally:
+        server._shutdown()
+
+
+def test_round_robin_skips_requests_whose_client_has_no_room_and_the_total_cap_holds():
+    server = FrameServer(
+        ["tcp://127.0.0.1:*"], ServerConfig(client_inline_bytes=3 * MiB, max_inline_bytes=4 * MiB, shared_memory=False)
+    )
+    try:
+        stuck = {b"a": [], b"b": []}
+        for k, client in enumerate([b"a", b"b", b"c"]):
+            server._clients[client] = _Client(hello=True)
+            job = _Job(client, protocol.Request(k, Video("v.mp4"), [0, 1]), ("v.mp4", 0), False, [0, 1], credit=8)
+            job.frame_bytes = MiB // 2  # 1 MiB chunks (frames_per_chunk 64 > 2 frames)
+            server._jobs.append(job)
+        for client, n in ((b"a", 3), (b"b", 1)):  # a has its whole share queued, b one chunk
+            for _ in range(n):
+                tracker = _Tracker()
+                server._buffers.lend(np.empty(MiB, dtype=np.uint8), tracker, client)
+                stuck[client].append(tracker)
+        # The total (4 MiB) is full: nobody may queue more, and the loop does not spin on it.
+        assert not server._runnable() and server._choose() is None and server._idle_wait_ms() <= 10
+        stuck[b"b"][0].done = True  # b's chunk went out: room for b or c, never a
+        chosen = {server._choose()[0].client for _ in range(4)}
+        assert chosen == {b"b", b"c"}
+        for tracker in stuck[b"a"]:
+            tracker.done = True
+        assert server._buffers.queued() == 0 and server._runnable()
     finally:
         server._shutdown()
 
