@@ -159,6 +159,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         request_cache_bytes=int(args.request_cache_mb * 1024 * 1024),
         total_cache_bytes=int(args.cache_mb * 1024 * 1024),
         max_chunk_bytes=int(args.max_chunk_mb * 1024 * 1024),
+        max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),
+        client_inline_bytes=int(args.client_inline_mb * 1024 * 1024),
+        buffer_pool_bytes=int(args.buffer_pool_mb * 1024 * 1024),
         allow_stop=args.allow_stop,
         workers=args.workers or default_workers(),
         shared_memory=not args.no_shared_memory,
@@ -261,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frames-per-chunk", type=int, default=1024)
     serve.add_argument("--max-open-files", type=int, default=8, help="videos kept open (least recently used are closed)")
     serve.add_argument("--max-requests-per-client", type=int, default=4, help="concurrent requests per client")
-    serve.add_argument("--max-chunk-mb", type=float, default=1024, help="largest chunk in MiB (frames x frame size)")
+    serve.add_argument("--max-chunk-mb", type=float, default=512, help="largest chunk in MiB (frames x frame size)")
+    serve.add_argument(
+        "--max-inline-mb", type=float, default=2048, help="chunk bytes queued for sending, all clients together (MiB)"
+    )
+    serve.add_argument(
+        "--client-inline-mb", type=float, default=512, help="chunk bytes queued for sending to one client (MiB)"
+    )
+    serve.add_argument("--buffer-pool-mb", type=float, default=512, help="sent chunk buffers kept for reuse (MiB)")
     serve.add_argument(
         "--request-cache-mb", type=float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
     )

@@ -55,16 +55,35 @@ class FrameCache:
         self.nbytes = 0
         self._frames: dict[int, np.ndarray] = {}
         self.wanted: frozenset[int] = frozenset()
+        #: When each kept frame is needed: its place in ``later`` (-1: by the chunk being read now).
+        self._rank: dict[int, int] = {}
         self._lock = threading.Lock()  # decoder workers share a request's cache
 
     def want(self, later: Iterable[int], now: Iterable[int] = ()) -> None:
         """Frames ``later`` chunks will ask for are kept from now on; frames the chunk
         being read ``now`` needs stay if already kept; everything else is released."""
         with self._lock:
-            self.wanted = frozenset(later)
-            keep = self.wanted.union(now)
-            for i in [i for i in self._frames if i not in keep]:
+            order = list(later)
+            self.wanted = frozenset(order)
+            self._rank = {i: -1 for i in now}
+            for pos, i in enumerate(order):
+                self._rank.setdefault(i, pos)
+            for i in [i for i in self._frames if i not in self._rank]:
                 self.nbytes -= self._frames.pop(i).nbytes
+
+    def resize(self, max_bytes: int) -> None:
+        """Keep at most ``max_bytes`` from now on, releasing the frames needed last to get there.
+
+        The server shrinks a request's cache when more requests share the budget, or when
+        the request has been idle, and grows it again when there is room.
+        """
+        with self._lock:
+            self.max_bytes = max(0, max_bytes)
+            if self.nbytes <= self.max_bytes:
+                return
+            by_need = sorted(self._frames, key=lambda i: self._rank.get(i, -1))
+            while self.nbytes > self.max_bytes and by_need:
+                self.nbytes -= self._frames.pop(by_need.pop()).nbytes
 
     def get(self, i: int) -> Optional[np.ndarray]:
         with self._lock:

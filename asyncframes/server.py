@@ -13,6 +13,7 @@ it exits when its client process is gone), or standalone with ``asyncframes serv
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -53,6 +54,13 @@ log = logging.getLogger(__name__)
 
 #: How often a chunk being decoded looks for a cancel of its request, in seconds.
 INTERRUPT_CHECK_S = 0.005
+#: A request with no credit that has not been sent a chunk for this long counts as idle (its
+#: client is paused, not just slow): its frame cache shrinks so that active requests get theirs.
+CACHE_IDLE_S = 5.0
+#: A server that has sent no chunk for this long frees the chunk buffers it keeps for reuse.
+BUFFERS_IDLE_S = 2.0
+#: How often a request waiting for room to send looks again, in seconds.
+ROOM_RETRY_S = 0.01
 #: Quiet time after a small request before the server reads around it: a client that asks
 #: again at once (the same frame, the next one) is answered before any of that starts.
 READ_AROUND_DELAY_S = 0.02
@@ -74,10 +82,19 @@ class ServerConfig:
     max_requests_per_client: int = 4
     #: Bytes of decoded frames kept per request for its later chunks (0: none) ...
     request_cache_bytes: int = 256 * 1024 * 1024
-    #: ... and by all requests together.
+    #: ... and by all requests together: active requests share it equally (idle ones get
+    #: what is left), so a request's share shrinks as others arrive.
     total_cache_bytes: int = 1024 * 1024 * 1024
     #: Largest chunk in bytes (frames_per_chunk x frame size): bounds memory per chunk in flight.
-    max_chunk_bytes: int = 1024 * 1024 * 1024
+    #: Never more than ``client_inline_bytes``: a chunk must fit a client's share.
+    max_chunk_bytes: int = 512 * 1024 * 1024
+    #: Inline chunk bytes queued in ZeroMQ but not yet sent, all clients together; a request
+    #: whose next chunk would go over waits (others are served) until bytes are sent.
+    max_inline_bytes: int = 2 * 1024 * 1024 * 1024
+    #: ... and for one client: what a client that stops reading can pin.
+    client_inline_bytes: int = 512 * 1024 * 1024
+    #: Sent chunk buffers kept for reuse (fresh memory costs page faults); freed when idle.
+    buffer_pool_bytes: int = 512 * 1024 * 1024
     #: How many frames ahead a request's cache looks for frames to keep.
     cache_lookahead_frames: int = 8192
     #: Bytes of frames kept from recent small requests (scrubbing: the same frame asked again).
@@ -108,28 +125,65 @@ class _Job:
     grayscale: bool
     frame_idxs: Sequence[int]
     credit: int
+    #: Bytes of one decoded frame.
+    frame_bytes: int = 0
     cache: Optional[FrameCache] = None
     #: The file's identity when the request started: a change later fails the request.
     identity: files.SourceIdentity = ()
     next_chunk: int = 0
     started: float = attrs.field(factory=time.monotonic)
+    #: When a chunk was last sent (or the request started).
+    last_sent: float = attrs.field(factory=time.monotonic)
+    #: No shared slot could be had: do not try again before this time.
+    shm_retry_at: float = 0.0
 
     @property
     def n_chunks(self) -> int:
         return max(1, math.ceil(len(self.frame_idxs) / self.request.frames_per_chunk))
 
+    def next_chunk_bytes(self) -> int:
+        """Bytes of the chunk this request sends next."""
+        start = self.next_chunk * self.request.frames_per_chunk
+        return len(self.frame_idxs[start : start + self.request.frames_per_chunk]) * self.frame_bytes
+
+    def idle(self, now: float) -> bool:
+        """No credit and nothing sent for a while: its client is not taking chunks."""
+        return self.credit <= 0 and now - self.last_sent >= CACHE_IDLE_S
+
+
+def cache_shares(total: int, per_request: int, active: int, idle: int) -> tuple[int, int]:
+    """Frame-cache bytes for each (active, idle) request.
+
+    Active requests share ``total`` equally, each up to ``per_request``; idle requests
+    (their clients are not taking chunks) share what is left the same way. So the sum
+    never exceeds ``total``, a request's share shrinks as more arrive, and requests
+    nobody is reading cannot keep the cache from those that are being read (nor get more).
+    """
+    active_share = min(per_request, total // active) if active > 0 else 0
+    left = max(0, total - active * active_share)
+    idle_share = min(active_share if active > 0 else per_request, left // idle) if idle > 0 else 0
+    return active_share, idle_share
+
+
+def inline_room(queued: int, client_queued: int, chunk: int, total_cap: int, client_cap: int) -> bool:
+    """Whether a ``chunk`` of inline bytes may be queued now: it must fit the server-wide cap on
+    bytes queued in ZeroMQ (``queued`` now) and its client's share (``client_queued`` now)."""
+    return queued + chunk <= total_cap and client_queued + chunk <= client_cap
+
 
 class _BufferPool:
-    """Chunk buffers reused once ZeroMQ has sent them.
+    """Chunk buffers reused once ZeroMQ has sent them, and the count of bytes it has not sent yet.
 
     Fresh memory costs a page fault per 4 KiB on first touch, which for large
-    frames costs more than decoding; reusing buffers avoids it. Bounded by bytes.
+    frames costs more than decoding; reusing buffers avoids it. Free buffers are
+    bounded by ``max_bytes`` and dropped by :meth:`trim`. Buffers lent to ZeroMQ
+    are counted per client (:meth:`queued`), so the server can bound them.
     """
 
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes = max_bytes
         self._free: list[np.ndarray] = []
-        self._lent: list[tuple[np.ndarray, Any]] = []
+        self._lent: list[tuple[np.ndarray, Any, bytes]] = []
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         self._collect()
@@ -138,15 +192,37 @@ class _BufferPool:
                 return self._free.pop(k)
         return np.empty(shape, dtype=np.uint8)
 
-    def lend(self, buf: np.ndarray, tracker: Any) -> None:
-        """``buf`` is being sent; it returns to the pool when ``tracker`` is done."""
-        if tracker is not None:
-            self._lent.append((buf, tracker))
+    def lend(self, buf: np.ndarray, tracker: Any, client: bytes = b"") -> None:
+        """``buf`` is being sent to ``client``; it returns to the pool when ``tracker`` is done."""
+        if tracker is not None and not tracker.done:
+            self._lent.append((buf, tracker, client))
+        else:
+            self._free.append(buf)
+
+    def queued(self, client: Optional[bytes] = None) -> int:
+        """Bytes lent to ZeroMQ and not yet sent: to ``client``, or to everyone (None)."""
+        self._collect()
+        return sum(buf.nbytes for buf, _tracker, to in self._lent if client is None or to == client)
+
+    def trim(self, keep: int = 0) -> int:
+        """Free all but ``keep`` bytes of the buffers kept for reuse; returns the bytes freed."""
+        self._collect()
+        before = self.free_bytes
+        self._shrink(keep)
+        return before - self.free_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(b.nbytes for b in self._free)
 
     def _collect(self) -> None:
-        self._free += [buf for buf, tracker in self._lent if tracker.done]
-        self._lent = [(buf, tracker) for buf, tracker in self._lent if not tracker.done]
-        while sum(b.nbytes for b in self._free) > self.max_bytes:
+        if any(tracker.done for _buf, tracker, _to in self._lent):
+            self._free += [buf for buf, tracker, _to in self._lent if tracker.done]
+            self._lent = [lent for lent in self._lent if not lent[1].done]
+        self._shrink(self.max_bytes)
+
+    def _shrink(self, keep: int) -> None:
+        while self._free and self.free_bytes > keep:
             self._free.pop(0)
 
 
@@ -182,7 +258,9 @@ class FrameServer:
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
         self._pending: deque[tuple[bytes, protocol.Message]] = deque()  # read while a chunk was decoding
-        self._buffers = _BufferPool()
+        self._buffers = _BufferPool(config.buffer_pool_bytes)
+        self._last_step = time.monotonic()
+        self._trimmed = True  # whether memory went back to the system since the last chunk
         self._recent = RecentFrames(config.recent_cache_bytes)
         #: (reader key, grayscale, frame) of the last small request, to read around when idle
         self._around: Optional[tuple[tuple[str, int], bool, int]] = None
@@ -215,13 +293,46 @@ class FrameServer:
                     self._read_around()
                 if time.monotonic() >= self._next_probe:
                     self._probe_clients()
+                self._tidy()
         finally:
             self._shutdown()
         return self._stop_reason
 
     def _runnable(self) -> bool:
-        """Whether some request has credit for a chunk."""
+        """Whether some request has credit for a chunk and room to send it."""
+        now = time.monotonic()
+        return any(job.credit > 0 and self._may_send(job, now) for job in self._jobs)
+
+    def _may_send(self, job: _Job, now: float) -> bool:
+        """Whether ``job``'s next chunk can go now: in a shared slot (worth a try), or inline
+        within the server's and its client's caps on bytes queued in ZeroMQ."""
+        state = self._clients.get(job.client)
+        if job.request.shm and state is not None and state.slots is not None and now >= job.shm_retry_at:
+            return True
+        return self._inline_room(job)
+
+    def _inline_room(self, job: _Job) -> bool:
+        cfg = self.config
+        return inline_room(
+            self._buffers.queued(),
+            self._buffers.queued(job.client),
+            job.next_chunk_bytes(),
+            cfg.max_inline_bytes,
+            cfg.client_inline_bytes,
+        )
+
+    def _waiting_for_room(self) -> bool:
+        """Whether some request has credit but no room to send yet (the loop then looks again soon)."""
         return any(job.credit > 0 for job in self._jobs)
+
+    def _tidy(self) -> None:
+        """Between chunks: return idle requests' cache, and free kept buffers once the server is idle."""
+        self._rebalance_caches()
+        if time.monotonic() - self._last_step >= BUFFERS_IDLE_S:
+            freed = self._buffers.trim()
+            if freed or not self._trimmed:
+                _release_free_memory()
+            self._trimmed = True
 
     def stop(self, reason: str) -> None:
         """Ask the loop to end after the current chunk (safe from a signal handler)."""
@@ -391,19 +502,20 @@ class FrameServer:
             log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
             return
         gray = reader.resolve_grayscale(request.video.grayscale)
-        chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * math.prod(reader.frame_shape(gray))
-        if chunk_bytes > cfg.max_chunk_bytes:
+        frame_bytes = math.prod(reader.frame_shape(gray))
+        chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
+        limit = self._chunk_limit()
+        if chunk_bytes > limit:
             self._send(
                 client,
                 Error(
                     request_id=rid,
                     error="ServerError",
                     message=f"a chunk of {request.frames_per_chunk} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
-                    f"over this server's limit of {cfg.max_chunk_bytes / 2**20:.3g} MiB; ask for fewer frames per chunk",
+                    f"over this server's limit of {limit / 2**20:.3g} MiB; ask for fewer frames per chunk",
                 ),
             )
             return
-        budget = min(cfg.request_cache_bytes, cfg.total_cache_bytes - self._cache_bytes_promised())
         job = _Job(
             client=client,
             request=request,
@@ -411,7 +523,8 @@ class FrameServer:
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
-            cache=_request_cache(idxs, budget),
+            frame_bytes=frame_bytes,
+            cache=_request_cache(idxs, min(cfg.request_cache_bytes, cfg.total_cache_bytes)),
             identity=reader.signature,
         )
         if request.shm and self._probe is not None and state.slots is None:
@@ -419,19 +532,64 @@ class FrameServer:
             state.slots = shm.ServerSlots(max_slots=cfg.max_window + 3)
         state.jobs[rid] = job
         self._jobs.append(job)
+        self._rebalance_caches()
 
-    def _cache_bytes_promised(self) -> int:
-        return sum(job.cache.max_bytes for job in self._jobs if job.cache is not None)
+    def _chunk_limit(self) -> int:
+        """Largest chunk a request may ask for: it must also fit one client's share of inline bytes."""
+        cfg = self.config
+        return min(cfg.max_chunk_bytes, cfg.client_inline_bytes, cfg.max_inline_bytes)
 
-    def _step(self) -> None:
-        """Decode and send one chunk of the next request that has credit."""
+    def _rebalance_caches(self) -> None:
+        """Give each request its share of the frame cache (see :func:`cache_shares`); a cache over
+        its new share releases the frames it needs last."""
+        cached = [job for job in self._jobs if job.cache is not None]
+        if not cached:
+            return
+        now = time.monotonic()
+        idle = [job.idle(now) for job in cached]
+        cfg = self.config
+        active_share, idle_share = cache_shares(cfg.total_cache_bytes, cfg.request_cache_bytes, idle.count(False), idle.count(True))
+        for job, is_idle in zip(cached, idle):
+            assert job.cache is not None
+            share = idle_share if is_idle else active_share
+            if job.cache.max_bytes != share:
+                job.cache.resize(share)
+
+    def _choose(self) -> Optional[tuple[_Job, Optional[tuple[int, shm.SharedBuffer]]]]:
+        """The next request (round-robin) that has credit and room for its next chunk, with the
+        shared slot it goes in (None: inline). Requests waiting for room are skipped, so a
+        client that stopped reading holds up nobody else."""
+        now = time.monotonic()
         for _ in range(len(self._jobs)):
             job = self._jobs[0]
             self._jobs.rotate(-1)
-            if job.credit > 0:
-                break
-        else:
+            if job.credit <= 0 or not self._may_send(job, now):
+                continue
+            state = self._clients.get(job.client)
+            slots = state.slots if state is not None and job.request.shm else None
+            chunk_bytes = job.next_chunk_bytes()
+            if slots is not None and chunk_bytes and now >= job.shm_retry_at:
+                try:
+                    lease = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes())
+                except OSError as exc:  # no shared memory to be had now: the chunk goes inline
+                    log.warning("no shared-memory slot for client %s: %s", job.client.hex(), exc)
+                    lease = None
+                if lease is not None:
+                    return job, lease
+                job.shm_retry_at = now + ROOM_RETRY_S
+            if self._inline_room(job):
+                return job, None
+        return None
+
+    def _step(self) -> None:
+        """Decode and send one chunk of the next request that has credit and room to send it."""
+        chosen = self._choose()
+        if chosen is None:
             return
+        job, lease = chosen
+        self._last_step = job.last_sent = time.monotonic()
+        self._trimmed = False
+        self._rebalance_caches()
         request = job.request
         fpc = request.frames_per_chunk
         start = job.next_chunk * fpc
@@ -442,12 +600,9 @@ class FrameServer:
             job.cache.want(later=job.frame_idxs[start + fpc : start + fpc + ahead], now=idxs)
         state = self._clients.get(job.client)
         slots = state.slots if state is not None and request.shm else None
-        lease: Optional[tuple[int, shm.SharedBuffer]] = None
         try:
             reader = self._reader(request.video)
             shape = (len(idxs), *reader.frame_shape(job.grayscale))
-            room = self.config.max_shared_bytes - self._shared_bytes()
-            lease = slots.take(math.prod(shape), room) if slots is not None and idxs else None
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
             self._read(job, reader, idxs, frames)
         except Exception as exc:
@@ -503,10 +658,12 @@ class FrameServer:
             self._around_at = time.monotonic() + READ_AROUND_DELAY_S
 
     def _idle_wait_ms(self) -> int:
-        """How long the loop may sleep: until reading around is due, else a quarter second."""
+        """How long the loop may sleep: until reading around is due, else a quarter second
+        (a request waiting for room to send looks again every ``ROOM_RETRY_S``)."""
+        longest = math.ceil(ROOM_RETRY_S * 1000) if self._waiting_for_room() else 250
         if self._around is None:
-            return 250
-        return max(0, math.ceil((self._around_at - time.monotonic()) * 1000))
+            return longest
+        return min(longest, max(0, math.ceil((self._around_at - time.monotonic()) * 1000)))
 
     def _read_around(self) -> None:
         """While idle, decode the frames around the last small request into the recent-frames cache.
@@ -576,7 +733,7 @@ class FrameServer:
         try:
             tracker = self.socket.send(client, message, payload)
             if payload is not None:
-                self._buffers.lend(payload, tracker)
+                self._buffers.lend(payload, tracker, client)
             return True
         except PeerGone:
             self._drop_client(client, "disconnected")
@@ -597,6 +754,8 @@ class FrameServer:
             if job in self._jobs:
                 self._jobs.remove(job)
             self._log_job(job, f"abandoned: client {why}")
+        # Its chunks still queued are freed by ZeroMQ with its connection; kept buffers go once idle.
+        self._rebalance_caches()
 
     def _probe_clients(self) -> None:
         """Find clients that went away without a word, so their requests are freed."""
@@ -651,7 +810,8 @@ class FrameServer:
 
 def _request_cache(idxs: Sequence[int], budget: int) -> Optional[FrameCache]:
     """The cache a request needs: none when it strictly moves forward (nothing decoded is asked
-    for again); for requests that only move forward, no decoding ahead within GOPs."""
+    for again); for requests that only move forward, no decoding ahead within GOPs.
+    ``budget`` is its size until the server rebalances shares."""
     if budget <= 0:
         return None
     if isinstance(idxs, range):
@@ -660,6 +820,21 @@ def _request_cache(idxs: Sequence[int], budget: int) -> Optional[FrameCache]:
     if all(a < b for a, b in pairs):
         return None
     return FrameCache(budget, finish_gops=not all(a <= b for a, b in pairs))
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise); a no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError, TypeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _reader_key(video: Video) -> tuple[str, int]:
