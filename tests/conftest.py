@@ -142,3 +142,43 @@ def client():
     """One private server for a whole test module (each test still makes its own requests)."""
     with AsyncVideo(timeout=60) as av_client:
         yield av_client
+
+
+# -- CI runs every test for real ----------------------------------------------------------
+
+#: Set (to anything but "" or "0") by .ci/run: a skipped test fails the session.
+FAIL_ON_SKIP = "ASYNCFRAMES_FAIL_ON_SKIP"
+
+#: ``nodeid: reason`` of every test skipped in this session.
+_skipped: list[str] = []
+
+
+def fail_on_skip() -> bool:
+    return os.environ.get(FAIL_ON_SKIP, "") not in ("", "0")
+
+
+def describe_skip(report: pytest.TestReport) -> str:
+    """``nodeid: reason`` of a skipped test's report."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return f"{report.nodeid}: {reason.removeprefix('Skipped: ')}"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(describe_skip(report))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ASYNCFRAMES_FAIL_ON_SKIP set, a session that skipped any test fails."""
+    if fail_on_skip() and _skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """List what was skipped, and why that fails the run, when ASYNCFRAMES_FAIL_ON_SKIP is set."""
+    if not (fail_on_skip() and _skipped):
+        return
+    terminalreporter.section(f"{FAIL_ON_SKIP} is set: a skipped test fails the run", red=True, bold=True)
+    for line in _skipped:
+        terminalreporter.line(f"SKIPPED {line}", red=True)
+    terminalreporter.line(f"{len(_skipped)} test(s) skipped; CI must run every test for real", red=True, bold=True)
