@@ -6,7 +6,10 @@ Ground truth is always a plain sequential PyAV decode, converted with PyAV's own
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
+import time
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -77,6 +80,42 @@ ZOO = {
     "prores.mov": dict(codec="prores_ks", frames=15, bframes=0, pix_fmt="yuv422p10le"),
     "rawvideo.y4m": dict(codec="rawvideo", frames=15, bframes=0),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory):
+    """The test session's own TMPDIR, for this process and every process the tests start.
+
+    Private servers make their folders (``asyncframes-*``) there, never in the
+    machine's /tmp; the session fails if one is left behind.
+    """
+    folder = tmp_path_factory.mktemp("tmp")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    try:
+        yield folder
+    finally:
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        tempfile.tempdir = saved_tempdir
+    left = leftover_private_dirs(folder)
+    assert not left, f"the tests left private server folders behind: {sorted(left)}"
+
+
+def leftover_private_dirs(folder: Path, within: float = 5.0) -> set[str]:
+    """Private server folders still in ``folder`` once servers that are stopping have had ``within`` s to go."""
+    from asyncframes import process
+
+    gc.collect()  # clients nobody closed stop their servers now
+    process._stop_prestarted()  # a prestarted server nobody took
+    deadline = time.monotonic() + within
+    while True:
+        left = {str(p) for p in folder.glob("asyncframes-*")}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
