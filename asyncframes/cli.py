@@ -265,12 +265,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import FrameServer, ServerConfig
     from .transport import ServerCurve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s asyncframes-server %(levelname)s %(message)s"
-    )
-    if args.lifeline:
-        # A private server belongs to its client: Ctrl-C goes to the client, which stops us.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if bool(args.curve_secret) != bool(args.allow_client_keys):
         args.parser.error("--curve-secret and --allow-client-keys go together (give both, or neither)")
     root = None if args.unconfined else os.path.abspath(args.root)
@@ -278,6 +272,12 @@ def _serve(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --root: {root} is not a directory (allowed: an existing folder)")
     if args.allow_client_keys and not os.path.isdir(args.allow_client_keys):
         args.parser.error(f"argument --allow-client-keys: {args.allow_client_keys} is not a directory (allowed: a folder of client .key files)")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s asyncframes-server %(levelname)s %(message)s"
+    )
+    if args.lifeline:
+        # A private server belongs to its client: Ctrl-C goes to the client, which stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     binds = args.bind or [DEFAULT_BIND]
     curve = ServerCurve.load(args.curve_secret, args.allow_client_keys) if args.curve_secret else None
     config = ServerConfig(
