@@ -40,7 +40,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi  # apt-get, dockerd and debootstrap
 ensure_python() {
     if [ -n "${PYTHON_GIVEN:-}" ]; then
         [ -x "$PYTHON" ] || fail "PYTHON=$PYTHON is not an executable (unset it to let smoke.sh make $repo/.venv)"
-        "$PYTHON" -c "import asyncframes" 2>/dev/null \
+        "$PYTHON" -I -c "import asyncframes" 2>/dev/null \
             || fail "PYTHON=$PYTHON cannot import asyncframes (install the project into it: $PYTHON -m pip install -e $repo)"
     else
         if [ ! -x "$PYTHON" ]; then
@@ -48,7 +48,7 @@ ensure_python() {
             say "no $PYTHON: setting it up as the README does (python3 -m venv .venv && .venv/bin/pip install -e .)"
             (cd "$repo" && python3 -m venv .venv) || fail "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
         fi
-        if ! "$PYTHON" -c "import asyncframes" 2>/dev/null; then
+        if ! "$PYTHON" -I -c "import asyncframes" 2>/dev/null; then
             say "installing asyncframes into $(dirname "$(dirname "$PYTHON")")"
             (cd "$repo" && "$PYTHON" -m pip install -q -e .) || fail "pip could not install the project into $PYTHON"
         fi
@@ -120,7 +120,7 @@ pick_videos() {
 cleanup() { docker rm -f "$CONTAINER" >/dev/null 2>&1 || true; }
 
 ensure_python
-say "host Python: $PYTHON ($("$PYTHON" -c 'import asyncframes, sys; print("asyncframes", asyncframes.__version__, "on Python", sys.version.split()[0])'))"
+say "host Python: $PYTHON ($("$PYTHON" -I -c 'import asyncframes, sys; print("asyncframes", asyncframes.__version__, "on Python", sys.version.split()[0])'))"
 if [ "${1:-}" = "--preflight" ]; then say "preflight passed"; exit 0; fi
 check_privileges
 ensure_docker
