@@ -6,9 +6,9 @@ spawn, never a fork, so it is safe from apps that run threads (Qt), and unlike
 Its stdin is a lifeline pipe: when this process dies, the pipe closes and the
 server exits by itself. It binds a private endpoint (ipc in a 0700 temp dir)
 and reports it on stdout when ready. The server also removes that dir when it
-exits (``--private-dir``), so it goes even when this process is SIGKILLed. Set ``ASYNCFRAMES_PYTHON`` to the
-interpreter to use where ``sys.executable`` is not a plain Python (embedded or
-frozen apps).
+exits (``--private-dir``), so it goes even when this process is SIGKILLed.
+Set ``ASYNCFRAMES_PYTHON`` to the interpreter to use where ``sys.executable``
+is not a plain Python (embedded or frozen apps).
 """
 
 from __future__ import annotations
