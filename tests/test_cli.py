@@ -177,3 +177,15 @@ def test_frames_spec_is_a_slice_of_the_video():
     assert frames_range(frames_spec("::100"), 300) == range(0, 300, 100)
     assert frames_range(frames_spec("250:400"), 300) == range(250, 400)  # the server names index 300
     assert frames_range(None, 300) is None
+
+
+@pytest.mark.parametrize("command", [["info", "x.mp4"], ["ping"]])
+def test_an_unreadable_key_file_is_one_line_naming_it(tmp_path, command):
+    garbage = tmp_path / "me.key_secret"
+    garbage.write_text("not a key\n")
+    endpoint = ["--endpoint", "tcp://127.0.0.1:9"] if command[0] == "info" else ["tcp://127.0.0.1:9"]
+    result = run(*command, *endpoint, "--curve-secret", garbage, "--curve-server-key", tmp_path / "missing.key", "--timeout", "2")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("asyncframes: error: AuthenticationError: cannot read") and str(tmp_path) in line
