@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,13 +23,113 @@ log = logging.getLogger("asyncframes.cli")
 
 DEFAULT_BIND = "tcp://127.0.0.1:9010"
 
+#: Log levels ``serve --log-level`` takes (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+FRAMES_SYNTAX = "FRAME or START:STOP[:STEP] with whole numbers >= 0 (STEP >= 1; no STOP: to the end)"
+
+
+# -- argument types: each names the bad value and what is allowed (argparse adds the option's name) --
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (allowed: {low} or more)") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is too small (allowed: {low} or more)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _bounded_float(text, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _bounded_float(text, strict=False)
+
+
+def _bounded_float(text: str, strict: bool) -> float:
+    allowed = "a number greater than 0" if strict else "a number, 0 or more"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (allowed: {allowed})") from None
+    if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (allowed: {allowed})")
+    return value
+
+
+def frames_spec(text: str) -> slice:
+    """``FRAME`` or ``START:STOP[:STEP]`` as a slice of non-negative ints (STOP may be omitted: to the end)."""
+    parts = text.split(":")
+    if len(parts) > 3 or not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not {FRAMES_SYNTAX}")
+    try:
+        numbers = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {FRAMES_SYNTAX}") from None
+    if any(n is not None and n < 0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"{text!r} has a negative number; allowed: {FRAMES_SYNTAX}")
+    if len(numbers) == 1:
+        if numbers[0] is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {FRAMES_SYNTAX}")
+        return slice(numbers[0], numbers[0] + 1, 1)
+    start, stop, step = (numbers + [None])[:3]
+    if step == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} has STEP 0; allowed: {FRAMES_SYNTAX}")
+    return slice(start or 0, stop, step or 1)
+
+
+def endpoint_arg(text: str) -> str:
+    """A ZeroMQ endpoint we can use: ``tcp://HOST:PORT`` (PORT 0-65535, or ``*`` to bind any) or ``ipc://PATH``."""
+    allowed = "tcp://HOST:PORT (PORT 1-65535, or * when binding) or ipc://PATH"
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("tcp", "ipc") or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint (allowed: {allowed})")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not (port == "*" or (port.isdigit() and 1 <= int(port) <= 65535)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint (allowed: {allowed})")
+    return text
+
+
+def key_name(text: str) -> str:
+    """A plain file name (no folder), for ``keygen --name``."""
+    if not text or text in (".", "..") or "/" in text or os.sep in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name (allowed: a name without '/', e.g. 'laptop')")
+    return text
+
+
+def log_level(text: str) -> str:
+    """One of :data:`LOG_LEVELS`, any case."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level (allowed: {', '.join(LOG_LEVELS)})")
+    return text.upper()
+
 
 def _client(args: argparse.Namespace, **options: Any) -> Any:
     """An AsyncVideo for the command's options: a private server, or the given endpoint(s)."""
     from .client import AsyncVideo
 
+    endpoints = getattr(args, "endpoint", None) or None
+    if endpoints and "start_timeout" not in options:
+        options["start_timeout"] = args.timeout  # how long to try reaching a running server
     return AsyncVideo(
-        getattr(args, "endpoint", None) or None,
+        endpoints,
         timeout=args.timeout,
         curve_secret=args.curve_secret,
         curve_server_key=args.curve_server_key,
@@ -40,7 +141,7 @@ def _video_arg(args: argparse.Namespace) -> str:
     if args.video:
         return args.video
     if getattr(args, "endpoint", None):
-        raise SystemExit("asyncframes: error: name a VIDEO (a path the server can open) when using --endpoint")
+        args.parser.error("name a VIDEO (a path the server can open) when using --endpoint")
     from .sample import sample_video
 
     return str(sample_video())
@@ -58,14 +159,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_frames(text: Optional[str]) -> Optional[range]:
-    """``START:STOP[:STEP]`` → a range; None means every frame."""
-    if not text:
+def frames_range(frames: Optional[slice], frame_count: int) -> Optional[range]:
+    """The frames ``--frames`` asks for (see :func:`frames_spec`); None means every frame.
+
+    An omitted STOP means the end of the video; an explicit one past the end is
+    kept, so the server reports the first index that does not exist.
+    """
+    if frames is None:
         return None
-    parts = [int(p) if p else None for p in text.split(":")]
-    if len(parts) == 1:
-        return range(parts[0] or 0, (parts[0] or 0) + 1)
-    return range(*(slice(*parts).indices(sys.maxsize)))
+    stop = frame_count if frames.stop is None else frames.stop
+    return range(frames.start, stop, frames.step)
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
@@ -76,7 +179,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         info = client.info(video)
         print(f"video   {info.filename}")
         print(f"        {info.frame_count} frames, {info.width}x{info.height}x{info.channels}, {info.fps:g} fps, {info.codec}")
-        client.load_by_chunk(video, _parse_frames(args.frames), args.frames_per_chunk)
+        client.load_by_chunk(video, frames_range(args.frames, info.frame_count), args.frames_per_chunk)
         first = time.perf_counter()
         frames = chunks = nbytes = 0
         for frame_idxs, array in client.chunks:
@@ -113,7 +216,10 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from .transport import create_keys
 
-    public, secret = create_keys(args.directory, args.name)
+    try:
+        public, secret = create_keys(args.directory, args.name)
+    except OSError as exc:
+        args.parser.error(f"cannot write keys into {args.directory}: {exc.strerror or exc}")
     print(f"public key  {public}   (give this to the other side)")
     print(f"secret key  {secret}   (keep private)")
     return 0
@@ -132,22 +238,46 @@ def _is_loopback(endpoint: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until stopped; a private server's folder (``--private-dir``) goes however it ends."""
+    from .process import remove_own_private_dir
+
+    try:
+        return _serve(args)
+    finally:
+        if args.private_dir:
+            remove_own_private_dir(args.private_dir)
+
+
+def _private_dir(text: str) -> str:
+    """``--private-dir``: the folder a client made for this private server (removed when it exits)."""
+    from .process import is_private_dir
+
+    if not os.path.isdir(text) or not is_private_dir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a private server folder (allowed: an asyncframes-* folder holding at most server.sock)")
+    return text
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import zmq
+
     from .pool import default_workers
     from .process import READY_LINE
     from .server import FrameServer, ServerConfig
     from .transport import ServerCurve
 
+    if bool(args.curve_secret) != bool(args.allow_client_keys):
+        args.parser.error("--curve-secret and --allow-client-keys go together (give both, or neither)")
+    root = None if args.unconfined else os.path.abspath(args.root)
+    if root is not None and not os.path.isdir(root):
+        args.parser.error(f"argument --root: {root} is not a directory (allowed: an existing folder)")
+    if args.allow_client_keys and not os.path.isdir(args.allow_client_keys):
+        args.parser.error(f"argument --allow-client-keys: {args.allow_client_keys} is not a directory (allowed: a folder of client .key files)")
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s asyncframes-server %(levelname)s %(message)s"
     )
     if args.lifeline:
         # A private server belongs to its client: Ctrl-C goes to the client, which stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if bool(args.curve_secret) != bool(args.allow_client_keys):
-        raise SystemExit("asyncframes: error: --curve-secret and --allow-client-keys go together")
-    root = None if args.unconfined else os.path.abspath(args.root)
-    if root is not None and not os.path.isdir(root):
-        raise SystemExit(f"asyncframes: error: --root {root} is not a directory")
     binds = args.bind or [DEFAULT_BIND]
     curve = ServerCurve.load(args.curve_secret, args.allow_client_keys) if args.curve_secret else None
     config = ServerConfig(
@@ -167,7 +297,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shared_memory=not args.no_shared_memory,
         max_shared_bytes=int(args.max_shared_mb * 1024 * 1024),
     )
-    server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
+    try:
+        server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
+    except zmq.ZMQError as exc:
+        where = binds[0] if len(binds) == 1 else "one of " + ", ".join(binds)
+        args.parser.error(f"argument --bind: cannot listen on {where}: {exc.strerror} (allowed: a free port, or * for any)")
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
     if not args.lifeline:
         signal.signal(signal.SIGINT, lambda *_: server.stop("interrupted"))
@@ -191,12 +325,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("videos", nargs="*", metavar="VIDEO", help="videos to measure (default: generated clips and ../shared/videos)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every comparison (default 3)")
-    parser.add_argument("--frames-per-chunk", type=int, default=64)
-    parser.add_argument("--random", type=int, default=100, help="random indices in the random-access request (default 100)")
-    parser.add_argument("--scrub", type=int, default=20, help="random single frames per round for scrubbing (default 20)")
-    parser.add_argument("--memory-frames", type=int, default=10_000, help="frames streamed to the slow consumer (0: skip)")
-    parser.add_argument("--workers", type=int, nargs="*", default=None, help="worker counts to compare (default 1 2 N; none given: skip)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds of every comparison (default 3)")
+    parser.add_argument("--frames-per-chunk", type=positive_int, default=64)
+    parser.add_argument("--random", type=positive_int, default=100, help="random indices in the random-access request (default 100)")
+    parser.add_argument("--scrub", type=positive_int, default=20, help="random single frames per round for scrubbing (default 20)")
+    parser.add_argument("--memory-frames", type=non_negative_int, default=10_000, help="frames streamed to the slow consumer (0: skip)")
+    parser.add_argument("--workers", type=positive_int, nargs="*", default=None, help="worker counts to compare (default 1 2 N; none given: skip)")
     parser.add_argument("--scale-out", action="store_true", help="also spread one request over 1, 2 and 3 loopback servers")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
 
@@ -204,15 +338,28 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    return run(args)
+    for video in args.videos:
+        if not os.path.isfile(video):
+            args.parser.error(f"argument VIDEO: {video} is not a file (allowed: existing video files)")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            args.parser.error(f"argument --json: cannot write {args.json}: {folder} is not a writable folder")
+    import av
+
+    try:
+        return run(args)
+    except av.error.FFmpegError as exc:  # the bench decodes in this process too
+        print(f"asyncframes: error: cannot decode {exc.filename or 'a video'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def _add_client_options(parser: argparse.ArgumentParser, *, endpoint: bool = True, timeout: float = 60.0) -> None:
     if endpoint:
         parser.add_argument(
-            "--endpoint", action="append", help="use a running server (repeatable: spread over several); default: start a private one"
+            "--endpoint", action="append", type=endpoint_arg, help="use a running server (repeatable: spread over several); default: start a private one"
         )
-    parser.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=positive_float, default=timeout, help="seconds to wait for an answer")
     parser.add_argument("--curve-secret", help="this client's .key_secret file, for a server that requires CURVE")
     parser.add_argument("--curve-server-key", help="the server's public .key file")
 
@@ -226,81 +373,86 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("video", nargs="?", help="video file; omitted: the built-in sample clip")
     info.add_argument("--json", action="store_true", help="print JSON")
     _add_client_options(info)
-    info.set_defaults(func=_cmd_info)
+    info.set_defaults(func=_cmd_info, parser=info)
 
     stream = sub.add_parser("stream", aliases=["demo"], help="stream frames through a frame server and report throughput")
     stream.add_argument("video", nargs="?", help="video file; omitted: the built-in sample clip")
-    stream.add_argument("--frames", help="START:STOP[:STEP] (default: every frame)")
-    stream.add_argument("--frames-per-chunk", type=int, default=64)
+    stream.add_argument("--frames", type=frames_spec, help="FRAME or START:STOP[:STEP] (default: every frame)")
+    stream.add_argument("--frames-per-chunk", type=positive_int, default=64)
     stream.add_argument("-v", "--verbose", action="store_true", help="print every chunk")
     _add_client_options(stream)
-    stream.set_defaults(func=_cmd_stream)
+    stream.set_defaults(func=_cmd_stream, parser=stream)
 
     ping = sub.add_parser("ping", help="check that a server answers (exit 0) or not (exit 1)")
-    ping.add_argument("endpoint", help="e.g. tcp://127.0.0.1:9010")
+    ping.add_argument("endpoint", type=endpoint_arg, help="e.g. tcp://127.0.0.1:9010")
     ping.add_argument(
         "--any-answer", action="store_true", help="a server that refuses our credentials counts as up (health checks)"
     )
     _add_client_options(ping, endpoint=False, timeout=5.0)
-    ping.set_defaults(func=_cmd_ping)
+    ping.set_defaults(func=_cmd_ping, parser=ping)
 
     keygen = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret private)")
     keygen.add_argument("directory")
-    keygen.add_argument("--name", default="asyncframes")
-    keygen.set_defaults(func=_cmd_keygen)
+    keygen.add_argument("--name", type=key_name, default="asyncframes", help="file name of the pair (default asyncframes)")
+    keygen.set_defaults(func=_cmd_keygen, parser=keygen)
 
     bench = sub.add_parser("bench", help="measure asyncframes side by side with in-process PyAV, in one run")
     _add_bench_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(func=_cmd_bench, parser=bench)
 
     serve = sub.add_parser("serve", help="run a frame server until SIGINT/SIGTERM")
-    serve.add_argument("--bind", action="append", help=f"endpoint to listen on, repeatable (default {DEFAULT_BIND})")
+    serve.add_argument("--bind", action="append", type=endpoint_arg, help=f"endpoint to listen on, repeatable (default {DEFAULT_BIND})")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--root", default=".", help="serve videos under this folder only (default: the current folder)")
     where.add_argument("--unconfined", action="store_true", help="serve any path the server user can read")
     serve.add_argument("--curve-secret", help="the server's .key_secret file: require CURVE")
     serve.add_argument("--allow-client-keys", help="folder of client public .key files that may connect")
-    serve.add_argument("--max-request-frames", type=int, default=10_000_000, help="largest request, in frames")
-    serve.add_argument("--max-frames-per-chunk", type=int, default=1024)
-    serve.add_argument("--max-open-files", type=int, default=8, help="videos kept open (least recently used are closed)")
-    serve.add_argument("--max-requests-per-client", type=int, default=4, help="concurrent requests per client")
-    serve.add_argument("--max-chunk-mb", type=float, default=512, help="largest chunk in MiB (frames x frame size)")
+    serve.add_argument("--max-request-frames", type=positive_int, default=10_000_000, help="largest request, in frames")
+    serve.add_argument("--max-frames-per-chunk", type=positive_int, default=1024)
+    serve.add_argument("--max-open-files", type=positive_int, default=8, help="videos kept open (least recently used are closed)")
+    serve.add_argument("--max-requests-per-client", type=positive_int, default=4, help="concurrent requests per client")
+    serve.add_argument("--max-chunk-mb", type=positive_float, default=512, help="largest chunk in MiB (frames x frame size)")
     serve.add_argument(
-        "--max-inline-mb", type=float, default=2048, help="chunk bytes queued for sending, all clients together (MiB)"
+        "--max-inline-mb", type=positive_float, default=2048, help="chunk bytes queued for sending, all clients together (MiB)"
     )
     serve.add_argument(
-        "--client-inline-mb", type=float, default=512, help="chunk bytes queued for sending to one client (MiB)"
+        "--client-inline-mb", type=positive_float, default=512, help="chunk bytes queued for sending to one client (MiB)"
     )
-    serve.add_argument("--buffer-pool-mb", type=float, default=512, help="sent chunk buffers kept for reuse (MiB)")
+    serve.add_argument("--buffer-pool-mb", type=non_negative_float, default=512, help="sent chunk buffers kept for reuse (MiB)")
     serve.add_argument(
-        "--request-cache-mb", type=float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
+        "--request-cache-mb", type=non_negative_float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
     )
-    serve.add_argument("--cache-mb", type=float, default=1024, help="decoded frames kept by all requests together")
+    serve.add_argument("--cache-mb", type=non_negative_float, default=1024, help="decoded frames kept by all requests together")
     serve.add_argument(
-        "--workers", type=int, default=0, help="decoder threads sharing each chunk, split by GOP (default: one per 2 CPUs)"
+        "--workers", type=non_negative_int, default=0, help="decoder threads sharing each chunk, split by GOP (default: one per 2 CPUs)"
     )
     serve.add_argument(
         "--no-shared-memory", action="store_true", help="always send frames inline, never in shared memory"
     )
     serve.add_argument(
-        "--max-shared-mb", type=float, default=4096, help="shared memory for chunks, all clients together (beyond: inline)"
+        "--max-shared-mb", type=non_negative_float, default=4096, help="shared memory for chunks, all clients together (beyond: inline)"
     )
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (one line per request), WARNING")
+    serve.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG, INFO (one line per request), WARNING, ERROR")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")
     serve.add_argument("--allow-stop", action="store_true", help="let clients stop the server (private servers)")
-    serve.set_defaults(func=_cmd_serve)
+    serve.add_argument("--private-dir", type=_private_dir, help=argparse.SUPPRESS)  # removed on exit (private servers)
+    serve.set_defaults(func=_cmd_serve, parser=serve)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; every failure is one line on stderr and a non-zero exit (2: bad arguments)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except AsyncFramesError as exc:
         print(f"asyncframes: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file the command itself reads or writes (not the server's)
+        if isinstance(exc, BrokenPipeError):  # e.g. piped into head
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"asyncframes: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # e.g. piped into head
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -559,6 +559,10 @@ class AsyncVideo:
             return conn.slots.array(conn.shm_pid, where.fd, where.slot, where.size, tuple(message.shape), dtype.str)
         except (OSError, ValueError) as exc:
             self.cancel()
+            # A live server may still be sending its notice; a dead one's is already here or lost.
+            reason = _shutdown_notice(conn, within=1.0 if shm.process_alive(conn.shm_pid) else 0.1)
+            if reason is not None:  # it closed its shared memory because it was stopped: say so
+                raise ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {reason}") from exc
             if conn.process is not None:
                 conn._wait_for_exit()  # our own server: say how it ended
             if not shm.process_alive(conn.shm_pid):
@@ -566,6 +570,29 @@ class AsyncVideo:
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {conn.shm_pid}) is gone"
                 ) from exc
             raise ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}") from exc
+
+
+def _shutdown_notice(conn: _Connection, within: float = 1.0) -> Optional[str]:
+    """The reason of a Shutdown the server sent after the chunk in hand, if one arrives within ``within`` s.
+
+    A stopped server sends Shutdown after its last chunks and then closes their
+    shared memory, so a chunk it sent just before can no longer be mapped: that
+    is its shutdown, not a crash. Other messages read here belong to the
+    request just cancelled and are dropped.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poll_any([conn.socket], int(remaining * 1000) + 1):
+            return None
+        try:
+            message, _payload = conn.socket.recv()
+        except (AsyncFramesError, zmq.ZMQError):
+            return None
+        if isinstance(message, protocol.Shutdown):
+            conn.greeted = False
+            return message.reason
+        conn.drop(message)
 
 
 def _server_options(workers: Optional[int]) -> list[str]:

@@ -5,9 +5,10 @@ spawn, never a fork, so it is safe from apps that run threads (Qt), and unlike
 ``multiprocessing``'s spawn it does not re-import the caller's ``__main__``.
 Its stdin is a lifeline pipe: when this process dies, the pipe closes and the
 server exits by itself. It binds a private endpoint (ipc in a 0700 temp dir)
-and reports it on stdout when ready. Set ``ASYNCFRAMES_PYTHON`` to the
-interpreter to use where ``sys.executable`` is not a plain Python (embedded or
-frozen apps).
+and reports it on stdout when ready. The server also removes that dir when it
+exits (``--private-dir``), so it goes even when this process is SIGKILLed.
+Set ``ASYNCFRAMES_PYTHON`` to the interpreter to use where ``sys.executable``
+is not a plain Python (embedded or frozen apps).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from typing import IO, Optional, Sequence
 
 from .errors import ServerStartError
 from .transport import private_endpoint, remove_private_dir
+
+#: What a private server's folder is called (by :func:`asyncframes.transport.private_endpoint`).
+PRIVATE_DIR_PREFIX = "asyncframes-"
+#: The one thing a private server's folder holds.
+PRIVATE_SOCKET = "server.sock"
 
 #: Printed (with the endpoints) on stdout by ``asyncframes serve`` once it accepts connections.
 READY_LINE = "asyncframes server ready on"
@@ -44,9 +50,10 @@ class ServerProcess:
         bind, self._private_dir = private_endpoint()
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        owned = ["--private-dir", self._private_dir] if self._private_dir else []
         try:
             self.popen = subprocess.Popen(
-                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level, *options],
+                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, *owned, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level, *options],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the server's log lines go to our stderr
@@ -127,6 +134,33 @@ class ServerProcess:
                 pass
         remove_private_dir(self._private_dir)
         self._private_dir = None
+
+
+def is_private_dir(directory: str) -> bool:
+    """Whether ``directory`` looks like a private server's folder: ``asyncframes-*``, holding at most its socket."""
+    if not os.path.basename(os.path.normpath(directory)).startswith(PRIVATE_DIR_PREFIX):
+        return False
+    try:
+        return set(os.listdir(directory)) <= {PRIVATE_SOCKET}
+    except OSError:
+        return False
+
+
+def remove_own_private_dir(directory: str) -> None:
+    """Remove a private server's folder from the server's side: its socket, then the (then empty) folder.
+
+    Never removes anything else: a folder that holds more than the socket stays.
+    """
+    try:
+        os.unlink(os.path.join(directory, PRIVATE_SOCKET))
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # gone already (the client removed it), or not ours to empty
 
 
 _spare_lock = threading.Lock()

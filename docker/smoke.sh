@@ -6,11 +6,16 @@
 #   - builds the base image locally with debootstrap (Debian + python3) unless
 #     $BASE_IMAGE already exists;
 #   - builds the project's wheels on the host, so the image build needs no network.
-# Needs root for the first two. Environment:
+# Needs: python3 with venv and pip on the host; root (or sudo) for the first two
+# steps when no Docker engine runs; network access to the Debian mirror and to the
+# package index pip uses. Before anything else it checks these and sets up the host
+# side the way the README does (python3 -m venv .venv && .venv/bin/pip install -e .)
+# unless PYTHON names a ready interpreter. `docker/smoke.sh --preflight` does only that.
+# Environment:
 #   BASE_IMAGE  base to build on        (default asyncframes-base:bookworm, made here)
 #   IMAGE       tag of the image        (default asyncframes:smoke)
 #   VIDEOS      host folder to serve    (default ../shared/videos, else a generated clip)
-#   PYTHON      host Python with asyncframes installed (default .venv/bin/python)
+#   PYTHON      host Python with asyncframes installed (default .venv/bin/python, made if missing)
 #   DEBIAN_MIRROR                       (default http://deb.debian.org/debian)
 set -euo pipefail
 
@@ -19,6 +24,7 @@ repo="$(dirname "$here")"
 build="$here/.build"
 BASE_IMAGE="${BASE_IMAGE:-asyncframes-base:bookworm}"
 IMAGE="${IMAGE:-asyncframes:smoke}"
+PYTHON_GIVEN="${PYTHON:-}"
 PYTHON="${PYTHON:-$repo/.venv/bin/python}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 CONTAINER=asyncframes-smoke
@@ -26,8 +32,40 @@ PORT=9010
 mkdir -p "$build"
 
 say() { echo "smoke: $*"; }
+fail() { echo "smoke: cannot run: $*" >&2; exit 1; }
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi  # apt-get, dockerd and debootstrap need root
+
+# The host side: a Python with asyncframes installed, set up as the README does if it is missing.
+ensure_python() {
+    if [ -n "${PYTHON_GIVEN:-}" ]; then
+        [ -x "$PYTHON" ] || fail "PYTHON=$PYTHON is not an executable (unset it to let smoke.sh make $repo/.venv)"
+        "$PYTHON" -I -c "import asyncframes" 2>/dev/null \
+            || fail "PYTHON=$PYTHON cannot import asyncframes (install the project into it: $PYTHON -m pip install -e $repo)"
+    else
+        if [ ! -x "$PYTHON" ]; then
+            command -v python3 >/dev/null 2>&1 || fail "python3 is not installed (needed on the host: python3 with venv and pip)"
+            say "no $PYTHON: setting it up as the README does (python3 -m venv .venv && .venv/bin/pip install -e .)"
+            (cd "$repo" && python3 -m venv .venv) || fail "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+        if ! "$PYTHON" -I -c "import asyncframes" 2>/dev/null; then
+            say "installing asyncframes into $(dirname "$(dirname "$PYTHON")")"
+            (cd "$repo" && "$PYTHON" -m pip install -q -e .) || fail "pip could not install the project into $PYTHON"
+        fi
+    fi
+    "$PYTHON" -m pip --version >/dev/null 2>&1 || fail "$PYTHON has no pip (needed to build and fetch wheels)"
+}
+
+# What the Docker steps need, checked before anything is installed.
+check_privileges() {
+    if docker info >/dev/null 2>&1; then return; fi
+    if [ -n "$SUDO" ] && ! sudo -n true 2>/dev/null; then
+        fail "no Docker engine runs and installing or starting one needs root: run as root, with passwordless sudo, or start dockerd first"
+    fi
+    if ! command -v dockerd >/dev/null 2>&1 && ! command -v apt-get >/dev/null 2>&1; then
+        fail "no Docker engine, and no apt-get to install Debian's docker.io: install Docker first"
+    fi
+}
 
 ensure_docker() {
     if docker info >/dev/null 2>&1; then return; fi
@@ -81,6 +119,10 @@ pick_videos() {
 
 cleanup() { docker rm -f "$CONTAINER" >/dev/null 2>&1 || true; }
 
+ensure_python
+say "host Python: $PYTHON ($("$PYTHON" -I -c 'import asyncframes, sys; print("asyncframes", asyncframes.__version__, "on Python", sys.version.split()[0])'))"
+if [ "${1:-}" = "--preflight" ]; then say "preflight passed"; exit 0; fi
+check_privileges
 ensure_docker
 ensure_base
 build_wheels

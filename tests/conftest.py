@@ -6,7 +6,10 @@ Ground truth is always a plain sequential PyAV decode, converted with PyAV's own
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
+import time
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +82,42 @@ ZOO = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory):
+    """The test session's own TMPDIR, for this process and every process the tests start.
+
+    Private servers make their folders (``asyncframes-*``) there, never in the
+    machine's /tmp; the session fails if one is left behind.
+    """
+    folder = tmp_path_factory.mktemp("tmp")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    try:
+        yield folder
+    finally:
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        tempfile.tempdir = saved_tempdir
+    left = leftover_private_dirs(folder)
+    assert not left, f"the tests left private server folders behind: {sorted(left)}"
+
+
+def leftover_private_dirs(folder: Path, within: float = 5.0) -> set[str]:
+    """Private server folders still in ``folder`` once servers that are stopping have had ``within`` s to go."""
+    from asyncframes import process
+
+    gc.collect()  # clients nobody closed stop their servers now
+    process._stop_prestarted()  # a prestarted server nobody took
+    deadline = time.monotonic() + within
+    while True:
+        left = {str(p) for p in folder.glob("asyncframes-*")}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("clips")
@@ -142,3 +181,43 @@ def client():
     """One private server for a whole test module (each test still makes its own requests)."""
     with AsyncVideo(timeout=60) as av_client:
         yield av_client
+
+
+# -- CI runs every test for real ----------------------------------------------------------
+
+#: Set (to anything but "" or "0") by .ci/run: a skipped test fails the session.
+FAIL_ON_SKIP = "ASYNCFRAMES_FAIL_ON_SKIP"
+
+#: ``nodeid: reason`` of every test skipped in this session.
+_skipped: list[str] = []
+
+
+def fail_on_skip() -> bool:
+    return os.environ.get(FAIL_ON_SKIP, "") not in ("", "0")
+
+
+def describe_skip(report: pytest.TestReport) -> str:
+    """``nodeid: reason`` of a skipped test's report."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return f"{report.nodeid}: {reason.removeprefix('Skipped: ')}"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(describe_skip(report))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ASYNCFRAMES_FAIL_ON_SKIP set, a session that skipped any test fails."""
+    if fail_on_skip() and _skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """List what was skipped, and why that fails the run, when ASYNCFRAMES_FAIL_ON_SKIP is set."""
+    if not (fail_on_skip() and _skipped):
+        return
+    terminalreporter.section(f"{FAIL_ON_SKIP} is set: a skipped test fails the run", red=True, bold=True)
+    for line in _skipped:
+        terminalreporter.line(f"SKIPPED {line}", red=True)
+    terminalreporter.line(f"{len(_skipped)} test(s) skipped; CI must run every test for real", red=True, bold=True)

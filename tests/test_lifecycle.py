@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
@@ -54,8 +53,31 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def private_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncframes-*")))
+def private_dirs(folder: "str | os.PathLike[str]") -> set[str]:
+    """The private server folders in ``folder`` (a test's own TMPDIR, never the machine's /tmp)."""
+    return set(glob.glob(os.path.join(folder, "asyncframes-*")))
+
+
+@pytest.fixture
+def own_tmpdir(tmp_path_factory, monkeypatch):
+    """This test's TMPDIR, for private server folders made here and in the processes it starts.
+
+    A short path (not tmp_path), so that ``.../asyncframes-XXXXXXXX/server.sock`` fits a unix socket.
+    """
+    folder = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+CLIENT_THEN_SLEEP = """
+import sys, time
+from asyncframes import AsyncVideo
+av = AsyncVideo.from_video(sys.argv[1], frames_per_chunk=1)
+next(av.chunks)
+print(av.server_pid, av.endpoint, flush=True)
+time.sleep(60)
+"""
 
 
 def test_server_killed_mid_stream_raises_server_died_within_5s(make_clip):
@@ -95,26 +117,36 @@ def test_a_frozen_server_becomes_a_timeout_not_a_hang(make_clip):
             os.kill(av.server_pid, signal.SIGCONT)
 
 
-def test_client_process_killed_its_server_exits_within_a_few_seconds(make_clip):
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        from asyncframes import AsyncVideo
-        av = AsyncVideo.from_video({str(make_clip("h264_gops.mp4"))!r}, frames_per_chunk=1)
-        next(av.chunks)
-        print(av.server_pid, flush=True)
-        time.sleep(60)
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+def test_client_process_killed_its_server_exits_within_a_few_seconds(own_tmpdir, make_clip):
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_THEN_SLEEP, make_clip("h264_gops.mp4")], stdout=subprocess.PIPE, text=True)
     try:
-        server_pid = int(proc.stdout.readline())
+        server_pid = int(proc.stdout.readline().split()[0])
         assert alive(server_pid)
         proc.kill()
         proc.wait()
         assert wait_gone(server_pid, 5), "the orphaned server is still running"
     finally:
         proc.kill()
+        proc.stdout.close()
+
+
+def test_client_process_killed_its_server_removes_its_private_folder(own_tmpdir, make_clip):
+    """Issue 8, item 12: SIGKILL leaves the client no chance to clean up; the server does it."""
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_THEN_SLEEP, make_clip("h264_gops.mp4")], stdout=subprocess.PIPE, text=True)
+    try:
+        pid_text, endpoint = proc.stdout.readline().split()
+        server_pid = int(pid_text)
+        if not endpoint.startswith("ipc://"):
+            pytest.skip(f"private servers use {endpoint} here, not an ipc folder")
+        (folder,) = private_dirs(own_tmpdir)
+        assert endpoint == f"ipc://{folder}/server.sock"
+        proc.kill()
+        proc.wait()
+        assert wait_gone(server_pid, 10), "the orphaned server is still running"
+        assert private_dirs(own_tmpdir) == set(), "the orphaned server left its folder behind"
+    finally:
+        proc.kill()
+        proc.stdout.close()
 
 
 def test_works_from_a_worker_thread_while_other_threads_run(make_clip):
@@ -162,11 +194,12 @@ def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
     assert wait_gone(pid, 5)
 
 
-def test_fifty_cycles_leave_no_process_socket_or_directory_behind(make_clip):
+def test_fifty_cycles_leave_no_process_socket_or_directory_behind(own_tmpdir, make_clip):
     path = make_clip("gray.mp4")
     with AsyncVideo.from_video(path, [0]) as av:  # warm up the shared ZeroMQ context
         list(av.chunks)
-    kids, fds, dirs = child_pids(), open_fds(), private_dirs()
+    kids, fds = child_pids(), open_fds()
+    assert private_dirs(own_tmpdir) == set()
     for cycle in range(50):
         av = AsyncVideo.from_video(path, [cycle % 40, 0], frames_per_chunk=1)
         assert [idxs for idxs, _ in av.chunks] == [[cycle % 40], [0]]
@@ -176,7 +209,7 @@ def test_fifty_cycles_leave_no_process_socket_or_directory_behind(make_clip):
         time.sleep(0.05)
     assert child_pids() - kids == set()
     assert open_fds() <= fds
-    assert private_dirs() <= dirs
+    assert private_dirs(own_tmpdir) == set()
 
 
 def test_a_prestarted_server_is_taken_by_the_next_client_and_stopped_with_it(make_clip):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 import signal
 import subprocess
@@ -220,6 +221,30 @@ def test_a_signal_ends_streams_with_a_clear_error(tmp_path, video_root, sig, rea
     assert srv.proc.wait(10) == 0  # it exits by itself, cleanly
     srv.stop()
     assert f"server stopped: {reason}" in srv.log
+
+
+def test_a_stopped_server_whose_last_chunks_cannot_be_mapped_still_reports_its_shutdown(tmp_path, video_root):
+    """The race behind a flaky signal test: chunks sent in shared memory just before a SIGTERM
+    arrive after the server has closed that memory. The client must still say "shut down"."""
+    srv = Server(tmp_path, "--root", str(video_root))
+    try:
+        with AsyncVideo(srv.endpoint, prefetch=2) as av:
+            av.load_by_chunk("gops.mp4", list(range(150)) * 10, frames_per_chunk=2)
+            chunks = av.chunks
+            next(chunks)  # the server now owes us more chunks; wait until one is here, unread
+            (conn,) = av._conns
+            deadline = time.monotonic() + 10
+            while not conn.socket.has_message():
+                assert time.monotonic() < deadline, "no chunk arrived"
+                time.sleep(0.01)
+            if conn.shm_pid is None:
+                pytest.skip("the server's shared memory is out of reach here: nothing to race")
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(10) == 0  # gone, and its shared memory with it
+            with pytest.raises(ServerShutdownError, match="shut down: terminated"):
+                collections.deque(chunks, maxlen=0)
+    finally:
+        srv.stop()
 
 
 def test_a_killed_remote_server_is_reported_within_5s(tmp_path, video_root):
