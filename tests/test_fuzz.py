@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 import zmq
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from asyncframes import AsyncVideo, protocol
 from asyncframes.convert import luma
