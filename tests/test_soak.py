@@ -126,12 +126,16 @@ elif mode == "noread":  # asks for every frame with a wide window, then never re
     say("not reading")
     while True:
         time.sleep(1)
-elif mode == "liar":  # credits chunks it never reads
+elif mode == "liar":  # credits chunks it never reads; says so again after 5000 credits
     sock = raw()
     sock.send(protocol.encode(protocol.Request(1, Video(video), list(range(150)) * 1000, frames_per_chunk=8, window=8)))
+    credits = 0
     while True:
         sock.send(protocol.encode(protocol.Credit(request_id=1, chunks=8)))
+        credits += 1
         say("lying")
+        if credits == 5000:
+            print("credited 5000", flush=True)
         time.sleep(0.001)
 """
 
@@ -145,14 +149,15 @@ class Faulty:
             [sys.executable, "-c", FAULTY, mode, endpoint, video], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
 
-    def wait_started(self, within: float = 30.0) -> None:
-        """Until it says it is doing its thing."""
+    def wait_started(self, within: float = 30.0) -> str:
+        """Until it says it is doing its thing (or the next thing it says); what it said."""
         assert self.proc.stdout is not None
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
-            assert sel.select(within), f"the {self.mode} client did not start within {within} s"
+            assert sel.select(within), f"the {self.mode} client said nothing within {within} s"
         line = self.proc.stdout.readline()
         assert line.strip(), f"the {self.mode} client exited ({self.proc.poll()})"
+        return line.strip()
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -365,3 +370,28 @@ def check_serves_exactly(server: ServeProcess, root: Path, replacement_path: Pat
             av.load_by_chunk(Video(name, grayscale=False), idxs, frames_per_chunk=8)
             for chunk_idxs, frames in av.chunks:
                 assert _matches(ref, chunk_idxs, frames), f"{name}: wrong frames among {chunk_idxs} after the soak"
+
+
+def test_a_client_that_credits_chunks_it_never_reads_cannot_grow_server_memory(tmp_path: Path, soak_root: Path) -> None:
+    """Credit bounds the server's memory only if credit means chunks taken: a client that sends
+    credit without reading may not make the server queue chunks without bound (the protocol
+    promises memory bounded by ``window`` chunks per request, here 8 x 8 frames = 2.3 MiB)."""
+    server = ServeProcess(tmp_path, soak_root, "--log-level", "INFO")
+    liar: Optional[Faulty] = None
+    try:
+        check_serves_exactly(server, soak_root, soak_root / "swap.mp4")  # warm: readers, buffers, caches
+        baseline = server.rss_bytes()
+        liar = Faulty("liar", server.endpoint, "gops.mp4")
+        liar.wait_started()
+        assert liar.wait_started(60) == "credited 5000"  # 40000 chunks of credit, none read
+        grown = server.rss_bytes() - baseline
+        check_serves_exactly(server, soak_root, soak_root / "swap.mp4")  # others are still served, exactly
+        assert grown < 64 * 2**20, (
+            f"server RSS grew by {grown / 2**20:.0f} MiB while one client credited chunks it never read "
+            f"(8-frame chunks of 36 KiB frames; window 8)"
+        )
+    finally:
+        if liar is not None:
+            liar.kill()
+        code = server.stop()
+    assert code == 0, server.log[-4000:]
