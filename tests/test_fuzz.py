@@ -135,10 +135,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, fuzz_root: Path):
 class Exchange:
     """One fuzz client: a fresh DEALER, an optional hello, one message, then the sentinel ping."""
 
-    def __init__(self, endpoint: str, greet: bool) -> None:
+    def __init__(self, server: ServeProcess, greet: bool) -> None:
+        server.assert_alive()
+        self.server = server
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock.connect(server.endpoint)
         self.greeted = greet
         if greet:
             self.sock.send(protocol.encode(protocol.Hello(version=PROTOCOL_VERSION, client="fuzz")))
@@ -147,8 +149,9 @@ class Exchange:
 
     def next_message(self, deadline: Optional[float] = None) -> tuple[protocol.Message, Optional[memoryview]]:
         deadline = deadline or time.monotonic() + REPLY_WITHIN_S
-        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        assert self.sock.poll(remaining_ms), f"the server sent nothing within {REPLY_WITHIN_S} s"
+        while not self.sock.poll(100):  # a dead server fails the example at once, not after the deadline
+            self.server.assert_alive()
+            assert time.monotonic() < deadline, f"the server sent nothing within {REPLY_WITHIN_S} s"
         frames = self.sock.recv_multipart()
         try:
             return protocol.parse(frames)
@@ -189,8 +192,7 @@ class Session(Exchange):
     """
 
     def __init__(self, server: ServeProcess, greet: bool) -> None:
-        super().__init__(server.endpoint, greet)
-        self.server = server
+        super().__init__(server, greet)
         #: accepted requests still streaming: request id -> (request, next chunk number)
         self.streams: dict[int, tuple[protocol.Request, int]] = {}
 
