@@ -49,9 +49,9 @@ pytestmark = [
 ]
 
 #: The run lasts at least this long (memory must be watched over a stretch of time) ...
-MIN_RUN_S = 20.0
+MIN_RUN_S = 15.0
 #: ... and every outcome below must be reached within this.
-MAX_RUN_S = 45.0
+MAX_RUN_S = 40.0
 #: Requests each good client must complete.
 MIN_REQUESTS = 5
 #: The server's resident memory never exceeds this. Its own baseline (Python, NumPy, PyAV,
