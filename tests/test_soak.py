@@ -3,8 +3,8 @@
 Good clients (threads here) stream shuffled and sequential requests and check every
 frame against a sequential decode. Meanwhile faulty clients (subprocesses) are
 SIGKILLed mid-stream, SIGSTOPped and resumed or left stopped, flood the server with
-pings and infos, ask for frames and never read them, or lie about credit; and a file
-in the root is atomically replaced by another clip. The checks are on outcomes:
+pings and infos, or ask for frames and never read them; and a file in the root is
+atomically replaced by another clip. The checks are on outcomes:
 
 * no frame a good client receives is ever wrong; a request on the replaced file
   gets frames of one version only (the new one if it started after the
@@ -13,6 +13,10 @@ in the root is atomically replaced by another clip. The checks are on outcomes:
 * the server's RSS stays under :data:`RSS_BOUND` and does not grow during the second
   half of the run by more than :data:`RSS_GROWTH_MARGIN`;
 * afterwards the server serves a fresh client exactly and exits cleanly on SIGTERM.
+
+A client that credits chunks it never reads has its own test below: while the server
+lets it, its queued chunks grow server memory by hundreds of MiB at a pace that depends
+on how busy the server is, which would make this soak's memory check depend on timing.
 
 Bounded to a minute on a loaded 2-core machine: the run ends as soon as every fault
 has been injected, every good client has done its share and :data:`MIN_RUN_S` have
@@ -55,10 +59,10 @@ MAX_RUN_S = 40.0
 #: Requests each good client must complete.
 MIN_REQUESTS = 5
 #: The server's resident memory never exceeds this. Its own baseline (Python, NumPy, PyAV,
-#: ZeroMQ) is ~60 MiB and ~90 MiB while serving these clients; the clips are 96x128 (36 KiB
-#: a frame), so caches, chunk buffers and the at most ``window`` chunks per request the
-#: protocol allows in flight stay far below it, unless something leaks or queues without
-#: bound (the credit liar's 8-frame chunks, queued by the thousand, would take ~300 MiB).
+#: ZeroMQ) is ~60 MiB and ~90-110 MiB while serving these clients; the clips are 96x128
+#: (36 KiB a frame), so caches, chunk buffers and the at most ``window`` chunks per request
+#: the protocol allows in flight stay far below it, unless something leaks or queues
+#: without bound.
 RSS_BOUND = 256 * 2**20
 #: In the second half of the run (every cache warm, every client kind seen) RSS may not
 #: rise above its first sample in that half by more than this.
@@ -280,7 +284,7 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
         for client in good:
             client.start()
         started = time.monotonic()
-        faulty = [Faulty(mode, server.endpoint, "gops.mp4") for mode in ("flood", "noread", "liar", "stream")]
+        faulty = [Faulty(mode, server.endpoint, "gops.mp4") for mode in ("flood", "noread", "stream")]
         for f in faulty:
             f.wait_started()
 
@@ -304,7 +308,7 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
             victim.kill()
         progress()
         # SIGSTOP one, let the others be served meanwhile, resume it; stop another for good.
-        paused = faulty[3]
+        paused = faulty[2]
         paused.signal(signal.SIGSTOP)
         frozen = Faulty("stream", server.endpoint, "mkv.mkv")
         faulty.append(frozen)
@@ -319,8 +323,6 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
         os.replace(staged, soak_root / "swap.mp4")
         replaced.set()
         progress(2)
-        # The credit liar has credited 40000 chunks it never read by now.
-        assert faulty[2].wait_started(MAX_RUN_S) == "credited 5000"
         until("the minimum run and every good client's share", lambda: time.monotonic() - started >= MIN_RUN_S
               and all(c.completed >= MIN_REQUESTS for c in good))
     finally:
