@@ -250,7 +250,9 @@ def soak_root(tmp_path: Path, make_clip) -> Path:
     root.mkdir()
     shutil.copy(make_clip("h264_gops.mp4"), root / "gops.mp4")
     shutil.copy(make_clip("h264.mkv"), root / "mkv.mkv")
-    shutil.copy(make_clip("h264_bframes_longgop.mp4"), root / "swap.mp4")
+    # Short GOPs: a request's later chunks are decoded when they are due, not kept from its first
+    # (as a one-GOP file's would be), so a file replaced mid-request shows in what is served.
+    shutil.copy(make_clip("h264_gops.mp4"), root / "swap.mp4")
     return root
 
 
