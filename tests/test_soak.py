@@ -74,7 +74,6 @@ FAULTY = r"""
 import sys, time
 import zmq
 from asyncframes import AsyncVideo, protocol
-from asyncframes.sample import write_clip
 from asyncframes.errors import AsyncFramesError
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.video import Video
@@ -256,7 +255,15 @@ def soak_root(tmp_path: Path, make_clip) -> Path:
     return root
 
 
-def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
+@pytest.fixture
+def server(tmp_path: Path, soak_root: Path):
+    """The standalone server, stopped however the test ends (the test also checks how it exits)."""
+    srv = ServeProcess(tmp_path, soak_root, "--log-level", "INFO")
+    yield srv
+    srv.stop()
+
+
+def test_many_clients_with_faults(tmp_path: Path, soak_root: Path, server: ServeProcess) -> None:
     gops = reference_frames(soak_root / "gops.mp4")
     mkv = reference_frames(soak_root / "mkv.mkv")
     original = reference_frames(soak_root / "swap.mp4")
@@ -278,7 +285,6 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
         # grayscale=False: RGB frames from either version (the new one has gray content)
         return Video("swap.mp4", grayscale=False), shuffled_with_duplicates(n, 10, seed=100 + k)[:60], 4, versions
 
-    server = ServeProcess(tmp_path, soak_root, "--log-level", "INFO")
     stop, replaced = threading.Event(), threading.Event()
     sampler = RssSampler(server, stop)
     good = [GoodClient(name, server.endpoint, plan, replaced, stop) for name, plan in
@@ -316,6 +322,7 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path) -> None:
         # SIGKILL clients mid-stream, a few times.
         for _ in range(3):
             victim = Faulty("stream", server.endpoint, "gops.mp4")
+            faulty.append(victim)
             victim.wait_started(left())
             victim.kill()
         progress()
@@ -386,11 +393,10 @@ def check_serves_exactly(server: ServeProcess, root: Path, replacement_path: Pat
                 assert _matches(ref, chunk_idxs, frames), f"{name}: wrong frames among {chunk_idxs} after the soak"
 
 
-def test_a_client_that_credits_chunks_it_never_reads_cannot_grow_server_memory(tmp_path: Path, soak_root: Path) -> None:
+def test_a_client_that_credits_chunks_it_never_reads_cannot_grow_server_memory(soak_root: Path, server: ServeProcess) -> None:
     """Credit bounds the server's memory only if credit means chunks taken: a client that sends
     credit without reading may not make the server queue chunks without bound (the protocol
     promises memory bounded by ``window`` chunks per request, here 8 x 8 frames = 2.3 MiB)."""
-    server = ServeProcess(tmp_path, soak_root, "--log-level", "INFO")
     liar: Optional[Faulty] = None
     try:
         check_serves_exactly(server, soak_root, soak_root / "swap.mp4")  # warm: readers, buffers, caches
