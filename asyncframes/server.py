@@ -318,7 +318,20 @@ class FrameServer:
             self._buffers.queued(job.client),
             job.next_chunk_bytes(),
             cfg.max_inline_bytes,
-            cfg.client_inline_bytes,
+            min(cfg.client_inline_bytes, self._window_bytes(job.client)),
+        )
+
+    def _window_bytes(self, client: bytes) -> int:
+        """What credit lets ``client`` have in flight: its requests' windows of full chunks.
+
+        A client that returns credit without reading (a liar) still cannot make more than
+        this wait in ZeroMQ for it; an honest client never has more queued than this.
+        """
+        state = self._clients.get(client)
+        jobs = state.jobs.values() if state is not None else ()
+        return sum(
+            min(job.request.window, self.config.max_window) * job.request.frames_per_chunk * job.frame_bytes
+            for job in jobs
         )
 
     def _waiting_for_room(self) -> bool:

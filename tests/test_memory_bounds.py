@@ -148,6 +148,7 @@ def test_round_robin_skips_requests_whose_client_has_no_room_and_the_total_cap_h
             server._clients[client] = _Client(hello=True)
             job = _Job(client, protocol.Request(k, Video("v.mp4"), [0, 1]), ("v.mp4", 0), False, [0, 1], credit=8)
             job.frame_bytes = MiB // 2  # 1 MiB chunks (frames_per_chunk 64 > 2 frames)
+            server._clients[client].jobs[k] = job
             server._jobs.append(job)
         for client, n in ((b"a", 3), (b"b", 1)):  # a has its whole share queued, b one chunk
             for _ in range(n):
