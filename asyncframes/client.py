@@ -67,6 +67,11 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
     """Frame indices as a list of Python ints (None stays None: every frame)."""
     if frame_idxs is None:
         return None
+    if isinstance(frame_idxs, (str, bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"frame_idxs must be frame numbers (a list, range or 1-D integer array) or None, "
+            f"got {type(frame_idxs).__name__} {frame_idxs!r:.60}"
+        )
     if isinstance(frame_idxs, range):
         idxs = list(frame_idxs)
     else:
