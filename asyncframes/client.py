@@ -111,6 +111,7 @@ class _Connection:
         self.greeted = False
         self.connected = False  # a ZMTP handshake has succeeded at least once
         self.generation = 0  # bumped each time the socket is replaced
+        self.ever_greeted = False  # a frame server with our settings has answered at this endpoint
         self.server_version = ""
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
@@ -120,6 +121,7 @@ class _Connection:
     def welcome(self, message: protocol.Welcome) -> None:
         """The server greeted us: note its version and whether its shared memory is in reach."""
         self.greeted, self.server_version = True, message.server
+        self.ever_greeted = True
         probe = message.shm
         reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
         self.shm_pid = probe.pid if reachable and probe is not None else None
@@ -138,9 +140,26 @@ class _Connection:
         self.generation += 1
         self.socket = _open_socket(self.endpoint, self._curve)
 
-    def send(self, message: protocol.Message, deadline: Optional[float]) -> bool:
-        """Queue ``message`` by ``deadline`` (False if it could not be), raising if the connection failed."""
-        return self.socket.send(message, deadline, lambda: self.check(busy=False), _SLICE_S)
+    def send(self, message: protocol.Message, deadline: Optional[float], busy: bool = True) -> bool:
+        """Queue ``message`` by ``deadline`` (False if it could not be), raising if the connection failed.
+
+        ``busy``: the message belongs to this connection's conversation (a request, a
+        credit), so losing the connection meanwhile is a :class:`ServerDiedError`;
+        otherwise (a Hello) it returns False and the caller starts over.
+        """
+        generation = self.generation
+
+        def between() -> None:
+            self.check(busy=busy)
+            if self.generation != generation:
+                if busy:
+                    raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
+                raise _Replaced()
+
+        try:
+            return self.socket.send(message, deadline, between, _SLICE_S)
+        except _Replaced:
+            return False
 
     def send_soon(self, message: protocol.Message) -> None:
         """Best effort, bounded by a short wait: a message whose loss the protocol tolerates or a reset repairs."""
@@ -165,6 +184,11 @@ class _Connection:
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise AuthenticationError(f"the frame server at {self.endpoint} refused our CURVE credentials")
             if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                if self.ever_greeted:
+                    # A frame server with our settings answered here before: this is not it (yet), e.g.
+                    # a reconnect to a free port that the kernel turned into a connection to ourselves.
+                    self.reset()
+                    return
                 raise AuthenticationError(
                     f"the handshake with {self.endpoint} failed: its security settings differ from ours "
                     "(CURVE required on one side only, or not a frame server?)"
@@ -206,6 +230,10 @@ class _Connection:
         """In a forked child: forget the parent's socket and server without touching them."""
         self.process = None
         self.inbox.clear()
+
+
+class _Replaced(Exception):
+    """The connection was replaced while a message waited to be sent."""
 
 
 @attrs.define
@@ -344,17 +372,21 @@ class AsyncVideo:
         deadline = self._deadline(self.timeout)
         if len(self._conns) == 1:
             self._stream = self._last = _Stream(rid, self._conns[:1], None, idxs, fpc, spec)
-            self._request(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch), deadline)
-            return
-        if idxs is None:
-            idxs = list(range(self.info(spec).frame_count))
-        chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
-        conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
-        self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
-        for j, conn in enumerate(conns):
-            share = [i for chunk in chunks[j :: len(conns)] for i in chunk]
-            if share:
-                self._request(conn, protocol.Request(rid, spec, share, fpc, self.prefetch), deadline)
+            requests = [(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))]
+        else:
+            if idxs is None:
+                idxs = list(range(self.info(spec).frame_count))
+            chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
+            conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
+            self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
+            shares = [[i for chunk in chunks[j :: len(conns)] for i in chunk] for j in range(len(conns))]
+            requests = [(conn, protocol.Request(rid, spec, share, fpc, self.prefetch)) for conn, share in zip(conns, shares) if share]
+        try:
+            for conn, request in requests:
+                self._request(conn, request, deadline)
+        except BaseException as exc:
+            self.cancel(reason=f"could not be sent ({type(exc).__name__}: {exc})")
+            raise
 
     @property
     def done(self) -> bool:
@@ -578,7 +610,7 @@ class AsyncVideo:
         hello = protocol.Hello(version=protocol.PROTOCOL_VERSION, client=f"asyncframes pid={os.getpid()}")
         while not conn.greeted:
             generation = conn.generation
-            if conn.send(hello, deadline):
+            if conn.send(hello, deadline, busy=False):
                 while not conn.greeted and conn.generation == generation:
                     if not self._pump(deadline, hello=conn):
                         break

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import pytest
@@ -43,6 +43,8 @@ from asyncframes.client import normalize_frame_idxs
 from .conftest import assert_frames_exact
 from .test_standalone_server import Server
 
+T = TypeVar("T")
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, loopback tcp, /proc")
 
 
@@ -59,6 +61,19 @@ def video_root(tmp_path, make_clip):
     root.mkdir()
     shutil.copy(make_clip("h264_gops.mp4"), root / "gops.mp4")
     return root
+
+
+def bound_again(endpoint: str, make: Callable[[], "T"], within: float = 15.0) -> "T":
+    """``make()`` a server on ``endpoint`` once the port is free again (a dying server, or a client's
+    reconnect attempt that the kernel turned into a self-connection, may hold it for a moment)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return make()
+        except (zmq.ZMQError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -151,7 +166,7 @@ def test_a_client_recovers_after_a_standalone_server_restarts_on_the_same_port(t
                 for _ in chunks:
                     pass
             first.stop()
-            second = Server(tmp_path, "--root", str(video_root), bind=endpoint)
+            second = bound_again(endpoint, lambda: Server(tmp_path, "--root", str(video_root), bind=endpoint))
             for attempt in range(3):  # the same object, used on: every request is served exactly
                 av.load_by_chunk("gops.mp4", [7, 3, 149], frames_per_chunk=2)
                 got = list(av.chunks)
@@ -260,11 +275,12 @@ ChunkMaker = Callable[[protocol.Request], list[tuple[protocol.Message, Optional[
 class FakeServer:
     """A ROUTER in a thread: greets like a server, then answers each request with ``reply(request)``."""
 
-    def __init__(self, reply: ChunkMaker, offer_shm: bool = False) -> None:
+    def __init__(self, reply: ChunkMaker, offer_shm: bool = False, bind: str = "tcp://127.0.0.1:*") -> None:
         self.reply = reply
+        self.heard: list[protocol.Message] = []  # every message received, in order
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind("tcp://127.0.0.1:*")
+        self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.probe = shm.Probe() if offer_shm else None
         self.stopping = threading.Event()
@@ -277,6 +293,7 @@ class FakeServer:
                 continue
             client, *frames = self.socket.recv_multipart()
             message, _ = protocol.parse(frames)
+            self.heard.append(message)
             if isinstance(message, protocol.Hello):
                 offer = None
                 if self.probe is not None:
@@ -340,6 +357,33 @@ def test_a_fake_server_that_tells_the_truth_is_accepted():
             assert [idxs for idxs, _ in av.chunks] == [[1, 2], [3]]
     finally:
         server.close()
+
+
+@linux_only
+def test_the_first_thing_a_restarted_server_hears_is_hello(tmp_path, video_root):
+    """Nothing queued for the old connection (the Cancel of the request the shutdown ended) reaches the new one."""
+    first = Server(tmp_path, "--root", str(video_root))
+    endpoint = first.endpoint
+    fake = None
+    try:
+        with AsyncVideo(endpoint, timeout=10) as av:
+            av.load_by_chunk("gops.mp4", list(range(150)) * 4, frames_per_chunk=2)
+            chunks = av.chunks
+            next(chunks)
+            first.proc.kill()  # the connection drops while the request is outstanding
+            with pytest.raises(ServerDiedError):
+                for _ in chunks:
+                    pass
+            first.proc.wait(10)
+            fake = bound_again(endpoint, lambda: FakeServer(lambda r: [chunk(r, 0, [1, 2], frames(2), True)], bind=endpoint))
+            av.load_by_chunk("x.mp4", [1, 2], frames_per_chunk=2)
+            assert [idxs for idxs, _ in av.chunks] == [[1, 2]]
+            heard = [type(m).__name__ for m in fake.heard]
+            assert heard[0] == "Hello" and set(heard[: heard.index("Request")]) == {"Hello"}, heard
+    finally:
+        first.stop()
+        if fake is not None:
+            fake.close()
 
 
 @pytest.mark.skipif(not shm.AVAILABLE, reason="shared memory needs Linux memfd")
