@@ -197,12 +197,27 @@ class _Connection:
                 self.connected = True
             elif event == zmq.EVENT_DISCONNECTED:
                 was_connected = self.connected
+                said = self._last_words()
                 self.reset()
                 if busy and was_connected:
+                    if said is not None:
+                        raise ServerShutdownError(f"the frame server at {self.endpoint} shut down: {said.reason}")
                     if self.process is not None:
                         self._wait_for_exit()
                     raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
                 return  # the old socket's other events are history
+
+    def _last_words(self) -> Optional[protocol.Shutdown]:
+        """The connection is gone: the Shutdown it left in our queue, if any (the rest is of no use now)."""
+        said = None
+        try:
+            while self.socket.has_message():
+                message, _payload = self.socket.recv()
+                if isinstance(message, protocol.Shutdown):
+                    said = message
+        except (zmq.ZMQError, AsyncFramesError):
+            pass
+        return said
 
     def _check_process(self) -> None:
         if self.process is None:
