@@ -632,7 +632,7 @@ class AsyncVideo:
             if conn.greeted or conn.generation != generation:
                 continue
             conn.check(busy=False)
-            within = "" if timeout is None else f" within {timeout:g} s"
+            within = "" if timeout is None else f" within {_seconds(timeout)} s"
             if not conn.connected:
                 raise ServerStartError(
                     f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
@@ -864,6 +864,11 @@ def _short(idxs: Sequence[int], most: int = 8) -> str:
 def _at_least(deadline: Optional[float], slack: float = 1.0) -> Optional[float]:
     """A deadline for a message the protocol needs (a credit): the caller's, but never less than ``slack`` from now."""
     return None if deadline is None else max(deadline, time.monotonic() + slack)
+
+
+def _seconds(t: float) -> str:
+    """``t`` for a message: 3, 30, 0.5 (never 2.99846)."""
+    return f"{t:.1f}".rstrip("0").rstrip(".")
 
 
 def _server_options(workers: Optional[int]) -> list[str]:
