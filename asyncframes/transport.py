@@ -213,9 +213,6 @@ class ClientSocket:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.socket.setsockopt(zmq.RCVHWM, 0)  # credit-based flow control bounds what is queued
-        # Queue only on a completed connection: nothing sent while disconnected waits
-        # to reach whatever answers next (a restarted server must see Hello first).
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
         if curve is not None:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret

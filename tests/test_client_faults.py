@@ -135,9 +135,13 @@ def test_a_security_mismatch_found_before_the_first_hello_is_an_error_not_a_hang
 
 
 def test_a_send_that_cannot_be_queued_gives_up_at_its_deadline():
-    """Nothing listens: the DEALER has no connection to queue into, and the send returns False in time."""
+    """Nothing listens and the queue is full: the send returns False at its deadline, checking in between."""
     sock = transport.ClientSocket("tcp://127.0.0.1:1")
     try:
+        queued = 0
+        while sock.send(protocol.Ping(request_id=1), time.monotonic(), lambda: None):
+            queued += 1
+            assert queued <= 100_000, "the send queue never filled"
         start = time.monotonic()
         checks = []
         assert not sock.send(protocol.Ping(request_id=1), time.monotonic() + 0.3, lambda: checks.append(1))
