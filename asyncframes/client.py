@@ -755,12 +755,8 @@ class AsyncVideo:
         """A slot could not be mapped: find out (within a second or two) whether the server shut down or died."""
         deadline = time.monotonic() + _EXPLAIN_S
         while True:
-            if conn.process is not None:
-                try:
-                    conn._wait_for_exit(within=0)
-                except ServerDiedError as died:
-                    return died
             try:
+                conn._check_process()  # our own server: how it ended
                 while conn.socket.has_message():
                     message, _payload = conn.socket.recv()
                     if isinstance(message, protocol.Shutdown):
