@@ -425,17 +425,14 @@ class AsyncVideo:
         if stream is None:
             raise self._ended_error(self._last)
         if stream.done and stream.end_seen:
-            raise AsyncFramesError(
-                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
-                "call load_by_chunk(...) to request frames again"
-            )
+            raise self._ended_error(stream)
         while True:
             self._check_open()
-            if stream is not self._stream:
-                raise self._ended_error(stream)
-            if stream.done:
+            if stream.done:  # every chunk delivered: the end, even if another request followed
                 stream.end_seen = True
                 return
+            if stream is not self._stream:
+                raise self._ended_error(stream)
             chunk = self.next_chunk(timeout=self.timeout)
             if chunk is not None:
                 yield chunk
@@ -450,6 +447,11 @@ class AsyncVideo:
             return AsyncFramesError("this AsyncVideo is closed")
         if stream is None:
             return AsyncFramesError("there is no request to iterate: call load_by_chunk(video, frame_idxs) first")
+        if stream.done:
+            return AsyncFramesError(
+                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
+                "call load_by_chunk(...) to request frames again"
+            )
         return RequestCancelledError(
             f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.next_chunk} of its chunks "
             "were delivered; call load_by_chunk(...) to request frames again"

@@ -257,6 +257,10 @@ def test_iterating_chunks_never_ends_silently(make_clip):
             next(old)
         assert [idxs for idxs, _ in av.chunks] == [[5]]  # the new request is fine
 
+        av.cancel()  # a finished request stays finished, cancelled or not
+        with pytest.raises(AsyncFramesError, match="fully consumed: all 1 of its chunks"):
+            list(av.chunks)
+
         av.load_by_chunk(clip, [], frames_per_chunk=1)
         assert list(av.chunks) == []  # an empty request is empty once
         with pytest.raises(AsyncFramesError, match="fully consumed"):
