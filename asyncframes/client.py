@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections import deque
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
@@ -31,6 +32,7 @@ from .errors import (
     AuthenticationError,
     FrameIndexError,
     ProtocolError,
+    RequestCancelledError,
     RequestTimeoutError,
     ServerDiedError,
     ServerShutdownError,
@@ -65,6 +67,11 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
     """Frame indices as a list of Python ints (None stays None: every frame)."""
     if frame_idxs is None:
         return None
+    if isinstance(frame_idxs, (str, bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"frame_idxs must be frame numbers (a list, range or 1-D integer array) or None, "
+            f"got {type(frame_idxs).__name__} {frame_idxs!r:.60}"
+        )
     if isinstance(frame_idxs, range):
         idxs = list(frame_idxs)
     else:
@@ -87,15 +94,24 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
 
 
 class _Connection:
-    """One server: its socket, whether it greeted us, and whether it is still there."""
+    """One server: its socket, whether it greeted us, and whether it is still there.
+
+    When the connection is lost (or the server says it shuts down) the DEALER is
+    closed and a fresh one made: nothing queued for the old connection (a
+    ``Cancel``, a ``Credit``, a ``Shutdown`` from the old server) can reach or
+    come from the new one, and the next message sent is always a new ``Hello``.
+    """
 
     def __init__(self, endpoint: str, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None) -> None:
         self.endpoint = endpoint
         self.process = process
-        self.socket = ClientSocket(endpoint, curve)
+        self._curve = curve
+        self.socket = _open_socket(endpoint, curve)
         self.curve = curve is not None
         self.greeted = False
         self.connected = False  # a ZMTP handshake has succeeded at least once
+        self.generation = 0  # bumped each time the socket is replaced
+        self.ever_greeted = False  # a frame server with our settings has answered at this endpoint
         self.server_version = ""
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
@@ -105,10 +121,49 @@ class _Connection:
     def welcome(self, message: protocol.Welcome) -> None:
         """The server greeted us: note its version and whether its shared memory is in reach."""
         self.greeted, self.server_version = True, message.server
+        self.ever_greeted = True
         probe = message.shm
         reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
         self.shm_pid = probe.pid if reachable and probe is not None else None
         self.slots = shm.ClientSlots()  # slot numbers are per server process
+
+    def reset(self) -> None:
+        """The connection is lost: start over with a fresh socket (fresh queues) and no greeting."""
+        for message, _payload in self.inbox:
+            self.drop(message)
+        self.inbox.clear()
+        self.socket.close()
+        self.greeted = self.connected = False
+        self.shm_pid = None
+        self.slots.clear()  # arrays the caller holds keep their own mapping
+        self.slots = shm.ClientSlots()
+        self.generation += 1
+        self.socket = _open_socket(self.endpoint, self._curve)
+
+    def send(self, message: protocol.Message, deadline: Optional[float], busy: bool = True) -> bool:
+        """Queue ``message`` by ``deadline`` (False if it could not be), raising if the connection failed.
+
+        ``busy``: the message belongs to this connection's conversation (a request, a
+        credit), so losing the connection meanwhile is a :class:`ServerDiedError`;
+        otherwise (a Hello) it returns False and the caller starts over.
+        """
+        generation = self.generation
+
+        def between() -> None:
+            self.check(busy=busy)
+            if self.generation != generation:
+                if busy:
+                    raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
+                raise _Replaced()
+
+        try:
+            return self.socket.send(message, deadline, between, _SLICE_S)
+        except _Replaced:
+            return False
+
+    def send_soon(self, message: protocol.Message) -> None:
+        """Best effort, bounded by a short wait: a message whose loss the protocol tolerates or a reset repairs."""
+        _quietly(self.send, message, time.monotonic() + _SLICE_S)
 
     def drop(self, message: protocol.Message) -> None:
         """A chunk nobody will look at: hand its shared slot straight back."""
@@ -116,11 +171,11 @@ class _Connection:
             self.slots.forget(message.shm.retired)
             self.slots.discard(message.shm.slot)
 
-    def send_released(self) -> None:
+    def send_released(self, deadline: Optional[float]) -> None:
         """Tell the server which shared slots the caller has let go of since we last said."""
         freed = self.slots.take_freed()
         if freed:
-            self.socket.send(protocol.Release(slots=freed))
+            self.send(protocol.Release(slots=freed), deadline)
 
     def check(self, busy: bool) -> None:
         """Raise if the server is gone (``busy``: something is outstanding on this connection)."""
@@ -129,6 +184,11 @@ class _Connection:
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise AuthenticationError(f"the frame server at {self.endpoint} refused our CURVE credentials")
             if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                if self.ever_greeted:
+                    # A frame server with our settings answered here before: this is not it (yet), e.g.
+                    # a reconnect to a free port that the kernel turned into a connection to ourselves.
+                    self.reset()
+                    return
                 raise AuthenticationError(
                     f"the handshake with {self.endpoint} failed: its security settings differ from ours "
                     "(CURVE required on one side only, or not a frame server?)"
@@ -136,11 +196,28 @@ class _Connection:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
             elif event == zmq.EVENT_DISCONNECTED:
-                self.greeted = False
-                if busy and self.connected:
+                was_connected = self.connected
+                said = self._last_words()
+                self.reset()
+                if busy and was_connected:
+                    if said is not None:
+                        raise ServerShutdownError(f"the frame server at {self.endpoint} shut down: {said.reason}")
                     if self.process is not None:
                         self._wait_for_exit()
                     raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
+                return  # the old socket's other events are history
+
+    def _last_words(self) -> Optional[protocol.Shutdown]:
+        """The connection is gone: the Shutdown it left in our queue, if any (the rest is of no use now)."""
+        said = None
+        try:
+            while self.socket.has_message():
+                message, _payload = self.socket.recv()
+                if isinstance(message, protocol.Shutdown):
+                    said = message
+        except (zmq.ZMQError, AsyncFramesError):
+            pass
+        return said
 
     def _check_process(self) -> None:
         if self.process is None:
@@ -164,30 +241,59 @@ class _Connection:
             self.process.stop()
             self.process = None
 
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's socket and server without touching them."""
+        self.process = None
+        self.inbox.clear()
+
+
+class _Replaced(Exception):
+    """The connection was replaced while a message waited to be sent."""
+
 
 @attrs.define
 class _Stream:
-    """A request in flight, dealt over ``conns``: global chunk k comes from ``conns[k % n]``."""
+    """A request in flight, dealt over ``conns``: global chunk k comes from ``conns[k % n]``.
+
+    ``idxs``/``frames_per_chunk``/``spec`` are what we asked for, so each chunk
+    can be checked against it; ``frame_shape`` is the ``(h, w, c)`` of its first
+    non-empty chunk, which every later chunk must share.
+    """
 
     request_id: int
     conns: list[_Connection]
     total_chunks: Optional[int]  # None: a single server decides (every frame of the video)
+    idxs: Optional[list[int]] = None
+    frames_per_chunk: int = 64
+    spec: Optional[Video] = None
     next_chunk: int = 0
     done: bool = False
+    frame_shape: Optional[tuple[int, ...]] = None
+    ended: str = ""  # why it ended before its last chunk: "was cancelled by cancel()", ...
+    end_seen: bool = False  # the caller has been given its end
+
+    def expected_idxs(self, k: int, n: int) -> Optional[list[int]]:
+        """The frame indices global chunk ``k`` must hold (``n``: how many it holds, for every-frame requests)."""
+        fpc = self.frames_per_chunk
+        if self.idxs is None:
+            return list(range(k * fpc, k * fpc + n))
+        return self.idxs[k * fpc : (k + 1) * fpc]
 
 
 class AsyncVideo:
     """Frames from background frame servers, chunk by chunk.
 
     ``endpoint``: None starts a private server process that lives as long as this
-    object; a string (or several) connects to running servers (``asyncframes serve``).
+    object; a string (or several) connects to running servers (``asyncframes serve``),
+    each ``tcp://host:port`` or ``ipc://path``.
     ``timeout`` bounds every wait (None: wait as long as the server lives).
     ``curve_secret``/``curve_server_key``: this client's ``.key_secret`` file and
     the server's ``.key`` file, for servers that require CURVE authentication.
     ``workers``: decoder threads of a private server (None: one per 2 CPUs).
     ``shared_memory``: take frames through shared memory when the server is on
     this machine (no copy at all); False always receives them inline.
-    Not thread-safe: use one AsyncVideo per thread.
+    Not thread-safe: use one AsyncVideo per thread, and not across ``fork``:
+    make one in the child process (e.g. in a DataLoader worker).
     """
 
     def __init__(
@@ -205,34 +311,36 @@ class AsyncVideo:
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
+        self._pid = os.getpid()
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         if (curve_secret is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both curve_secret (ours) and curve_server_key (the server's)")
+        _check_workers(workers)
+        endpoints = None if endpoint is None else _check_endpoints(endpoint)
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.prefetch = prefetch
         self._ids = itertools.count(1)
         self._stream: Optional[_Stream] = None
+        self._last: Optional[_Stream] = None  # the latest request, even once it is over
         self._replies: dict[int, Any] = {}
         self.shared_memory = shared_memory
         self._awaiting: set[int] = set()
         curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
-            if endpoint is None:
+            if endpoints is None:
                 options = _server_options(workers)
                 process = take_prestarted(server_log_level, options, start_timeout) or ServerProcess(
                     start_timeout=start_timeout, log_level=server_log_level, options=options
                 )
                 self._conns.append(_Connection(process.endpoint, None, process))
             else:
-                endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
-                if not endpoints:
-                    raise ValueError("no endpoint given")
                 self._conns.extend(_Connection(e, curve) for e in endpoints)
+            deadline = time.monotonic() + start_timeout
             for conn in self._conns:
-                self._greet(conn)
+                self._greet(conn, deadline, start_timeout)
         except BaseException:
             self.close()
             raise
@@ -274,21 +382,26 @@ class AsyncVideo:
         if isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, (int, np.integer)) or frames_per_chunk < 1:
             raise ValueError(f"frames_per_chunk must be a positive integer, got {frames_per_chunk!r}")
         fpc = int(frames_per_chunk)
-        self.cancel()
         rid = next(self._ids)
+        self.cancel(reason=f"was replaced by request {rid} (load_by_chunk)")
+        deadline = self._deadline(self.timeout)
         if len(self._conns) == 1:
-            self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
-            self._request(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))
-            return
-        if idxs is None:
-            idxs = list(range(self.info(spec).frame_count))
-        chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
-        conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
-        self._stream = _Stream(rid, conns, total_chunks=len(chunks), done=not chunks)
-        for j, conn in enumerate(conns):
-            share = [i for chunk in chunks[j :: len(conns)] for i in chunk]
-            if share:
-                self._request(conn, protocol.Request(rid, spec, share, fpc, self.prefetch))
+            self._stream = self._last = _Stream(rid, self._conns[:1], None, idxs, fpc, spec)
+            requests = [(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))]
+        else:
+            if idxs is None:
+                idxs = list(range(self.info(spec).frame_count))
+            chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
+            conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
+            self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
+            shares = [[i for chunk in chunks[j :: len(conns)] for i in chunk] for j in range(len(conns))]
+            requests = [(conn, protocol.Request(rid, spec, share, fpc, self.prefetch)) for conn, share in zip(conns, shares) if share]
+        try:
+            for conn, request in requests:
+                self._request(conn, request, deadline)
+        except BaseException as exc:
+            self.cancel(reason=f"could not be sent ({type(exc).__name__}: {exc})")
+            raise
 
     @property
     def done(self) -> bool:
@@ -297,17 +410,52 @@ class AsyncVideo:
 
     @property
     def chunks(self) -> Iterator[FrameChunk]:
-        """Yield ``(frame_idxs, frames)`` for every chunk of the current request, in order."""
+        """Yield ``(frame_idxs, frames)`` for every chunk of the current request, in order.
+
+        Never ends silently: iterating after ``close()`` raises the closed error,
+        after ``cancel()`` (or once ``load_by_chunk`` replaced the request)
+        :class:`RequestCancelledError`, and once a request was fully consumed an
+        :class:`AsyncFramesError` saying so.
+        """
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[FrameChunk]:
+        self._check_open()
         stream = self._stream
-        while stream is not None and stream is self._stream and not stream.done:
+        if stream is None:
+            raise self._ended_error(self._last)
+        if stream.done and stream.end_seen:
+            raise self._ended_error(stream)
+        while True:
+            self._check_open()
+            if stream.done:  # every chunk delivered: the end, even if another request followed
+                stream.end_seen = True
+                return
+            if stream is not self._stream:
+                raise self._ended_error(stream)
             chunk = self.next_chunk(timeout=self.timeout)
-            if chunk is None:
-                if stream.done or stream is not self._stream:
-                    return
+            if chunk is not None:
+                yield chunk
+            elif stream is self._stream and not stream.done:
                 raise RequestTimeoutError(
                     f"no chunk arrived within {self.timeout:g} s (request {stream.request_id}, chunk {stream.next_chunk})"
                 )
-            yield chunk
+
+    def _ended_error(self, stream: Optional[_Stream]) -> AsyncFramesError:
+        """Why there is nothing (more) to iterate."""
+        if self._closed:
+            return AsyncFramesError("this AsyncVideo is closed")
+        if stream is None:
+            return AsyncFramesError("there is no request to iterate: call load_by_chunk(video, frame_idxs) first")
+        if stream.done:
+            return AsyncFramesError(
+                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
+                "call load_by_chunk(...) to request frames again"
+            )
+        return RequestCancelledError(
+            f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.next_chunk} of its chunks "
+            "were delivered; call load_by_chunk(...) to request frames again"
+        )
 
     def next_chunk(self, timeout: Optional[float] = _DEFAULT) -> Optional[FrameChunk]:
         """The next chunk if one arrives within ``timeout`` seconds (0: only if ready now), else None.
@@ -315,41 +463,50 @@ class AsyncVideo:
         Raises the request's error (e.g. :class:`FrameIndexError`) if a server reported one.
         """
         self._check_open()
-        timeout = self.timeout if timeout is _DEFAULT else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline(timeout)
         while True:
             stream = self._stream
             if stream is None or stream.done:
                 return None
             conn = stream.conns[stream.next_chunk % len(stream.conns)]
             if conn.inbox:
-                chunk = self._take(stream, conn, *conn.inbox.popleft())
+                chunk = self._take(stream, conn, *conn.inbox.popleft(), deadline)
                 if chunk is not None:
                     return chunk
                 continue
             if not self._pump(deadline):
                 return None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "was cancelled by cancel()") -> None:
         """Abandon the current request; chunks still in flight are discarded."""
         stream, self._stream = self._stream, None
         if stream is None:
             return
+        if not stream.done:
+            stream.ended = reason
         for conn in stream.conns:
             for message, _payload in conn.inbox:
                 conn.drop(message)
             conn.inbox.clear()
-            if not stream.done and not self._closed:
-                _quietly(conn.socket.send, protocol.Cancel(request_id=stream.request_id))
-            if not self._closed:
-                _quietly(conn.send_released)
+            if self._closed or not conn.greeted:
+                continue  # a connection being replaced carries nothing stale to the next one
+            if not stream.done:
+                conn.send_soon(protocol.Cancel(request_id=stream.request_id))
+            _quietly(conn.send_released, time.monotonic() + _SLICE_S)
 
     def info(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> VideoInfo:
         """Metadata of ``video`` as the server sees it (frame count, size, channels, fps, codec)."""
         self._check_open()
+        spec = self._spec(video)
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        deadline = self._deadline(timeout)
         rid = next(self._ids)
-        self._request(self._conns[0], protocol.InfoRequest(request_id=rid, video=self._spec(video)))
-        reply = self._await_reply(rid, timeout)
+        self._awaiting.add(rid)
+        try:
+            self._request(self._conns[0], protocol.InfoRequest(request_id=rid, video=spec), deadline)
+            reply = self._await_reply(rid, deadline, timeout)
+        finally:
+            self._awaiting.discard(rid)
         if isinstance(reply, protocol.Error):
             raise error_from_wire(reply.error, reply.message)
         assert isinstance(reply, protocol.InfoReply)
@@ -358,10 +515,16 @@ class AsyncVideo:
     def ping(self, timeout: Optional[float] = _DEFAULT) -> float:
         """Round-trip time to the (first) server in seconds."""
         self._check_open()
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        deadline = self._deadline(timeout)
         rid = next(self._ids)
         start = time.perf_counter()
-        self._request(self._conns[0], protocol.Ping(request_id=rid))
-        self._await_reply(rid, timeout)
+        self._awaiting.add(rid)
+        try:
+            self._request(self._conns[0], protocol.Ping(request_id=rid), deadline)
+            self._await_reply(rid, deadline, timeout)
+        finally:
+            self._awaiting.discard(rid)
         return time.perf_counter() - start
 
     # -- what and where ----------------------------------------------------------
@@ -393,17 +556,27 @@ class AsyncVideo:
     # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel any request, stop a private server, release the sockets. Safe to call twice."""
+        """Cancel any request, stop a private server, release the sockets. Safe to call twice.
+
+        In a forked child this touches nothing the parent owns (its server, its
+        sockets): the child only forgets them.
+        """
         conns = getattr(self, "_conns", [])
         if not conns:
             self._closed = True
             return
+        if getattr(self, "_pid", os.getpid()) != os.getpid():
+            self._closed, self._stream, self._conns = True, None, []
+            for conn in conns:
+                conn.abandon()
+            _FORKED_LEFTOVERS.extend(conns)  # never collected here: their sockets belong to the parent
+            return
         try:
             if not getattr(self, "_closed", True):
-                self.cancel()
+                self.cancel(reason="was cancelled by close()")
                 for conn in conns:
                     if conn.process is not None:
-                        _quietly(conn.socket.send, protocol.Stop())
+                        conn.send_soon(protocol.Stop())
         finally:
             self._closed = True
             self._stream = None
@@ -433,44 +606,57 @@ class AsyncVideo:
         return spec
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            raise AsyncFramesError(
+                f"this AsyncVideo was made in process {self._pid} and cannot be used across fork (this is process "
+                f"{os.getpid()}, e.g. a DataLoader worker): create an AsyncVideo in the child process instead "
+                "(e.g. lazily, on first use in the worker)"
+            )
         if self._closed:
             raise AsyncFramesError("this AsyncVideo is closed")
 
-    def _greet(self, conn: _Connection) -> None:
-        """Handshake (again, after a reconnect) so the server knows our protocol version."""
-        conn.socket.send(protocol.Hello(version=protocol.PROTOCOL_VERSION, client=f"asyncframes pid={os.getpid()}"))
-        deadline = time.monotonic() + self.start_timeout
-        while not conn.greeted:
-            if not self._pump(deadline, hello=conn):
-                conn.check(busy=False)
-                if not conn.connected:
-                    raise ServerStartError(
-                        f"could not reach a frame server at {conn.endpoint} within {self.start_timeout:g} s "
-                        "(is it running, and is the endpoint right?)"
-                    )
-                raise ServerStartError(f"the frame server at {conn.endpoint} did not answer within {self.start_timeout:g} s")
+    def _deadline(self, timeout: Optional[float]) -> Optional[float]:
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        return None if timeout is None else time.monotonic() + timeout
 
-    def _request(self, conn: _Connection, message: protocol.Message) -> None:
+    def _greet(self, conn: _Connection, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Handshake (again, after a reconnect) so the server knows our protocol version; by ``deadline``.
+
+        If the connection is replaced meanwhile (the server went away), say hello again on the new one.
+        """
+        hello = protocol.Hello(version=protocol.PROTOCOL_VERSION, client=f"asyncframes pid={os.getpid()}")
+        while not conn.greeted:
+            generation = conn.generation
+            if conn.send(hello, deadline, busy=False):
+                while not conn.greeted and conn.generation == generation:
+                    if not self._pump(deadline, hello=conn):
+                        break
+            if conn.greeted or conn.generation != generation:
+                continue
+            conn.check(busy=False)
+            within = "" if timeout is None else f" within {_seconds(timeout)} s"
+            if not conn.connected:
+                raise ServerStartError(
+                    f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
+                )
+            raise ServerStartError(f"the frame server at {conn.endpoint} did not answer{within}")
+
+    def _request(self, conn: _Connection, message: protocol.Message, deadline: Optional[float]) -> None:
+        """Send ``message`` (greeting first if this connection is new), by ``deadline``."""
         conn.check(busy=False)
         if not conn.greeted:
-            self._greet(conn)
-        if isinstance(message, (protocol.InfoRequest, protocol.Ping)):
-            self._awaiting.add(message.request_id)
+            self._greet(conn, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
         if isinstance(message, protocol.Request):
             message = attrs.evolve(message, shm=self.shared_memory and conn.shm_pid is not None)
-            conn.send_released()
-        conn.socket.send(message)
+            conn.send_released(deadline)
+        if not conn.send(message, deadline):
+            raise RequestTimeoutError(f"could not send to the frame server at {conn.endpoint} in time")
 
-    def _await_reply(self, rid: int, timeout: Optional[float]) -> Any:
-        timeout = self.timeout if timeout is _DEFAULT else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while rid not in self._replies:
-                if not self._pump(deadline):
-                    raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
-            return self._replies.pop(rid)
-        finally:
-            self._awaiting.discard(rid)
+    def _await_reply(self, rid: int, deadline: Optional[float], timeout: Optional[float]) -> Any:
+        while rid not in self._replies:
+            if not self._pump(deadline):
+                raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
+        return self._replies.pop(rid)
 
     def _busy(self, conn: _Connection) -> bool:
         stream = self._stream
@@ -490,8 +676,8 @@ class AsyncVideo:
             for conn in self._conns:
                 try:
                     conn.check(busy=conn is hello or self._busy(conn))
-                except ServerDiedError:
-                    self.cancel()  # that request is over; the next one starts afresh
+                except ServerDiedError as exc:
+                    self.cancel(reason=f"was lost with its server ({exc})")  # the next one starts afresh
                     raise
             if remaining is not None and remaining <= wait:
                 return False
@@ -515,23 +701,27 @@ class AsyncVideo:
         elif isinstance(message, protocol.Error):
             raise error_from_wire(message.error, message.message)
         elif isinstance(message, protocol.Shutdown):
-            conn.greeted = False
-            if self._busy(conn):
-                self.cancel()
+            busy = self._busy(conn)
+            conn.reset()  # that server is going away: nothing of this connection may reach the next one
+            if busy:
+                self.cancel(reason="ended when its server shut down")
                 raise ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
         # Anything else (probes, chunks of cancelled requests) needs no action.
 
-    def _take(self, stream: _Stream, conn: _Connection, message: protocol.Message, payload: Optional[memoryview]) -> Optional[FrameChunk]:
+    def _take(
+        self, stream: _Stream, conn: _Connection, message: protocol.Message, payload: Optional[memoryview], deadline: Optional[float]
+    ) -> Optional[FrameChunk]:
         if isinstance(message, protocol.Error):
-            self.cancel()
+            self.cancel(reason=f"failed ({message.error}: {message.message})")
             raise error_from_wire(message.error, message.message)
         assert isinstance(message, protocol.Chunk)
-        n = len(stream.conns)
-        expected = stream.next_chunk // n
-        if message.chunk != expected:
-            self.cancel()
-            raise ProtocolError(f"expected chunk {expected} from {conn.endpoint}, it sent chunk {message.chunk}")
-        frames = self._frames_of(conn, message, payload)
+        try:
+            _check_chunk(stream, conn, message)
+            frames = self._frames_of(conn, message, payload)
+        except AsyncFramesError as exc:
+            if self._stream is stream:
+                self.cancel(reason=f"failed ({type(exc).__name__}: {exc})")
+            raise
         stream.next_chunk += 1
         conn.chunks_received += 1
         if stream.total_chunks is None:
@@ -539,10 +729,13 @@ class AsyncVideo:
         else:
             stream.done = stream.next_chunk >= stream.total_chunks
         if not message.last_chunk:
-            conn.send_released()
-            conn.socket.send(protocol.Credit(request_id=stream.request_id, chunks=1))
+            conn.send_released(_at_least(deadline))
+            if not conn.send(protocol.Credit(request_id=stream.request_id, chunks=1), _at_least(deadline)):
+                raise RequestTimeoutError(f"could not send to the frame server at {conn.endpoint} in time")
         if not message.frame_idxs:
             return None
+        if stream.frame_shape is None:
+            stream.frame_shape = tuple(message.shape[1:])
         return FrameChunk(list(message.frame_idxs), frames)
 
     def _frames_of(self, conn: _Connection, message: protocol.Chunk, payload: Optional[memoryview]) -> np.ndarray:
@@ -553,50 +746,131 @@ class AsyncVideo:
         conn.slots.forget(where.retired)
         dtype, nbytes = protocol.chunk_layout(message)
         if conn.shm_pid is None or payload is not None or nbytes > where.size:
-            self.cancel()
             raise ProtocolError(f"{conn.endpoint} sent a shared-memory chunk that does not fit what was agreed")
         try:
             return conn.slots.array(conn.shm_pid, where.fd, where.slot, where.size, tuple(message.shape), dtype.str)
         except (OSError, ValueError) as exc:
-            self.cancel()
-            # A live server may still be sending its notice; a dead one's is already here or lost.
-            reason = _shutdown_notice(conn, within=1.0 if shm.process_alive(conn.shm_pid) else 0.1)
-            if reason is not None:  # it closed its shared memory because it was stopped: say so
-                raise ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {reason}") from exc
-            if conn.process is not None:
-                conn._wait_for_exit()  # our own server: say how it ended
-            if not shm.process_alive(conn.shm_pid):
-                raise ServerDiedError(
-                    f"lost the connection to the frame server at {conn.endpoint}: its process (pid {conn.shm_pid}) is gone"
-                ) from exc
-            raise ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}") from exc
+            self.cancel(reason="was lost with its server")
+            raise self._why_shm_failed(conn, conn.shm_pid, exc) from exc
+
+    def _why_shm_failed(self, conn: _Connection, pid: int, exc: BaseException) -> ServerDiedError:
+        """A slot could not be mapped: find out (within a second or two) whether the server shut down or died."""
+        deadline = time.monotonic() + _EXPLAIN_S
+        while True:
+            try:
+                conn._check_process()  # our own server: how it ended
+                while conn.socket.has_message():
+                    message, _payload = conn.socket.recv()
+                    if isinstance(message, protocol.Shutdown):
+                        conn.reset()
+                        return ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
+                    conn.drop(message)
+                conn.check(busy=True)
+            except ServerDiedError as died:
+                return died
+            except AsyncFramesError:
+                pass
+            if not shm.process_alive(pid):
+                conn.reset()
+                return ServerDiedError(
+                    f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
+                )
+            if time.monotonic() >= deadline:
+                return ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}")
+            time.sleep(0.02)
 
 
-def _shutdown_notice(conn: _Connection, within: float = 1.0) -> Optional[str]:
-    """The reason of a Shutdown the server sent after the chunk in hand, if one arrives within ``within`` s.
+#: How long a failed shared-memory mapping waits to learn whether the server shut down or died.
+_EXPLAIN_S = 2.0
 
-    A stopped server sends Shutdown after its last chunks and then closes their
-    shared memory, so a chunk it sent just before can no longer be mapped: that
-    is its shutdown, not a crash. Other messages read here belong to the
-    request just cancelled and are dropped.
-    """
-    deadline = time.monotonic() + within
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poll_any([conn.socket], int(remaining * 1000) + 1):
-            return None
-        try:
-            message, _payload = conn.socket.recv()
-        except (AsyncFramesError, zmq.ZMQError):
-            return None
-        if isinstance(message, protocol.Shutdown):
-            conn.greeted = False
-            return message.reason
-        conn.drop(message)
+#: Connections of AsyncVideos closed in a forked child: kept, untouched, because they belong to the parent.
+_FORKED_LEFTOVERS: list[_Connection] = []
+
+_ENDPOINT = re.compile(r"^(?:tcp://(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})|ipc://\S.*)$")
+_ENDPOINT_FORMS = "tcp://host:port (e.g. tcp://127.0.0.1:9010) or ipc://path"
+
+
+def _check_endpoints(endpoint: Union[str, Sequence[str]]) -> list[str]:
+    """The endpoints as a list, each checked to be ``tcp://host:port`` or ``ipc://path``."""
+    endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint) if isinstance(endpoint, Sequence) else None
+    if endpoints is None:
+        raise TypeError(f"endpoint must be a string or a list of strings ({_ENDPOINT_FORMS}), got {type(endpoint).__name__}")
+    if not endpoints:
+        raise ValueError(f"no endpoint given: pass one or more of {_ENDPOINT_FORMS}, or None for a private server")
+    for e in endpoints:
+        if not isinstance(e, str):
+            raise TypeError(f"an endpoint must be a string ({_ENDPOINT_FORMS}), got {type(e).__name__} {e!r}")
+        match = _ENDPOINT.match(e)
+        if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
+            hint = f"; did you mean 'tcp://{e}'?" if "://" not in e and ":" in e else ""
+            raise ServerStartError(f"{e!r} is not a frame server endpoint: use {_ENDPOINT_FORMS}{hint}")
+    return endpoints
+
+
+def _open_socket(endpoint: str, curve: Optional[ClientCurve]) -> ClientSocket:
+    """A client socket connected to ``endpoint``; a refused endpoint is a ServerStartError."""
+    try:
+        return ClientSocket(endpoint, curve)
+    except zmq.ZMQError as exc:
+        raise ServerStartError(f"cannot connect to {endpoint!r} ({exc}): use {_ENDPOINT_FORMS}") from exc
+
+
+def _check_workers(workers: Any) -> None:
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive number of decoder threads, or None for one per 2 CPUs; got {workers!r}")
+
+
+def _check_chunk(stream: _Stream, conn: _Connection, message: protocol.Chunk) -> None:
+    """Raise ProtocolError unless ``message`` is the chunk we asked for next: its number, indices, dtype and shape."""
+    n = len(stream.conns)
+    k = stream.next_chunk
+    where = f"{conn.endpoint} (request {stream.request_id}, chunk {k})"
+    if message.chunk != k // n:
+        raise ProtocolError(f"expected chunk {k // n} from {conn.endpoint}, it sent chunk {message.chunk}")
+    got = list(message.frame_idxs)
+    expected = stream.expected_idxs(k, len(got))
+    if got != expected:
+        raise ProtocolError(f"{where} sent frames {_short(got)}, we asked for {_short(expected or [])}")
+    fpc = stream.frames_per_chunk
+    if stream.idxs is None:
+        if len(got) > fpc or (not message.last_chunk and len(got) != fpc) or (not got and k > 0):
+            raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
+    elif stream.total_chunks is None:
+        last = k >= max(1, -(-len(stream.idxs) // fpc)) - 1
+        if message.last_chunk != last:
+            raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {-(-len(stream.idxs) // fpc)}")
+    if message.dtype != np.dtype(np.uint8).str:
+        raise ProtocolError(f"{where} sent frames of dtype {message.dtype!r}, expected uint8 ('|u1')")
+    shape = tuple(message.shape)
+    if len(shape) != 4 or shape[0] != len(got):
+        raise ProtocolError(f"{where} sent shape {list(shape)}, expected ({len(got)}, height, width, channels)")
+    if not got:
+        return
+    channels = {None: (1, 3), True: (1,), False: (3,)}[stream.spec.grayscale if stream.spec is not None else None]
+    if shape[3] not in channels or min(shape[1:3]) < 1:
+        raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, expected (height, width, {' or '.join(map(str, channels))})")
+    if stream.frame_shape is not None and shape[1:] != stream.frame_shape:
+        raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, earlier chunks had {list(stream.frame_shape)}")
+
+
+def _short(idxs: Sequence[int], most: int = 8) -> str:
+    return str(list(idxs)) if len(idxs) <= most else f"[{', '.join(map(str, idxs[:most]))}, ... ({len(idxs)} indices)]"
+
+
+def _at_least(deadline: Optional[float], slack: float = 1.0) -> Optional[float]:
+    """A deadline for a message the protocol needs (a credit): the caller's, but never less than ``slack`` from now."""
+    return None if deadline is None else max(deadline, time.monotonic() + slack)
+
+
+def _seconds(t: float) -> str:
+    """``t`` for a message: 3, 30, 0.5 (never 2.99846)."""
+    return f"{t:.1f}".rstrip("0").rstrip(".")
 
 
 def _server_options(workers: Optional[int]) -> list[str]:
-    return ["--workers", str(workers)] if workers else []
+    return ["--workers", str(int(workers))] if workers else []
 
 
 def _quietly(fn: Any, *args: Any) -> None:

@@ -17,7 +17,8 @@ import shutil
 import struct
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import attrs
 import zmq
@@ -219,8 +220,30 @@ class ClientSocket:
         self.monitor = self.socket.get_monitor_socket(CLIENT_EVENTS)
         self.socket.connect(endpoint)
 
-    def send(self, message: Message) -> None:
-        self.socket.send_multipart(protocol.frames_of(message), copy=True)
+    def send(self, message: Message, deadline: Optional[float], between: Callable[[], None], slice_s: float = 0.05) -> bool:
+        """Queue ``message`` without ever blocking unboundedly; False if it could not be queued by ``deadline``.
+
+        A DEALER blocks a send while it has no pipe to queue into (no peer yet, or
+        ZeroMQ gave up on a peer after a failed handshake). So the send is
+        non-blocking, and while it cannot proceed we wait for room in slices of at
+        most ``slice_s`` seconds, calling ``between()`` after each (it raises if the
+        connection failed, e.g. a CURVE mismatch), until ``deadline``
+        (``time.monotonic()`` seconds; None: as long as ``between`` lets us).
+        Short slices also let Ctrl-C through.
+        """
+        frames = protocol.frames_of(message)
+        while True:
+            try:
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+                return True
+            except zmq.Again:
+                pass
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            wait = slice_s if remaining is None else min(slice_s, remaining)
+            self.socket.poll(max(1, int(wait * 1000)), zmq.POLLOUT)
+            between()
 
     def recv(self) -> tuple[Message, Optional[memoryview]]:
         """The waiting message and its payload (zero-copy); raises ProtocolError if malformed."""

@@ -11,6 +11,37 @@ from typing import Any, Optional
 
 import attrs
 import cattrs
+import numpy as np
+
+
+def _filename(value: Any) -> str:
+    """A non-empty path string (``os.PathLike`` accepted)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"Video filename must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+    name = os.fspath(value)
+    if not isinstance(name, str):
+        raise TypeError(f"Video filename must be a text path, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ValueError("Video filename is empty: give the path of a video file")
+    return name
+
+
+def _grayscale(value: Any) -> Optional[bool]:
+    """None, or a bool (NumPy bools too)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"Video grayscale must be None (detect), True or False, got {type(value).__name__} {value!r}")
+
+
+def _stream(value: Any) -> int:
+    """A stream number >= 0 (NumPy ints too, never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Video stream must be a video stream number (an int >= 0), got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"Video stream must be >= 0 (0 is the first video stream), got {value}")
+    return int(value)
 
 
 @attrs.frozen
@@ -22,11 +53,9 @@ class Video:
     ``stream`` picks the video stream when a container holds several.
     """
 
-    filename: str = attrs.field(converter=os.fspath, validator=attrs.validators.instance_of(str))
-    grayscale: Optional[bool] = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
-    )
-    stream: int = attrs.field(default=0, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
+    filename: str = attrs.field(converter=_filename)
+    grayscale: Optional[bool] = attrs.field(default=None, converter=_grayscale)
+    stream: int = attrs.field(default=0, converter=_stream)
 
     @classmethod
     def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
