@@ -61,12 +61,17 @@ class FrameChunk(NamedTuple):
     frames: np.ndarray
 
 
-def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
-    """Frame indices as a list of Python ints (None stays None: every frame)."""
+def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.ndarray]]":
+    """Frame indices as a range or a one-dimensional integer array (None stays None: every frame).
+
+    Never a list of Python ints: millions of indices stay one compact array, sent as raw bytes.
+    """
     if frame_idxs is None:
         return None
     if isinstance(frame_idxs, range):
-        idxs = list(frame_idxs)
+        if len(frame_idxs) and min(frame_idxs[0], frame_idxs[-1]) < 0:
+            raise FrameIndexError(f"frame index {min(frame_idxs[0], frame_idxs[-1])} is negative; frames are numbered from 0")
+        return frame_idxs
     else:
         if not isinstance(frame_idxs, (np.ndarray, Sequence)):
             if isinstance(frame_idxs, (int, np.integer)) or not isinstance(frame_idxs, Iterable):
@@ -74,16 +79,17 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
             frame_idxs = list(frame_idxs)
         arr = np.asarray(frame_idxs)
         if arr.size == 0:
-            return []
+            return np.empty(0, dtype=np.int64)
         if arr.ndim != 1:
             raise TypeError(f"frame_idxs must be one-dimensional, got shape {arr.shape}")
         if arr.dtype.kind not in "iu":
             raise TypeError(f"frame indices must be integers, got {arr.dtype}")
-        idxs = arr.tolist()
-    for i in idxs:
-        if i < 0:
-            raise FrameIndexError(f"frame index {i} is negative; frames are numbered from 0")
-    return idxs
+    negative = np.flatnonzero(arr < 0)
+    if negative.size:
+        raise FrameIndexError(f"frame index {arr[negative[0]]} is negative; frames are numbered from 0")
+    if arr.max() > protocol.MAX_FRAME_INDEX:
+        raise FrameIndexError(f"frame index {arr.max()} is beyond the largest a video can have ({protocol.MAX_FRAME_INDEX})")
+    return arr
 
 
 class _Connection:
@@ -278,17 +284,17 @@ class AsyncVideo:
         rid = next(self._ids)
         if len(self._conns) == 1:
             self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
-            self._request(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))
+            self._request(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))
             return
         if idxs is None:
-            idxs = list(range(self.info(spec).frame_count))
+            idxs = range(self.info(spec).frame_count)
         chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
         conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
         self._stream = _Stream(rid, conns, total_chunks=len(chunks), done=not chunks)
         for j, conn in enumerate(conns):
-            share = [i for chunk in chunks[j :: len(conns)] for i in chunk]
+            share = [np.asarray(chunk) for chunk in chunks[j :: len(conns)]]
             if share:
-                self._request(conn, protocol.Request(rid, spec, share, fpc, self.prefetch))
+                self._request(conn, protocol.Request(rid, spec, protocol.frame_selection(np.concatenate(share)), fpc, self.prefetch))
 
     @property
     def done(self) -> bool:
