@@ -33,6 +33,7 @@ from .errors import (
     ProtocolError,
     RequestTimeoutError,
     ServerDiedError,
+    ServerError,
     ServerShutdownError,
     ServerStartError,
     error_from_wire,
@@ -106,11 +107,13 @@ class _Connection:
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
         self.shm_pid: Optional[int] = None  # the server's pid when we reach its shared memory
+        self.max_request_frames: Optional[int] = None  # the server's limit, from its welcome
         self.slots = shm.ClientSlots()
 
     def welcome(self, message: protocol.Welcome) -> None:
         """The server greeted us: note its version and whether its shared memory is in reach."""
         self.greeted, self.server_version = True, message.server
+        self.max_request_frames = message.max_request_frames
         probe = message.shm
         reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
         self.shm_pid = probe.pid if reachable and probe is not None else None
@@ -283,8 +286,8 @@ class AsyncVideo:
         self.cancel()
         rid = next(self._ids)
         if len(self._conns) == 1:
-            self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
             self._request(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))
+            self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
             return
         if idxs is None:
             idxs = range(self.info(spec).frame_count)
@@ -463,6 +466,9 @@ class AsyncVideo:
         if isinstance(message, (protocol.InfoRequest, protocol.Ping)):
             self._awaiting.add(message.request_id)
         if isinstance(message, protocol.Request):
+            count, limit = protocol.selection_count(message.frame_idxs), conn.max_request_frames
+            if count is not None and limit is not None and count > limit:  # the server would drop a message this big
+                raise ServerError(f"request for {count} frames exceeds the limit of {limit} of the server at {conn.endpoint}")
             message = attrs.evolve(message, shm=self.shared_memory and conn.shm_pid is not None)
             conn.send_released()
         conn.socket.send(message)

@@ -109,6 +109,8 @@ class Welcome:
     version: int = attrs.field(validator=_int)
     server: str = attrs.field(validator=_v.instance_of(str))
     shm: Optional[ShmProbe] = None
+    #: The most frames one request may name; a bigger request would not even be read.
+    max_request_frames: Optional[int] = attrs.field(default=None, validator=_v.optional(_positive))
 
 
 @attrs.frozen

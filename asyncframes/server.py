@@ -367,7 +367,8 @@ class FrameServer:
             state.hello = True
             probe = self._probe
             offer = ShmProbe(pid=os.getpid(), fd=probe.buffer.fd, token=probe.token) if probe is not None else None
-            self._send(client, Welcome(version=PROTOCOL_VERSION, server=__version__, shm=offer))
+            welcome = Welcome(version=PROTOCOL_VERSION, server=__version__, shm=offer, max_request_frames=self.config.max_request_frames)
+            self._send(client, welcome)
             return
         if isinstance(message, Ping):
             self._send(client, Pong(request_id=message.request_id, server=__version__))
