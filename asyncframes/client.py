@@ -286,8 +286,12 @@ class AsyncVideo:
         self.cancel()
         rid = next(self._ids)
         if len(self._conns) == 1:
-            self._request(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))
             self._stream = _Stream(rid, self._conns[:1], total_chunks=None)
+            try:
+                self._request(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))
+            except ServerError:  # over the server's limit: nothing was sent
+                self._stream = None
+                raise
             return
         if idxs is None:
             idxs = range(self.info(spec).frame_count)
