@@ -55,8 +55,11 @@ log = logging.getLogger(__name__)
 
 #: How often a chunk being decoded looks for a cancel of its request, in seconds.
 INTERRUPT_CHECK_S = 0.005
-#: Raw messages read off the socket per loop iteration (or per interrupt check) at most.
-READ_BATCH = 4096
+#: Raw messages read off the socket per loop iteration at most (about a millisecond's work;
+#: libzmq reads connections in turn, so a batch holds every client's messages) ...
+READ_BATCH = 1024
+#: ... and per check for a cancel while a chunk decodes (every INTERRUPT_CHECK_S).
+INTERRUPT_READ_BATCH = 128
 #: Messages of one client read but not yet handled; a client that has more waiting (it
 #: sends without waiting for answers, far beyond any window) is dropped with an error.
 CLIENT_QUEUE = 1024
@@ -320,7 +323,7 @@ class FrameServer:
             if now < next_check[0]:
                 return False
             next_check[0] = now + INTERRUPT_CHECK_S
-            self._receive(READ_BATCH)
+            self._receive(INTERRUPT_READ_BATCH)
             queue = self._inbox.get(job.client)
             for pos in range(len(queue) if queue is not None else 0):
                 flooded = queue[pos] is _FLOODED  # type: ignore[index]
