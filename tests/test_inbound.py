@@ -87,3 +87,50 @@ def test_a_huge_index_request_is_refused_without_stalling_others(server):
         first, _ = big.next_chunk()
         assert served == [1, 20, 40, 60, 80, 100, 120]
         assert first == idxs[:4].tolist()
+
+
+FLOODER = """
+import sys, zmq, msgpack
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(sys.argv[1])
+s.send(msgpack.packb({"kind": "hello", "version": 3, "client": "flood"}))
+ping = msgpack.packb({"kind": "ping", "request_id": 1})
+info = msgpack.packb({"kind": "info", "request_id": 2, "video": {"filename": "gops.mp4", "grayscale": None, "stream": 0}})
+k = 0
+while True:  # as fast as it can, reading answers only to keep its connection
+    for _ in range(100):
+        try:
+            s.send(info if k % 2 else ping, zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        k += 1
+    while s.poll(0):
+        s.recv_multipart()
+"""
+
+
+def test_a_flooding_client_does_not_stall_another_clients_stream(server):
+    import subprocess
+    import sys
+
+    def stream(av: AsyncVideo) -> float:
+        start = time.monotonic()
+        av.load_by_chunk("gops.mp4", None, frames_per_chunk=8)
+        assert [i for idxs, _ in av.chunks for i in idxs] == list(range(150))
+        return time.monotonic() - start
+
+    flooder = None
+    try:
+        with AsyncVideo(server.endpoint, timeout=20) as av:
+            stream(av)
+            quiet = min(stream(av) for _ in range(2))
+            flooder = subprocess.Popen([sys.executable, "-c", FLOODER, server.endpoint])
+            server.wait_for_log("without waiting for answers")  # the flood is on, and was noticed
+            flooded = stream(av)
+            assert flooder.poll() is None  # the flood lasted the whole stream
+        # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
+        # before, the loop handled every waiting message before each chunk (~50x slower here).
+        assert flooded < max(10 * quiet, 3.0), f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without"
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait(10)
