@@ -715,10 +715,10 @@ def _request_cache(idxs: "range | np.ndarray", budget: int) -> Optional[FrameCac
         return None
     if isinstance(idxs, range):
         return None if idxs.step > 0 or len(idxs) <= 1 else FrameCache(budget)
-    steps = np.diff(np.asarray(idxs, dtype=np.int64))
-    if bool((steps > 0).all()):
+    before, after = idxs[:-1], idxs[1:]  # views: one byte per index compared, no copies
+    if bool((after > before).all()):
         return None
-    return FrameCache(budget, finish_gops=not bool((steps >= 0).all()))
+    return FrameCache(budget, finish_gops=not bool((after >= before).all()))
 
 
 def _frames_at(idxs: "range | np.ndarray", start: int, stop: int) -> list[int]:
