@@ -35,6 +35,7 @@ from .errors import (
     RequestCancelledError,
     RequestTimeoutError,
     ServerDiedError,
+    ServerError,
     ServerShutdownError,
     ServerStartError,
     error_from_wire,
@@ -63,8 +64,11 @@ class FrameChunk(NamedTuple):
     frames: np.ndarray
 
 
-def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
-    """Frame indices as a list of Python ints (None stays None: every frame)."""
+def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.ndarray]]":
+    """Frame indices as a range or a one-dimensional integer array (None stays None: every frame).
+
+    Never a list of Python ints: millions of indices stay one compact array, sent as raw bytes.
+    """
     if frame_idxs is None:
         return None
     if isinstance(frame_idxs, (str, bytes, bytearray, memoryview)):
@@ -73,7 +77,9 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
             f"got {type(frame_idxs).__name__} {frame_idxs!r:.60}"
         )
     if isinstance(frame_idxs, range):
-        idxs = list(frame_idxs)
+        if len(frame_idxs) and min(frame_idxs[0], frame_idxs[-1]) < 0:
+            raise FrameIndexError(f"frame index {min(frame_idxs[0], frame_idxs[-1])} is negative; frames are numbered from 0")
+        return frame_idxs
     else:
         if not isinstance(frame_idxs, (np.ndarray, Sequence)):
             if isinstance(frame_idxs, (int, np.integer)) or not isinstance(frame_idxs, Iterable):
@@ -81,16 +87,17 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> Optional[list[int]]:
             frame_idxs = list(frame_idxs)
         arr = np.asarray(frame_idxs)
         if arr.size == 0:
-            return []
+            return np.empty(0, dtype=np.int64)
         if arr.ndim != 1:
             raise TypeError(f"frame_idxs must be one-dimensional, got shape {arr.shape}")
         if arr.dtype.kind not in "iu":
             raise TypeError(f"frame indices must be integers, got {arr.dtype}")
-        idxs = arr.tolist()
-    for i in idxs:
-        if i < 0:
-            raise FrameIndexError(f"frame index {i} is negative; frames are numbered from 0")
-    return idxs
+    negative = np.flatnonzero(arr < 0)
+    if negative.size:
+        raise FrameIndexError(f"frame index {arr[negative[0]]} is negative; frames are numbered from 0")
+    if arr.max() > protocol.MAX_FRAME_INDEX:
+        raise FrameIndexError(f"frame index {arr.max()} is beyond the largest a video can have ({protocol.MAX_FRAME_INDEX})")
+    return arr
 
 
 class _Connection:
@@ -116,12 +123,14 @@ class _Connection:
         self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
         self.chunks_received = 0
         self.shm_pid: Optional[int] = None  # the server's pid when we reach its shared memory
+        self.max_request_frames: Optional[int] = None  # the server's limit, from its welcome
         self.slots = shm.ClientSlots()
 
     def welcome(self, message: protocol.Welcome) -> None:
         """The server greeted us: note its version and whether its shared memory is in reach."""
         self.greeted, self.server_version = True, message.server
         self.ever_greeted = True
+        self.max_request_frames = message.max_request_frames
         probe = message.shm
         reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
         self.shm_pid = probe.pid if reachable and probe is not None else None
@@ -263,7 +272,7 @@ class _Stream:
     request_id: int
     conns: list[_Connection]
     total_chunks: Optional[int]  # None: a single server decides (every frame of the video)
-    idxs: Optional[list[int]] = None
+    idxs: "Optional[Union[range, np.ndarray]]" = None
     frames_per_chunk: int = 64
     spec: Optional[Video] = None
     next_chunk: int = 0
@@ -277,7 +286,8 @@ class _Stream:
         fpc = self.frames_per_chunk
         if self.idxs is None:
             return list(range(k * fpc, k * fpc + n))
-        return self.idxs[k * fpc : (k + 1) * fpc]
+        selected = self.idxs[k * fpc : (k + 1) * fpc]
+        return selected.tolist() if isinstance(selected, np.ndarray) else list(selected)
 
 
 class AsyncVideo:
@@ -387,15 +397,22 @@ class AsyncVideo:
         deadline = self._deadline(self.timeout)
         if len(self._conns) == 1:
             self._stream = self._last = _Stream(rid, self._conns[:1], None, idxs, fpc, spec)
-            requests = [(self._conns[0], protocol.Request(rid, spec, idxs, fpc, self.prefetch))]
+            requests = [(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))]
         else:
             if idxs is None:
-                idxs = list(range(self.info(spec).frame_count))
+                idxs = range(self.info(spec).frame_count)
             chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
             conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
             self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
-            shares = [[i for chunk in chunks[j :: len(conns)] for i in chunk] for j in range(len(conns))]
-            requests = [(conn, protocol.Request(rid, spec, share, fpc, self.prefetch)) for conn, share in zip(conns, shares) if share]
+            shares = [
+                np.concatenate([np.asarray(chunk, dtype=np.int64) for chunk in chunks[j :: len(conns)]])
+                for j in range(len(conns))
+            ]
+            requests = [
+                (conn, protocol.Request(rid, spec, protocol.frame_selection(share), fpc, self.prefetch))
+                for conn, share in zip(conns, shares)
+                if len(share)
+            ]
         try:
             for conn, request in requests:
                 self._request(conn, request, deadline)
@@ -647,6 +664,9 @@ class AsyncVideo:
         if not conn.greeted:
             self._greet(conn, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
         if isinstance(message, protocol.Request):
+            count, limit = protocol.selection_count(message.frame_idxs), conn.max_request_frames
+            if count is not None and limit is not None and count > limit:  # the server would drop a message this big
+                raise ServerError(f"request for {count} frames exceeds the limit of {limit} of the server at {conn.endpoint}")
             message = attrs.evolve(message, shm=self.shared_memory and conn.shm_pid is not None)
             conn.send_released(deadline)
         if not conn.send(message, deadline):

@@ -12,6 +12,7 @@ See ``docs/protocol.md`` for the conversation between client and server.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Optional, Sequence, Union
 
 import attrs
@@ -23,13 +24,65 @@ from .errors import ProtocolError
 from .video import Video, VideoInfo, converter
 
 #: Bumped on any incompatible change; checked in the hello/welcome handshake.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+
+#: Longest list in any header (slot ids in a release, frame indices of one chunk).
+MAX_LIST_LEN = 65536
+#: Most slot ids one release may name (a client holds at most a window's worth of slots).
+MAX_RELEASE_SLOTS = 4096
+#: Most msgpack values a client's header may hold (the server's limit).
+MAX_CLIENT_HEADER_VALUES = MAX_RELEASE_SLOTS + 256
+#: Most msgpack values (maps, lists, strings, numbers, ...) a header may hold; checked
+#: before anything is unpacked, so no header can make the decoder build millions of objects.
+MAX_HEADER_VALUES = MAX_LIST_LEN + 256
+#: Largest bytes value a header may hold by default (a shared-memory token).
+MAX_BIN_BYTES = 64 * 1024
+#: Largest string (a file name, an error message).
+MAX_STR_BYTES = 64 * 1024
+#: Bytes per explicit frame index on the wire (little-endian uint32).
+INDEX_BYTES = 4
+#: Largest frame index an explicit index array can carry.
+MAX_FRAME_INDEX = 2**32 - 1
 
 _v = attrs.validators
 _int = _v.instance_of(int)
 _nonneg = [_int, _v.ge(0)]
 _positive = [_int, _v.ge(1)]
-_idx_list = _v.deep_iterable(_int, _v.instance_of(list))
+_idx_list = _v.and_(_v.deep_iterable(_int, _v.instance_of(list)), _v.max_len(MAX_LIST_LEN))
+
+
+def max_header_bytes(max_request_frames: int) -> int:
+    """The largest header a client may send to a server that takes ``max_request_frames`` frames.
+
+    An explicit index array is the only large field; everything else fits in the slack.
+    """
+    return INDEX_BYTES * max_request_frames + MAX_STR_BYTES + 64 * 1024
+
+
+@attrs.frozen
+class FrameRange:
+    """Frames ``range(start, stop, step)``: a request for many frames in a few bytes."""
+
+    start: int = attrs.field(validator=[_int, _v.ge(0), _v.le(MAX_FRAME_INDEX)])
+    stop: int = attrs.field(validator=[_int, _v.ge(-1), _v.le(MAX_FRAME_INDEX + 1)])
+    step: int = attrs.field(default=1, validator=[_int, _v.ge(-MAX_FRAME_INDEX), _v.le(MAX_FRAME_INDEX)])
+
+    def __attrs_post_init__(self) -> None:
+        if self.step == 0:
+            raise ValueError("step must not be zero")
+
+    def as_range(self) -> range:
+        return range(self.start, self.stop, self.step)
+
+
+def _index_array_bytes(_instance: Any, _attribute: Any, value: Any) -> None:
+    if isinstance(value, bytes) and len(value) % INDEX_BYTES:
+        raise ValueError(f"an index array holds {INDEX_BYTES}-byte integers; {len(value)} bytes is not a multiple of {INDEX_BYTES}")
+
+
+#: Which frames a request wants on the wire: None (all), a range, or explicit indices as
+#: a raw little-endian uint32 array (never a list of integers, which costs an object each).
+FrameSelection = Optional[Union[FrameRange, bytes]]
 
 
 @attrs.frozen
@@ -56,6 +109,8 @@ class Welcome:
     version: int = attrs.field(validator=_int)
     server: str = attrs.field(validator=_v.instance_of(str))
     shm: Optional[ShmProbe] = None
+    #: The most frames one request may name; a bigger request would not even be read.
+    max_request_frames: Optional[int] = attrs.field(default=None, validator=_v.optional(_positive))
 
 
 @attrs.frozen
@@ -69,7 +124,9 @@ class Request:
 
     request_id: int = attrs.field(validator=_nonneg)
     video: Video
-    frame_idxs: Optional[list[int]] = attrs.field(validator=_v.optional(_idx_list))
+    frame_idxs: FrameSelection = attrs.field(
+        validator=[_v.optional(_v.instance_of((FrameRange, bytes))), _index_array_bytes]
+    )
     frames_per_chunk: int = attrs.field(default=64, validator=_positive)
     window: int = attrs.field(default=2, validator=_positive)
     shm: bool = attrs.field(default=False, validator=_v.instance_of(bool))
@@ -133,7 +190,7 @@ class Credit:
 class Release:
     """Client → server: the caller no longer holds the chunks in these shared slots."""
 
-    slots: list[int] = attrs.field(validator=_idx_list)
+    slots: list[int] = attrs.field(validator=[_idx_list, _v.max_len(MAX_RELEASE_SLOTS)])
 
 
 @attrs.frozen
@@ -223,6 +280,94 @@ converter.register_structure_hook(bool, _strict((bool,), "a boolean"))
 converter.register_structure_hook(bytes, _strict((bytes,), "bytes"))
 
 
+def _structure_selection(value: Any, _type: Any) -> FrameSelection:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, dict):
+        return converter.structure(value, FrameRange)
+    raise TypeError(
+        f"expected null (all frames), a range {{start, stop, step}} or bytes of little-endian uint32, got {type(value).__name__}"
+    )
+
+
+converter.register_structure_hook_func(lambda t: t == FrameSelection, _structure_selection)
+
+
+def frame_selection(idxs: "range | np.ndarray | Sequence[int] | None") -> FrameSelection:
+    """The wire form of frame indices: ranges stay ranges, anything else a uint32 array."""
+    if idxs is None:
+        return None
+    if isinstance(idxs, range):
+        return FrameRange(idxs.start, idxs.stop, idxs.step) if len(idxs) else b""
+    arr = np.asarray(idxs)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > MAX_FRAME_INDEX):
+        raise ValueError(f"frame indices must be integers in 0..{MAX_FRAME_INDEX}")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+def selection_count(selection: FrameSelection) -> Optional[int]:
+    """How many frames a selection names, without building it (None: all frames)."""
+    if selection is None:
+        return None
+    if isinstance(selection, FrameRange):
+        return len(selection.as_range())
+    return len(selection) // INDEX_BYTES
+
+
+def selection_indices(selection: FrameSelection, frame_count: int) -> "range | np.ndarray":
+    """The frames a selection names: a range, or a read-only uint32 array over the message."""
+    if selection is None:
+        return range(frame_count)
+    if isinstance(selection, FrameRange):
+        return selection.as_range()
+    return np.frombuffer(selection, dtype="<u4")
+
+
+# msgpack type bytes: (first, last, fixed payload bytes after the type byte or None, length-prefix bytes)
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,
+          0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC7: 1, 0xC8: 2, 0xC9: 4}
+_CONTAINER = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+_UINT = {1: ">B", 2: ">H", 4: ">I"}
+
+
+def count_values(header: bytes, limit: int) -> int:
+    """How many msgpack values ``header`` holds, counting no further than ``limit``.
+
+    A walk over type bytes that creates nothing: strings and bytes are skipped by
+    their length, so a header is vetted in at most ``limit`` steps whatever its size.
+    Raises ValueError when a length runs past the end.
+    """
+    pos, pending, count, size = 0, 1, 0, len(header)
+    while pending and count <= limit:
+        if pos >= size:
+            raise ValueError("truncated msgpack")
+        b = header[pos]
+        pos += 1
+        pending -= 1
+        count += 1
+        if b <= 0x7F or b >= 0xE0 or b in _FIXED:
+            pos += _FIXED.get(b, 0)
+        elif 0xA0 <= b <= 0xBF:
+            pos += b & 0x1F
+        elif 0x90 <= b <= 0x9F:
+            pending += b & 0x0F
+        elif 0x80 <= b <= 0x8F:
+            pending += 2 * (b & 0x0F)
+        elif b in _SIZED:
+            width = _SIZED[b]
+            (n,) = struct.unpack_from(_UINT[width], header, pos)
+            pos += width + n + (1 if b in (0xC7, 0xC8, 0xC9) else 0)
+        elif b in _CONTAINER:
+            width, per = _CONTAINER[b]
+            (n,) = struct.unpack_from(_UINT[width], header, pos)
+            pos += width
+            pending += per * n
+        else:
+            raise ValueError(f"invalid msgpack type byte 0x{b:02x}")
+    return count
+
+
 def encode(message: Message) -> bytes:
     """The msgpack header of ``message``."""
     body = converter.unstructure(message)
@@ -231,12 +376,32 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def decode(header: bytes) -> Message:
-    """Parse and validate a header; raise :class:`ProtocolError` if it is not one of ours."""
+def decode(header: bytes, max_bin_len: int = MAX_BIN_BYTES, max_values: int = MAX_HEADER_VALUES) -> Message:
+    """Parse and validate a header; raise :class:`ProtocolError` if it is not one of ours.
+
+    Bounded before anything is built: at most ``max_values`` msgpack values (counted
+    without unpacking), no bytes value over ``max_bin_len``, no string over
+    :data:`MAX_STR_BYTES`, no list over :data:`MAX_LIST_LEN`.
+    """
     try:
-        body = msgpack.unpackb(header, raw=False, strict_map_key=True)
+        values = count_values(header, max_values)
+    except (ValueError, struct.error) as exc:
+        raise ProtocolError(f"header is not msgpack ({exc or 'truncated'})") from exc
+    if values > max_values:
+        raise ProtocolError(f"header holds more than {max_values} values; the limit is {max_values}")
+    try:
+        body = msgpack.unpackb(
+            header,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bin_len,
+            max_str_len=MAX_STR_BYTES,
+            max_array_len=MAX_LIST_LEN,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"header is not msgpack ({exc})") from exc
+        raise ProtocolError(f"header is not msgpack or over a size limit ({type(exc).__name__}: {exc})") from exc
     if not isinstance(body, dict):
         raise ProtocolError(f"header is a {type(body).__name__}, expected a map")
     kind = body.pop("kind", None)
@@ -254,15 +419,21 @@ def frames_of(message: Message, payload: Any = None) -> list[Any]:
     return [encode(message)] if payload is None else [encode(message), payload]
 
 
-def parse(frames: Sequence[Any]) -> tuple[Message, Optional[memoryview]]:
-    """Message and payload from received frames (bytes or zmq.Frame)."""
-    if not 1 <= len(frames) <= 2:
-        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}")
+def parse(
+    frames: Sequence[Any], max_frames: int = 2, max_bin_len: int = MAX_BIN_BYTES
+) -> tuple[Message, Optional[memoryview]]:
+    """Message and payload from received frames (bytes or zmq.Frame).
+
+    A server passes ``max_frames=1``: no client message has a payload.
+    """
+    if not 1 <= len(frames) <= max_frames:
+        expected = "1 frame" if max_frames == 1 else f"1 to {max_frames} frames"
+        raise ProtocolError(f"expected {expected}, got {len(frames)}")
     header = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
     payload = None
     if len(frames) == 2:
         payload = frames[1].buffer if hasattr(frames[1], "buffer") else memoryview(frames[1])
-    return decode(header), payload
+    return decode(header, max_bin_len=max_bin_len), payload
 
 
 def chunk_header(

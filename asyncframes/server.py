@@ -1,9 +1,11 @@
 """The frame server: answers requests from many clients with chunks of decoded frames.
 
-One thread, one ROUTER socket. The loop takes in every waiting message, then
-decodes one chunk for the next request (round-robin across requests, so a long
-request never starves another) that still has credit from its client, and
-repeats. Decoding happens only against credit, so a slow client never makes
+One thread, one ROUTER socket. The loop reads what is waiting (cheaply, without
+decoding) into a bounded queue per client, handles a fair share of each client's
+queue (a few small messages, or one request that opens a video), then decodes one
+chunk for the next request (round-robin across requests, so a long request never
+starves another) that still has credit from its client, and repeats. A client that
+floods the server delays nobody else by more than its share of one round. Decoding happens only against credit, so a slow client never makes
 the server buffer without bound. Any failure while serving a request becomes
 an error message for that request; the server keeps serving.
 
@@ -26,7 +28,7 @@ import numpy as np
 import zmq
 
 from . import __version__, files, protocol, shm
-from .errors import AsyncFramesError, ProtocolError, ServerError, VideoChangedError
+from .errors import AsyncFramesError, FrameIndexError, ProtocolError, ServerError, VideoChangedError
 from .pool import DecoderPool
 from .protocol import (
     PROTOCOL_VERSION,
@@ -61,6 +63,17 @@ CACHE_IDLE_S = 5.0
 BUFFERS_IDLE_S = 2.0
 #: How often a request waiting for room to send looks again, in seconds.
 ROOM_RETRY_S = 0.01
+#: Raw messages read off the socket per loop iteration at most (about a millisecond's work;
+#: libzmq reads connections in turn, so a batch holds every client's messages) ...
+READ_BATCH = 1024
+#: ... and per check for a cancel while a chunk decodes (every INTERRUPT_CHECK_S).
+INTERRUPT_READ_BATCH = 128
+#: Messages of one client read but not yet handled; a client that has more waiting (it
+#: sends without waiting for answers, far beyond any window) is dropped with an error.
+CLIENT_QUEUE = 1024
+#: Units of one client's messages handled per round: small ones count 1; one that opens
+#: or indexes a video (hello, request, info) takes the whole share.
+CLIENT_SHARE = 16
 #: Quiet time after a small request before the server reads around it: a client that asks
 #: again at once (the same frame, the next one) is answered before any of that starts.
 READ_AROUND_DELAY_S = 0.02
@@ -123,7 +136,8 @@ class _Job:
     request: Request
     reader_key: tuple[str, int]
     grayscale: bool
-    frame_idxs: Sequence[int]
+    #: A range, or a read-only uint32 array over the request message (never a list of ints).
+    frame_idxs: "range | np.ndarray"
     credit: int
     #: Bytes of one decoded frame.
     frame_bytes: int = 0
@@ -250,14 +264,15 @@ class FrameServer:
         curve: Optional[ServerCurve] = None,
     ) -> None:
         self.config = config
-        self.socket = ServerSocket(binds, curve=curve)
+        self.socket = ServerSocket(binds, curve=curve, max_message_bytes=protocol.max_header_bytes(config.max_request_frames))
         self.endpoints = self.socket.endpoints
         self.lifeline_fd = lifeline_fd
         self._parent_pid = os.getppid()
         self._readers: "OrderedDict[tuple[str, int], VideoReader]" = OrderedDict()
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
-        self._pending: deque[tuple[bytes, protocol.Message]] = deque()  # read while a chunk was decoding
+        #: Per client, messages read but not yet handled: raw frames, or decoded (None: malformed, answered).
+        self._inbox: "OrderedDict[bytes, deque[Any]]" = OrderedDict()
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         self._last_step = time.monotonic()
         self._trimmed = True  # whether memory went back to the system since the last chunk
@@ -282,7 +297,7 @@ class FrameServer:
         self._running = True
         try:
             while self._running:
-                events = dict(poller.poll(0 if self._runnable() or self._pending else self._idle_wait_ms()))
+                events = dict(poller.poll(0 if self._runnable() or self._inbox else self._idle_wait_ms()))
                 if self.lifeline_fd is not None and (self.lifeline_fd in events or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
@@ -352,29 +367,70 @@ class FrameServer:
         self._stop_reason = self._stop_reason or reason
         self._running = False
 
-    def _drain(self, limit: int = 1000) -> None:
-        while self._pending:
-            self._handle(*self._pending.popleft())
-        for _ in range(limit):
-            got = self._receive()
-            if got is None:
-                return
-            self._handle(*got)
+    def _drain(self) -> None:
+        """Read what waits, then handle one fair round: each client's share of its queue."""
+        self._receive(READ_BATCH)
+        for client in list(self._inbox):
+            queue = self._inbox.get(client)
+            budget = CLIENT_SHARE
+            while queue and budget > 0 and self._running:
+                message = self._decoded(client, queue, 0)
+                queue.popleft()
+                if message is None:
+                    budget -= 1
+                    continue
+                budget -= CLIENT_SHARE if isinstance(message, (Hello, Request, InfoRequest)) else 1
+                self._handle(client, message)
+            if not queue:
+                self._inbox.pop(client, None)
+            else:
+                self._inbox.move_to_end(client)  # the next round starts with the next client
 
-    def _receive(self) -> Optional[tuple[bytes, protocol.Message]]:
-        """The next well-formed message (malformed ones are answered here); None when none waits."""
-        while True:
+    def _receive(self, limit: int) -> int:
+        """Read up to ``limit`` waiting messages into their clients' queues; how many were read.
+
+        Reading is cheap and never decodes, so what libzmq holds stays small. A client
+        whose queue is full is dropped: it sends without waiting for answers.
+        """
+        for count in range(limit):
             try:
                 client, frames = self.socket.recv()
             except zmq.Again:
-                return None
-            try:
-                message, _payload = protocol.parse(frames)
-            except ProtocolError as exc:
-                log.warning("client %s sent a malformed message: %s", client.hex(), exc)
-                self._send(client, Error(request_id=None, error="ProtocolError", message=str(exc)))
-                continue
-            return client, message
+                return count
+            queue = self._inbox.get(client)
+            if queue is None:
+                queue = self._inbox[client] = deque()
+            if len(queue) < CLIENT_QUEUE:
+                queue.append(frames)
+            elif queue[-1] is not _FLOODED:
+                queue.clear()
+                queue.append(_FLOODED)
+        return limit
+
+    def _decoded(self, client: bytes, queue: "deque[Any]", pos: int) -> Optional[protocol.Message]:
+        """The message at ``queue[pos]``, decoded in place (None: malformed, and answered)."""
+        entry = queue[pos]
+        if entry is _FLOODED:
+            queue[pos] = None
+            self._send(client, _FLOOD_ERROR)
+            log.warning("client %s sent over %d messages without waiting for answers; dropped", client.hex(), CLIENT_QUEUE)
+            self._drop_client(client, "flooded the server")
+            return None
+        if not isinstance(entry, list):
+            return entry
+        try:
+            message, _payload = protocol.parse(entry, max_frames=1, max_bin_len=self._max_bin_len)
+        except ProtocolError as exc:
+            log.warning("client %s sent a malformed message: %s", client.hex(), exc)
+            self._send(client, Error(request_id=None, error="ProtocolError", message=str(exc)))
+            message = None
+        queue[pos] = message
+        return message
+
+    @property
+    def _max_bin_len(self) -> int:
+        """The largest bytes value a client's header may hold: an explicit index array."""
+        return protocol.INDEX_BYTES * self.config.max_request_frames
 
     def _interrupter(self, job: _Job) -> Callable[[], bool]:
         """Asked between frames: has ``job``'s client cancelled it? Other messages wait their turn.
@@ -389,14 +445,14 @@ class FrameServer:
             if now < next_check[0]:
                 return False
             next_check[0] = now + INTERRUPT_CHECK_S
-            while True:
-                got = self._receive()
-                if got is None:
-                    return False
-                self._pending.append(got)
-                client, message = got
-                if client == job.client and isinstance(message, Cancel) and message.request_id == job.request.request_id:
+            self._receive(INTERRUPT_READ_BATCH)
+            queue = self._inbox.get(job.client)
+            for pos in range(len(queue) if queue is not None else 0):
+                flooded = queue[pos] is _FLOODED  # type: ignore[index]
+                message = self._decoded(job.client, queue, pos)  # type: ignore[arg-type]
+                if flooded or (isinstance(message, Cancel) and message.request_id == job.request.request_id):
                     return True
+            return False
 
         return cancelled
 
@@ -436,7 +492,8 @@ class FrameServer:
             state.hello = True
             probe = self._probe
             offer = ShmProbe(pid=os.getpid(), fd=probe.buffer.fd, token=probe.token) if probe is not None else None
-            self._send(client, Welcome(version=PROTOCOL_VERSION, server=__version__, shm=offer))
+            welcome = Welcome(version=PROTOCOL_VERSION, server=__version__, shm=offer, max_request_frames=self.config.max_request_frames)
+            self._send(client, welcome)
             return
         if isinstance(message, Ping):
             self._send(client, Pong(request_id=message.request_id, server=__version__))
@@ -505,11 +562,13 @@ class FrameServer:
             )
             return
         try:
+            count = protocol.selection_count(request.frame_idxs)
+            if count is not None:  # counted before anything is opened or built
+                self._check_count(count)
             reader = self._reader(request.video)
-            idxs: Sequence[int] = range(reader.frame_count) if request.frame_idxs is None else request.frame_idxs
-            if len(idxs) > cfg.max_request_frames:
-                raise ServerError(f"request for {len(idxs)} frames exceeds this server's limit of {cfg.max_request_frames}")
-            reader.check_indices(idxs)
+            idxs = protocol.selection_indices(request.frame_idxs, reader.frame_count)
+            self._check_count(len(idxs))
+            _check_indices(idxs, reader.frame_count, request.video.filename)
         except Exception as exc:
             self._send(client, _error_for(rid, exc))
             log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
@@ -551,6 +610,11 @@ class FrameServer:
         """Largest chunk a request may ask for: it must also fit one client's share of inline bytes."""
         cfg = self.config
         return min(cfg.max_chunk_bytes, cfg.client_inline_bytes, cfg.max_inline_bytes)
+
+    def _check_count(self, count: int) -> None:
+        limit = self.config.max_request_frames
+        if count > limit:
+            raise ServerError(f"request for {count} frames exceeds this server's limit of {limit}")
 
     def _rebalance_caches(self) -> None:
         """Give each request its share of the frame cache (see :func:`cache_shares`); a cache over
@@ -606,11 +670,11 @@ class FrameServer:
         request = job.request
         fpc = request.frames_per_chunk
         start = job.next_chunk * fpc
-        idxs = list(job.frame_idxs[start : start + fpc])
+        idxs = _frames_at(job.frame_idxs, start, start + fpc)
         last = job.next_chunk + 1 >= job.n_chunks
         if job.cache is not None:
             ahead = self.config.cache_lookahead_frames
-            job.cache.want(later=job.frame_idxs[start + fpc : start + fpc + ahead], now=idxs)
+            job.cache.want(later=_frames_at(job.frame_idxs, start + fpc, start + fpc + ahead), now=idxs)
         state = self._clients.get(job.client)
         slots = state.slots if state is not None and request.shm else None
         try:
@@ -621,7 +685,7 @@ class FrameServer:
         except Exception as exc:
             if lease is not None and slots is not None:
                 slots.release([lease[0]])
-            if not isinstance(exc, ReadInterrupted):  # interrupted: its client cancelled it (see self._pending)
+            if not isinstance(exc, ReadInterrupted):  # interrupted: its client cancelled it (see self._inbox)
                 self._finish(job, error=exc)
             return
         where = None
@@ -821,18 +885,51 @@ class FrameServer:
         return reader
 
 
-def _request_cache(idxs: Sequence[int], budget: int) -> Optional[FrameCache]:
+#: Marks a client queue that overflowed: the client is dropped when its turn comes.
+_FLOODED = object()
+_FLOOD_ERROR = Error(
+    request_id=None,
+    error="ServerError",
+    message=f"this client sent over {CLIENT_QUEUE} messages the server had not handled yet; "
+    "it was disconnected and its requests cancelled (wait for answers before sending more)",
+)
+
+
+def _request_cache(idxs: "range | np.ndarray", budget: int) -> Optional[FrameCache]:
     """The cache a request needs: none when it strictly moves forward (nothing decoded is asked
     for again); for requests that only move forward, no decoding ahead within GOPs.
     ``budget`` is its size until the server rebalances shares."""
     if budget <= 0:
         return None
     if isinstance(idxs, range):
-        return None if idxs.step > 0 else FrameCache(budget)
-    pairs = list(zip(idxs, idxs[1:]))
-    if all(a < b for a, b in pairs):
+        return None if idxs.step > 0 or len(idxs) <= 1 else FrameCache(budget)
+    before, after = idxs[:-1], idxs[1:]  # views: one byte per index compared, no copies
+    if bool((after > before).all()):
         return None
-    return FrameCache(budget, finish_gops=not all(a <= b for a, b in pairs))
+    return FrameCache(budget, finish_gops=not bool((after >= before).all()))
+
+
+def _frames_at(idxs: "range | np.ndarray", start: int, stop: int) -> list[int]:
+    """Frames ``idxs[start:stop]`` as Python ints (one chunk's worth, never the whole request)."""
+    part = idxs[start:stop]
+    return part.tolist() if isinstance(part, np.ndarray) else list(part)
+
+
+def _check_indices(idxs: "range | np.ndarray", frame_count: int, filename: str) -> None:
+    """Raise :class:`FrameIndexError` naming the first index that is not a frame (vectorised)."""
+    if not len(idxs):
+        return
+    if isinstance(idxs, range):
+        bad = [i for i in (idxs[0], idxs[-1]) if not 0 <= i < frame_count]
+        first = bad[0] if bad else None
+    else:
+        over = np.flatnonzero(idxs >= frame_count)
+        first = int(idxs[over[0]]) if over.size else None
+    if first is None:
+        return
+    if first < 0:
+        raise FrameIndexError(f"frame index {first} is negative; {filename} has frames 0..{frame_count - 1}")
+    raise FrameIndexError(f"frame index {first} is out of range; {filename} has {frame_count} frames (0..{frame_count - 1})")
 
 
 def _release_free_memory() -> None:

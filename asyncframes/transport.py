@@ -34,9 +34,12 @@ from .protocol import Message
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
-#: Largest message a server accepts (a request for 10 million frames is ~50 MB);
-#: ZeroMQ drops a peer that sends more, before it is read into memory.
-MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+#: Largest frame a server accepts by default (what a request for 10 million explicit frame
+#: indices needs, see :func:`protocol.max_header_bytes`); ZeroMQ drops a peer that sends a
+#: bigger frame as soon as it reads the frame's length, before any of it is in memory.
+#: ZeroMQ applies this per *frame*, and nothing in libzmq 4.3 bounds the number of frames
+#: of one message, which it buffers whole before the server sees any of it (docs/security.md).
+MAX_MESSAGE_BYTES = protocol.max_header_bytes(10_000_000)
 
 #: Monitor events a client acts on.
 CLIENT_EVENTS = (
@@ -147,13 +150,27 @@ def _context() -> zmq.Context:
 class ServerSocket:
     """The server's ROUTER: receives (client, message, payload), sends to a named client."""
 
-    def __init__(self, binds: Sequence[str], *, curve: Optional[ServerCurve] = None, sndhwm: int = 1000) -> None:
+    def __init__(
+        self,
+        binds: Sequence[str],
+        *,
+        curve: Optional[ServerCurve] = None,
+        sndhwm: int = 1000,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self.socket = _context().socket(zmq.ROUTER)
         self.authenticator: "Optional[ThreadAuthenticator]" = None
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # No receive high-water mark: libzmq (4.3.5 and master, issue 4841) aborts the whole
+        # process when a connection whose inbound queue was full (RCVHWM reached, so its
+        # engine stopped reading) closes and a heartbeat or a queued ZMTP PING then makes the
+        # engine write: "Assertion failed: !_io_error (stream_engine_base.cpp)". With no limit
+        # the engine never stops reading, so that state cannot arise; the server bounds
+        # inbound work itself by reading promptly into bounded per-client queues (server.py).
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if curve is not None:
@@ -175,10 +192,14 @@ class ServerSocket:
             self.close()
             raise
 
-    def recv(self) -> tuple[bytes, Sequence[Any]]:
-        """Next (client id, frames) without blocking; raises zmq.Again when nothing is queued."""
-        parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        return parts[0].bytes, parts[1:]
+    def recv(self) -> tuple[bytes, list[Any]]:
+        """Next (client id, frames) without blocking; raises zmq.Again when nothing is queued.
+
+        Nothing is decoded here: reading is cheap, so the server can always keep up with
+        what is queued and decide later what each client's messages are worth.
+        """
+        parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)  # copies: cheaper than zmq.Frame for small headers
+        return parts[0], parts[1:]
 
     def send(self, client: bytes, message: Message, payload: Any = None) -> Optional[zmq.MessageTracker]:
         """Queue ``message`` for ``client``; raise :class:`PeerGone` or :class:`PeerBusy`.

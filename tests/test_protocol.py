@@ -16,8 +16,9 @@ from asyncframes.video import Video, VideoInfo
 MESSAGES = [
     protocol.Hello(version=1, client="test"),
     protocol.Welcome(version=1, server="0.1.0"),
-    protocol.Request(request_id=3, video=Video("a.mp4", grayscale=True), frame_idxs=[5, 1, 1], frames_per_chunk=2, window=3),
+    protocol.Request(request_id=3, video=Video("a.mp4", grayscale=True), frame_idxs=protocol.frame_selection([5, 1, 1]), frames_per_chunk=2, window=3),
     protocol.Request(request_id=4, video=Video("a.mp4"), frame_idxs=None),
+    protocol.Request(request_id=5, video=Video("a.mp4"), frame_idxs=protocol.frame_selection(range(9, -1, -3))),
     protocol.Chunk(request_id=3, chunk=0, last_chunk=False, frame_idxs=[5, 1], dtype="|u1", shape=[2, 4, 4, 1]),
     protocol.Error(request_id=None, error="ProtocolError", message="no"),
     protocol.Cancel(request_id=3),
@@ -42,6 +43,11 @@ def test_every_message_kind_round_trips(message):
     "body, complaint",
     [
         ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": [1.5]}, "frame_idxs"),
+        ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": [1, 2]}, "got list"),
+        ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": b"\x01\x00\x00"}, "multiple of 4"),
+        ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": {"start": 0, "stop": 9, "step": 0}}, "step"),
+        ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": {"start": -1, "stop": 9, "step": 1}}, "start"),
+        ({"kind": "release", "slots": list(range(1, protocol.MAX_RELEASE_SLOTS + 2))}, "slots"),
         ({"kind": "request", "request_id": "1", "video": {"filename": "a"}, "frame_idxs": None}, "request_id"),
         ({"kind": "request", "request_id": 1, "video": {"filename": "a", "evil": 1}, "frame_idxs": None}, "evil"),
         ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": None, "frames_per_chunk": 0}, "frames_per_chunk"),
@@ -125,10 +131,12 @@ def test_server_validates_indices_itself(raw, make_clip):
     """A client that skips local checks still gets a clear error for a negative index."""
     ask(raw, protocol.Hello(version=PROTOCOL_VERSION))
     video = Video(str(make_clip("gray.mp4")))
-    reply, _ = ask(raw, protocol.Request(request_id=5, video=video, frame_idxs=[0, -3]))
+    reply, _ = ask(raw, protocol.Request(request_id=5, video=video, frame_idxs=protocol.frame_selection([0, 40])))
     assert isinstance(reply, protocol.Error) and reply.request_id == 5
-    assert reply.error == "FrameIndexError" and "negative" in reply.message
-    reply, payload = ask(raw, protocol.Request(request_id=6, video=video, frame_idxs=[39, 0], frames_per_chunk=8))
+    assert reply.error == "FrameIndexError" and "frame index 40 is out of range" in reply.message
+    reply, _ = ask(raw, protocol.Request(request_id=8, video=video, frame_idxs=protocol.FrameRange(45, -1, -1)))
+    assert isinstance(reply, protocol.Error) and "frame index 45 is out of range" in reply.message
+    reply, payload = ask(raw, protocol.Request(request_id=6, video=video, frame_idxs=protocol.frame_selection([39, 0]), frames_per_chunk=8))
     assert isinstance(reply, protocol.Chunk) and reply.last_chunk and reply.frame_idxs == [39, 0]
     assert protocol.chunk_array(reply, payload).shape == (2, 96, 128, 1)
 
@@ -148,3 +156,66 @@ def test_credit_limits_chunks_in_flight(raw, make_clip):
     reply, _ = protocol.parse(raw.recv_multipart())
     assert isinstance(reply, protocol.Chunk) and reply.chunk == 2
     raw.send(protocol.encode(protocol.Cancel(request_id=7)))
+
+
+# -- limits: decoding is bounded before anything is built -------------------------------
+
+
+def test_frame_selections_are_compact():
+    """Ranges stay ranges and explicit indices are 4 bytes each, never a list of ints."""
+    assert protocol.frame_selection(range(0, 10_000_000)) == protocol.FrameRange(0, 10_000_000, 1)
+    many = np.arange(1_000_000, dtype=np.int64)[::-1]
+    selection = protocol.frame_selection(many)
+    assert isinstance(selection, bytes) and len(selection) == 4 * many.size
+    header = protocol.encode(protocol.Request(request_id=1, video=Video("a.mp4"), frame_idxs=selection))
+    assert len(header) < 4 * many.size + 200 and protocol.count_values(header, 100) < 30
+    back = protocol.decode(header, max_bin_len=len(selection))
+    idxs = protocol.selection_indices(back.frame_idxs, 0)
+    assert isinstance(idxs, np.ndarray) and idxs.dtype == np.dtype("<u4")
+    np.testing.assert_array_equal(idxs, many)
+    assert protocol.selection_count(back.frame_idxs) == many.size
+    with pytest.raises(ValueError, match="integers in 0"):
+        protocol.frame_selection([1, -2])
+
+
+@pytest.mark.parametrize(
+    "header, complaint",
+    [
+        # a million empty lists in 1 MB: would be a million Python objects
+        (msgpack.packb({"kind": "release", "slots": [[]] * 1_000_000}), "more than"),
+        (b"\x91" * 1_000_000 + b"\xc0", "more than"),  # nesting a million deep
+        (msgpack.packb({"kind": "hello", "version": 3, "client": "x" * (protocol.MAX_STR_BYTES + 1)}), "size limit"),
+        (msgpack.packb({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": bytes(1 << 20)}), "size limit"),
+        (msgpack.packb({"kind": "ping", **{str(i): 0 for i in range(100)}}), "size limit"),
+        (b"\xc6\xff\xff\xff\xff", "not msgpack"),  # announces a 4 GiB bytes value it does not hold
+        (b"\xdd\xff\xff\xff\xff", "not msgpack"),  # announces 4 billion list items it does not hold
+    ],
+    ids=["many-values", "deep", "long-string", "big-bin", "wide-map", "truncated-bin", "huge-array"],
+)
+def test_decode_refuses_oversized_input_before_building_it(header, complaint):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=complaint):
+            protocol.decode(header, max_values=protocol.MAX_CLIENT_HEADER_VALUES)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding a refused header allocated {peak} bytes"
+
+
+def test_a_server_refuses_client_messages_with_more_than_one_frame():
+    frames = [protocol.encode(protocol.Ping(request_id=1)), b"x" * 100]
+    with pytest.raises(ProtocolError, match="expected 1 frame, got 2"):
+        protocol.parse(frames, max_frames=1)
+    assert isinstance(protocol.parse(frames[:1], max_frames=1)[0], protocol.Ping)
+
+
+def test_the_server_message_size_limit_follows_its_request_limit():
+    from asyncframes.transport import MAX_MESSAGE_BYTES
+
+    legal = protocol.encode(
+        protocol.Request(request_id=1, video=Video("v" * 4096), frame_idxs=protocol.frame_selection(np.zeros(10_000_000, np.uint32)))
+    )
+    assert len(legal) <= MAX_MESSAGE_BYTES == protocol.max_header_bytes(10_000_000) < 48 * 2**20

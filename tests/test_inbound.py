@@ -1,0 +1,136 @@
+"""What clients send cannot crash, bloat or stall a standalone server (issue 8, items 1-3 and 5)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from asyncframes import AsyncVideo, ServerError
+
+from .test_standalone_server import Server, pytestmark, video_root  # noqa: F401  (fixtures and skip mark)
+
+#: libzmq's heartbeat interval on the server is 1 s: the abort came about a second after the flood.
+HEARTBEATS = 3.5
+
+
+def flood_and_leave(endpoint: str, messages: int = 2000, slots: int = 50_000, heartbeat_ms: int = 0) -> None:
+    """A raw DEALER that sends pings and huge releases without reading a reply, then closes."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    if heartbeat_ms:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.connect(endpoint)
+    sock.send(msgpack.packb({"kind": "hello", "version": 3, "client": "flood"}))
+    release = msgpack.packb({"kind": "release", "slots": list(range(1, slots + 1))})
+    ping = msgpack.packb({"kind": "ping", "request_id": 1})
+    for k in range(messages):
+        sock.send(ping if k % 2 else release)
+    sock.close()
+    ctx.term()  # waits until everything is sent
+
+
+@pytest.fixture
+def server(tmp_path, video_root):  # noqa: F811
+    srv = Server(tmp_path, "--root", str(video_root), "--max-request-frames", "2000000")
+    yield srv
+    srv.stop()
+
+
+def serve_for(server: Server, av: AsyncVideo, seconds: float) -> None:
+    """Keep a good client busy until ``seconds`` have passed; the server must stay up all along."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        av.load_by_chunk("gops.mp4", [3, 100], frames_per_chunk=1)
+        assert [idxs for idxs, _ in av.chunks] == [[3], [100]]
+        assert server.proc.poll() is None, f"server died:\n{server.log}"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        dict(),  # the reported attack: 2,000 messages, releases of 50,000 slot ids
+        dict(messages=20_000, slots=4000),  # more messages, each a legal size
+        dict(messages=5000, slots=100, heartbeat_ms=10),  # the attacker's own ZMTP pings mixed in
+    ],
+    ids=["reported", "more", "with-pings"],
+)
+def test_a_client_that_floods_and_leaves_does_not_kill_the_server(server, attack):
+    with AsyncVideo(server.endpoint) as av:
+        serve_for(server, av, 0)
+        attackers = [threading.Thread(target=flood_and_leave, args=(server.endpoint,), kwargs=attack) for _ in range(2)]
+        for t in attackers:
+            t.start()
+        for t in attackers:
+            t.join(60)
+        serve_for(server, av, HEARTBEATS)  # the abort came a heartbeat after the attacker left
+    assert server.proc.poll() is None
+    assert "without waiting for answers" in server.wait_for_log("dropped")
+
+
+def test_a_huge_index_request_is_refused_without_stalling_others(server):
+    """Over the limit: refused before it is sent; at the limit: served, and others are served meanwhile."""
+    with AsyncVideo(server.endpoint) as big, AsyncVideo(server.endpoint) as other:
+        with pytest.raises(ServerError, match="request for 3000000 frames exceeds the limit of 2000000"):
+            big.load_by_chunk("gops.mp4", np.zeros(3_000_000, np.int64))
+        idxs = np.random.default_rng(0).integers(0, 150, 2_000_000)
+        big.load_by_chunk("gops.mp4", idxs, frames_per_chunk=4)
+        served = []
+        other.load_by_chunk("gops.mp4", [1, 20, 40, 60, 80, 100, 120], frames_per_chunk=7)
+        served += [i for chunk, _ in other.chunks for i in chunk]
+        first, _ = big.next_chunk()
+        assert served == [1, 20, 40, 60, 80, 100, 120]
+        assert first == idxs[:4].tolist()
+
+
+FLOODER = """
+import sys, zmq, msgpack
+ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(sys.argv[1])
+s.send(msgpack.packb({"kind": "hello", "version": 3, "client": "flood"}))
+ping = msgpack.packb({"kind": "ping", "request_id": 1})
+info = msgpack.packb({"kind": "info", "request_id": 2, "video": {"filename": "gops.mp4", "grayscale": None, "stream": 0}})
+k = 0
+while True:  # as fast as it can, reading answers only to keep its connection
+    for _ in range(100):
+        try:
+            s.send(info if k % 2 else ping, zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        k += 1
+    while s.poll(0):
+        s.recv_multipart()
+"""
+
+
+def test_a_flooding_client_does_not_stall_another_clients_stream(server):
+    import subprocess
+    import sys
+
+    def stream(av: AsyncVideo) -> float:
+        start = time.monotonic()
+        av.load_by_chunk("gops.mp4", None, frames_per_chunk=8)
+        assert [i for idxs, _ in av.chunks for i in idxs] == list(range(150))
+        return time.monotonic() - start
+
+    flooder = None
+    try:
+        with AsyncVideo(server.endpoint, timeout=20) as av:
+            stream(av)
+            quiet = min(stream(av) for _ in range(2))
+            flooder = subprocess.Popen([sys.executable, "-c", FLOODER, server.endpoint])
+            server.wait_for_log("without waiting for answers")  # the flood is on, and was noticed
+            flooded = stream(av)
+            assert flooder.poll() is None  # the flood lasted the whole stream
+        # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
+        # before, the loop handled every waiting message before each chunk (~50x slower here).
+        assert flooded < max(10 * quiet, 3.0), f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without"
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait(10)
