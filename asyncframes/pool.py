@@ -19,8 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import VideoChangedError
-from .reader import FrameCache, VideoReader
+from .reader import FrameCache, VideoReader, changed_error
 
 
 def default_workers() -> int:
@@ -103,7 +102,11 @@ class DecoderPool:
             del readers[key]
             reader = None
         if reader is None:
-            main.check_unchanged()  # a worker opening a changed file would read it under main's index
+            # A worker opening a changed file would read it under main's index. Only ask: main
+            # belongs to the server's thread (and other workers may share it), so it is never
+            # closed from here.
+            if main.is_stale():
+                raise changed_error(main.filename)
             reader = VideoReader(
                 main.filename,
                 stream=main.stream_index,
@@ -115,10 +118,7 @@ class DecoderPool:
                 # The file changed since ``main`` indexed it: this reader sees the new file,
                 # and its frames must not be served under the old file's index.
                 reader.close()
-                raise VideoChangedError(
-                    f"{main.filename}: the file changed while being read (replaced or rewritten); "
-                    "frames of two versions are never mixed: ask again to read the new version"
-                )
+                raise changed_error(main.filename)
             readers[key] = reader
             while len(readers) > self.max_open_files:
                 readers.popitem(last=False)[1].close()

@@ -161,6 +161,14 @@ class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
 
 
+def changed_error(filename: str, doing: str = "being read") -> VideoChangedError:
+    """The error for a file that changed under a request: its frames are never mixed with the new ones."""
+    return VideoChangedError(
+        f"{filename}: the file changed while {doing} (replaced or rewritten); "
+        "frames of two versions are never mixed: ask again to read the new version"
+    )
+
+
 class VideoReader:
     """An open video with a frame index and a decoder kept open between reads.
 
@@ -256,10 +264,7 @@ class VideoReader:
         """Raise :class:`VideoChangedError` if the file changed since this reader opened it."""
         if self.is_stale():
             self.close()
-            raise VideoChangedError(
-                f"{self.filename}: the file changed while {doing} (replaced or rewritten); "
-                "frames of two versions are never mixed: ask again to read the new version"
-            )
+            raise changed_error(self.filename, doing)
 
     def check_indices(self, idxs: Sequence[int]) -> None:
         """Raise :class:`FrameIndexError` naming the first index that is not a frame."""
