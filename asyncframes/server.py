@@ -71,6 +71,8 @@ INTERRUPT_READ_BATCH = 128
 #: Messages of one client read but not yet handled; a client that has more waiting (it
 #: sends without waiting for answers, far beyond any window) is dropped with an error.
 CLIENT_QUEUE = 1024
+#: ... and their bytes: room for this many of the largest request the server takes.
+CLIENT_QUEUE_REQUESTS = 2
 #: Units of one client's messages handled per round: small ones count 1; one that opens
 #: or indexes a video (hello, request, info) takes the whole share.
 CLIENT_SHARE = 16
@@ -273,6 +275,9 @@ class FrameServer:
         self._jobs: deque[_Job] = deque()
         #: Per client, messages read but not yet handled: raw frames, or decoded (None: malformed, answered).
         self._inbox: "OrderedDict[bytes, deque[Any]]" = OrderedDict()
+        #: Per client, bytes of the messages in its queue not decoded yet; over the limit, it is dropped.
+        self._inbox_bytes: dict[bytes, int] = {}
+        self._inbox_bytes_limit = CLIENT_QUEUE_REQUESTS * protocol.max_header_bytes(config.max_request_frames)
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         self._last_step = time.monotonic()
         self._trimmed = True  # whether memory went back to the system since the last chunk
@@ -383,6 +388,7 @@ class FrameServer:
                 self._handle(client, message)
             if not queue:
                 self._inbox.pop(client, None)
+                self._inbox_bytes.pop(client, None)
             else:
                 self._inbox.move_to_end(client)  # the next round starts with the next client
 
@@ -400,11 +406,14 @@ class FrameServer:
             queue = self._inbox.get(client)
             if queue is None:
                 queue = self._inbox[client] = deque()
-            if len(queue) < CLIENT_QUEUE:
+            queued = self._inbox_bytes.get(client, 0) + sum(len(part) for part in frames)
+            if len(queue) < CLIENT_QUEUE and queued <= self._inbox_bytes_limit:
                 queue.append(frames)
-            elif queue[-1] is not _FLOODED:
+                self._inbox_bytes[client] = queued
+            elif not queue or queue[-1] is not _FLOODED:
                 queue.clear()
                 queue.append(_FLOODED)
+                self._inbox_bytes[client] = 0
         return limit
 
     def _decoded(self, client: bytes, queue: "deque[Any]", pos: int) -> Optional[protocol.Message]:
@@ -413,11 +422,12 @@ class FrameServer:
         if entry is _FLOODED:
             queue[pos] = None
             self._send(client, _FLOOD_ERROR)
-            log.warning("client %s sent over %d messages without waiting for answers; dropped", client.hex(), CLIENT_QUEUE)
+            log.warning("client %s sent more than the server handles without waiting for answers; dropped", client.hex())
             self._drop_client(client, "flooded the server")
             return None
         if not isinstance(entry, list):
             return entry
+        self._inbox_bytes[client] = self._inbox_bytes.get(client, 0) - sum(len(part) for part in entry)
         try:
             message, _payload = protocol.parse(entry, max_frames=1, max_bin_len=self._max_bin_len)
         except ProtocolError as exc:
@@ -890,7 +900,8 @@ _FLOODED = object()
 _FLOOD_ERROR = Error(
     request_id=None,
     error="ServerError",
-    message=f"this client sent over {CLIENT_QUEUE} messages the server had not handled yet; "
+    message=f"this client sent more messages (over {CLIENT_QUEUE}, or over {CLIENT_QUEUE_REQUESTS} of the largest "
+    "requests in bytes) than the server had handled yet; "
     "it was disconnected and its requests cancelled (wait for answers before sending more)",
 )
 
