@@ -309,6 +309,19 @@ def confine(root: str, filename: str) -> str:
     return real
 
 
+def hide_root(text: str, root: Optional[str]) -> str:
+    """``text`` with the root's absolute path taken out of every path in it.
+
+    Error messages go to clients; a confined server names files as the client named
+    them, relative to its root, and never says where the root lies on its disk.
+    """
+    if not root:
+        return text
+    for prefix in {os.path.realpath(root), os.path.abspath(root)}:
+        text = text.replace(prefix + os.sep, "").replace(prefix, ".")
+    return text
+
+
 # -- errors ---------------------------------------------------------------------------
 
 

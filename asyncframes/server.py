@@ -530,7 +530,7 @@ class FrameServer:
                 reader = self._reader(message.video)
                 info = attrs.evolve(reader.info(message.video.grayscale), filename=message.video.filename)
             except Exception as exc:
-                self._send(client, _error_for(message.request_id, exc))
+                self._send(client, _error_for(message.request_id, exc, self.config.root))
                 log.info("client=%s info video=%s refused: %s", client.hex(), message.video.filename, exc)
                 return
             self._send(client, InfoReply(request_id=message.request_id, info=info))
@@ -580,7 +580,7 @@ class FrameServer:
             self._check_count(len(idxs))
             _check_indices(idxs, reader.frame_count, request.video.filename)
         except Exception as exc:
-            self._send(client, _error_for(rid, exc))
+            self._send(client, _error_for(rid, exc, self.config.root))
             log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
             return
         gray = reader.resolve_grayscale(request.video.grayscale)
@@ -795,7 +795,7 @@ class FrameServer:
             if not isinstance(error, AsyncFramesError):
                 log.exception("internal error serving request", exc_info=error)
                 self._readers.pop(job.reader_key, None)
-            self._send(job.client, _error_for(job.request.request_id, error))
+            self._send(job.client, _error_for(job.request.request_id, error, self.config.root))
             self._log_job(job, f"failed: {error}")
         else:
             self._log_job(job, "done")
@@ -962,10 +962,12 @@ def _reader_key(video: Video) -> tuple[str, int]:
     return (video.filename, video.stream)
 
 
-def _error_for(request_id: Optional[int], exc: BaseException) -> Error:
-    """The error message a failure becomes on the wire."""
+def _error_for(request_id: Optional[int], exc: BaseException, root: Optional[str] = None) -> Error:
+    """The error message a failure becomes on the wire (paths under ``root`` relative to it)."""
     if isinstance(exc, AsyncFramesError):
-        return Error(request_id=request_id, error=type(exc).__name__, message=str(exc))
-    if isinstance(exc, MemoryError):
-        return Error(request_id=request_id, error="ServerError", message="the server ran out of memory for this request")
-    return Error(request_id=request_id, error="ServerError", message=f"internal server error: {type(exc).__name__}: {exc}")
+        error, message = type(exc).__name__, str(exc)
+    elif isinstance(exc, MemoryError):
+        error, message = "ServerError", "the server ran out of memory for this request"
+    else:
+        error, message = "ServerError", f"internal server error: {type(exc).__name__}: {exc}"
+    return Error(request_id=request_id, error=error, message=files.hide_root(message, root))

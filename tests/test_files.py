@@ -228,3 +228,15 @@ def test_running_out_of_resources_is_a_server_error(code, name):
     assert isinstance(error, ServerError) and name in str(error) and "out of" in str(error)
     assert resource_error(OSError(errno.ENOENT, "gone"), "opening a.mp4") is None
     assert resource_error(ValueError("x"), "opening a.mp4") is None
+
+
+def test_hide_root_takes_the_roots_path_out_of_messages(tmp_path):
+    from asyncframes.files import hide_root
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    real = os.path.realpath(root)
+    assert hide_root(f"video not found: {real}/a/b.mp4", str(root)) == "video not found: a/b.mp4"
+    assert hide_root(f"cannot list {real}", str(root)) == "cannot list ."
+    assert hide_root(f"outside: /etc/passwd ({real}/x)", str(root)) == "outside: /etc/passwd (x)"
+    assert hide_root("nothing to hide", None) == "nothing to hide"

@@ -128,6 +128,14 @@ def test_proc_1_root_is_an_access_error(server):
             client.info("/proc/1/root/etc/passwd")
 
 
+def test_errors_name_files_as_the_client_did_never_the_roots_place_on_disk(server, root):
+    with AsyncVideo(server.endpoint) as client:
+        for name, error in (("missing.mp4", VideoError), ("sub/missing.mp4", VideoError), ("../x.mp4", VideoAccessError)):
+            with pytest.raises(error) as caught:
+                client.info(name)
+            assert str(root.resolve()) not in str(caught.value) and str(root) not in str(caught.value), caught.value
+
+
 # -- files that change ----------------------------------------------------------------
 
 
