@@ -405,7 +405,7 @@ class AsyncVideo:
             conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
             self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
             shares = [
-                np.concatenate([np.asarray(chunk, dtype=np.int64) for chunk in chunks[j :: len(conns)]])
+                np.concatenate([np.asarray(chunk, dtype=np.int64) for chunk in chunks[j :: len(conns)]] or [np.empty(0, np.int64)])
                 for j in range(len(conns))
             ]
             requests = [

@@ -80,6 +80,15 @@ def _index_array_bytes(_instance: Any, _attribute: Any, value: Any) -> None:
         raise ValueError(f"an index array holds {INDEX_BYTES}-byte integers; {len(value)} bytes is not a multiple of {INDEX_BYTES}")
 
 
+def _as_selection(idxs: Any) -> Any:
+    """Frame indices given in Python (a list, range or array) as their wire form; the wire form
+    itself (and anything else, for the validator to name) as it is. Off the wire, only the wire
+    form gets this far: the structure hook for :data:`FrameSelection` refuses lists."""
+    if isinstance(idxs, (range, list, tuple, np.ndarray)):
+        return frame_selection(idxs)
+    return idxs
+
+
 #: Which frames a request wants on the wire: None (all), a range, or explicit indices as
 #: a raw little-endian uint32 array (never a list of integers, which costs an object each).
 FrameSelection = Optional[Union[FrameRange, bytes]]
@@ -125,7 +134,8 @@ class Request:
     request_id: int = attrs.field(validator=_nonneg)
     video: Video
     frame_idxs: FrameSelection = attrs.field(
-        validator=[_v.optional(_v.instance_of((FrameRange, bytes))), _index_array_bytes]
+        converter=lambda idxs: _as_selection(idxs),
+        validator=[_v.optional(_v.instance_of((FrameRange, bytes))), _index_array_bytes],
     )
     frames_per_chunk: int = attrs.field(default=64, validator=_positive)
     window: int = attrs.field(default=2, validator=_positive)
