@@ -288,6 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_requests_per_client=args.max_requests_per_client,
         request_cache_bytes=int(args.request_cache_mb * 1024 * 1024),
         total_cache_bytes=int(args.cache_mb * 1024 * 1024),
+        recent_cache_bytes=int(args.recent_cache_mb * 1024 * 1024),
         max_chunk_bytes=int(args.max_chunk_mb * 1024 * 1024),
         max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),
         client_inline_bytes=int(args.client_inline_mb * 1024 * 1024),
@@ -423,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-cache-mb", type=non_negative_float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
     )
     serve.add_argument("--cache-mb", type=non_negative_float, default=1024, help="decoded frames kept by all requests together")
+    serve.add_argument(
+        "--recent-cache-mb", type=non_negative_float, default=128, help="frames of recent small requests kept for scrubbing (0: off)"
+    )
     serve.add_argument(
         "--workers", type=non_negative_int, default=0, help="decoder threads sharing each chunk, split by GOP (default: one per 2 CPUs)"
     )

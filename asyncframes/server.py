@@ -73,6 +73,11 @@ INTERRUPT_READ_BATCH = 128
 CLIENT_QUEUE = 1024
 #: ... and their bytes: room for this many of the largest request the server takes.
 CLIENT_QUEUE_REQUESTS = 2
+#: Messages of silenced (dropped for flooding) connections thrown away per message read for
+#: others, at most: reading keeps up with a flood without letting it take the loop.
+SILENCED_READS_PER_MESSAGE = 8
+#: Silenced connections remembered (ZeroMQ gives a reconnecting peer a new identity).
+MAX_SILENCED = 4096
 #: Units of one client's messages handled per round: small ones count 1; one that opens
 #: or indexes a video (hello, request, info) takes the whole share.
 CLIENT_SHARE = 16
@@ -278,6 +283,8 @@ class FrameServer:
         #: Per client, bytes of the messages in its queue not decoded yet; over the limit, it is dropped.
         self._inbox_bytes: dict[bytes, int] = {}
         self._inbox_bytes_limit = CLIENT_QUEUE_REQUESTS * protocol.max_header_bytes(config.max_request_frames)
+        #: Connections dropped for flooding: what they send is read and thrown away.
+        self._silenced: "OrderedDict[bytes, None]" = OrderedDict()
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         self._last_step = time.monotonic()
         self._trimmed = True  # whether memory went back to the system since the last chunk
@@ -396,13 +403,21 @@ class FrameServer:
         """Read up to ``limit`` waiting messages into their clients' queues; how many were read.
 
         Reading is cheap and never decodes, so what libzmq holds stays small. A client
-        whose queue is full is dropped: it sends without waiting for answers.
+        whose queue is full is dropped: it sends without waiting for answers, and from then
+        on what its connection sends is read and thrown away unanswered (up to
+        ``SILENCED_READS_PER_MESSAGE`` of those per message read for others), so that
+        libzmq does not hold it either.
         """
-        for count in range(limit):
+        count = discarded = 0
+        while count < limit and discarded < SILENCED_READS_PER_MESSAGE * limit:
             try:
                 client, frames = self.socket.recv()
             except zmq.Again:
                 return count
+            if client in self._silenced:
+                discarded += 1
+                continue
+            count += 1
             queue = self._inbox.get(client)
             if queue is None:
                 queue = self._inbox[client] = deque()
@@ -410,11 +425,14 @@ class FrameServer:
             if len(queue) < CLIENT_QUEUE and queued <= self._inbox_bytes_limit:
                 queue.append(frames)
                 self._inbox_bytes[client] = queued
-            elif not queue or queue[-1] is not _FLOODED:
+            else:  # dropped on its turn (with an error); silenced from now on
                 queue.clear()
                 queue.append(_FLOODED)
                 self._inbox_bytes[client] = 0
-        return limit
+                self._silenced[client] = None
+                while len(self._silenced) > MAX_SILENCED:
+                    self._silenced.popitem(last=False)
+        return count
 
     def _decoded(self, client: bytes, queue: "deque[Any]", pos: int) -> Optional[protocol.Message]:
         """The message at ``queue[pos]``, decoded in place (None: malformed, and answered)."""
@@ -902,7 +920,8 @@ _FLOOD_ERROR = Error(
     error="ServerError",
     message=f"this client sent more messages (over {CLIENT_QUEUE}, or over {CLIENT_QUEUE_REQUESTS} of the largest "
     "requests in bytes) than the server had handled yet; "
-    "it was disconnected and its requests cancelled (wait for answers before sending more)",
+    "its requests are cancelled and what this connection sends is ignored from now on "
+    "(wait for answers before sending more; a new connection is served again)",
 )
 
 

@@ -64,6 +64,10 @@ MIN_REQUESTS = 5
 #: the protocol allows in flight stay far below it, unless something leaks or queues
 #: without bound.
 RSS_BOUND = 256 * 2**20
+#: The soak's server runs with small documented limits (docs/security.md), so that what they
+#: bound is exercised and growth beyond them shows.
+SERVER_LIMITS = ("--cache-mb", "32", "--request-cache-mb", "8", "--buffer-pool-mb", "16", "--max-inline-mb", "64",
+                 "--client-inline-mb", "16", "--max-shared-mb", "64", "--recent-cache-mb", "16")
 #: In the second half of the run (every cache warm, every client kind seen) RSS may not
 #: rise above its first sample in that half by more than this.
 RSS_GROWTH_MARGIN = 64 * 2**20
@@ -258,7 +262,7 @@ def soak_root(tmp_path: Path, make_clip) -> Path:
 @pytest.fixture
 def server(tmp_path: Path, soak_root: Path):
     """The standalone server, stopped however the test ends (the test also checks how it exits)."""
-    srv = ServeProcess(tmp_path, soak_root, "--log-level", "INFO")
+    srv = ServeProcess(tmp_path, soak_root, "--log-level", "INFO", *SERVER_LIMITS)
     yield srv
     srv.stop()
 
