@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from . import __version__
+from .config import add_options, config_from
 from .errors import AsyncFramesError
 
 log = logging.getLogger("asyncframes.cli")
@@ -260,9 +261,8 @@ def _private_dir(text: str) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from .pool import default_workers
     from .process import READY_LINE
-    from .server import FrameServer, ServerConfig
+    from .server import FrameServer
     from .transport import ServerCurve
 
     if bool(args.curve_secret) != bool(args.allow_client_keys):
@@ -280,24 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     binds = args.bind or [DEFAULT_BIND]
     curve = ServerCurve.load(args.curve_secret, args.allow_client_keys) if args.curve_secret else None
-    config = ServerConfig(
-        root=root,
-        max_request_frames=args.max_request_frames,
-        max_frames_per_chunk=args.max_frames_per_chunk,
-        max_open_files=args.max_open_files,
-        max_requests_per_client=args.max_requests_per_client,
-        request_cache_bytes=int(args.request_cache_mb * 1024 * 1024),
-        total_cache_bytes=int(args.cache_mb * 1024 * 1024),
-        recent_cache_bytes=int(args.recent_cache_mb * 1024 * 1024),
-        max_chunk_bytes=int(args.max_chunk_mb * 1024 * 1024),
-        max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),
-        client_inline_bytes=int(args.client_inline_mb * 1024 * 1024),
-        buffer_pool_bytes=int(args.buffer_pool_mb * 1024 * 1024),
-        allow_stop=args.allow_stop,
-        workers=args.workers or default_workers(),
-        shared_memory=not args.no_shared_memory,
-        max_shared_bytes=int(args.max_shared_mb * 1024 * 1024),
-    )
+    config = config_from(args, root=root, allow_stop=args.allow_stop, shared_memory=not args.no_shared_memory)
     try:
         server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
     except zmq.ZMQError as exc:
@@ -408,33 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--unconfined", action="store_true", help="serve any path the server user can read")
     serve.add_argument("--curve-secret", help="the server's .key_secret file: require CURVE")
     serve.add_argument("--allow-client-keys", help="folder of client public .key files that may connect")
-    serve.add_argument("--max-request-frames", type=positive_int, default=10_000_000, help="largest request, in frames")
-    serve.add_argument("--max-frames-per-chunk", type=positive_int, default=1024)
-    serve.add_argument("--max-open-files", type=positive_int, default=8, help="videos kept open (least recently used are closed)")
-    serve.add_argument("--max-requests-per-client", type=positive_int, default=4, help="concurrent requests per client")
-    serve.add_argument("--max-chunk-mb", type=positive_float, default=512, help="largest chunk in MiB (frames x frame size)")
-    serve.add_argument(
-        "--max-inline-mb", type=positive_float, default=2048, help="chunk bytes queued for sending, all clients together (MiB)"
-    )
-    serve.add_argument(
-        "--client-inline-mb", type=positive_float, default=512, help="chunk bytes queued for sending to one client (MiB)"
-    )
-    serve.add_argument("--buffer-pool-mb", type=non_negative_float, default=512, help="sent chunk buffers kept for reuse (MiB)")
-    serve.add_argument(
-        "--request-cache-mb", type=non_negative_float, default=256, help="decoded frames kept per request for its later chunks (0: off)"
-    )
-    serve.add_argument("--cache-mb", type=non_negative_float, default=1024, help="decoded frames kept by all requests together")
-    serve.add_argument(
-        "--recent-cache-mb", type=non_negative_float, default=128, help="frames of recent small requests kept for scrubbing (0: off)"
-    )
-    serve.add_argument(
-        "--workers", type=non_negative_int, default=0, help="decoder threads sharing each chunk, split by GOP (default: one per 2 CPUs)"
+    add_options(  # every limit, its default written once in config.ServerConfig
+        serve,
+        {
+            ("count", False): positive_int,
+            ("count", True): non_negative_int,
+            ("mb", False): positive_float,
+            ("mb", True): non_negative_float,
+        },
     )
     serve.add_argument(
         "--no-shared-memory", action="store_true", help="always send frames inline, never in shared memory"
-    )
-    serve.add_argument(
-        "--max-shared-mb", type=non_negative_float, default=4096, help="shared memory for chunks, all clients together (beyond: inline)"
     )
     serve.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG, INFO (one line per request), WARNING, ERROR")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")

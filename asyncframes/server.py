@@ -28,8 +28,9 @@ import numpy as np
 import zmq
 
 from . import __version__, files, protocol, shm
+from .config import ServerConfig
 from .errors import AsyncFramesError, FrameIndexError, ProtocolError, ServerError, VideoChangedError
-from .pool import DecoderPool
+from .pool import DecoderPool, default_workers
 from .protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -87,52 +88,6 @@ READ_AROUND_DELAY_S = 0.02
 
 #: Demuxers a confined server will open (kept here for old imports; see :mod:`asyncframes.files`).
 VIDEO_DEMUXERS = files.VIDEO_DEMUXERS
-
-
-@attrs.frozen
-class ServerConfig:
-    """Limits and policies of one server."""
-
-    #: Requests name files under this folder; None serves any path the server can read.
-    root: Optional[str] = None
-    max_request_frames: int = 10_000_000
-    max_frames_per_chunk: int = 1024
-    max_window: int = 8
-    max_open_files: int = 8
-    max_requests_per_client: int = 4
-    #: Bytes of decoded frames kept per request for its later chunks (0: none) ...
-    request_cache_bytes: int = 256 * 1024 * 1024
-    #: ... and by all requests together: active requests share it equally (idle ones get
-    #: what is left), so a request's share shrinks as others arrive.
-    total_cache_bytes: int = 1024 * 1024 * 1024
-    #: Largest chunk in bytes (frames_per_chunk x frame size): bounds memory per chunk in flight.
-    #: Never more than ``client_inline_bytes``: a chunk must fit a client's share.
-    max_chunk_bytes: int = 512 * 1024 * 1024
-    #: Inline chunk bytes queued in ZeroMQ but not yet sent, all clients together; a request
-    #: whose next chunk would go over waits (others are served) until bytes are sent.
-    max_inline_bytes: int = 2 * 1024 * 1024 * 1024
-    #: ... and for one client: what a client that stops reading can pin.
-    client_inline_bytes: int = 512 * 1024 * 1024
-    #: Sent chunk buffers kept for reuse (fresh memory costs page faults); freed when idle.
-    buffer_pool_bytes: int = 512 * 1024 * 1024
-    #: How many frames ahead a request's cache looks for frames to keep.
-    cache_lookahead_frames: int = 8192
-    #: Bytes of frames kept from recent small requests (scrubbing: the same frame asked again).
-    recent_cache_bytes: int = 128 * 1024 * 1024
-    #: Requests of at most this many frames count as small.
-    recent_request_frames: int = 8
-    #: Frames around the last small request decoded into that cache while the server is idle.
-    read_around_frames: int = 24
-    #: Honour :class:`Stop` from clients (private servers only).
-    allow_stop: bool = False
-    #: Seconds between liveness probes of known clients.
-    probe_interval: float = 2.0
-    #: Offer shared-memory chunks to clients on this machine that can reach them.
-    shared_memory: bool = True
-    #: Shared memory for chunk slots, all clients together; beyond it chunks go inline.
-    max_shared_bytes: int = 4 * 1024 * 1024 * 1024
-    #: Decoder threads that share each chunk, split by GOP.
-    workers: int = 1
 
 
 @attrs.define
@@ -266,11 +221,11 @@ class FrameServer:
     def __init__(
         self,
         binds: Sequence[str],
-        config: ServerConfig = ServerConfig(),
+        config: Optional[ServerConfig] = None,
         lifeline_fd: Optional[int] = None,
         curve: Optional[ServerCurve] = None,
     ) -> None:
-        self.config = config
+        self.config = config = config if config is not None else ServerConfig()
         self.socket = ServerSocket(binds, curve=curve, max_message_bytes=protocol.max_header_bytes(config.max_request_frames))
         self.endpoints = self.socket.endpoints
         self.lifeline_fd = lifeline_fd
@@ -292,7 +247,7 @@ class FrameServer:
         #: (reader key, grayscale, frame) of the last small request, to read around when idle
         self._around: Optional[tuple[tuple[str, int], bool, int]] = None
         self._around_at = 0.0
-        self._pool = DecoderPool(config.workers, config.max_open_files)
+        self._pool = DecoderPool(config.workers or default_workers(), config.max_open_files)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
         self._stop_reason = ""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import attrs
 import pytest
 
 
@@ -189,3 +190,15 @@ def test_an_unreadable_key_file_is_one_line_naming_it(tmp_path, command):
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("asyncframes: error: AuthenticationError: cannot read") and str(tmp_path) in line
+
+
+def test_serve_defaults_are_the_server_configs_own():
+    """Each limit's default is written once (config.ServerConfig): the command line takes it from there."""
+    from asyncframes.cli import build_parser
+    from asyncframes.config import OPTIONS, ServerConfig, config_from
+
+    args = build_parser().parse_args(["serve"])
+    assert config_from(args) == ServerConfig()
+    assert {option.field for option in OPTIONS} <= set(attrs.fields_dict(ServerConfig))
+    changed = config_from(build_parser().parse_args(["serve", "--max-chunk-mb", "3", "--workers", "2"]))
+    assert (changed.max_chunk_bytes, changed.workers) == (3 * 2**20, 2)
