@@ -394,7 +394,7 @@ class FrameServer:
         entry = queue[pos]
         if entry is _FLOODED:
             queue[pos] = None
-            self._send(client, _FLOOD_ERROR)
+            self._fail(client, None, ServerError(_FLOODED_MESSAGE))
             log.warning("client %s sent more than the server handles without waiting for answers; dropped", client.hex())
             self._drop_client(client, "flooded the server")
             return None
@@ -405,7 +405,7 @@ class FrameServer:
             message, _payload = protocol.parse(entry, max_frames=1, max_bin_len=self._max_bin_len)
         except ProtocolError as exc:
             log.warning("client %s sent a malformed message: %s", client.hex(), exc)
-            self._send(client, Error(request_id=None, error="ProtocolError", message=str(exc)))
+            self._fail(client, None, exc)
             message = None
         queue[pos] = message
         return message
@@ -462,13 +462,12 @@ class FrameServer:
         state = self._clients.setdefault(client, _Client())
         if isinstance(message, Hello):
             if message.version != PROTOCOL_VERSION:
-                self._send(
+                self._fail(
                     client,
-                    Error(
-                        request_id=None,
-                        error="ProtocolError",
-                        message=f"protocol version {message.version} is not supported; "
-                        f"this server ({__version__}) speaks version {PROTOCOL_VERSION}",
+                    None,
+                    ProtocolError(
+                        f"protocol version {message.version} is not supported; "
+                        f"this server ({__version__}) speaks version {PROTOCOL_VERSION}"
                     ),
                 )
                 return
@@ -482,7 +481,7 @@ class FrameServer:
             self._send(client, Pong(request_id=message.request_id, server=__version__))
             return
         if not state.hello:
-            self._send(client, Error(request_id=None, error="ProtocolError", message="send hello before anything else"))
+            self._fail(client, None, ProtocolError("send hello before anything else"))
             return
         if isinstance(message, Request):
             self._start(client, state, message)
@@ -503,7 +502,7 @@ class FrameServer:
                 reader = self._reader(message.video)
                 info = attrs.evolve(reader.info(message.video.grayscale), filename=message.video.filename)
             except Exception as exc:
-                self._send(client, _error_for(message.request_id, exc, self.config.root))
+                self._fail(client, message.request_id, exc)
                 log.info("client=%s info video=%s refused: %s", client.hex(), message.video.filename, exc)
                 return
             self._send(client, InfoReply(request_id=message.request_id, info=info))
@@ -511,67 +510,54 @@ class FrameServer:
             if self.config.allow_stop:
                 self.stop("a client asked it to stop")
             else:
-                self._send(client, Error(request_id=None, error="ServerError", message="this server does not accept stop"))
+                self._fail(client, None, ServerError("this server does not accept stop"))
         else:
-            self._send(
-                client,
-                Error(request_id=None, error="ProtocolError", message=f"{type(message).__name__} is not a client message"),
-            )
+            self._fail(client, None, ProtocolError(f"{type(message).__name__} is not a client message"))
 
     def _start(self, client: bytes, state: _Client, request: Request) -> None:
+        """Take ``request`` on, or answer with the error that refuses it."""
+        try:
+            job = self._new_job(client, state, request)
+        except Exception as exc:
+            self._fail(client, request.request_id, exc)
+            log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
+            return
+        if request.shm and self._probe is not None and state.slots is None:
+            # Enough slots for the window, the chunk the caller holds, and releases on their way.
+            state.slots = shm.ServerSlots(max_slots=self.config.max_window + 3)
+        state.jobs[request.request_id] = job
+        self._jobs.append(job)
+        self._rebalance_caches()
+
+    def _new_job(self, client: bytes, state: _Client, request: Request) -> _Job:
+        """The job for ``request``; raises what refuses it (a limit, a bad file or index)."""
         cfg = self.config
         rid = request.request_id
         if rid in state.jobs:
-            self._send(client, Error(request_id=rid, error="ProtocolError", message=f"request id {rid} is already in use"))
-            return
+            raise ProtocolError(f"request id {rid} is already in use")
         if len(state.jobs) >= cfg.max_requests_per_client:
-            self._send(
-                client,
-                Error(
-                    request_id=rid,
-                    error="ServerError",
-                    message=f"too many concurrent requests from this client (limit {cfg.max_requests_per_client})",
-                ),
-            )
-            return
+            raise ServerError(f"too many concurrent requests from this client (limit {cfg.max_requests_per_client})")
         if request.frames_per_chunk > cfg.max_frames_per_chunk:
-            self._send(
-                client,
-                Error(
-                    request_id=rid,
-                    error="ServerError",
-                    message=f"frames_per_chunk {request.frames_per_chunk} exceeds this server's limit of {cfg.max_frames_per_chunk}",
-                ),
+            raise ServerError(
+                f"frames_per_chunk {request.frames_per_chunk} exceeds this server's limit of {cfg.max_frames_per_chunk}"
             )
-            return
-        try:
-            count = protocol.selection_count(request.frame_idxs)
-            if count is not None:  # counted before anything is opened or built
-                self._check_count(count)
-            reader = self._reader(request.video)
-            idxs = protocol.selection_indices(request.frame_idxs, reader.frame_count)
-            self._check_count(len(idxs))
-            _check_indices(idxs, reader.frame_count, request.video.filename)
-        except Exception as exc:
-            self._send(client, _error_for(rid, exc, self.config.root))
-            log.info("client=%s video=%s refused: %s", client.hex(), request.video.filename, exc)
-            return
+        count = protocol.selection_count(request.frame_idxs)
+        if count is not None:  # counted before anything is opened or built
+            self._check_count(count)
+        reader = self._reader(request.video)
+        idxs = protocol.selection_indices(request.frame_idxs, reader.frame_count)
+        self._check_count(len(idxs))
+        _check_indices(idxs, reader.frame_count, request.video.filename)
         gray = reader.resolve_grayscale(request.video.grayscale)
         frame_bytes = math.prod(reader.frame_shape(gray))
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
         limit = self._chunk_limit()
         if chunk_bytes > limit:
-            self._send(
-                client,
-                Error(
-                    request_id=rid,
-                    error="ServerError",
-                    message=f"a chunk of {request.frames_per_chunk} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
-                    f"over this server's limit of {limit / 2**20:.3g} MiB; ask for fewer frames per chunk",
-                ),
+            raise ServerError(
+                f"a chunk of {request.frames_per_chunk} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
+                f"over this server's limit of {limit / 2**20:.3g} MiB; ask for fewer frames per chunk"
             )
-            return
-        job = _Job(
+        return _Job(
             client=client,
             request=request,
             reader_key=_reader_key(request.video),
@@ -582,12 +568,6 @@ class FrameServer:
             cache=_request_cache(idxs, min(cfg.request_cache_bytes, cfg.total_cache_bytes)),
             identity=reader.signature,
         )
-        if request.shm and self._probe is not None and state.slots is None:
-            # Enough slots for the window, the chunk the caller holds, and releases on their way.
-            state.slots = shm.ServerSlots(max_slots=cfg.max_window + 3)
-        state.jobs[rid] = job
-        self._jobs.append(job)
-        self._rebalance_caches()
 
     def _chunk_limit(self) -> int:
         """Largest chunk a request may ask for: it must also fit one client's share of inline bytes."""
@@ -768,7 +748,7 @@ class FrameServer:
             if not isinstance(error, AsyncFramesError):
                 log.exception("internal error serving request", exc_info=error)
                 self._readers.pop(job.reader_key, None)
-            self._send(job.client, _error_for(job.request.request_id, error, self.config.root))
+            self._fail(job.client, job.request.request_id, error)
             self._log_job(job, f"failed: {error}")
         else:
             self._log_job(job, "done")
@@ -787,6 +767,10 @@ class FrameServer:
         )
 
     # -- clients ---------------------------------------------------------------
+
+    def _fail(self, client: bytes, request_id: Optional[int], exc: BaseException) -> bool:
+        """Tell ``client`` that its request ``request_id`` (None: its message) failed with ``exc``."""
+        return self._send(client, _error_for(request_id, exc, self.config.root))
 
     def _send(self, client: bytes, message: protocol.Message, payload: Any = None) -> bool:
         """Send, dropping the client and its work if it has gone. True if sent."""
@@ -870,13 +854,11 @@ class FrameServer:
 
 #: Marks a client queue that overflowed: the client is dropped when its turn comes.
 _FLOODED = object()
-_FLOOD_ERROR = Error(
-    request_id=None,
-    error="ServerError",
-    message=f"this client sent more messages (over {CLIENT_QUEUE}, or over {CLIENT_QUEUE_REQUESTS} of the largest "
+_FLOODED_MESSAGE = (
+    f"this client sent more messages (over {CLIENT_QUEUE}, or over {CLIENT_QUEUE_REQUESTS} of the largest "
     "requests in bytes) than the server had handled yet; "
     "its requests are cancelled and what this connection sends is ignored from now on "
-    "(wait for answers before sending more; a new connection is served again)",
+    "(wait for answers before sending more; a new connection is served again)"
 )
 
 
