@@ -10,7 +10,6 @@ import os
 from typing import Any, Optional
 
 import attrs
-import cattrs
 import numpy as np
 
 
@@ -61,10 +60,6 @@ class Video:
     def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
         """Describe the video at ``filename``; ``options`` are the other fields."""
         return cls(filename=os.fspath(filename), **options)
-
-
-#: The converter used for everything that crosses the wire.
-converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def as_video(video: "Video | str | os.PathLike[str]") -> Video:

@@ -6,7 +6,8 @@ import msgpack
 import pytest
 
 from asyncframes import Video
-from asyncframes.video import as_video, converter
+from asyncframes.protocol import converter
+from asyncframes.video import as_video
 
 
 @pytest.mark.parametrize("grayscale", [None, True, False])
