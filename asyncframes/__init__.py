@@ -8,7 +8,8 @@
 
 __version__ = "0.1.0"
 
-from .client import AsyncVideo, FrameChunk
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -28,6 +29,24 @@ from .errors import (
     VideoOpenError,
 )
 from .video import Video, VideoInfo
+
+if TYPE_CHECKING:
+    from .client import AsyncVideo, FrameChunk
+
+#: Names imported on first use: the client side (ZeroMQ, the process helpers and their
+#: exit hook) is not loaded by a server, nor by anything that imports only a submodule.
+_LAZY = {"AsyncVideo": "client", "FrameChunk": "client"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asyncframes' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AsyncFramesError",

@@ -791,6 +791,11 @@ class AsyncVideo:
             except AsyncFramesError:
                 pass
             if not shm.process_alive(pid):
+                if conn.process is not None:  # our own server: its exit status says how it ended
+                    try:
+                        conn._wait_for_exit()
+                    except ServerDiedError as died:
+                        return died
                 conn.reset()
                 return ServerDiedError(
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
