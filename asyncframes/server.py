@@ -29,7 +29,7 @@ import zmq
 
 from . import __version__, files, protocol, shm
 from .config import ServerConfig
-from .errors import AsyncFramesError, FrameIndexError, ProtocolError, ServerError, VideoChangedError
+from .errors import AsyncFramesError, ProtocolError, ServerError
 from .pool import DecoderPool, default_workers
 from .protocol import (
     PROTOCOL_VERSION,
@@ -49,7 +49,7 @@ from .protocol import (
     Stop,
     Welcome,
 )
-from .reader import FrameCache, ReadInterrupted, RecentFrames, VideoReader
+from .reader import FrameCache, ReadInterrupted, RecentFrames, VideoReader, changed_error
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
@@ -74,9 +74,11 @@ INTERRUPT_READ_BATCH = 128
 CLIENT_QUEUE = 1024
 #: ... and their bytes: room for this many of the largest request the server takes.
 CLIENT_QUEUE_REQUESTS = 2
-#: Messages of silenced (dropped for flooding) connections thrown away per message read for
-#: others, at most: reading keeps up with a flood without letting it take the loop.
-SILENCED_READS_PER_MESSAGE = 8
+#: Seconds one read of the socket may spend throwing away what silenced (dropped for
+#: flooding) connections send, in the loop and in a cancel check: reading keeps up with a
+#: flood without letting it take the loop from the clients being served.
+SILENCED_DRAIN_S = 0.02
+INTERRUPT_SILENCED_DRAIN_S = 0.002
 #: Silenced connections remembered (ZeroMQ gives a reconnecting peer a new identity).
 MAX_SILENCED = 4096
 #: Units of one client's messages handled per round: small ones count 1; one that opens
@@ -354,23 +356,27 @@ class FrameServer:
             else:
                 self._inbox.move_to_end(client)  # the next round starts with the next client
 
-    def _receive(self, limit: int) -> int:
+    def _receive(self, limit: int, drain_s: float = SILENCED_DRAIN_S) -> int:
         """Read up to ``limit`` waiting messages into their clients' queues; how many were read.
 
         Reading is cheap and never decodes, so what libzmq holds stays small. A client
         whose queue is full is dropped: it sends without waiting for answers, and from then
-        on what its connection sends is read and thrown away unanswered (up to
-        ``SILENCED_READS_PER_MESSAGE`` of those per message read for others), so that
-        libzmq does not hold it either.
+        on what its connection sends is read and thrown away unanswered (for at most
+        ``drain_s`` per call), so that libzmq does not hold it either.
         """
-        count = discarded = 0
-        while count < limit and discarded < SILENCED_READS_PER_MESSAGE * limit:
+        count = 0
+        drain_until: Optional[float] = None
+        while count < limit:
             try:
                 client, frames = self.socket.recv()
             except zmq.Again:
                 return count
             if client in self._silenced:
-                discarded += 1
+                now = time.monotonic()
+                if drain_until is None:
+                    drain_until = now + drain_s
+                elif now > drain_until:
+                    return count
                 continue
             count += 1
             queue = self._inbox.get(client)
@@ -428,7 +434,7 @@ class FrameServer:
             if now < next_check[0]:
                 return False
             next_check[0] = now + INTERRUPT_CHECK_S
-            self._receive(INTERRUPT_READ_BATCH)
+            self._receive(INTERRUPT_READ_BATCH, INTERRUPT_SILENCED_DRAIN_S)
             queue = self._inbox.get(job.client)
             for pos in range(len(queue) if queue is not None else 0):
                 flooded = queue[pos] is _FLOODED  # type: ignore[index]
@@ -547,7 +553,7 @@ class FrameServer:
         reader = self._reader(request.video)
         idxs = protocol.selection_indices(request.frame_idxs, reader.frame_count)
         self._check_count(len(idxs))
-        _check_indices(idxs, reader.frame_count, request.video.filename)
+        reader.check_indices(idxs)
         gray = reader.resolve_grayscale(request.video.grayscale)
         frame_bytes = math.prod(reader.frame_shape(gray))
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
@@ -672,10 +678,7 @@ class FrameServer:
         The file must be the one the request started on, before and after decoding.
         """
         if reader.signature != job.identity:
-            raise VideoChangedError(
-                f"{job.request.video.filename}: the file changed while being read (replaced or rewritten); "
-                "frames of two versions are never mixed: ask again to read the new version"
-            )
+            raise changed_error(job.request.video.filename)
         interrupt = self._interrupter(job)
         if len(job.frame_idxs) > self.config.recent_request_frames:
             self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache, interrupt)
@@ -880,23 +883,6 @@ def _frames_at(idxs: "range | np.ndarray", start: int, stop: int) -> list[int]:
     """Frames ``idxs[start:stop]`` as Python ints (one chunk's worth, never the whole request)."""
     part = idxs[start:stop]
     return part.tolist() if isinstance(part, np.ndarray) else list(part)
-
-
-def _check_indices(idxs: "range | np.ndarray", frame_count: int, filename: str) -> None:
-    """Raise :class:`FrameIndexError` naming the first index that is not a frame (vectorised)."""
-    if not len(idxs):
-        return
-    if isinstance(idxs, range):
-        bad = [i for i in (idxs[0], idxs[-1]) if not 0 <= i < frame_count]
-        first = bad[0] if bad else None
-    else:
-        over = np.flatnonzero(idxs >= frame_count)
-        first = int(idxs[over[0]]) if over.size else None
-    if first is None:
-        return
-    if first < 0:
-        raise FrameIndexError(f"frame index {first} is negative; {filename} has frames 0..{frame_count - 1}")
-    raise FrameIndexError(f"frame index {first} is out of range; {filename} has {frame_count} frames (0..{frame_count - 1})")
 
 
 def _release_free_memory() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
 from asyncframes.convert import luma
@@ -273,3 +275,20 @@ def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradic
     assert np.array_equal(conv.gray(frame), luma(tinted)[..., None])
     assert conv._trials is None, "the shortcut is off for good"
     assert np.array_equal(conv.gray(frame), luma(tinted)[..., None])
+
+
+@given(
+    start=st.integers(-5, 60),
+    stop=st.integers(-5, 60),
+    step=st.integers(-7, 7).filter(bool),
+    listed=st.lists(st.integers(-5, 60), max_size=30),
+)
+def test_the_first_index_outside_a_video_is_found_as_a_scan_would(start, stop, step, listed):
+    """check_indices is vectorised (ranges at their ends, arrays at once); it must name the
+    same index a plain scan in request order would."""
+    from asyncframes.reader import _first_outside
+
+    n = 40
+    for idxs in (range(start, stop, step), listed, np.asarray(listed, dtype=np.int64)):
+        expected = next((int(i) for i in idxs if not 0 <= i < n), None)
+        assert _first_outside(idxs, n) == expected
