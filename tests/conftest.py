@@ -13,6 +13,7 @@ import time
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -102,6 +103,14 @@ def session_tmpdir(tmp_path_factory: pytest.TempPathFactory):
         tempfile.tempdir = saved_tempdir
     left = leftover_private_dirs(folder)
     assert not left, f"the tests left private server folders behind: {sorted(left)}"
+
+
+def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Return once ``condition()`` holds; fail naming ``what`` if it does not within ``within`` s."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
+        time.sleep(0.01)
 
 
 def leftover_private_dirs(folder: Path, within: float = 5.0) -> set[str]:

@@ -47,13 +47,6 @@ T = TypeVar("T")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals, loopback tcp, /proc")
 
 
-def wait_until(predicate: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {within} s"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def video_root(tmp_path, make_clip):
     root = tmp_path / "videos"

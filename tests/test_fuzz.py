@@ -20,10 +20,7 @@ classes, so the fuzz follows changes of their wire layout.
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +37,11 @@ from hypothesis.control import currently_in_test_context
 from asyncframes import AsyncVideo, protocol
 from asyncframes.convert import luma
 from asyncframes.errors import WIRE_ERRORS, ProtocolError
-from asyncframes.process import READY_LINE
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.video import Video
 
 from .conftest import assert_frames_exact, reference_frames, shuffled_with_duplicates
+from .test_standalone_server import Server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX processes and loopback tcp")
 
@@ -58,60 +55,6 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 CLIP = "clip.mp4"
 
 
-class ServeProcess:
-    """``asyncframes serve`` in a subprocess on loopback tcp, its log in a file."""
-
-    def __init__(self, log_dir: Path, root: Path, *args: str, start_within: float = 60.0) -> None:
-        self.log_path = log_dir / f"server-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(root), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        line = self._ready_line(start_within)
-        assert line.startswith(READY_LINE), f"no readiness line: {line!r}\n{self.log}"
-        self.endpoint = line.split()[-1]
-
-    def _ready_line(self, within: float) -> str:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(within):
-                self.stop()
-                raise AssertionError(f"server not ready within {within} s:\n{self.log}")
-        return self.proc.stdout.readline()
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def assert_alive(self) -> None:
-        assert self.proc.poll() is None, f"the server died (exit {self.proc.returncode}):\n{self.log[-4000:]}"
-
-    def rss_bytes(self) -> int:
-        """The server's resident memory, from /proc."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc status")
-
-    def stop(self) -> Optional[int]:
-        """SIGTERM, then SIGKILL if it does not exit within 10 s; its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def fuzz_root(tmp_path_factory: pytest.TempPathFactory, make_clip) -> Path:
     root = tmp_path_factory.mktemp("fuzz-root")
@@ -123,7 +66,7 @@ def fuzz_root(tmp_path_factory: pytest.TempPathFactory, make_clip) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, fuzz_root: Path):
-    srv = ServeProcess(tmp_path_factory.mktemp("fuzz-log"), fuzz_root, "--log-level", "WARNING")
+    srv = Server(tmp_path_factory.mktemp("fuzz-log"), "--root", str(fuzz_root), "--log-level", "WARNING")
     yield srv
     code = srv.stop()
     assert code == 0, f"the server did not exit cleanly ({code}):\n{srv.log[-4000:]}"
@@ -135,7 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, fuzz_root: Path):
 class Exchange:
     """One fuzz client: a fresh DEALER, an optional hello, one message, then the sentinel ping."""
 
-    def __init__(self, server: ServeProcess, greet: bool) -> None:
+    def __init__(self, server: Server, greet: bool) -> None:
         server.assert_alive()
         self.server = server
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -191,7 +134,7 @@ class Session(Exchange):
     answer; they are checked against their own request, in order, frame by frame.
     """
 
-    def __init__(self, server: ServeProcess, greet: bool) -> None:
+    def __init__(self, server: Server, greet: bool) -> None:
         super().__init__(server, greet)
         #: accepted requests still streaming: request id -> (request, next chunk number)
         self.streams: dict[int, tuple[protocol.Request, int]] = {}
@@ -239,7 +182,7 @@ class Session(Exchange):
             self.streams[chunk.request_id] = (request, k + 1)
 
 
-def exchange(server: ServeProcess, frames: Sequence[bytes], greet: bool) -> list[tuple[Any, Any]]:
+def exchange(server: Server, frames: Sequence[bytes], greet: bool) -> list[tuple[Any, Any]]:
     """The server's checked answer to ``frames`` sent on a fresh connection."""
     session = Session(server, greet)
     try:
@@ -368,7 +311,7 @@ def _remember_clip(fuzz_root: Path) -> None:
     _CLIP_PATH[:] = [fuzz_root / CLIP]
 
 
-def assert_serves_exactly(server: ServeProcess, root: Path) -> None:
+def assert_serves_exactly(server: Server, root: Path) -> None:
     """A good client, after the fuzz, gets exact frames in order."""
     server.assert_alive()
     idxs = shuffled_with_duplicates(150, 30, seed=8)

@@ -31,6 +31,7 @@ from asyncframes.server import (
 )
 from asyncframes.video import Video
 
+from .conftest import wait_until
 from .test_standalone_server import Server
 
 MiB = 1024 * 1024
@@ -188,13 +189,6 @@ def in_process_server() -> Iterator[Callable[..., FrameServer]]:
         thread.join(10)
 
 
-def _wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def _all_spent(server: FrameServer) -> bool:
     """Whether the server holds four requests, none with credit (read from another thread)."""
     try:
@@ -238,7 +232,7 @@ def test_paused_clients_do_not_take_the_frame_cache_from_a_reading_one(in_proces
             av.load_by_chunk(path, shuffled(seed), frames_per_chunk=10)
             assert av.next_chunk() is not None
         # They stop reading: once their credit is spent, nothing of theirs is decoded any more.
-        _wait_until(lambda: _all_spent(server), 30, "the paused requests to spend their credit")
+        wait_until(lambda: _all_spent(server), 30, "the paused requests to spend their credit")
         with_paused = decodes_of_a_shuffled_request()
     finally:
         for av in paused:
@@ -248,14 +242,6 @@ def test_paused_clients_do_not_take_the_frame_cache_from_a_reading_one(in_proces
 
 
 # -- item 4: a client that stops reading ---------------------------------------------------------
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.slow
@@ -274,7 +260,7 @@ def test_a_client_that_stops_reading_pins_at_most_its_share_which_is_freed_when_
     try:
         good = AsyncVideo(srv.endpoint, shared_memory=False, timeout=60)
         good.ping()
-        baseline = _rss_mib(srv.proc.pid)
+        baseline = srv.rss_bytes() / MiB
         bad.setsockopt(zmq.LINGER, 0)
         bad.setsockopt(zmq.RCVHWM, 1)  # ZeroMQ stops taking messages in: they wait in the server's queue
         bad.connect(srv.endpoint)
@@ -292,13 +278,13 @@ def test_a_client_that_stops_reading_pins_at_most_its_share_which_is_freed_when_
         # a turn between any two of its chunks: after 20, the old server had sent them all their credit.
         good.load_by_chunk("hd.avi", list(range(10)) * 2, frames_per_chunk=1)
         assert [int(idxs[0]) for idxs, _frames in good.chunks] == list(range(10)) * 2
-        pinned = _rss_mib(srv.proc.pid) - baseline
+        pinned = srv.rss_bytes() / MiB - baseline
         # Its share queued, plus the two chunks it took (kept for reuse) and one being decoded.
         assert pinned <= share_mib + 3 * chunk_mib, f"a client that reads nothing pins {pinned:.0f} MiB"
         bad.close()
         srv.wait_for_log("abandoned: client", within=30)
         deadline = time.monotonic() + 30
-        while (left := _rss_mib(srv.proc.pid) - baseline) > 150:
+        while (left := srv.rss_bytes() / MiB - baseline) > 150:
             assert time.monotonic() < deadline, f"{left:.0f} MiB still held after the client left"
             time.sleep(0.1)
     finally:

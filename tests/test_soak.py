@@ -45,7 +45,7 @@ from asyncframes.sample import write_clip
 from asyncframes.video import Video
 
 from .conftest import reference_frames, shuffled_with_duplicates
-from .test_fuzz import ServeProcess
+from .test_standalone_server import Server
 
 pytestmark = [
     pytest.mark.soak,
@@ -232,7 +232,7 @@ def _matches(ref: tuple[np.ndarray, ...], idxs: list[int], frames: np.ndarray) -
 class RssSampler(threading.Thread):
     """Samples the server's VmRSS until stopped: (seconds since start, bytes)."""
 
-    def __init__(self, server: ServeProcess, stop: threading.Event) -> None:
+    def __init__(self, server: Server, stop: threading.Event) -> None:
         super().__init__(name="rss", daemon=True)
         self.server = server
         self.stop = stop
@@ -262,12 +262,12 @@ def soak_root(tmp_path: Path, make_clip) -> Path:
 @pytest.fixture
 def server(tmp_path: Path, soak_root: Path):
     """The standalone server, stopped however the test ends (the test also checks how it exits)."""
-    srv = ServeProcess(tmp_path, soak_root, "--log-level", "INFO", *SERVER_LIMITS)
+    srv = Server(tmp_path, "--root", str(soak_root), "--log-level", "INFO", *SERVER_LIMITS)
     yield srv
     srv.stop()
 
 
-def test_many_clients_with_faults(tmp_path: Path, soak_root: Path, server: ServeProcess) -> None:
+def test_many_clients_with_faults(tmp_path: Path, soak_root: Path, server: Server) -> None:
     gops = reference_frames(soak_root / "gops.mp4")
     mkv = reference_frames(soak_root / "mkv.mkv")
     original = reference_frames(soak_root / "swap.mp4")
@@ -386,7 +386,7 @@ def check_memory(samples: list[tuple[float, int]]) -> None:
     )
 
 
-def check_serves_exactly(server: ServeProcess, root: Path, replacement_path: Path) -> None:
+def check_serves_exactly(server: Server, root: Path, replacement_path: Path) -> None:
     """After the faults, a fresh client gets exact frames of every file (the replaced one's new version)."""
     server.assert_alive()
     with AsyncVideo(server.endpoint, timeout=30) as av:
@@ -397,7 +397,7 @@ def check_serves_exactly(server: ServeProcess, root: Path, replacement_path: Pat
                 assert _matches(ref, chunk_idxs, frames), f"{name}: wrong frames among {chunk_idxs} after the soak"
 
 
-def test_a_client_that_credits_chunks_it_never_reads_cannot_grow_server_memory(soak_root: Path, server: ServeProcess) -> None:
+def test_a_client_that_credits_chunks_it_never_reads_cannot_grow_server_memory(soak_root: Path, server: Server) -> None:
     """Credit bounds the server's memory only if credit means chunks taken: a client that sends
     credit without reading may not make the server queue chunks without bound (the protocol
     promises memory bounded by ``window`` chunks per request, here 8 x 8 frames = 2.3 MiB)."""

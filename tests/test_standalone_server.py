@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import selectors
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import zmq
@@ -29,7 +31,7 @@ from asyncframes.process import READY_LINE
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.video import Video
 
-from .conftest import assert_frames_exact
+from .conftest import assert_frames_exact, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and loopback tcp")
 
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PO
 class Server:
     """`asyncframes serve` in a subprocess, with its log captured."""
 
-    def __init__(self, tmp_path: Path, *args: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    def __init__(self, tmp_path: Path, *args: str, bind: str = "tcp://127.0.0.1:*", start_within: float = 60.0) -> None:
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -46,13 +48,32 @@ class Server:
             stderr=self._log,
             text=True,
         )
-        line = self.proc.stdout.readline()
+        line = self._ready_line(start_within)
         assert line.startswith(READY_LINE), f"no readiness line: {line!r}\n{self.log}"
         self.endpoint = line.split()[-1]
+
+    def _ready_line(self, within: float) -> str:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(within):
+                self.stop()
+                raise AssertionError(f"server not ready within {within} s:\n{self.log}")
+        return self.proc.stdout.readline()
 
     @property
     def log(self) -> str:
         return self.log_path.read_text()  # the server writes it; our handle only passes it on
+
+    def assert_alive(self) -> None:
+        assert self.proc.poll() is None, f"the server died (exit {self.proc.returncode}):\n{self.log[-4000:]}"
+
+    def rss_bytes(self) -> int:
+        """The server's resident memory, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc status")
 
     def wait_for_log(self, text: str, within: float = 10) -> str:
         deadline = time.monotonic() + within
@@ -61,13 +82,17 @@ class Server:
             time.sleep(0.05)
         return self.log
 
-    def stop(self) -> int:
+    def stop(self) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it does not exit within 10 s; its exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._log.close()
         return self.proc.returncode
 
@@ -233,10 +258,7 @@ def test_a_stopped_server_whose_last_chunks_cannot_be_mapped_still_reports_its_s
             chunks = av.chunks
             next(chunks)  # the server now owes us more chunks; wait until one is here, unread
             (conn,) = av._conns
-            deadline = time.monotonic() + 10
-            while not conn.socket.has_message():
-                assert time.monotonic() < deadline, "no chunk arrived"
-                time.sleep(0.01)
+            wait_until(conn.socket.has_message, 10, "a chunk to arrive")
             if conn.shm_pid is None:
                 pytest.skip("the server's shared memory is out of reach here: nothing to race")
             srv.proc.send_signal(signal.SIGTERM)
