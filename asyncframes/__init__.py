@@ -6,10 +6,9 @@
 ...         ...
 """
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import (
     AsyncFramesError,
     AuthenticationError,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import av
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .client import AsyncVideo
 from .convert import rgb24
 from .sample import write_clip

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from . import __version__
+from ._version import __version__
 from .config import add_options, config_from
 from .errors import AsyncFramesError
 
@@ -398,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("count", True): non_negative_int,
             ("mb", False): positive_float,
             ("mb", True): non_negative_float,
+            ("seconds", False): positive_float,
         },
     )
     serve.add_argument(

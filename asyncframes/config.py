@@ -52,8 +52,8 @@ class ServerConfig:
     read_around_frames: int = 24
     #: Honour :class:`Stop` from clients (private servers only).
     allow_stop: bool = False
-    #: Seconds between liveness probes of known clients.
-    probe_interval: float = 2.0
+    #: Seconds between liveness pings of known clients (a client gone silently is found by the failed send).
+    ping_interval: float = 2.0
     #: Offer shared-memory chunks to clients on this machine that can reach them.
     shared_memory: bool = True
     #: Shared memory for chunk slots, all clients together; beyond it chunks go inline.
@@ -69,7 +69,8 @@ class Option:
     flag: str
     field: str
     help: str
-    #: "count": an integer as it is; "mb": MiB on the command line, bytes in the config.
+    #: "count": an integer as it is; "mb": MiB on the command line, bytes in the config;
+    #: "seconds": a number of seconds as it is.
     unit: str = "count"
     #: 0 is allowed (it turns the thing off).
     zero: bool = False
@@ -96,6 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--recent-cache-mb", "recent_cache_bytes", "frames of recent small requests kept for scrubbing (0: off)", "mb", zero=True),
     Option("--workers", "workers", "decoder threads sharing each chunk, split by GOP (0: one per 2 CPUs)", zero=True),
     Option("--max-shared-mb", "max_shared_bytes", "shared memory for chunks, all clients together (beyond: inline)", "mb", zero=True),
+    Option("--ping-interval", "ping_interval", "seconds between liveness pings of clients", "seconds"),
 )
 
 
@@ -108,7 +110,7 @@ def add_options(parser: argparse.ArgumentParser, types: "dict[tuple[str, bool], 
             dest=option.field,
             type=types[(option.unit, option.zero)],
             default=default,
-            metavar="MB" if option.unit == "mb" else "N",
+            metavar={"mb": "MB", "seconds": "S"}.get(option.unit, "N"),
             help=f"{option.help} (default {default:g})",
         )
 

@@ -428,25 +428,25 @@ def decode(header: bytes, max_bin_len: int = MAX_BIN_BYTES, max_values: int = MA
         raise ProtocolError(f"invalid {kind} message: {_describe(exc)}") from exc
 
 
-def frames_of(message: Message, payload: Any = None) -> list[Any]:
-    """The multipart frames for ``message`` and its optional payload buffer."""
+def parts_of(message: Message, payload: Any = None) -> list[Any]:
+    """The parts of the ZeroMQ multipart message for ``message`` and its optional payload buffer."""
     return [encode(message)] if payload is None else [encode(message), payload]
 
 
 def parse(
-    frames: Sequence[Any], max_frames: int = 2, max_bin_len: int = MAX_BIN_BYTES
+    parts: Sequence[Any], max_parts: int = 2, max_bin_len: int = MAX_BIN_BYTES
 ) -> tuple[Message, Optional[memoryview]]:
-    """Message and payload from received frames (bytes or zmq.Frame).
+    """Message and payload from the parts of a received multipart message (bytes or zmq.Frame).
 
-    A server passes ``max_frames=1``: no client message has a payload.
+    A server passes ``max_parts=1``: no client message has a payload.
     """
-    if not 1 <= len(frames) <= max_frames:
-        expected = "1 frame" if max_frames == 1 else f"1 to {max_frames} frames"
-        raise ProtocolError(f"expected {expected}, got {len(frames)}")
-    header = frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]
+    if not 1 <= len(parts) <= max_parts:
+        expected = "1 part" if max_parts == 1 else f"1 to {max_parts} parts"
+        raise ProtocolError(f"expected {expected}, got {len(parts)}")
+    header = parts[0].bytes if hasattr(parts[0], "bytes") else parts[0]
     payload = None
-    if len(frames) == 2:
-        payload = frames[1].buffer if hasattr(frames[1], "buffer") else memoryview(frames[1])
+    if len(parts) == 2:
+        payload = parts[1].buffer if hasattr(parts[1], "buffer") else memoryview(parts[1])
     return decode(header, max_bin_len=max_bin_len), payload
 
 

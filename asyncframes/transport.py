@@ -12,6 +12,7 @@ Optional CURVE encryption and authentication use ZeroMQ's own ``zmq.auth``.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import struct
@@ -192,14 +193,35 @@ class ServerSocket:
             self.close()
             raise
 
-    def recv(self) -> tuple[bytes, list[Any]]:
-        """Next (client id, frames) without blocking; raises zmq.Again when nothing is queued.
+    def recv(self) -> Optional[tuple[bytes, list[Any]]]:
+        """Next (client id, message parts) without blocking; None when nothing is queued.
 
         Nothing is decoded here: reading is cheap, so the server can always keep up with
         what is queued and decide later what each client's messages are worth.
         """
-        parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)  # copies: cheaper than zmq.Frame for small headers
+        try:
+            parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)  # copies: cheaper than zmq.Frame for small headers
+        except zmq.Again:
+            return None
         return parts[0], parts[1:]
+
+    def has_message(self) -> bool:
+        """Whether a message waits to be read."""
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def poller(self, *fds: int) -> Callable[[float], set[int]]:
+        """A wait for this socket and the file descriptors ``fds``: called with seconds (at most),
+        it returns which of ``fds`` are readable (the socket's messages are read with :meth:`recv`)."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+
+        def wait(timeout_s: float) -> set[int]:
+            events = dict(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+            return {fd for fd in fds if fd in events}
+
+        return wait
 
     def send(self, client: bytes, message: Message, payload: Any = None) -> Optional[zmq.MessageTracker]:
         """Queue ``message`` for ``client``; raise :class:`PeerGone` or :class:`PeerBusy`.
@@ -208,7 +230,7 @@ class ServerSocket:
         """
         try:
             return self.socket.send_multipart(
-                [client, *protocol.frames_of(message, payload)], flags=zmq.NOBLOCK, copy=False, track=payload is not None
+                [client, *protocol.parts_of(message, payload)], flags=zmq.NOBLOCK, copy=False, track=payload is not None
             )
         except zmq.Again as exc:
             raise PeerBusy() from exc
@@ -252,10 +274,10 @@ class ClientSocket:
         (``time.monotonic()`` seconds; None: as long as ``between`` lets us).
         Short slices also let Ctrl-C through.
         """
-        frames = protocol.frames_of(message)
+        parts = protocol.parts_of(message)
         while True:
             try:
-                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+                self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
                 return True
             except zmq.Again:
                 pass
