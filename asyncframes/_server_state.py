@@ -1047,6 +1047,10 @@ class ServerState:
         """Chunks ``client``'s request may still send now."""
         return self._clients[client].requests[request_id].credit
 
+    def credits(self) -> dict[tuple[bytes, int], int]:
+        """Credit of every request in flight, by (client, request id)."""
+        return {(client, rid): req.credit for client, state in list(self._clients.items()) for rid, req in list(state.requests.items())}
+
     def slots_of(self, client: bytes) -> Optional[SlotBook]:
         """``client``'s shared slots (None: it has none)."""
         state = self._clients.get(client)

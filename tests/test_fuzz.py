@@ -114,7 +114,7 @@ class Exchange:
             if isinstance(message, protocol.Pong) and message.request_id == SENTINEL and not sentinel:
                 sentinel = True
                 continue
-            if isinstance(message, protocol.Ping):  # the server's liveness probe: clients ignore it
+            if isinstance(message, protocol.Ping):  # the server's liveness ping: clients ignore it
                 continue
             replies.append((message, None if payload is None else bytes(payload)))
         return replies
@@ -142,7 +142,7 @@ class Session(Exchange):
     def answer(self, frames: Sequence[bytes]) -> list[tuple[Any, Any]]:
         """Send ``frames``; the server must survive and answer as the protocol says."""
         try:  # a client message is exactly one frame (protocol v3): anything more is malformed
-            expected: Optional[protocol.Message] = protocol.parse(frames, max_frames=1)[0]
+            expected: Optional[protocol.Message] = protocol.parse(frames, max_parts=1)[0]
         except ProtocolError:
             expected = None
         if isinstance(expected, protocol.Hello) and expected.version == PROTOCOL_VERSION:

@@ -140,7 +140,8 @@ def test_a_client_queueing_more_bytes_than_two_of_the_largest_requests_is_droppe
     """The per-client queue is bounded in bytes too: a few hundred big (legal) requests sent
     without waiting cannot make the server hold them all (each may be megabytes)."""
     from asyncframes import protocol
-    from asyncframes.server import _FLOODED, FrameServer, ServerConfig
+    from asyncframes._server_state import FLOODED_MESSAGE, Send
+    from asyncframes.server import FrameServer, ServerConfig
     from asyncframes.video import Video
 
     server = FrameServer([f"ipc://{tmp_path}/s.sock"], ServerConfig(max_request_frames=1000, shared_memory=False))
@@ -151,18 +152,17 @@ def test_a_client_queueing_more_bytes_than_two_of_the_largest_requests_is_droppe
         big = protocol.encode(
             protocol.Request(1, Video("x" * 60_000 + ".mp4"), protocol.frame_selection(range(0, 2000, 2)), 8, 2)
         )
-        limit = server._inbox_bytes_limit
+        limit = server.state.inbox_bytes_limit
         n = limit // len(big) + 2
         assert n < 100  # far below the message-count bound: only the byte bound can catch it
         for _ in range(n):
             sock.send(big)
         read, deadline = 0, time.monotonic() + 10
         while read < n and time.monotonic() < deadline:
-            server.socket.socket.poll(100)
+            server.socket.poller()(0.1)
             read += server._receive(n)
-        (queue,) = server._inbox.values()
-        assert any(entry is _FLOODED for entry in queue)  # dropped when its turn comes
-        assert server._inbox_bytes[next(iter(server._inbox))] <= limit
+        actions = server.state.handle_round(time.monotonic())  # dropped when its turn comes
+        assert isinstance(actions[0], Send) and actions[0].message.message == FLOODED_MESSAGE
     finally:
         sock.close(linger=0)
         server._shutdown()

@@ -16,19 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncframes import AsyncVideo, protocol
+from asyncframes._server_state import cache_shares, inline_room
 from asyncframes.protocol import PROTOCOL_VERSION
 from asyncframes.reader import FrameCache, VideoReader
 from asyncframes.sample import write_clip
-from asyncframes.server import (
-    CACHE_IDLE_S,
-    FrameServer,
-    ServerConfig,
-    _BufferPool,
-    _Client,
-    _Job,
-    cache_shares,
-    inline_room,
-)
+from asyncframes.server import FrameServer, ServerConfig, _BufferPool
 from asyncframes.video import Video
 
 from .conftest import wait_until
@@ -114,60 +106,6 @@ def test_a_frame_cache_shrinks_to_a_new_budget_dropping_the_frames_needed_last()
     assert cache.accepts(0, frame.nbytes)
 
 
-def test_idle_requests_give_their_cache_share_to_active_ones():
-    KiB = 1024
-    server = FrameServer(["tcp://127.0.0.1:*"], ServerConfig(request_cache_bytes=256 * KiB, total_cache_bytes=1024 * KiB))
-    try:
-        frame = np.zeros(KiB, dtype=np.uint8)
-        jobs = []
-        for k in range(5):
-            job = _Job(b"c%d" % k, protocol.Request(k, Video("v.mp4"), [3, 1, 2]), ("v.mp4", 0), False, [3, 1, 2], credit=0)
-            job.cache = FrameCache(256 * KiB)
-            job.cache.want(later=range(256))
-            for i in range(256):
-                job.cache.offer(i, frame)
-            job.last_sent -= CACHE_IDLE_S  # its client took nothing for a while: paused
-            jobs.append(job)
-            server._jobs.append(job)
-        jobs[0].credit = 1  # one client reads
-        server._rebalance_caches()
-        assert jobs[0].cache is not None and jobs[0].cache.max_bytes == 256 * KiB
-        for job in jobs[1:]:
-            assert job.cache is not None and job.cache.nbytes <= job.cache.max_bytes == 192 * KiB
-        assert sum(job.cache.nbytes for job in jobs if job.cache is not None) <= 1024 * KiB
-    finally:
-        server._shutdown()
-
-
-def test_round_robin_skips_requests_whose_client_has_no_room_and_the_total_cap_holds():
-    server = FrameServer(
-        ["tcp://127.0.0.1:*"], ServerConfig(client_inline_bytes=3 * MiB, max_inline_bytes=4 * MiB, shared_memory=False)
-    )
-    try:
-        stuck = {b"a": [], b"b": []}
-        for k, client in enumerate([b"a", b"b", b"c"]):
-            server._clients[client] = _Client(hello=True)
-            job = _Job(client, protocol.Request(k, Video("v.mp4"), [0, 1]), ("v.mp4", 0), False, [0, 1], credit=8)
-            job.frame_bytes = MiB // 2  # 1 MiB chunks (frames_per_chunk 64 > 2 frames)
-            server._clients[client].jobs[k] = job
-            server._jobs.append(job)
-        for client, n in ((b"a", 3), (b"b", 1)):  # a has its whole share queued, b one chunk
-            for _ in range(n):
-                tracker = _Tracker()
-                server._buffers.lend(np.empty(MiB, dtype=np.uint8), tracker, client)
-                stuck[client].append(tracker)
-        # The total (4 MiB) is full: nobody may queue more, and the loop does not spin on it.
-        assert not server._runnable() and server._choose() is None and server._idle_wait_ms() <= 10
-        stuck[b"b"][0].done = True  # b's chunk went out: room for b or c, never a
-        chosen = {server._choose()[0].client for _ in range(4)}
-        assert chosen == {b"b", b"c"}
-        for tracker in stuck[b"a"]:
-            tracker.done = True
-        assert server._buffers.queued() == 0 and server._runnable()
-    finally:
-        server._shutdown()
-
-
 # -- item 5: paused clients do not take the cache from a reading one ------------------------------
 
 
@@ -192,10 +130,10 @@ def in_process_server() -> Iterator[Callable[..., FrameServer]]:
 def _all_spent(server: FrameServer) -> bool:
     """Whether the server holds four requests, none with credit (read from another thread)."""
     try:
-        jobs = list(server._jobs)
-    except RuntimeError:  # the server thread rotated them meanwhile
+        credits = server.state.credits()
+    except RuntimeError:  # the server thread changed them meanwhile
         return False
-    return len(jobs) == 4 and all(job.credit == 0 for job in jobs)
+    return len(credits) == 4 and not any(credits.values())
 
 
 def test_paused_clients_do_not_take_the_frame_cache_from_a_reading_one(in_process_server, make_clip, monkeypatch):
