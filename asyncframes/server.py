@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from . import __version__, files, protocol, shm
+from ._opener import VideoOpener
 from .config import ServerConfig
 from .errors import AsyncFramesError, ProtocolError, ServerError
 from .pool import DecoderPool, default_workers
@@ -49,7 +50,7 @@ from .protocol import (
     Stop,
     Welcome,
 )
-from .reader import FrameCache, ReadInterrupted, RecentFrames, VideoReader, changed_error
+from .reader import FrameCache, ReadInterrupted
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from .video import Video
 
@@ -98,13 +99,14 @@ class _Job:
 
     client: bytes
     request: Request
-    reader_key: tuple[str, int]
     grayscale: bool
     #: A range, or a read-only uint32 array over the request message (never a list of ints).
     frame_idxs: "range | np.ndarray"
     credit: int
     #: Bytes of one decoded frame.
     frame_bytes: int = 0
+    #: ``(h, w, c)`` of one decoded frame.
+    frame_shape: tuple[int, ...] = (0, 0, 0)
     cache: Optional[FrameCache] = None
     #: The file's identity when the request started: a change later fails the request.
     identity: files.SourceIdentity = ()
@@ -232,7 +234,7 @@ class FrameServer:
         self.endpoints = self.socket.endpoints
         self.lifeline_fd = lifeline_fd
         self._parent_pid = os.getppid()
-        self._readers: "OrderedDict[tuple[str, int], VideoReader]" = OrderedDict()
+        self._opener = VideoOpener(config.root, config.max_open_files)
         self._clients: dict[bytes, _Client] = {}
         self._jobs: deque[_Job] = deque()
         #: Per client, messages read but not yet handled: raw frames, or decoded (None: malformed, answered).
@@ -245,11 +247,10 @@ class FrameServer:
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         self._last_step = time.monotonic()
         self._trimmed = True  # whether memory went back to the system since the last chunk
-        self._recent = RecentFrames(config.recent_cache_bytes)
-        #: (reader key, grayscale, frame) of the last small request, to read around when idle
-        self._around: Optional[tuple[tuple[str, int], bool, int]] = None
+        #: (video, grayscale, frame) of the last small request, to read around when idle
+        self._around: Optional[tuple[Video, bool, int]] = None
         self._around_at = 0.0
-        self._pool = DecoderPool(config.workers or default_workers(), config.max_open_files)
+        self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         self._running = False
         self._stop_reason = ""
@@ -456,9 +457,7 @@ class FrameServer:
         if self._probe is not None:
             self._probe.close()
         self._pool.close()
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        self._opener.close()
         self.socket.close()
         log.info("server stopped: %s", self._stop_reason or "stopped")
 
@@ -505,7 +504,7 @@ class FrameServer:
                 self._log_job(job, "cancelled")
         elif isinstance(message, InfoRequest):
             try:
-                reader = self._reader(message.video)
+                reader = self._opener.open(message.video)
                 info = attrs.evolve(reader.info(message.video.grayscale), filename=message.video.filename)
             except Exception as exc:
                 self._fail(client, message.request_id, exc)
@@ -550,12 +549,13 @@ class FrameServer:
         count = protocol.selection_count(request.frame_idxs)
         if count is not None:  # counted before anything is opened or built
             self._check_count(count)
-        reader = self._reader(request.video)
+        reader = self._opener.open(request.video)
         idxs = protocol.selection_indices(request.frame_idxs, reader.frame_count)
         self._check_count(len(idxs))
         reader.check_indices(idxs)
         gray = reader.resolve_grayscale(request.video.grayscale)
-        frame_bytes = math.prod(reader.frame_shape(gray))
+        frame_shape = reader.frame_shape(gray)
+        frame_bytes = math.prod(frame_shape)
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
         limit = self._chunk_limit()
         if chunk_bytes > limit:
@@ -566,11 +566,11 @@ class FrameServer:
         return _Job(
             client=client,
             request=request,
-            reader_key=_reader_key(request.video),
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
             frame_bytes=frame_bytes,
+            frame_shape=frame_shape,
             cache=_request_cache(idxs, min(cfg.request_cache_bytes, cfg.total_cache_bytes)),
             identity=reader.signature,
         )
@@ -647,10 +647,9 @@ class FrameServer:
         state = self._clients.get(job.client)
         slots = state.slots if state is not None and request.shm else None
         try:
-            reader = self._reader(request.video)
-            shape = (len(idxs), *reader.frame_shape(job.grayscale))
+            shape = (len(idxs), *job.frame_shape)
             frames = lease[1].view(shape) if lease is not None else self._buffers.take(shape)
-            self._read(job, reader, idxs, frames)
+            self._read(job, idxs, frames)
         except Exception as exc:
             if lease is not None and slots is not None:
                 slots.release([lease[0]])
@@ -672,32 +671,24 @@ class FrameServer:
         """Shared memory held for all clients' chunk slots."""
         return sum(state.slots.nbytes for state in self._clients.values() if state.slots is not None)
 
-    def _read(self, job: _Job, reader: VideoReader, idxs: list[int], frames: np.ndarray) -> None:
+    def _read(self, job: _Job, idxs: list[int], frames: np.ndarray) -> None:
         """Decode ``idxs`` into ``frames``; small requests go through the recent-frames cache.
 
         The file must be the one the request started on, before and after decoding.
         """
-        if reader.signature != job.identity:
-            raise changed_error(job.request.video.filename)
-        interrupt = self._interrupter(job)
-        if len(job.frame_idxs) > self.config.recent_request_frames:
-            self._pool.read(reader, job.reader_key, idxs, job.grayscale, frames, job.cache, interrupt)
-            reader.check_unchanged()
-            return
-        key = (job.reader_key, job.grayscale)
-        kept = [self._recent.get(key, i) for i in idxs]
-        missing = [pos for pos, frame in enumerate(kept) if frame is None]
-        log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
-        if missing:
-            decoded = reader.read([idxs[pos] for pos in missing], grayscale=job.grayscale, cache=job.cache, interrupt=interrupt)
-            reader.check_unchanged()
-            for pos, frame in zip(missing, decoded):
-                kept[pos] = frame
-                self._recent.put(key, idxs[pos], frame)
-        for pos, frame in enumerate(kept):
-            frames[pos] = frame
-        if idxs:
-            self._around = (job.reader_key, job.grayscale, idxs[-1])
+        recent = len(job.frame_idxs) <= self.config.recent_request_frames
+        self._pool.read(
+            job.request.video,
+            idxs,
+            job.grayscale,
+            frames,
+            identity=job.identity,
+            cache=job.cache,
+            recent=recent,
+            interrupt=self._interrupter(job),
+        )
+        if recent and idxs:
+            self._around = (job.request.video, job.grayscale, idxs[-1])
             self._around_at = time.monotonic() + READ_AROUND_DELAY_S
 
     def _idle_wait_ms(self) -> int:
@@ -715,30 +706,18 @@ class FrameServer:
         frame ready. Any message that arrives stops this between two frames.
         """
         assert self._around is not None
-        key, gray, i = self._around
+        video, gray, i = self._around
         self._around = None
-        reader = self._readers.get(key)
+        reader = self._opener.opened(video)
         if reader is None:
             return
         cfg = self.config
         frame_bytes = math.prod(reader.frame_shape(gray))
         span = min(cfg.read_around_frames, cfg.recent_cache_bytes // 4 // max(frame_bytes, 1))
         lo, hi = max(0, i - span // 2), min(reader.frame_count, i + span // 2 + 1)
-        wanted = [j for j in range(lo, hi) if not self._recent.has((key, gray), j)]
-        if not wanted:
-            return
-        try:
-            frames = reader.read(wanted, grayscale=gray, interrupt=lambda: bool(self.socket.socket.poll(0)))
-        except ReadInterrupted:
-            return
-        except Exception as exc:  # an idle nicety: a failure here is the next request's to report
-            log.debug("reading around frame %d failed: %s", i, exc)
-            return
-        if reader.is_stale():
-            return  # the file changed: these frames may be the old version's
-        for j, frame in zip(wanted, frames):
-            self._recent.put((key, gray), j, frame)
-        log.debug("read around frame %d of %s: kept frames %d..%d", i, key[0], lo, hi - 1)
+        kept = self._pool.read_around(video, gray, range(lo, hi), interrupt=lambda: bool(self.socket.socket.poll(0)))
+        if kept:
+            log.debug("read around frame %d of %s: kept frames %d..%d", i, video.filename, lo, hi - 1)
 
     def _finish(self, job: _Job, error: Optional[BaseException] = None) -> None:
         job.cache = None
@@ -750,7 +729,7 @@ class FrameServer:
         if error is not None:
             if not isinstance(error, AsyncFramesError):
                 log.exception("internal error serving request", exc_info=error)
-                self._readers.pop(job.reader_key, None)
+                self._opener.forget(job.request.video)
             self._fail(job.client, job.request.request_id, error)
             self._log_job(job, f"failed: {error}")
         else:
@@ -810,50 +789,6 @@ class FrameServer:
         for client in list(self._clients):
             self._send(client, Ping(request_id=0))
 
-    # -- videos ----------------------------------------------------------------
-
-    def resolve(self, filename: str) -> str:
-        """The path to open for a requested filename: under ``root`` when the server has one.
-
-        Relative names resolve under the root; absolute names must lie inside it; ``..``
-        and symlinks are resolved first, so neither can lead out; every file of an image
-        sequence must lie inside too; URLs are refused (see :func:`files.confine`).
-        """
-        root = self.config.root
-        if root is None:
-            return filename
-        return files.confine(root, filename)
-
-    def _reader(self, video: Video) -> VideoReader:
-        key = _reader_key(video)
-        reader = self._readers.get(key)
-        if reader is not None and reader.is_stale():
-            reader.close()
-            del self._readers[key]
-            reader = None
-        if reader is None:
-            # A file opened afresh may have changed since its frames were kept.
-            self._recent.forget((key, True))
-            self._recent.forget((key, False))
-            path = self.resolve(video.filename)
-            options = files.container_options(confined=self.config.root is not None)
-            reader = VideoReader(path, stream=video.stream, container_options=options)
-            if self.config.root is not None:
-                try:
-                    # What was opened is still there, unchanged, and passes the check: a file
-                    # added to an image sequence while it was being opened cannot slip through.
-                    self.resolve(video.filename)
-                    reader.check_unchanged("being opened")
-                except AsyncFramesError:
-                    reader.close()
-                    raise
-            self._readers[key] = reader
-            while len(self._readers) > self.config.max_open_files:
-                _key, old = self._readers.popitem(last=False)
-                old.close()
-        self._readers.move_to_end(key)
-        return reader
-
 
 #: Marks a client queue that overflowed: the client is dropped when its turn comes.
 _FLOODED = object()
@@ -898,10 +833,6 @@ def _release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
-
-
-def _reader_key(video: Video) -> tuple[str, int]:
-    return (video.filename, video.stream)
 
 
 def _error_for(request_id: Optional[int], exc: BaseException, root: Optional[str] = None) -> Error:
