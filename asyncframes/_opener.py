@@ -133,10 +133,7 @@ class VideoOpener:
         if main is None:
             raise ServerError(f"{video.filename}: a decoder worker asked for a video that is not open")
         readers = self._worker_readers.setdefault(worker, OrderedDict())
-        reader = readers.get(key)
-        if reader is not None and (reader.signature != main.signature or reader.index is not main.index):
-            readers.pop(key).close()
-            reader = None
+        reader = readers.get(key)  # a sibling of ``main``: readers go with their main (see _drop)
         if reader is None:
             reader = main.sibling()
             readers[key] = reader
@@ -164,6 +161,7 @@ class VideoOpener:
         return len(self._readers)
 
     def _drop(self, key: ReaderKey) -> None:
+        """Close the reader kept under ``key`` and the workers' siblings of it (they share its index)."""
         reader = self._readers.pop(key, None)
         if reader is not None:
             reader.close()

@@ -197,6 +197,16 @@ def test_a_workers_reader_of_a_file_changed_since_it_was_indexed_is_refused(clip
     assert not is_closed(main)  # the opening thread's reader is never closed from a worker
 
 
+def test_a_workers_reader_that_opened_a_newer_file_than_was_indexed_is_refused(clips, opener, monkeypatch):
+    """The file changes between the staleness check and the worker's open (the race)."""
+    v = video(clips, "a.y4m")
+    main = opener.open(v)
+    rewrite_in_place(clips / "a.y4m", y4m_bytes(12, seed=9))
+    monkeypatch.setattr(main, "is_stale", lambda: False)
+    with pytest.raises(VideoChangedError, match="changed while being read"):
+        opener.worker_reader(0, v)
+
+
 def test_a_worker_reader_replaced_when_its_file_was_reopened(clips, opener):
     v = video(clips, "a.y4m")
     opener.open(v)
@@ -272,7 +282,8 @@ def test_a_request_started_on_another_version_of_the_file_fails(clips, pool):
             pool_read(pool, v, [1, 2], recent=recent, identity=before)
 
 
-def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch):
+@pytest.mark.parametrize("recent", [True, False])
+def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch, recent):
     v = video(clips, "a.y4m")
     main = pool.opener.open(v)
     real_read = main.read
@@ -284,7 +295,22 @@ def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch):
 
     monkeypatch.setattr(main, "read", read_then_change)
     with pytest.raises(VideoChangedError):
-        pool_read(pool, v, [1, 2], recent=True)
+        pool_read(pool, v, [1, 2], recent=recent)
+    assert len(pool.recent) == 0
+
+
+def test_frames_read_around_while_the_file_changed_are_not_kept(clips, pool, monkeypatch):
+    v = video(clips, "a.y4m")
+    main = pool.opener.open(v)
+    real_read = main.read
+
+    def read_then_change(*args, **kwargs):
+        frames = real_read(*args, **kwargs)
+        rewrite_in_place(clips / "a.y4m", y4m_bytes(12, seed=9))
+        return frames
+
+    monkeypatch.setattr(main, "read", read_then_change)
+    assert pool.read_around(v, False, range(12), interrupt=lambda: False) == 0
     assert len(pool.recent) == 0
 
 
