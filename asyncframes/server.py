@@ -99,6 +99,7 @@ class _Job:
 
     client: bytes
     request: Request
+    reader_key: tuple[str, int]
     grayscale: bool
     #: A range, or a read-only uint32 array over the request message (never a list of ints).
     frame_idxs: "range | np.ndarray"
@@ -566,6 +567,7 @@ class FrameServer:
         return _Job(
             client=client,
             request=request,
+            reader_key=_reader_key(request.video),
             grayscale=gray,
             frame_idxs=idxs,
             credit=min(request.window, cfg.max_window),
@@ -833,6 +835,10 @@ def _release_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+
+def _reader_key(video: Video) -> tuple[str, int]:
+    return (video.filename, video.stream)
 
 
 def _error_for(request_id: Optional[int], exc: BaseException, root: Optional[str] = None) -> Error:
