@@ -73,9 +73,9 @@ def container_options(confined: bool) -> Optional[dict[str, str]]:
 # -- identity ---------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class FileIdentity:
-    """What tells one version of a file from another."""
+    """What tells one version of a file from another (hashable: caches key frames by it)."""
 
     dev: int
     ino: int

@@ -1,17 +1,23 @@
-"""Decoder workers: one chunk decoded by several threads, split by GOP.
+"""Decoder workers and the recent-frames cache: every frame the server sends is decoded here.
 
-Each worker thread keeps its own open reader per file (sharing the file's
-frame index, so nothing is demuxed twice). A chunk's frames are grouped by the
-keyframe they decode from, and GOP *g* always goes to worker *g mod n*, so in
-a sequential stream a worker that had the end of a GOP in one chunk carries on
-with it in the next without seeking. PyAV releases the GIL while decoding and
-converting, so the threads run in parallel. With one worker, or a chunk within
-one GOP, the server's own reader does the work as before.
+A chunk's frames are grouped by the keyframe they decode from, and GOP *g* always
+goes to worker *g mod n*, so in a sequential stream a worker that had the end of a
+GOP in one chunk carries on with it in the next without seeking. Each worker reads
+through its own reader of the file (:meth:`VideoOpener.worker_reader`, sharing the
+file's index, so nothing is demuxed twice). PyAV releases the GIL while decoding and
+converting, so the threads run in parallel. With one worker, a chunk within one GOP,
+or a small request, the opener's own reader does the work in the caller's thread.
+
+Small requests (a GUI showing one frame at a time) go through the recent-frames cache,
+which the server fills further while idle (:meth:`DecoderPool.read_around`). Its
+entries are keyed by the file's identity too, so a file that changed can never be
+served from it: the old version's frames just age out.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +25,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .reader import FrameCache, VideoReader, changed_error
+from . import files
+from ._opener import VideoOpener
+from .reader import FrameCache, ReadInterrupted, VideoReader, changed_error
+from .video import Video
+
+log = logging.getLogger(__name__)
+
+#: What a recent frame is kept under: (filename, stream, grayscale, the file's identity).
+RecentKey = tuple[str, int, bool, files.SourceIdentity]
 
 
 def default_workers() -> int:
@@ -31,43 +45,167 @@ def default_workers() -> int:
     return max(1, cpus // 2)
 
 
-class DecoderPool:
-    """``workers`` decoder threads; :meth:`read` fills one chunk using all of them."""
+class RecentFrames:
+    """The frames of recent small requests, for a GUI that asks for the same frame again.
 
-    def __init__(self, workers: int, max_open_files: int = 8) -> None:
+    Least recently used frames go first once ``max_bytes`` is exceeded. Keys say which
+    file (and which version of it), stream and grayscale setting a frame belongs to.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._frames: "OrderedDict[tuple[Any, int], np.ndarray]" = OrderedDict()
+
+    def get(self, key: Any, i: int) -> Optional[np.ndarray]:
+        frame = self._frames.get((key, i))
+        if frame is not None:
+            self._frames.move_to_end((key, i))
+        return frame
+
+    def has(self, key: Any, i: int) -> bool:
+        return (key, i) in self._frames
+
+    def put(self, key: Any, i: int, frame: np.ndarray) -> None:
+        if frame.nbytes > self.max_bytes or (key, i) in self._frames:
+            return
+        self._frames[(key, i)] = frame.copy()
+        self.nbytes += frame.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._frames.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+class DecoderPool:
+    """``workers`` decoder threads and the recent-frames cache; :meth:`read` fills one chunk."""
+
+    def __init__(self, opener: VideoOpener, workers: int, recent_cache_bytes: int) -> None:
+        """
+        Args:
+            opener: opens the videos (the caller closes it, after this pool).
+            workers: decoder threads (1: the caller's thread decodes).
+            recent_cache_bytes: bytes of frames kept from small requests and reading around.
+        """
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        self.opener = opener
         self.workers = workers
-        self.max_open_files = max_open_files
+        self.recent = RecentFrames(recent_cache_bytes)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
-        self._readers: list["OrderedDict[Any, VideoReader]"] = [OrderedDict() for _ in range(workers)]
 
     def read(
         self,
-        main: VideoReader,
-        key: Any,
-        idxs: Sequence[int],
+        video: Video,
+        idxs: list[int],
         grayscale: bool,
         out: np.ndarray,
+        *,
+        identity: files.SourceIdentity,
         cache: Optional[FrameCache] = None,
+        recent: bool = False,
         interrupt: Optional[Callable[[], bool]] = None,
     ) -> None:
-        """Frames ``idxs`` of ``main``'s file into ``out``; ``key`` names the file for the workers' readers.
+        """Frames ``idxs`` of ``video`` into ``out``.
 
-        ``interrupt`` (asked between frames, in this thread only) is honoured when one reader does the work.
+        Args:
+            video: the video (opened through the opener if need be).
+            idxs: frame indices (checked by the request already).
+            grayscale: the grayscale setting as served (resolved, never None).
+            out: ``(len(idxs), h, w, c)`` uint8, filled in place.
+            identity: the file's identity when the request started.
+            cache: the request's frame cache.
+            recent: a small request: frames come from, and go to, the recent-frames cache,
+                and the caller's thread decodes. Otherwise the frames are split by GOP
+                over the workers.
+            interrupt: asked between frames in the caller's thread; True stops the read.
+
+        Raises:
+            VideoChangedError: the file's identity is not ``identity`` before or after decoding.
+            ReadInterrupted: ``interrupt`` said so.
+            VideoError: the video could not be opened or decoded.
         """
+        main = self.opener.open(video)
+        if main.signature != identity:
+            raise changed_error(video.filename)
+        if recent:
+            self._read_recent(main, video, idxs, grayscale, out, cache, interrupt)
+            return
         shares = self._split(main, idxs)
         if self._executor is None or len(shares) < 2:
             main.read(idxs, grayscale=grayscale, out=out, cache=cache, interrupt=interrupt)
-            return
-        futures = [
-            self._executor.submit(self._read_share, worker, main, key, [idxs[p] for p in share], share, grayscale, out, cache)
-            for worker, share in shares.items()
-        ]
-        errors = [f.exception() for f in futures]  # wait for every share: none may still write into out
-        for error in errors:
-            if error is not None:
-                raise error
+        else:
+            futures = [
+                self._executor.submit(self._read_share, worker, video, [idxs[p] for p in share], share, grayscale, out, cache)
+                for worker, share in shares.items()
+            ]
+            errors = [f.exception() for f in futures]  # wait for every share: none may still write into out
+            for error in errors:
+                if error is not None:
+                    raise error
+        main.check_unchanged()
+
+    def read_around(self, video: Video, grayscale: bool, frames: range, interrupt: Callable[[], bool]) -> int:
+        """Decode the frames of ``frames`` not yet in the recent-frames cache into it.
+
+        Uses only a reader that is already open (:meth:`VideoOpener.opened`). An idle nicety:
+        it never raises for a failure (the next request reports it), and ``interrupt``
+        ends it quietly.
+
+        Returns:
+            How many frames were decoded and kept.
+        """
+        reader = self.opener.opened(video)
+        if reader is None:
+            return 0
+        key = _recent_key(video, grayscale, reader)
+        wanted = [j for j in frames if 0 <= j < reader.frame_count and not self.recent.has(key, j)]
+        if not wanted:
+            return 0
+        try:
+            decoded = reader.read(wanted, grayscale=grayscale, interrupt=interrupt)
+        except ReadInterrupted:
+            return 0
+        except Exception as exc:  # an idle nicety: a failure here is the next request's to report
+            log.debug("reading frames %d..%d of %s failed: %s", wanted[0], wanted[-1], video.filename, exc)
+            return 0
+        if reader.is_stale():
+            return 0  # the file changed while being read: these frames may be of either version
+        for j, frame in zip(wanted, decoded):
+            self.recent.put(key, j, frame)
+        return len(wanted)
+
+    def close(self) -> None:
+        """Stop the workers (after the chunk they are on) and drop the recent frames."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.recent = RecentFrames(self.recent.max_bytes)
+
+    def _read_recent(
+        self,
+        main: VideoReader,
+        video: Video,
+        idxs: Sequence[int],
+        grayscale: bool,
+        out: np.ndarray,
+        cache: Optional[FrameCache],
+        interrupt: Optional[Callable[[], bool]],
+    ) -> None:
+        key = _recent_key(video, grayscale, main)
+        kept = [self.recent.get(key, i) for i in idxs]
+        missing = [pos for pos, frame in enumerate(kept) if frame is None]
+        log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
+        if missing:
+            decoded = main.read([idxs[pos] for pos in missing], grayscale=grayscale, cache=cache, interrupt=interrupt)
+            main.check_unchanged()
+            for pos, frame in zip(missing, decoded):
+                kept[pos] = frame
+                self.recent.put(key, idxs[pos], frame)
+        for pos, frame in enumerate(kept):
+            out[pos] = frame
 
     def _split(self, main: VideoReader, idxs: Sequence[int]) -> dict[int, list[int]]:
         """Positions in ``idxs`` per worker, by the GOP each frame decodes from."""
@@ -83,53 +221,16 @@ class DecoderPool:
     def _read_share(
         self,
         worker: int,
-        main: VideoReader,
-        key: Any,
+        video: Video,
         idxs: list[int],
         positions: list[int],
         grayscale: bool,
         out: np.ndarray,
         cache: Optional[FrameCache],
     ) -> None:
-        reader = self._reader(worker, main, key)
+        reader = self.opener.worker_reader(worker, video)
         reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions)
 
-    def _reader(self, worker: int, main: VideoReader, key: Any) -> VideoReader:
-        readers = self._readers[worker]
-        reader = readers.get(key)
-        if reader is not None and (reader.signature != main.signature or reader.index is not main.index):
-            reader.close()
-            del readers[key]
-            reader = None
-        if reader is None:
-            # A worker opening a changed file would read it under main's index. Only ask: main
-            # belongs to the server's thread (and other workers may share it), so it is never
-            # closed from here.
-            if main.is_stale():
-                raise changed_error(main.filename)
-            reader = VideoReader(
-                main.filename,
-                stream=main.stream_index,
-                thread_type=main.thread_type,
-                container_options=main.container_options,
-                index=main.index,
-            )
-            if reader.signature != main.signature:
-                # The file changed since ``main`` indexed it: this reader sees the new file,
-                # and its frames must not be served under the old file's index.
-                reader.close()
-                raise changed_error(main.filename)
-            readers[key] = reader
-            while len(readers) > self.max_open_files:
-                readers.popitem(last=False)[1].close()
-        readers.move_to_end(key)
-        return reader
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        for readers in self._readers:
-            for reader in readers.values():
-                reader.close()
-            readers.clear()
+def _recent_key(video: Video, grayscale: bool, reader: VideoReader) -> RecentKey:
+    return (video.filename, video.stream, grayscale, reader.signature)

@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import av
 import numpy as np
 
 from .convert import Converter
-from .errors import FrameIndexError, VideoChangedError, VideoDecodeError, VideoNotFoundError, VideoOpenError
+from .errors import (
+    AsyncFramesError,
+    FrameIndexError,
+    VideoChangedError,
+    VideoDecodeError,
+    VideoNotFoundError,
+    VideoOpenError,
+)
 from .files import SourceIdentity, resource_error, source_identity
 from .index import FrameIndex, index_from_packets
 from .video import VideoInfo
@@ -101,45 +108,6 @@ class FrameCache:
             if self.accepts(i, frame.nbytes):
                 self._frames[i] = kept
                 self.nbytes += frame.nbytes
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-
-class RecentFrames:
-    """The frames of recent small requests, for a GUI that asks for the same frame again.
-
-    Least recently used frames go first once ``max_bytes`` is exceeded. Keys say
-    which file, stream and grayscale setting a frame belongs to.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._frames: "OrderedDict[tuple[Any, int], np.ndarray]" = OrderedDict()
-
-    def get(self, key: Any, i: int) -> Optional[np.ndarray]:
-        frame = self._frames.get((key, i))
-        if frame is not None:
-            self._frames.move_to_end((key, i))
-        return frame
-
-    def has(self, key: Any, i: int) -> bool:
-        return (key, i) in self._frames
-
-    def put(self, key: Any, i: int, frame: np.ndarray) -> None:
-        if frame.nbytes > self.max_bytes or (key, i) in self._frames:
-            return
-        self._frames[(key, i)] = frame.copy()
-        self.nbytes += frame.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self._frames.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-    def forget(self, key: Any) -> None:
-        """Drop every frame of ``key`` (its file changed or closed)."""
-        for k in [k for k in self._frames if k[0] == key]:
-            self.nbytes -= self._frames.pop(k).nbytes
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -266,6 +234,41 @@ class VideoReader:
             container=self.container_format,
             duration=self.duration,
         )
+
+    def sibling(self) -> "VideoReader":
+        """A new reader of the same file and stream, opened with the same options, sharing this
+        reader's index (nothing is demuxed again); a decoder worker's own reader.
+
+        Only reads this reader (its options, index and identity), so it may be called from
+        another thread while this reader is idle; this reader is never closed from here.
+
+        Returns:
+            The new reader; the caller closes it.
+
+        Raises:
+            VideoChangedError: the file changed since this reader indexed it (its frames must
+                not be read under this index).
+            VideoError: the file could not be opened.
+        """
+        if self.is_stale():
+            raise changed_error(self.filename)
+        try:
+            reader = VideoReader(
+                self.filename,
+                stream=self.stream_index,
+                thread_type=self.thread_type,
+                container_options=self.container_options,
+                index=self.index,
+            )
+        except AsyncFramesError as exc:
+            if self.is_stale():  # it failed because the file changed under it
+                raise changed_error(self.filename) from exc
+            raise
+        if reader.signature != self.signature:
+            # The file changed since this reader indexed it: the new reader sees the new file.
+            reader.close()
+            raise changed_error(self.filename)
+        return reader
 
     def is_stale(self) -> bool:
         """True when the file changed on disk (replaced, rewritten, removed) since it was opened."""

@@ -19,12 +19,12 @@ import ctypes
 import logging
 import os
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import files, protocol, shm
+from . import protocol, shm
+from ._opener import VideoOpener
 from ._server_state import (
     Action,
     Decode,
@@ -42,12 +42,10 @@ from ._server_state import (
 )
 from ._version import __version__
 from .config import ServerConfig
-from .errors import AsyncFramesError
 from .pool import DecoderPool, default_workers
 from .protocol import ShmProbe
-from .reader import FrameCache, ReadInterrupted, RecentFrames, VideoReader, changed_error
+from .reader import FrameCache, ReadInterrupted
 from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
-from .video import Video
 
 log = logging.getLogger(__name__)
 
@@ -129,127 +127,6 @@ class _BufferPool:
             self._free.pop(0)
 
 
-class _Videos:
-    """Open readers and decoding (an LRU of readers, the decoder pool, recent frames).
-
-    The interface the server drives: :meth:`open`, :meth:`read`, :meth:`read_around`,
-    :meth:`forget`, :meth:`close`.
-    """
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self._readers: "OrderedDict[tuple[str, int], VideoReader]" = OrderedDict()
-        self._recent = RecentFrames(config.recent_cache_bytes)
-        self._pool = DecoderPool(config.workers or default_workers(), config.max_open_files)
-
-    def resolve(self, filename: str) -> str:
-        """The path to open for a requested filename: under ``root`` when the server has one."""
-        root = self.config.root
-        return filename if root is None else files.confine(root, filename)
-
-    def open(self, video: Video) -> VideoReader:
-        """The reader of ``video``, opened (and confined) if need be; a stale one is reopened."""
-        key = _reader_key(video)
-        reader = self._readers.get(key)
-        if reader is not None and reader.is_stale():
-            reader.close()
-            del self._readers[key]
-            reader = None
-        if reader is None:
-            self._recent.forget((key, True))  # a file opened afresh may have changed since its frames were kept
-            self._recent.forget((key, False))
-            path = self.resolve(video.filename)
-            options = files.container_options(confined=self.config.root is not None)
-            reader = VideoReader(path, stream=video.stream, container_options=options)
-            if self.config.root is not None:
-                try:
-                    # What was opened is still there, unchanged, and passes the check: a file
-                    # added to an image sequence while it was being opened cannot slip through.
-                    self.resolve(video.filename)
-                    reader.check_unchanged("being opened")
-                except AsyncFramesError:
-                    reader.close()
-                    raise
-            self._readers[key] = reader
-            while len(self._readers) > self.config.max_open_files:
-                _key, old = self._readers.popitem(last=False)
-                old.close()
-        self._readers.move_to_end(key)
-        return reader
-
-    def read(
-        self,
-        video: Video,
-        idxs: list[int],
-        grayscale: bool,
-        out: np.ndarray,
-        *,
-        identity: Any,
-        cache: Optional[FrameCache] = None,
-        recent: bool = False,
-        interrupt: Optional[Callable[[], bool]] = None,
-    ) -> None:
-        """Frames ``idxs`` of ``video`` into ``out``; small (``recent``) requests go through the
-        recent-frames cache. The file must be ``identity``, before and after decoding."""
-        reader = self.open(video)
-        if reader.signature != identity:
-            raise changed_error(video.filename)
-        if not recent:
-            self._pool.read(reader, _reader_key(video), idxs, grayscale, out, cache, interrupt)
-            reader.check_unchanged()
-            return
-        key = (_reader_key(video), grayscale)
-        kept = [self._recent.get(key, i) for i in idxs]
-        missing = [pos for pos, frame in enumerate(kept) if frame is None]
-        if missing:
-            decoded = reader.read([idxs[pos] for pos in missing], grayscale=grayscale, cache=cache, interrupt=interrupt)
-            reader.check_unchanged()
-            for pos, frame in zip(missing, decoded):
-                kept[pos] = frame
-                self._recent.put(key, idxs[pos], frame)
-        for pos, frame in enumerate(kept):
-            out[pos] = frame
-
-    def read_around(self, video: Video, grayscale: bool, frames: range, interrupt: Callable[[], bool]) -> int:
-        """Decode the frames of ``frames`` not yet kept into the recent-frames cache (an open
-        reader only; never raises); how many were kept."""
-        key = _reader_key(video)
-        reader = self._readers.get(key)
-        if reader is None:
-            return 0
-        wanted = [j for j in frames if not self._recent.has((key, grayscale), j)]
-        if not wanted:
-            return 0
-        try:
-            decoded = reader.read(wanted, grayscale=grayscale, interrupt=interrupt)
-        except ReadInterrupted:
-            return 0
-        except Exception as exc:  # an idle nicety: a failure here is the next request's to report
-            log.debug("reading around %s failed: %s", video.filename, exc)
-            return 0
-        if reader.is_stale():
-            return 0  # the file changed: these frames may be the old version's
-        for j, frame in zip(wanted, decoded):
-            self._recent.put((key, grayscale), j, frame)
-        return len(wanted)
-
-    def forget(self, video: Video) -> None:
-        """Close ``video``'s reader (an internal error made it suspect)."""
-        reader = self._readers.pop(_reader_key(video), None)
-        if reader is not None:
-            reader.close()
-
-    def close(self) -> None:
-        self._pool.close()
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
-
-
-def _reader_key(video: Video) -> tuple[str, int]:
-    return (video.filename, video.stream)
-
-
 class FrameServer:
     """Serves frames on ``binds`` until stopped, its lifeline breaks, or a signal arrives."""
 
@@ -268,7 +145,8 @@ class FrameServer:
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         offer = ShmProbe(pid=os.getpid(), fd=self._probe.buffer.fd, token=self._probe.token) if self._probe is not None else None
         self.state = ServerState(config, version=__version__, shm_offer=offer, now=time.monotonic())
-        self._videos = _Videos(config)
+        self._opener = VideoOpener(config.root, config.max_open_files)
+        self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         #: Per client, its shared-memory slot buffers by slot number (the core keeps the books).
         self._slots: dict[bytes, dict[int, shm.SharedBuffer]] = {}
@@ -339,7 +217,8 @@ class FrameServer:
         self._carry_out(self.state.shutdown(self._stop_reason or "server stopped"))
         if self._probe is not None:
             self._probe.close()
-        self._videos.close()
+        self._pool.close()
+        self._opener.close()
         self.socket.close()
         log.info("server stopped: %s", self._stop_reason or "stopped")
 
@@ -364,7 +243,7 @@ class FrameServer:
                 for key in [key for key in self._caches if key[0] == action.client]:
                     del self._caches[key]
             elif isinstance(action, ForgetVideo):
-                self._videos.forget(action.video)
+                self._opener.forget(action.video)
             elif isinstance(action, FreeBuffers):
                 if self._buffers.trim() or action.release_memory:
                     _release_free_memory()
@@ -387,7 +266,7 @@ class FrameServer:
 
     def _open(self, action: OpenVideo) -> "VideoFacts | BaseException":
         try:
-            reader = self._videos.open(action.video)
+            reader = self._opener.open(action.video)
             gray = reader.resolve_grayscale(action.video.grayscale)
             return VideoFacts(
                 frame_count=reader.frame_count,
@@ -420,7 +299,7 @@ class FrameServer:
         frames = slots[decode.slot.slot].view(decode.shape) if decode.slot is not None else self._buffers.take(decode.shape)
         cache = self._cache(decode)
         try:
-            self._videos.read(
+            self._pool.read(
                 decode.video,
                 decode.frames,
                 decode.grayscale,
@@ -470,7 +349,7 @@ class FrameServer:
     def _read_around(self, around: ReadAround) -> None:
         """While idle, decode the frames around the last small request into the recent-frames
         cache; any message that arrives stops this between two frames."""
-        kept = self._videos.read_around(around.video, around.grayscale, around.frames, self.socket.has_message)
+        kept = self._pool.read_around(around.video, around.grayscale, around.frames, interrupt=self.socket.has_message)
         if kept:
             log.debug("read around %s: kept %d of frames %s", around.video.filename, kept, around.frames)
 
