@@ -660,8 +660,14 @@ def test_whatever_clients_send_chunks_stay_within_credit_and_every_request_ends_
     h = Harness(max_window=4)
     h.hello(A, B)
     allowed: dict[tuple[bytes, int], int] = {}  # chunks each request may still send
-    ended: dict[tuple[bytes, int], int] = {}  # how each request ended: count of last chunks + errors
+    ended: dict[tuple[bytes, int, int], int] = {}  # per request (ids are reused): last chunks + errors
+    started: dict[tuple[bytes, int], int] = {}  # how many requests each id has named
     live: set[tuple[bytes, int]] = set()
+
+    def end(key: tuple[bytes, int]) -> None:
+        one = (*key, started[key])
+        ended[one] = ended.get(one, 0) + 1
+        live.discard(key)
 
     def look(actions: list[Any]) -> None:
         for a in actions:
@@ -670,13 +676,11 @@ def test_whatever_clients_send_chunks_stay_within_credit_and_every_request_ends_
                 assert key in live and allowed[key] > 0
                 allowed[key] -= 1
                 if a.message.last_chunk:
-                    ended[key] = ended.get(key, 0) + 1
-                    live.discard(key)
+                    end(key)
             elif isinstance(a, Send) and isinstance(a.message, Error) and a.message.request_id is not None:
                 key = (a.client, a.message.request_id)
                 if key in live:
-                    ended[key] = ended.get(key, 0) + 1
-                    live.discard(key)
+                    end(key)
 
     for op in ops:
         kind, *args = op
@@ -696,6 +700,7 @@ def test_whatever_clients_send_chunks_stay_within_credit_and_every_request_ends_
             if rid in set(h.state.requests_of(client)) - before:
                 live.add(key)
                 allowed[key] = 3
+                started[key] = started.get(key, 0) + 1
         elif kind == "cancel":
             client, rid = args
             look(h.send(client, Cancel(rid)))
