@@ -13,7 +13,9 @@ process that maps it exits or lets go, however either side ends.
 
 A slot is reused only after the client says it is free, and the client says so
 only when the last array over it is gone (:class:`Lease`), so a chunk the
-caller still holds is never overwritten.
+caller still holds is never overwritten. Which slots exist, are lent or free is
+the server core's bookkeeping (:class:`asyncframes._server_state.SlotBook`); the
+server's driver makes and closes the :class:`SharedBuffer` each slot names.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import secrets
 import sys
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -175,67 +177,3 @@ class ClientSlots:
     def clear(self) -> None:
         self._maps.clear()
         self.freed.clear()
-
-
-class ServerSlots:
-    """The server's slots for one client: free ones are reused, lent ones wait for the client.
-
-    At most ``max_slots`` exist per client; when all are lent (the caller keeps its
-    chunks), :meth:`take` returns None and the chunk goes inline instead.
-    """
-
-    def __init__(self, max_slots: int) -> None:
-        self.max_slots = max_slots
-        self._ids = iter(range(1, sys.maxsize))
-        self.free: dict[int, SharedBuffer] = {}
-        self.lent: dict[int, SharedBuffer] = {}
-        self.retired: list[int] = []
-
-    def take(self, nbytes: int, room: Optional[int] = None) -> Optional[tuple[int, SharedBuffer]]:
-        """A slot of at least ``nbytes`` to decode into (now lent), or None if none can be had.
-
-        ``room``: bytes the server may still add to shared memory (None: no limit).
-        """
-        fits = [(buf.size, slot) for slot, buf in self.free.items() if buf.size >= nbytes]
-        if fits:
-            _, slot = min(fits)
-        elif room is not None and _round_up(nbytes) > room:
-            return None
-        else:
-            if len(self.free) + len(self.lent) >= self.max_slots:
-                if not self.free:
-                    return None
-                # retire the smallest free slot to make room for a bigger one
-                small = min(self.free, key=lambda s: self.free[s].size)
-                self.free.pop(small).close()
-                self.retired.append(small)
-            slot = next(self._ids)
-            self.free[slot] = SharedBuffer(_round_up(nbytes), f"asyncframes-slot-{slot}")
-        buf = self.free.pop(slot)
-        self.lent[slot] = buf
-        return slot, buf
-
-    def release(self, slots: "list[int]") -> None:
-        for slot in slots:
-            buf = self.lent.pop(slot, None)
-            if buf is not None:
-                self.free[slot] = buf
-
-    def take_retired(self) -> list[int]:
-        out, self.retired = self.retired, []
-        return out
-
-    def close(self) -> None:
-        for buf in [*self.free.values(), *self.lent.values()]:
-            buf.close()
-        self.free.clear()
-        self.lent.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.size for b in [*self.free.values(), *self.lent.values()])
-
-
-def _round_up(n: int, unit: int = 1 << 20) -> int:
-    """Sizes in whole MiB, so the slightly smaller last chunk reuses a slot."""
-    return max(unit, -(-n // unit) * unit)

@@ -552,7 +552,7 @@ def test_mutated_messages_get_a_protocol_error_or_their_answer(server, header, g
     extra=st.lists(st.binary(max_size=64), min_size=1, max_size=3),
     greet=st.booleans(),
 )
-def test_extra_frames_get_a_protocol_error(server, header, extra, greet):
+def test_extra_parts_get_a_protocol_error(server, header, extra, greet):
     replies = exchange(server, [header, *extra], greet)
     _only_errors(replies, "ProtocolError")
     assert "frame" in replies[0][0].message
