@@ -304,7 +304,7 @@ class FakeServer:
                     self._send(client, reply, payload)
 
     def _send(self, client: bytes, message: protocol.Message, payload: Optional[np.ndarray] = None) -> None:
-        self.socket.send_multipart([client, *protocol.frames_of(message, None if payload is None else payload.tobytes())])
+        self.socket.send_multipart([client, *protocol.parts_of(message, None if payload is None else payload.tobytes())])
 
     def close(self) -> None:
         self.stopping.set()

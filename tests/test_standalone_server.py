@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -189,30 +188,6 @@ def test_limits_are_enforced_with_clear_errors(tmp_path, video_root):
             assert len(list(av.chunks)) == 2
     finally:
         srv.stop()
-
-
-def test_a_long_request_does_not_starve_a_short_one(server):
-    """Both clients consume as fast as they can; the server interleaves their chunks."""
-    arrivals: dict[str, list[float]] = {"long": [], "short": []}
-    long_started = threading.Event()
-
-    def consume(name, idxs, chunk):
-        with AsyncVideo(server.endpoint) as av:
-            av.load_by_chunk("gops.mp4", idxs, frames_per_chunk=chunk)
-            for _ in av.chunks:
-                arrivals[name].append(time.monotonic())
-                if name == "long" and len(arrivals["long"]) == 3:
-                    long_started.set()
-
-    long = threading.Thread(target=consume, args=("long", list(range(150)) * 4, 4))  # 150 chunks
-    long.start()
-    assert long_started.wait(30)
-    consume("short", list(range(20)), 4)  # 5 chunks
-    long.join(60)
-    done_short = arrivals["short"][-1]
-    long_before_short_done = sum(t <= done_short for t in arrivals["long"])
-    assert len(arrivals["long"]) == 150
-    assert long_before_short_done < 40, f"the short request waited for {long_before_short_done} chunks of the long one"
 
 
 def test_a_client_that_vanishes_mid_stream_is_forgotten(server):
