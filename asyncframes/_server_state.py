@@ -487,11 +487,18 @@ class ServerState:
     # -- reading ---------------------------------------------------------------------------------
 
     def receive(self, client: bytes, parts: "list[Any]") -> bool:
-        """Queue what ``client`` sent (raw parts, not decoded); False if it was thrown away.
+        """Queue what ``client`` sent, not decoded yet (reading stays cheap).
 
         A client over its queue's bound (``CLIENT_QUEUE`` messages, :attr:`inbox_bytes_limit`
         bytes) is dropped with an error on its turn, and silenced: what its connection sends
-        from then on is thrown away unread (False).
+        from then on is thrown away unread.
+
+        Args:
+            client: the connection's identity.
+            parts: the parts of its multipart message, as received.
+
+        Returns:
+            True if queued (or it just overflowed the queue); False if thrown away (silenced).
         """
         if client in self._silenced:
             return False
@@ -526,7 +533,11 @@ class ServerState:
 
     def cancel_queued(self, client: bytes, request_id: int) -> bool:
         """Asked between frames of a decode: is a cancel of this request queued (or was its
-        client dropped for flooding)? Other messages wait for their turn."""
+        client dropped for flooding)? Other messages wait for their turn.
+
+        Returns:
+            True if the decode should stop (report :meth:`chunk_interrupted`).
+        """
         queue = self._inbox.get(client)
         for pos in range(len(queue) if queue is not None else 0):
             entry = self._decoded(client, queue, pos)  # type: ignore[arg-type]
@@ -551,7 +562,15 @@ class ServerState:
 
     def handle_round(self, now: float) -> list[Action]:
         """Handle one fair round: each client's share of its queue (``CLIENT_SHARE`` small
-        messages, or one that opens or indexes a video). The next round starts with the next client."""
+        messages, or one that opens or indexes a video). The next round starts with the next client.
+
+        Args:
+            now: the time.
+
+        Returns:
+            What to do: answers to send, videos to open (:class:`OpenVideo`), requests and
+            clients to forget, :class:`Stop`.
+        """
         actions: list[Action] = []
         for client in list(self._inbox):
             queue = self._inbox.get(client)
@@ -667,10 +686,17 @@ class ServerState:
         return [self._error(client, message.request_id, exc)]
 
     def video_opened(self, ticket: int, outcome: "VideoFacts | BaseException", now: float) -> list[Action]:
-        """The outcome of :class:`OpenVideo` ``ticket``: the video's facts, or what failed.
+        """The outcome of :class:`OpenVideo` ``ticket``.
 
-        Returns the answer (``info_reply``, or nothing for a request taken on) or the error
-        that refuses it; a request taken on starts sending on :meth:`next_chunk`.
+        Args:
+            ticket: the action's ticket.
+            outcome: the video's facts, or the exception opening it raised.
+            now: the time.
+
+        Returns:
+            The answer (an ``info_reply``; nothing for a request taken on, which starts
+            sending on :meth:`next_chunk`) or the error that refuses it. Nothing if the
+            request was cancelled or its client left meanwhile.
         """
         opening = self._opening.pop(ticket, None)
         if opening is None:  # cancelled, or its client is gone
@@ -743,6 +769,10 @@ class ServerState:
         Args:
             now: the time.
             queued: inline chunk bytes still queued in ZeroMQ, per client.
+
+        Returns:
+            The chunk to decode (its request is busy until its outcome is reported with
+            :meth:`chunk_decoded`, :meth:`chunk_failed` or :meth:`chunk_interrupted`), or None.
         """
         total = sum(queued.values())
         for _ in range(len(self._round)):
@@ -847,8 +877,16 @@ class ServerState:
         return None
 
     def chunk_decoded(self, decode: Decode, now: float) -> list[Action]:
-        """``decode`` is done: the chunk to send (its frames inline, or its slot named), and the
-        request's end after its last chunk."""
+        """``decode`` is done.
+
+        Args:
+            decode: the action from :meth:`next_chunk`, its frames decoded.
+            now: the time.
+
+        Returns:
+            The chunk to send (``payload``: the decoded frames follow inline; else its slot is
+            named), and :class:`ForgetRequest` after the request's last chunk.
+        """
         req = self._decoding(decode)
         if req is None:
             self._give_back(decode)
