@@ -25,7 +25,7 @@ import numpy as np
 
 from . import protocol, shm
 from ._opener import VideoOpener
-from ._server_state import (
+from ._server_actions import (
     Action,
     Decode,
     ForgetClient,
@@ -36,10 +36,10 @@ from ._server_state import (
     ReadAround,
     ResizeCache,
     Send,
-    ServerState,
     Stop,
     VideoFacts,
 )
+from ._server_state import ServerState
 from ._version import __version__
 from .config import ServerConfig
 from .pool import DecoderPool, default_workers

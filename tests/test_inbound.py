@@ -140,7 +140,8 @@ def test_a_client_queueing_more_bytes_than_two_of_the_largest_requests_is_droppe
     """The per-client queue is bounded in bytes too: a few hundred big (legal) requests sent
     without waiting cannot make the server hold them all (each may be megabytes)."""
     from asyncframes import protocol
-    from asyncframes._server_state import FLOODED_MESSAGE, Send
+    from asyncframes._server_actions import Send
+    from asyncframes._server_state import FLOODED_MESSAGE
     from asyncframes.server import FrameServer, ServerConfig
     from asyncframes.video import Video
 

@@ -15,13 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncframes import protocol
-from asyncframes._server_state import (
-    BUFFERS_IDLE_S,
-    CACHE_IDLE_S,
-    CLIENT_QUEUE,
-    CLIENT_SHARE,
-    READ_AROUND_DELAY_S,
-    ROOM_RETRY_S,
+from asyncframes._server_actions import (
     Decode,
     ForgetClient,
     ForgetRequest,
@@ -31,10 +25,18 @@ from asyncframes._server_state import (
     ReadAround,
     ResizeCache,
     Send,
-    ServerState,
-    SlotBook,
     Stop,
     VideoFacts,
+)
+from asyncframes._server_state import (
+    BUFFERS_IDLE_S,
+    CACHE_IDLE_S,
+    CLIENT_QUEUE,
+    CLIENT_SHARE,
+    READ_AROUND_DELAY_S,
+    ROOM_RETRY_S,
+    ServerState,
+    SlotBook,
     wire_error,
 )
 from asyncframes.config import MiB, ServerConfig
