@@ -1,11 +1,12 @@
-"""The client's protocol decisions, as a state machine with no I/O.
+"""Everything that decides what the client sends and hands to the caller lives here.
 
-Everything that decides what the client sends and hands to the caller lives here;
-no ZeroMQ, os, time, threads or sockets: the driver (:mod:`asyncframes.client`) owns
-those, feeds this module what happened (a message, a connection event, the chunk
-the caller took) and carries out what it answers (send these messages, replace
-this server's socket, raise this error). Only numpy, attrs and the message
-classes of :mod:`asyncframes.protocol` are imported.
+No ZeroMQ, os, time, threads or sockets: the driver (:mod:`asyncframes.client`)
+owns those, feeds this module what happened (a message, a connection event, the
+chunk the caller took) and carries out what it answers (send these messages,
+replace this server's socket, raise this error). Only numpy, attrs and the
+message classes of :mod:`asyncframes.protocol` are imported. A rule of the
+client's side of the protocol is changed here, and tested in
+``tests/test_client_state.py`` without a socket.
 
 Three things are kept here:
 
