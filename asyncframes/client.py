@@ -71,6 +71,16 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.nda
     """Frame indices as a range or a one-dimensional integer array (None stays None: every frame).
 
     Never a list of Python ints: millions of indices stay one compact array, sent as raw bytes.
+
+    Args:
+        frame_idxs: a list, range, 1-D integer array or iterable of ints, or None.
+
+    Returns:
+        A range (kept as it is) or a 1-D integer array; None for None.
+
+    Raises:
+        TypeError: a string or bytes, a single number, a 2-D array, or non-integer indices.
+        FrameIndexError: an index is negative or over the largest a video can have (2**32 - 1).
     """
     if frame_idxs is None:
         return None
@@ -519,8 +529,9 @@ class AsyncVideo:
     def close(self) -> None:
         """Cancel any request, stop a private server, release the sockets. Safe to call twice.
 
-        In a forked child this touches nothing the parent owns (its server, its
-        sockets): the child only forgets them.
+        Arrays the caller holds stay valid (each keeps its own mapping). In a forked
+        child this touches nothing the parent owns (its server, its sockets): the
+        child only forgets them.
         """
         conns = getattr(self, "_conns", [])
         state: Optional[ClientState] = getattr(self, "_state", None)
