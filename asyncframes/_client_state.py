@@ -384,6 +384,16 @@ class ClientState:
         """End the current request because ``request_id`` replaces it (see :meth:`cancel`)."""
         return self.cancel(f"was replaced by request {request_id} (load_by_chunk)")
 
+    def not_sent(self, request_id: int, reason: str) -> Actions:
+        """Request ``request_id`` could not be sent (``reason``, e.g. its frame count could not be
+        learnt): end it, whether or not :meth:`start_request` made it current, so that iterating
+        it says so."""
+        if self.stream is not None and self.stream.request_id == request_id:
+            return self.cancel(reason)
+        if self.last is None or self.last.request_id != request_id:
+            self.last = Stream(request_id, [], None, ended=reason)
+        return NOTHING
+
     def cancel(self, reason: str = "was cancelled by cancel()") -> Actions:
         """End the current request (``reason`` completes "request N ..."); chunks still in flight are dropped.
 

@@ -357,7 +357,7 @@ class AsyncVideo:
                 self._open(i, deadline)
             self._carry_out(state.start_request(rid, spec, idxs, fpc), deadline)
         except BaseException as exc:
-            self._carry_out(state.cancel(f"could not be sent ({type(exc).__name__}: {exc})"))
+            self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise
 
     @property

@@ -451,6 +451,21 @@ def test_the_errors_after_a_request_ended_say_why():
     assert "closed" in str(state.ended_error(state.last))
 
 
+def test_a_request_that_could_not_be_sent_says_so_when_iterated():
+    state = client(servers=2)
+    start(state, list(range(8)), 2)
+    new = state.new_request_id()
+    assert sent(state.replace(new), protocol.Cancel)  # the old one ends first ...
+    state.not_sent(new, "could not be sent (VideoNotFoundError: no such file)")  # ... then learning the frame count failed
+    error = state.ended_error(state.last)
+    assert isinstance(error, RequestCancelledError)
+    assert f"request {new} could not be sent (VideoNotFoundError: no such file) after 0 of its chunks" in str(error)
+    rid, _ = start(state, list(range(8)), 2)
+    sends = state.not_sent(rid, "could not be sent (RequestTimeoutError: ...)")  # sent to some servers, then not
+    assert sorted(server for server, _ in sent(sends, protocol.Cancel)) == [0, 1]
+    assert state.stream is None and f"request {rid} could not be sent" in str(state.ended_error(state.last))
+
+
 def test_a_servers_error_ends_the_request_and_is_raised_as_its_class():
     state = client(servers=2)
     rid, _ = start(state, list(range(8)), 2)
