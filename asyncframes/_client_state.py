@@ -590,6 +590,34 @@ class ClientState:
 
     # -- the end ---------------------------------------------------------------------------
 
+    def iteration_start(self) -> Stream:
+        """The request a new iteration of chunks follows.
+
+        Raises:
+            AsyncFramesError: there is no request, or its end was already handed to an
+                iteration (see :meth:`ended_error`): iterating never ends silently.
+            RequestCancelledError: the latest request was cancelled, replaced or lost.
+        """
+        stream = self.stream
+        if stream is None:
+            raise self.ended_error(self.last)
+        if stream.done and stream.end_seen:
+            raise self.ended_error(stream)
+        return stream
+
+    def iteration_over(self, stream: Stream) -> bool:
+        """Is an iteration of ``stream`` over? True once its last chunk was taken (its end is then seen).
+
+        Raises:
+            RequestCancelledError: it ended otherwise (cancelled, replaced, lost, failed).
+        """
+        if stream.done:  # every chunk delivered: the end, even if another request followed
+            stream.end_seen = True
+            return True
+        if stream is not self.stream:
+            raise self.ended_error(stream)
+        return False
+
     def ended_error(self, stream: Optional[Stream]) -> AsyncFramesError:
         """Why there is nothing (more) to iterate in ``stream`` (None: no request was made)."""
         if self.closed:

@@ -391,18 +391,11 @@ class AsyncVideo:
     def _iterate(self) -> Iterator[FrameChunk]:
         self._check_open()
         state = self._state
-        stream = state.stream
-        if stream is None:
-            raise state.ended_error(state.last)
-        if stream.done and stream.end_seen:
-            raise state.ended_error(stream)
+        stream = state.iteration_start()
         while True:
             self._check_open()
-            if stream.done:  # every chunk delivered: the end, even if another request followed
-                stream.end_seen = True
+            if state.iteration_over(stream):
                 return
-            if stream is not state.stream:
-                raise state.ended_error(stream)
             chunk = self.next_chunk(timeout=self.timeout)
             if chunk is not None:
                 yield chunk

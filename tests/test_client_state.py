@@ -589,3 +589,40 @@ def test_nothing_is_sent_after_close():
     start(state, [1, 2], 1)
     state.closed = True
     assert state.cancel().send == ()
+
+
+# -- iterating: never ends silently ----------------------------------------------------------------------------------------------
+
+
+def test_an_iteration_ends_once_at_the_last_chunk_and_the_next_one_says_why():
+    state = client()
+    with pytest.raises(AsyncFramesError, match="no request to iterate"):
+        state.iteration_start()
+    rid, _ = start(state, [1, 2], 2)
+    stream = state.iteration_start()
+    assert not state.iteration_over(stream)
+    state.received(0, *chunk_of(rid, 0, [1, 2], True))
+    take_all(state)
+    assert state.iteration_over(stream)
+    with pytest.raises(AsyncFramesError, match=f"request {rid} was fully consumed: all 1 of its chunks"):
+        state.iteration_start()
+
+
+def test_an_empty_request_is_empty_once():
+    state = client(servers=2)
+    start(state, np.empty(0, np.int64), 4)
+    assert state.iteration_over(state.iteration_start())
+    with pytest.raises(AsyncFramesError, match="fully consumed"):
+        state.iteration_start()
+
+
+def test_an_iteration_of_a_replaced_request_raises_why_it_ended():
+    state = client()
+    old, _ = start(state, [1, 2, 3], 1)
+    stream = state.iteration_start()
+    state.received(0, *chunk_of(old, 0, [1], False))
+    take_all(state)
+    new, _ = start(state, [5], 1)
+    with pytest.raises(RequestCancelledError, match=f"request {old} was replaced by request {new} .* after 1 of its chunks"):
+        state.iteration_over(stream)
+    assert not state.iteration_over(state.iteration_start())  # the new one is fine
