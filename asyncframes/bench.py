@@ -258,14 +258,14 @@ def rss():
         return int(f.read().split()[1]) * PAGE
 import os
 PAGE = os.sysconf("SC_PAGE_SIZE")
-path, total, fpc, delay, prefetch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+path, total, fpc, delay, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 peak = [0]
 stop = threading.Event()
 def sample():
     while not stop.is_set():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
-with AsyncVideo(prefetch=prefetch) as client:
+with AsyncVideo(window=window) as client:
     n = client.info(path).frame_count
     client.load_by_chunk(path, [0], 1)
     chunk_bytes = [frames.nbytes for _, frames in client.chunks][0] * fpc
@@ -281,13 +281,13 @@ with AsyncVideo(prefetch=prefetch) as client:
     elapsed = time.perf_counter() - start
     stop.set()
 print(json.dumps({"frames": got, "growth_mb": (peak[0] - before) / 1e6, "chunk_mb": chunk_bytes / 1e6,
-                  "window_mb": prefetch * chunk_bytes / 1e6, "consumer_fps": got / elapsed}))
+                  "window_mb": window * chunk_bytes / 1e6, "consumer_fps": got / elapsed}))
 """
 
 
-def bench_memory(path: str, total: int, frames_per_chunk: int, delay: float, prefetch: int = 2) -> dict[str, Any]:
+def bench_memory(path: str, total: int, frames_per_chunk: int, delay: float, window: int = 2) -> dict[str, Any]:
     """Client resident memory growth while a slow consumer takes ``total`` frames, in a fresh process."""
-    args = [path, str(total), str(frames_per_chunk), str(delay), str(prefetch)]
+    args = [path, str(total), str(frames_per_chunk), str(delay), str(window)]
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
         report["memory"] = {"video": target.name, **mem}
         print(f"\nclient memory: {mem['frames']} frames of {target.name} to a consumer taking "
               f"{mem['consumer_fps']:.0f} frames/s: resident memory grew {mem['growth_mb']:.1f} MB; window "
-              f"(prefetch 2 x {mem['chunk_mb']:.1f} MB chunks) {mem['window_mb']:.1f} MB; "
+              f"(2 x {mem['chunk_mb']:.1f} MB chunks) {mem['window_mb']:.1f} MB; "
               f"target <= window + 100 = {mem['window_mb'] + 100:.1f} MB")
     counts = args.workers if args.workers is not None else sorted({1, 2, os.cpu_count() or 1})
     if counts:

@@ -1,12 +1,19 @@
 """``AsyncVideo``: ask frame servers for frames and receive them chunk by chunk.
 
+This module is the client's *driver*: it owns the sockets, the private server
+process, the shared-memory mappings and the clock, and nothing else. Every
+protocol decision (what to send, what a chunk must hold, which error a lost
+connection is, what is handed to the caller and in which order) is made by the
+pure core in :mod:`asyncframes._client_state`; the driver feeds it what happened
+and carries out the :class:`~asyncframes._client_state.Actions` it answers.
+
 The client never blocks without a bound: every wait polls in short slices and
 checks that each server is still there (its process for a private server, the
 connection for any server), so a dead server is reported as
 :class:`ServerDiedError` within a second or so, and a silent one as
 :class:`RequestTimeoutError` after ``timeout`` seconds.
 
-Flow control is by credit: a server keeps at most ``prefetch`` chunks ahead of
+Flow control is by credit: a server keeps at most ``window`` chunks ahead of
 what the caller has taken, so memory stays bounded however long the request.
 Given several servers, a request is dealt out chunk by chunk (chunk *k* to
 server *k mod n*), each server streams its share, and chunks are handed back
@@ -15,33 +22,27 @@ in order.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import time
-from collections import deque
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import attrs
 import numpy as np
-import zmq
 
 from . import protocol, shm
+from ._client_state import Actions, Admit, Arrival, ClientState, ConnectionEvent, Health, Link, Send
 from .errors import (
     AsyncFramesError,
-    AuthenticationError,
     FrameIndexError,
-    ProtocolError,
-    RequestCancelledError,
     RequestTimeoutError,
     ServerDiedError,
-    ServerError,
     ServerShutdownError,
     ServerStartError,
     error_from_wire,
 )
 from .process import ServerProcess, prestart, take_prestarted
-from .transport import ClientCurve, ClientSocket, poll_any
+from .transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
 from .video import Video, VideoInfo, as_video
 
 VideoLike = Union[Video, str, "os.PathLike[str]"]
@@ -54,10 +55,12 @@ _SLICE_S = 0.05
 
 
 class FrameChunk(NamedTuple):
-    """One chunk: the frame indices and their frames, ``(len(frame_idxs), h, w, c)`` uint8.
+    """One chunk of a request: the frame indices and their frames.
 
-    ``frames`` is a zero-copy view of the received message; the caller owns it
-    and may write to it.
+    ``frame_idxs``: the video frame numbers, in request order (duplicates repeated).
+    ``frames``: ``(len(frame_idxs), height, width, channels)`` uint8 (channels 1 for
+    grayscale, 3 for RGB), a zero-copy view of the received message or shared slot;
+    the caller owns it and may write to it.
     """
 
     frame_idxs: list[int]
@@ -68,6 +71,16 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.nda
     """Frame indices as a range or a one-dimensional integer array (None stays None: every frame).
 
     Never a list of Python ints: millions of indices stay one compact array, sent as raw bytes.
+
+    Args:
+        frame_idxs: a list, range, 1-D integer array or iterable of ints, or None.
+
+    Returns:
+        A range (kept as it is) or a 1-D integer array; None for None.
+
+    Raises:
+        TypeError: a string or bytes, a single number, a 2-D array, or non-integer indices.
+        FrameIndexError: an index is negative or over the largest a video can have (2**32 - 1).
     """
     if frame_idxs is None:
         return None
@@ -101,147 +114,36 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.nda
 
 
 class _Connection:
-    """One server: its socket, whether it greeted us, and whether it is still there.
+    """The driver's half of one server: its socket, its shared-memory mappings and (if private) its process.
 
-    When the connection is lost (or the server says it shuts down) the DEALER is
-    closed and a fresh one made: nothing queued for the old connection (a
-    ``Cancel``, a ``Credit``, a ``Shutdown`` from the old server) can reach or
-    come from the new one, and the next message sent is always a new ``Hello``.
+    The protocol's half (health, generation, what the welcome said) is ``link``, in the core.
     """
 
-    def __init__(self, endpoint: str, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None) -> None:
-        self.endpoint = endpoint
+    def __init__(self, link: Link, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None) -> None:
+        self.link = link
+        self.endpoint = link.endpoint
         self.process = process
         self._curve = curve
-        self.socket = _open_socket(endpoint, curve)
-        self.curve = curve is not None
-        self.greeted = False
-        self.connected = False  # a ZMTP handshake has succeeded at least once
-        self.generation = 0  # bumped each time the socket is replaced
-        self.ever_greeted = False  # a frame server with our settings has answered at this endpoint
-        self.server_version = ""
-        self.inbox: deque = deque()  # (message, payload) of the current stream, in arrival order
-        self.chunks_received = 0
-        self.shm_pid: Optional[int] = None  # the server's pid when we reach its shared memory
-        self.max_request_frames: Optional[int] = None  # the server's limit, from its welcome
+        self.socket = ClientSocket(link.endpoint, curve)
         self.slots = shm.ClientSlots()
+        self.use_slots()
 
-    def welcome(self, message: protocol.Welcome) -> None:
-        """The server greeted us: note its version and whether its shared memory is in reach."""
-        self.greeted, self.server_version = True, message.server
-        self.ever_greeted = True
-        self.max_request_frames = message.max_request_frames
-        probe = message.shm
-        reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
-        self.shm_pid = probe.pid if reachable and probe is not None else None
-        self.slots = shm.ClientSlots()  # slot numbers are per server process
+    @property
+    def shm_pid(self) -> Optional[int]:
+        """The server's pid when we reach its shared memory (from the core's link)."""
+        return self.link.shm_pid
 
-    def reset(self) -> None:
-        """The connection is lost: start over with a fresh socket (fresh queues) and no greeting."""
-        for message, _payload in self.inbox:
-            self.drop(message)
-        self.inbox.clear()
-        self.socket.close()
-        self.greeted = self.connected = False
-        self.shm_pid = None
+    def use_slots(self) -> None:
+        """Fresh mappings for a new server process; slots the caller lets go of are queued on the link."""
         self.slots.clear()  # arrays the caller holds keep their own mapping
         self.slots = shm.ClientSlots()
-        self.generation += 1
-        self.socket = _open_socket(self.endpoint, self._curve)
+        self.slots.freed = self.link.freed
 
-    def send(self, message: protocol.Message, deadline: Optional[float], busy: bool = True) -> bool:
-        """Queue ``message`` by ``deadline`` (False if it could not be), raising if the connection failed.
-
-        ``busy``: the message belongs to this connection's conversation (a request, a
-        credit), so losing the connection meanwhile is a :class:`ServerDiedError`;
-        otherwise (a Hello) it returns False and the caller starts over.
-        """
-        generation = self.generation
-
-        def between() -> None:
-            self.check(busy=busy)
-            if self.generation != generation:
-                if busy:
-                    raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
-                raise _Replaced()
-
-        try:
-            return self.socket.send(message, deadline, between, _SLICE_S)
-        except _Replaced:
-            return False
-
-    def send_soon(self, message: protocol.Message) -> None:
-        """Best effort, bounded by a short wait: a message whose loss the protocol tolerates or a reset repairs."""
-        _quietly(self.send, message, time.monotonic() + _SLICE_S)
-
-    def drop(self, message: protocol.Message) -> None:
-        """A chunk nobody will look at: hand its shared slot straight back."""
-        if isinstance(message, protocol.Chunk) and message.shm is not None:
-            self.slots.forget(message.shm.retired)
-            self.slots.discard(message.shm.slot)
-
-    def send_released(self, deadline: Optional[float]) -> None:
-        """Tell the server which shared slots the caller has let go of since we last said."""
-        freed = self.slots.take_freed()
-        if freed:
-            self.send(protocol.Release(slots=freed), deadline)
-
-    def check(self, busy: bool) -> None:
-        """Raise if the server is gone (``busy``: something is outstanding on this connection)."""
-        self._check_process()
-        for event in self.socket.events():
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                raise AuthenticationError(f"the frame server at {self.endpoint} refused our CURVE credentials")
-            if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                if self.ever_greeted:
-                    # A frame server with our settings answered here before: this is not it (yet), e.g.
-                    # a reconnect to a free port that the kernel turned into a connection to ourselves.
-                    self.reset()
-                    return
-                raise AuthenticationError(
-                    f"the handshake with {self.endpoint} failed: its security settings differ from ours "
-                    "(CURVE required on one side only, or not a frame server?)"
-                )
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-            elif event == zmq.EVENT_DISCONNECTED:
-                was_connected = self.connected
-                said = self._last_words()
-                self.reset()
-                if busy and was_connected:
-                    if said is not None:
-                        raise ServerShutdownError(f"the frame server at {self.endpoint} shut down: {said.reason}")
-                    if self.process is not None:
-                        self._wait_for_exit()
-                    raise ServerDiedError(f"lost the connection to the frame server at {self.endpoint}")
-                return  # the old socket's other events are history
-
-    def _last_words(self) -> Optional[protocol.Shutdown]:
-        """The connection is gone: the Shutdown it left in our queue, if any (the rest is of no use now)."""
-        said = None
-        try:
-            while self.socket.has_message():
-                message, _payload = self.socket.recv()
-                if isinstance(message, protocol.Shutdown):
-                    said = message
-        except (zmq.ZMQError, AsyncFramesError):
-            pass
-        return said
-
-    def _check_process(self) -> None:
-        if self.process is None:
-            return
-        code = self.process.exit_code()
-        if code is not None:
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            raise ServerDiedError(f"the frame server (pid {self.process.pid}) {how}")
-
-    def _wait_for_exit(self, within: float = 1.0) -> None:
-        """A private server's socket closed: report how the process ended, if it did."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            self._check_process()
-            time.sleep(0.01)
+    def replace_socket(self) -> None:
+        """A fresh socket (fresh queues) for the link's new generation."""
+        self.socket.close()
+        self.use_slots()
+        self.socket = ClientSocket(self.endpoint, self._curve)
 
     def close(self) -> None:
         self.socket.close()
@@ -253,57 +155,44 @@ class _Connection:
     def abandon(self) -> None:
         """In a forked child: forget the parent's socket and server without touching them."""
         self.process = None
-        self.inbox.clear()
 
 
 class _Replaced(Exception):
     """The connection was replaced while a message waited to be sent."""
 
 
-@attrs.define
-class _Stream:
-    """A request in flight, dealt over ``conns``: global chunk k comes from ``conns[k % n]``.
-
-    ``idxs``/``frames_per_chunk``/``spec`` are what we asked for, so each chunk
-    can be checked against it; ``frame_shape`` is the ``(h, w, c)`` of its first
-    non-empty chunk, which every later chunk must share.
-    """
-
-    request_id: int
-    conns: list[_Connection]
-    total_chunks: Optional[int]  # None: a single server decides (every frame of the video)
-    idxs: "Optional[Union[range, np.ndarray]]" = None
-    frames_per_chunk: int = 64
-    spec: Optional[Video] = None
-    next_chunk: int = 0
-    done: bool = False
-    frame_shape: Optional[tuple[int, ...]] = None
-    ended: str = ""  # why it ended before its last chunk: "was cancelled by cancel()", ...
-    end_seen: bool = False  # the caller has been given its end
-
-    def expected_idxs(self, k: int, n: int) -> Optional[list[int]]:
-        """The frame indices global chunk ``k`` must hold (``n``: how many it holds, for every-frame requests)."""
-        fpc = self.frames_per_chunk
-        if self.idxs is None:
-            return list(range(k * fpc, k * fpc + n))
-        selected = self.idxs[k * fpc : (k + 1) * fpc]
-        return selected.tolist() if isinstance(selected, np.ndarray) else list(selected)
-
-
 class AsyncVideo:
     """Frames from background frame servers, chunk by chunk.
 
-    ``endpoint``: None starts a private server process that lives as long as this
-    object; a string (or several) connects to running servers (``asyncframes serve``),
-    each ``tcp://host:port`` or ``ipc://path``.
-    ``timeout`` bounds every wait (None: wait as long as the server lives).
-    ``curve_secret``/``curve_server_key``: this client's ``.key_secret`` file and
-    the server's ``.key`` file, for servers that require CURVE authentication.
-    ``workers``: decoder threads of a private server (None: one per 2 CPUs).
-    ``shared_memory``: take frames through shared memory when the server is on
-    this machine (no copy at all); False always receives them inline.
-    Not thread-safe: use one AsyncVideo per thread, and not across ``fork``:
-    make one in the child process (e.g. in a DataLoader worker).
+    Not thread-safe: use one AsyncVideo per thread, and not across ``fork``: make
+    one in the child process (e.g. in a DataLoader worker).
+
+    Args:
+        endpoint: None starts a private server process that lives as long as this
+            object; a string (or a list of them) connects to running servers
+            (``asyncframes serve``), each ``tcp://host:port`` or ``ipc://path``. Given
+            several, each request is dealt over them chunk by chunk.
+        timeout: seconds any one call may wait (None: as long as the server lives).
+        start_timeout: seconds to start a private server and greet every server.
+        window: how many chunks a server may have ahead of what the caller took (at
+            least 1; a server caps it at its ``max_window``). Memory on both sides is
+            bounded by ``window`` chunks.
+        curve_secret: this client's ``.key_secret`` file, for servers that require
+            CURVE authentication (with ``curve_server_key``).
+        curve_server_key: the server's ``.key`` file.
+        server_log_level: log level of a private server (DEBUG, INFO, WARNING, ERROR).
+        workers: decoder threads of a private server (None: one per 2 CPUs).
+        shared_memory: take frames through shared memory when the server is on this
+            machine (no copy at all); False always receives them inline.
+
+    Raises:
+        ValueError: ``window`` or ``workers`` is not a positive integer, or only one
+            of the two CURVE files is given.
+        TypeError: ``endpoint`` is neither a string nor a list of strings.
+        ServerStartError: an endpoint is malformed, a private server did not start,
+            or a server could not be reached or did not answer within ``start_timeout``.
+        AuthenticationError: a server refused our CURVE credentials, or its security
+            settings differ from ours (CURVE on one side only).
     """
 
     def __init__(
@@ -312,7 +201,7 @@ class AsyncVideo:
         *,
         timeout: Optional[float] = 30.0,
         start_timeout: float = 30.0,
-        prefetch: int = 2,
+        window: int = 2,
         curve_secret: Optional[PathLike] = None,
         curve_server_key: Optional[PathLike] = None,
         server_log_level: str = "WARNING",
@@ -322,47 +211,56 @@ class AsyncVideo:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
         self._pid = os.getpid()
-        if prefetch < 1:
-            raise ValueError("prefetch must be at least 1")
+        _check_window(window)
         if (curve_secret is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both curve_secret (ours) and curve_server_key (the server's)")
         _check_workers(workers)
         endpoints = None if endpoint is None else _check_endpoints(endpoint)
         self.timeout = timeout
         self.start_timeout = start_timeout
-        self.prefetch = prefetch
-        self._ids = itertools.count(1)
-        self._stream: Optional[_Stream] = None
-        self._last: Optional[_Stream] = None  # the latest request, even once it is over
-        self._replies: dict[int, Any] = {}
-        self.shared_memory = shared_memory
-        self._awaiting: set[int] = set()
         curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
+            process = None
             if endpoints is None:
                 options = _server_options(workers)
                 process = take_prestarted(server_log_level, options, start_timeout) or ServerProcess(
                     start_timeout=start_timeout, log_level=server_log_level, options=options
                 )
-                self._conns.append(_Connection(process.endpoint, None, process))
+                endpoints = [process.endpoint]
+            self._state = ClientState(endpoints, int(window), shared_memory)
+            if process is not None:
+                self._conns.append(_Connection(self._state.links[0], None, process))
             else:
-                self._conns.extend(_Connection(e, curve) for e in endpoints)
+                self._conns.extend(_Connection(link, curve) for link in self._state.links)
             deadline = time.monotonic() + start_timeout
-            for conn in self._conns:
-                self._greet(conn, deadline, start_timeout)
+            for i in range(len(self._conns)):
+                self._greet(i, deadline, start_timeout)
         except BaseException:
+            if process is not None and not self._conns:
+                process.stop()
             self.close()
             raise
 
     @staticmethod
     def prestart(*, workers: Optional[int] = None, server_log_level: str = "WARNING") -> int:
-        """Start a private server now, in the background, for the next ``AsyncVideo()``; its pid.
+        """Start a private server now, in the background, for the next ``AsyncVideo()``.
 
         Starting Python, NumPy and PyAV takes a few hundred milliseconds. Call this
         when your app starts, and the first video it opens finds its server ready.
-        The arguments must match the ``AsyncVideo`` that is to take it.
+
+        Args:
+            workers: as for ``AsyncVideo``; must match the ``AsyncVideo`` that is to take it.
+            server_log_level: as for ``AsyncVideo``; must match too.
+
+        Returns:
+            The server's process id.
+
+        Raises:
+            ValueError: ``workers`` is not a positive integer.
+            ServerStartError: the process could not be started.
         """
+        _check_workers(workers)
         return prestart(server_log_level, _server_options(workers))
 
     @classmethod
@@ -373,7 +271,20 @@ class AsyncVideo:
         frames_per_chunk: int = 64,
         **kwargs: Any,
     ) -> "AsyncVideo":
-        """Start a client (``kwargs`` go to the constructor) and request frames of ``video``."""
+        """Start a client and request frames of ``video``: ``AsyncVideo(**kwargs)``, then :meth:`load_by_chunk`.
+
+        Args:
+            video: as for :meth:`load_by_chunk`.
+            frame_idxs: as for :meth:`load_by_chunk`.
+            frames_per_chunk: as for :meth:`load_by_chunk`.
+            **kwargs: the constructor's keyword arguments.
+
+        Returns:
+            The client, its request under way (close it, or use it in a ``with`` block).
+
+        Raises:
+            AsyncFramesError: whatever the constructor or :meth:`load_by_chunk` raises.
+        """
         client = cls(**kwargs)
         try:
             client.load_by_chunk(video, frame_idxs, frames_per_chunk)
@@ -382,166 +293,200 @@ class AsyncVideo:
             raise
         return client
 
+    # -- settings ----------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """How many chunks a server may have ahead of what the caller took; used by the next request.
+
+        Raises:
+            ValueError: (when set) not a positive integer.
+        """
+        return self._state.window
+
+    @window.setter
+    def window(self, window: int) -> None:
+        _check_window(window)
+        self._state.window = int(window)
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether the next request may take frames through shared memory (when the server is in reach)."""
+        return self._state.shared_memory
+
+    @shared_memory.setter
+    def shared_memory(self, shared_memory: bool) -> None:
+        self._state.shared_memory = bool(shared_memory)
+
     # -- requests ----------------------------------------------------------------
 
     def load_by_chunk(self, video: VideoLike, frame_idxs: FrameIdxs = None, frames_per_chunk: int = 64) -> None:
-        """Request ``frame_idxs`` of ``video`` (None: all frames), replacing any current request."""
+        """Request frames of ``video``, replacing any current request; read them from :attr:`chunks`.
+
+        Args:
+            video: a path (to a private server: relative to our working directory; to
+                a standalone server: relative to its ``--root``), or a :class:`Video`
+                (a path with the grayscale and stream options).
+            frame_idxs: the frame numbers, in the order wanted, duplicates allowed: a
+                list, range, 1-D integer array or iterable of ints; None: every frame.
+            frames_per_chunk: frames per chunk, a positive integer.
+
+        Raises:
+            TypeError: ``frame_idxs`` is not a sequence of integers (e.g. a string or a 2-D array).
+            FrameIndexError: a frame index is negative or over the largest a video can have.
+            ValueError: ``frames_per_chunk`` is not a positive integer.
+            ServerError: the request names more frames than a server's ``max_request_frames``.
+            ServerDiedError: a server went away while the request was being sent.
+            RequestTimeoutError: it could not be sent within ``timeout``.
+            AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
+        """
         self._check_open()
         spec = self._spec(video)
         idxs = normalize_frame_idxs(frame_idxs)
         if isinstance(frames_per_chunk, bool) or not isinstance(frames_per_chunk, (int, np.integer)) or frames_per_chunk < 1:
             raise ValueError(f"frames_per_chunk must be a positive integer, got {frames_per_chunk!r}")
         fpc = int(frames_per_chunk)
-        rid = next(self._ids)
-        self.cancel(reason=f"was replaced by request {rid} (load_by_chunk)")
+        state = self._state
+        rid = state.new_request_id()
+        self._carry_out(state.replace(rid))
         deadline = self._deadline(self.timeout)
-        if len(self._conns) == 1:
-            self._stream = self._last = _Stream(rid, self._conns[:1], None, idxs, fpc, spec)
-            requests = [(self._conns[0], protocol.Request(rid, spec, protocol.frame_selection(idxs), fpc, self.prefetch))]
-        else:
-            if idxs is None:
-                idxs = range(self.info(spec).frame_count)
-            chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
-            conns = self._conns[: max(1, min(len(self._conns), len(chunks)))]
-            self._stream = self._last = _Stream(rid, conns, len(chunks), idxs, fpc, spec, done=not chunks)
-            shares = [
-                np.concatenate([np.asarray(chunk, dtype=np.int64) for chunk in chunks[j :: len(conns)]] or [np.empty(0, np.int64)])
-                for j in range(len(conns))
-            ]
-            requests = [
-                (conn, protocol.Request(rid, spec, protocol.frame_selection(share), fpc, self.prefetch))
-                for conn, share in zip(conns, shares)
-                if len(share)
-            ]
         try:
-            for conn, request in requests:
-                self._request(conn, request, deadline)
+            if len(self._conns) > 1 and idxs is None:  # dealing every frame needs their number
+                idxs = range(self.info(spec).frame_count)
+            for i in state.servers_for(idxs, fpc):
+                self._open(i, deadline)
+            self._carry_out(state.start_request(rid, spec, idxs, fpc), deadline)
         except BaseException as exc:
-            self.cancel(reason=f"could not be sent ({type(exc).__name__}: {exc})")
+            self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise
 
     @property
     def done(self) -> bool:
         """True when there is no request or its last chunk has been taken."""
-        return self._stream is None or self._stream.done
+        stream = self._state.stream
+        return stream is None or stream.done
 
     @property
     def chunks(self) -> Iterator[FrameChunk]:
-        """Yield ``(frame_idxs, frames)`` for every chunk of the current request, in order.
+        """An iterator of the current request's chunks, in order, as :class:`FrameChunk`.
 
-        Never ends silently: iterating after ``close()`` raises the closed error,
-        after ``cancel()`` (or once ``load_by_chunk`` replaced the request)
-        :class:`RequestCancelledError`, and once a request was fully consumed an
-        :class:`AsyncFramesError` saying so.
+        Never ends silently: iteration raises instead of stopping when there is
+        nothing to iterate.
+
+        Returns:
+            An iterator over :class:`FrameChunk` ``(frame_idxs, frames)``.
+
+        Raises:
+            AsyncFramesError: (when iterated) this AsyncVideo is closed; no request was
+                made; or the request was fully consumed already.
+            RequestCancelledError: the request was cancelled by :meth:`cancel`, replaced
+                by another :meth:`load_by_chunk`, or lost with its server.
+            RequestTimeoutError: no chunk arrived within ``timeout``.
+            ServerDiedError: a server went away (:class:`ServerShutdownError`: it shut down).
+            ProtocolError: a chunk differs from what was asked for.
+            FrameIndexError, VideoError, ServerError: what a server reported about the request.
         """
         return self._iterate()
 
     def _iterate(self) -> Iterator[FrameChunk]:
         self._check_open()
-        stream = self._stream
-        if stream is None:
-            raise self._ended_error(self._last)
-        if stream.done and stream.end_seen:
-            raise self._ended_error(stream)
+        state = self._state
+        stream = state.iteration_start()
         while True:
             self._check_open()
-            if stream.done:  # every chunk delivered: the end, even if another request followed
-                stream.end_seen = True
+            if state.iteration_over(stream):
                 return
-            if stream is not self._stream:
-                raise self._ended_error(stream)
             chunk = self.next_chunk(timeout=self.timeout)
             if chunk is not None:
                 yield chunk
-            elif stream is self._stream and not stream.done:
+            elif stream is state.stream and not stream.done:
                 raise RequestTimeoutError(
                     f"no chunk arrived within {self.timeout:g} s (request {stream.request_id}, chunk {stream.next_chunk})"
                 )
 
-    def _ended_error(self, stream: Optional[_Stream]) -> AsyncFramesError:
-        """Why there is nothing (more) to iterate."""
-        if self._closed:
-            return AsyncFramesError("this AsyncVideo is closed")
-        if stream is None:
-            return AsyncFramesError("there is no request to iterate: call load_by_chunk(video, frame_idxs) first")
-        if stream.done:
-            return AsyncFramesError(
-                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
-                "call load_by_chunk(...) to request frames again"
-            )
-        return RequestCancelledError(
-            f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.next_chunk} of its chunks "
-            "were delivered; call load_by_chunk(...) to request frames again"
-        )
-
     def next_chunk(self, timeout: Optional[float] = _DEFAULT) -> Optional[FrameChunk]:
-        """The next chunk if one arrives within ``timeout`` seconds (0: only if ready now), else None.
+        """The next chunk of the current request if one arrives in time, for callers that poll (a GUI).
 
-        Raises the request's error (e.g. :class:`FrameIndexError`) if a server reported one.
+        Args:
+            timeout: seconds to wait; 0: only a chunk that is here already; None: as
+                long as the server lives; by default the ``timeout`` given to the constructor.
+
+        Returns:
+            The next :class:`FrameChunk`, or None if none arrived in time, or there is
+            no request, or its last chunk was taken (see :attr:`done`).
+
+        Raises:
+            ServerDiedError: a server went away (:class:`ServerShutdownError`: it shut down).
+            ProtocolError: a chunk differs from what was asked for.
+            FrameIndexError, VideoError, ServerError: what a server reported about the request.
+            AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
         """
         self._check_open()
         deadline = self._deadline(timeout)
         while True:
-            stream = self._stream
-            if stream is None or stream.done:
-                return None
-            conn = stream.conns[stream.next_chunk % len(stream.conns)]
-            if conn.inbox:
-                chunk = self._take(stream, conn, *conn.inbox.popleft(), deadline)
+            arrival = self._state.next_ready()
+            if arrival is not None:
+                chunk = self._take(arrival, deadline)
                 if chunk is not None:
                     return chunk
                 continue
-            if not self._pump(deadline):
+            if self.done or not self._pump(deadline):
                 return None
 
     def cancel(self, reason: str = "was cancelled by cancel()") -> None:
-        """Abandon the current request; chunks still in flight are discarded."""
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        if not stream.done:
-            stream.ended = reason
-        for conn in stream.conns:
-            for message, _payload in conn.inbox:
-                conn.drop(message)
-            conn.inbox.clear()
-            if self._closed or not conn.greeted:
-                continue  # a connection being replaced carries nothing stale to the next one
-            if not stream.done:
-                conn.send_soon(protocol.Cancel(request_id=stream.request_id))
-            _quietly(conn.send_released, time.monotonic() + _SLICE_S)
+        """Abandon the current request; chunks still in flight are discarded. Does nothing without one.
+
+        Args:
+            reason: completes "request N ..." in the :class:`RequestCancelledError` that
+                iterating the request raises from now on.
+        """
+        state = getattr(self, "_state", None)
+        if state is not None:
+            self._carry_out(state.cancel(reason))
 
     def info(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> VideoInfo:
-        """Metadata of ``video`` as the server sees it (frame count, size, channels, fps, codec)."""
+        """What ``video`` holds, as the (first) server sees it.
+
+        Args:
+            video: as for :meth:`load_by_chunk`.
+            timeout: seconds to wait for the answer (None: as long as the server lives;
+                by default the constructor's ``timeout``).
+
+        Returns:
+            The :class:`VideoInfo`: frame count, height, width, channels, grayscale, fps, codec, ...
+
+        Raises:
+            VideoNotFoundError, VideoOpenError, VideoAccessError: the server cannot open it.
+            RequestTimeoutError: no answer within ``timeout``.
+            ServerDiedError: the server went away.
+            AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
+        """
         self._check_open()
         spec = self._spec(video)
-        timeout = self.timeout if timeout is _DEFAULT else timeout
-        deadline = self._deadline(timeout)
-        rid = next(self._ids)
-        self._awaiting.add(rid)
-        try:
-            self._request(self._conns[0], protocol.InfoRequest(request_id=rid, video=spec), deadline)
-            reply = self._await_reply(rid, deadline, timeout)
-        finally:
-            self._awaiting.discard(rid)
+        reply = self._ask(lambda rid: protocol.InfoRequest(request_id=rid, video=spec), timeout)
         if isinstance(reply, protocol.Error):
             raise error_from_wire(reply.error, reply.message)
         assert isinstance(reply, protocol.InfoReply)
         return reply.info
 
     def ping(self, timeout: Optional[float] = _DEFAULT) -> float:
-        """Round-trip time to the (first) server in seconds."""
+        """Round-trip time to the (first) server.
+
+        Args:
+            timeout: seconds to wait for the answer (None: as long as the server lives;
+                by default the constructor's ``timeout``).
+
+        Returns:
+            The round-trip time in seconds.
+
+        Raises:
+            RequestTimeoutError: no answer within ``timeout``.
+            ServerDiedError: the server went away.
+            AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
+        """
         self._check_open()
-        timeout = self.timeout if timeout is _DEFAULT else timeout
-        deadline = self._deadline(timeout)
-        rid = next(self._ids)
         start = time.perf_counter()
-        self._awaiting.add(rid)
-        try:
-            self._request(self._conns[0], protocol.Ping(request_id=rid), deadline)
-            self._await_reply(rid, deadline, timeout)
-        finally:
-            self._awaiting.discard(rid)
+        self._ask(lambda rid: protocol.Ping(request_id=rid), timeout)
         return time.perf_counter() - start
 
     # -- what and where ----------------------------------------------------------
@@ -553,37 +498,41 @@ class AsyncVideo:
 
     @property
     def endpoints(self) -> list[str]:
+        """Every server's endpoint, in the order given."""
         return [conn.endpoint for conn in self._conns]
 
     @property
     def server_version(self) -> str:
-        return self._conns[0].server_version if self._conns else ""
+        """The (first) server's package version, from its welcome ("" once closed)."""
+        return self._state.links[0].server_version if self._conns else ""
 
     @property
     def server_pid(self) -> Optional[int]:
-        """Process id of the private server, if this client owns one."""
+        """Process id of the private server, if this client owns one (else None)."""
         process = self._conns[0].process if self._conns else None
         return process.pid if process is not None else None
 
     @property
     def chunks_by_endpoint(self) -> dict[str, int]:
-        """How many chunks each server has delivered to this client."""
-        return {conn.endpoint: conn.chunks_received for conn in self._conns}
+        """How many chunks each server has delivered to this client, by endpoint."""
+        return {link.endpoint: link.chunks_received for link in self._state.links} if self._conns else {}
 
     # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
         """Cancel any request, stop a private server, release the sockets. Safe to call twice.
 
-        In a forked child this touches nothing the parent owns (its server, its
-        sockets): the child only forgets them.
+        Arrays the caller holds stay valid (each keeps its own mapping). In a forked
+        child this touches nothing the parent owns (its server, its sockets): the
+        child only forgets them.
         """
         conns = getattr(self, "_conns", [])
-        if not conns:
+        state: Optional[ClientState] = getattr(self, "_state", None)
+        if not conns or state is None:
             self._closed = True
             return
         if getattr(self, "_pid", os.getpid()) != os.getpid():
-            self._closed, self._stream, self._conns = True, None, []
+            self._closed, state.closed, state.stream, self._conns = True, True, None, []
             for conn in conns:
                 conn.abandon()
             _FORKED_LEFTOVERS.extend(conns)  # never collected here: their sockets belong to the parent
@@ -591,12 +540,12 @@ class AsyncVideo:
         try:
             if not getattr(self, "_closed", True):
                 self.cancel(reason="was cancelled by close()")
-                for conn in conns:
+                for i, conn in enumerate(conns):
                     if conn.process is not None:
-                        conn.send_soon(protocol.Stop())
+                        self._send(Send(i, conn.link.generation, protocol.Stop(), must=False), None)
         finally:
-            self._closed = True
-            self._stream = None
+            self._closed = state.closed = True
+            state.stream = None
             self._conns = []
             for conn in conns:
                 conn.close()
@@ -612,6 +561,213 @@ class AsyncVideo:
             self.close()
         except Exception:
             pass
+
+    # -- the driver: carrying out what the core decides --------------------------
+
+    def _carry_out(self, actions: Actions, deadline: Optional[float] = None) -> None:
+        """Do what the core said: replace sockets, send messages (by ``deadline``), raise its error."""
+        for i in actions.reset:
+            self._conns[i].replace_socket()
+        for send in actions.send:
+            self._send(send, deadline)
+        if actions.error is not None:
+            raise actions.error
+
+    def _send(self, send: Send, deadline: Optional[float]) -> None:
+        """Send one message the core asked for, greeting first if its connection is new."""
+        admit = self._state.admit(send)
+        if admit is Admit.DROP:
+            if send.must:  # it belonged to a connection that is gone
+                self._died(ServerDiedError(f"lost the connection to the frame server at {self._conns[send.server].endpoint}"))
+            return
+        if not send.must:
+            _quietly(self._transmit, send.server, send.message, time.monotonic() + _SLICE_S)
+            return
+        if admit is Admit.GREET_FIRST:
+            self._greet(send.server, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not self._transmit(send.server, send.message, deadline):
+            raise RequestTimeoutError(f"could not send to the frame server at {self._conns[send.server].endpoint} in time")
+
+    def _transmit(self, i: int, message: protocol.Message, deadline: Optional[float], busy: bool = True) -> bool:
+        """Queue ``message`` on server ``i``'s socket by ``deadline`` (False if it could not be), checking on it meanwhile.
+
+        ``busy``: the message belongs to this connection's conversation (a request, a
+        credit), so losing the connection meanwhile is a :class:`ServerDiedError`;
+        otherwise (a Hello) it returns False and the caller starts over.
+        """
+        conn, link = self._conns[i], self._state.links[i]
+        generation = link.generation
+
+        def between() -> None:
+            self._check(i, busy=busy)
+            if link.generation != generation:
+                if busy:
+                    self._died(ServerDiedError(f"lost the connection to the frame server at {conn.endpoint}"))
+                raise _Replaced()
+
+        try:
+            return conn.socket.send(message, deadline, between, _SLICE_S)
+        except _Replaced:
+            return False
+
+    def _died(self, error: ServerDiedError) -> None:
+        """A server is gone: the core ends the request; raise ``error``."""
+        self._carry_out(self._state.server_died(error))
+
+    def _check(self, i: int, busy: bool) -> None:
+        """Raise if server ``i`` is gone (``busy``: something is outstanding on its connection)."""
+        conn, state = self._conns[i], self._state
+        if conn.process is not None:
+            error = conn.process.exit_error()
+            if error is not None:
+                self._died(error)
+        for event in conn.socket.events():
+            leftovers = conn.socket.leftovers() if event is ConnectionEvent.LOST else ()
+            actions = state.connection_event(i, event, busy, leftovers)
+            error = actions.error
+            if conn.process is not None and type(error) is ServerDiedError:  # our own server: how it ended
+                error = conn.process.wait_exit_error() or error
+            self._carry_out(attrs.evolve(actions, error=error))
+            if actions.reset:
+                return  # the old socket's other events are history
+
+    def _greet(self, i: int, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Handshake (again, after a reconnect) so the server knows our protocol version; by ``deadline``.
+
+        If the connection is replaced meanwhile (the server went away), say hello again on the new one.
+        """
+        conn, link = self._conns[i], self._state.links[i]
+        hello = link.hello(f"asyncframes pid={os.getpid()}")
+        while not link.greeted:
+            generation = link.generation
+            if self._transmit(i, hello, deadline, busy=False):
+                while not link.greeted and link.generation == generation:
+                    if not self._pump(deadline, greeting=i):
+                        break
+            if link.greeted or link.generation != generation:
+                continue
+            self._check(i, busy=False)
+            within = "" if timeout is None else f" within {_seconds(timeout)} s"
+            if link.health is Health.NEW:
+                raise ServerStartError(
+                    f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
+                )
+            raise ServerStartError(f"the frame server at {conn.endpoint} did not answer{within}")
+
+    def _open(self, i: int, deadline: Optional[float]) -> None:
+        """Make sure server ``i`` is there and greeted (again, after a reconnect), by ``deadline``."""
+        self._check(i, busy=False)
+        if not self._state.links[i].greeted:
+            self._greet(i, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _ask(self, message: Any, timeout: Optional[float]) -> protocol.Message:
+        """Send ``message(request_id)`` to the first server and wait for its reply (or its error)."""
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        deadline = self._deadline(timeout)
+        state = self._state
+        rid = state.new_request_id()
+        state.expect(rid)
+        try:
+            self._open(0, deadline)
+            self._carry_out(Actions(send=(Send(0, state.links[0].generation, message(rid)),)), deadline)
+            while (reply := state.reply(rid)) is None:
+                if not self._pump(deadline):
+                    raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
+        finally:
+            state.abandon(rid)
+        return reply
+
+    def _pump(self, deadline: Optional[float], greeting: Optional[int] = None) -> bool:
+        """Receive what is waiting (up to ``deadline``) and hand it to the core. False on timeout.
+
+        ``greeting``: the server we are greeting, whose loss counts as a loss while busy.
+        """
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))
+            ready = poll_any([conn.socket for conn in self._conns], int(wait * 1000))
+            if ready:
+                for i, conn in enumerate(self._conns):
+                    if conn.socket in ready:
+                        self._receive(i)
+                return True
+            for i in range(len(self._conns)):
+                self._check(i, busy=i == greeting or self._state.busy(i))
+            if remaining is not None and remaining <= wait:
+                return False
+
+    def _receive(self, i: int) -> None:
+        """Take the waiting message of server ``i`` and hand it to the core."""
+        conn = self._conns[i]
+        message, payload = conn.socket.recv()
+        reachable = False
+        if isinstance(message, protocol.Welcome):
+            probe = message.shm
+            reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
+        elif isinstance(message, protocol.Chunk) and message.shm is not None:
+            conn.slots.forget(message.shm.retired)  # retired slots are never lent, so none of them is in use
+        actions = self._state.received(i, message, payload, shm_reachable=reachable)
+        if isinstance(message, protocol.Welcome):
+            conn.use_slots()  # slot numbers are per server process
+        self._carry_out(actions)
+
+    def _take(self, arrival: Arrival, deadline: Optional[float]) -> Optional[FrameChunk]:
+        """Check the next chunk, give it its frames, and say what is due (None: an empty chunk)."""
+        state = self._state
+        self._carry_out(state.check(arrival))
+        try:
+            frames = self._frames_of(arrival)
+        except AsyncFramesError as exc:
+            if state.stream is not None:
+                self._carry_out(state.fail(exc))
+            raise
+        message = arrival.message
+        assert isinstance(message, protocol.Chunk)
+        self._carry_out(state.took(arrival), _at_least(deadline))
+        return FrameChunk(list(message.frame_idxs), frames) if message.frame_idxs else None
+
+    def _frames_of(self, arrival: Arrival) -> np.ndarray:
+        """The chunk's frames: a view of its shared slot, or of the received payload."""
+        message = arrival.message
+        assert isinstance(message, protocol.Chunk)
+        where = message.shm
+        if where is None:
+            return protocol.chunk_array(message, arrival.payload)
+        conn, pid = self._conns[arrival.server], self._state.links[arrival.server].shm_pid
+        assert pid is not None  # checked by the core
+        try:
+            return conn.slots.array(pid, where.fd, where.slot, where.size, tuple(message.shape), message.dtype)
+        except (OSError, ValueError) as exc:
+            self.cancel(reason="was lost with its server")
+            raise self._why_shm_failed(arrival.server, pid, exc) from exc
+
+    def _why_shm_failed(self, i: int, pid: int, exc: BaseException) -> ServerDiedError:
+        """A slot could not be mapped: find out (within a second or two) whether the server shut down or died."""
+        conn, state = self._conns[i], self._state
+        deadline = time.monotonic() + _EXPLAIN_S
+        while True:
+            try:
+                if conn.process is not None and (error := conn.process.exit_error()) is not None:
+                    return error  # our own server: how it ended
+                for message in conn.socket.leftovers():
+                    self._carry_out(state.received(i, message))
+                    if isinstance(message, protocol.Shutdown):
+                        return ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
+                self._check(i, busy=True)
+            except ServerDiedError as died:
+                return died
+            except AsyncFramesError:
+                pass
+            if not shm.process_alive(pid):
+                if conn.process is not None and (error := conn.process.wait_exit_error()) is not None:
+                    return error
+                self._carry_out(state.connection_event(i, ConnectionEvent.LOST, busy=False))
+                return ServerDiedError(
+                    f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
+                )
+            if time.monotonic() >= deadline:
+                return ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}")
+            time.sleep(0.02)
 
     # -- internals ---------------------------------------------------------------
 
@@ -636,174 +792,6 @@ class AsyncVideo:
         timeout = self.timeout if timeout is _DEFAULT else timeout
         return None if timeout is None else time.monotonic() + timeout
 
-    def _greet(self, conn: _Connection, deadline: Optional[float], timeout: Optional[float]) -> None:
-        """Handshake (again, after a reconnect) so the server knows our protocol version; by ``deadline``.
-
-        If the connection is replaced meanwhile (the server went away), say hello again on the new one.
-        """
-        hello = protocol.Hello(version=protocol.PROTOCOL_VERSION, client=f"asyncframes pid={os.getpid()}")
-        while not conn.greeted:
-            generation = conn.generation
-            if conn.send(hello, deadline, busy=False):
-                while not conn.greeted and conn.generation == generation:
-                    if not self._pump(deadline, hello=conn):
-                        break
-            if conn.greeted or conn.generation != generation:
-                continue
-            conn.check(busy=False)
-            within = "" if timeout is None else f" within {_seconds(timeout)} s"
-            if not conn.connected:
-                raise ServerStartError(
-                    f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
-                )
-            raise ServerStartError(f"the frame server at {conn.endpoint} did not answer{within}")
-
-    def _request(self, conn: _Connection, message: protocol.Message, deadline: Optional[float]) -> None:
-        """Send ``message`` (greeting first if this connection is new), by ``deadline``."""
-        conn.check(busy=False)
-        if not conn.greeted:
-            self._greet(conn, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if isinstance(message, protocol.Request):
-            count, limit = protocol.selection_count(message.frame_idxs), conn.max_request_frames
-            if count is not None and limit is not None and count > limit:  # the server would drop a message this big
-                raise ServerError(f"request for {count} frames exceeds the limit of {limit} of the server at {conn.endpoint}")
-            message = attrs.evolve(message, shm=self.shared_memory and conn.shm_pid is not None)
-            conn.send_released(deadline)
-        if not conn.send(message, deadline):
-            raise RequestTimeoutError(f"could not send to the frame server at {conn.endpoint} in time")
-
-    def _await_reply(self, rid: int, deadline: Optional[float], timeout: Optional[float]) -> Any:
-        while rid not in self._replies:
-            if not self._pump(deadline):
-                raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
-        return self._replies.pop(rid)
-
-    def _busy(self, conn: _Connection) -> bool:
-        stream = self._stream
-        return bool(self._awaiting) or (stream is not None and not stream.done and conn in stream.conns)
-
-    def _pump(self, deadline: Optional[float], hello: Optional[_Connection] = None) -> bool:
-        """Receive what is waiting (up to ``deadline``) and file it where it belongs. False on timeout."""
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))
-            ready = poll_any([conn.socket for conn in self._conns], int(wait * 1000))
-            if ready:
-                for conn in self._conns:
-                    if conn.socket in ready:
-                        self._file(conn, *conn.socket.recv())
-                return True
-            for conn in self._conns:
-                try:
-                    conn.check(busy=conn is hello or self._busy(conn))
-                except ServerDiedError as exc:
-                    self.cancel(reason=f"was lost with its server ({exc})")  # the next one starts afresh
-                    raise
-            if remaining is not None and remaining <= wait:
-                return False
-
-    def _file(self, conn: _Connection, message: protocol.Message, payload: Optional[memoryview]) -> None:
-        stream = self._stream
-        if isinstance(message, (protocol.Chunk, protocol.Error)) and stream is not None and message.request_id == stream.request_id:
-            if conn in stream.conns:
-                conn.inbox.append((message, payload))
-            else:
-                conn.drop(message)
-        elif isinstance(message, protocol.Chunk):
-            conn.drop(message)  # of a request we cancelled
-        elif isinstance(message, protocol.Welcome):
-            conn.welcome(message)
-        elif isinstance(message, (protocol.InfoReply, protocol.Pong)) or (
-            isinstance(message, protocol.Error) and message.request_id is not None
-        ):
-            if message.request_id in self._awaiting:
-                self._replies[message.request_id] = message
-        elif isinstance(message, protocol.Error):
-            raise error_from_wire(message.error, message.message)
-        elif isinstance(message, protocol.Shutdown):
-            busy = self._busy(conn)
-            conn.reset()  # that server is going away: nothing of this connection may reach the next one
-            if busy:
-                self.cancel(reason="ended when its server shut down")
-                raise ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
-        # Anything else (probes, chunks of cancelled requests) needs no action.
-
-    def _take(
-        self, stream: _Stream, conn: _Connection, message: protocol.Message, payload: Optional[memoryview], deadline: Optional[float]
-    ) -> Optional[FrameChunk]:
-        if isinstance(message, protocol.Error):
-            self.cancel(reason=f"failed ({message.error}: {message.message})")
-            raise error_from_wire(message.error, message.message)
-        assert isinstance(message, protocol.Chunk)
-        try:
-            _check_chunk(stream, conn, message)
-            frames = self._frames_of(conn, message, payload)
-        except AsyncFramesError as exc:
-            if self._stream is stream:
-                self.cancel(reason=f"failed ({type(exc).__name__}: {exc})")
-            raise
-        stream.next_chunk += 1
-        conn.chunks_received += 1
-        if stream.total_chunks is None:
-            stream.done = message.last_chunk
-        else:
-            stream.done = stream.next_chunk >= stream.total_chunks
-        if not message.last_chunk:
-            conn.send_released(_at_least(deadline))
-            if not conn.send(protocol.Credit(request_id=stream.request_id, chunks=1), _at_least(deadline)):
-                raise RequestTimeoutError(f"could not send to the frame server at {conn.endpoint} in time")
-        if not message.frame_idxs:
-            return None
-        if stream.frame_shape is None:
-            stream.frame_shape = tuple(message.shape[1:])
-        return FrameChunk(list(message.frame_idxs), frames)
-
-    def _frames_of(self, conn: _Connection, message: protocol.Chunk, payload: Optional[memoryview]) -> np.ndarray:
-        """The chunk's frames: a view of its shared slot, or of the received payload."""
-        where = message.shm
-        if where is None:
-            return protocol.chunk_array(message, payload)
-        conn.slots.forget(where.retired)
-        dtype, nbytes = protocol.chunk_layout(message)
-        if conn.shm_pid is None or payload is not None or nbytes > where.size:
-            raise ProtocolError(f"{conn.endpoint} sent a shared-memory chunk that does not fit what was agreed")
-        try:
-            return conn.slots.array(conn.shm_pid, where.fd, where.slot, where.size, tuple(message.shape), dtype.str)
-        except (OSError, ValueError) as exc:
-            self.cancel(reason="was lost with its server")
-            raise self._why_shm_failed(conn, conn.shm_pid, exc) from exc
-
-    def _why_shm_failed(self, conn: _Connection, pid: int, exc: BaseException) -> ServerDiedError:
-        """A slot could not be mapped: find out (within a second or two) whether the server shut down or died."""
-        deadline = time.monotonic() + _EXPLAIN_S
-        while True:
-            try:
-                conn._check_process()  # our own server: how it ended
-                while conn.socket.has_message():
-                    message, _payload = conn.socket.recv()
-                    if isinstance(message, protocol.Shutdown):
-                        conn.reset()
-                        return ServerShutdownError(f"the frame server at {conn.endpoint} shut down: {message.reason}")
-                    conn.drop(message)
-                conn.check(busy=True)
-            except ServerDiedError as died:
-                return died
-            except AsyncFramesError:
-                pass
-            if not shm.process_alive(pid):
-                if conn.process is not None:  # our own server: its exit status says how it ended
-                    try:
-                        conn._wait_for_exit()
-                    except ServerDiedError as died:
-                        return died
-                conn.reset()
-                return ServerDiedError(
-                    f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
-                )
-            if time.monotonic() >= deadline:
-                return ServerDiedError(f"cannot map the shared memory of the frame server at {conn.endpoint}: {exc}")
-            time.sleep(0.02)
-
 
 #: How long a failed shared-memory mapping waits to learn whether the server shut down or died.
 _EXPLAIN_S = 2.0
@@ -812,32 +800,23 @@ _EXPLAIN_S = 2.0
 _FORKED_LEFTOVERS: list[_Connection] = []
 
 _ENDPOINT = re.compile(r"^(?:tcp://(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})|ipc://\S.*)$")
-_ENDPOINT_FORMS = "tcp://host:port (e.g. tcp://127.0.0.1:9010) or ipc://path"
 
 
 def _check_endpoints(endpoint: Union[str, Sequence[str]]) -> list[str]:
     """The endpoints as a list, each checked to be ``tcp://host:port`` or ``ipc://path``."""
     endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint) if isinstance(endpoint, Sequence) else None
     if endpoints is None:
-        raise TypeError(f"endpoint must be a string or a list of strings ({_ENDPOINT_FORMS}), got {type(endpoint).__name__}")
+        raise TypeError(f"endpoint must be a string or a list of strings ({ENDPOINT_FORMS}), got {type(endpoint).__name__}")
     if not endpoints:
-        raise ValueError(f"no endpoint given: pass one or more of {_ENDPOINT_FORMS}, or None for a private server")
+        raise ValueError(f"no endpoint given: pass one or more of {ENDPOINT_FORMS}, or None for a private server")
     for e in endpoints:
         if not isinstance(e, str):
-            raise TypeError(f"an endpoint must be a string ({_ENDPOINT_FORMS}), got {type(e).__name__} {e!r}")
+            raise TypeError(f"an endpoint must be a string ({ENDPOINT_FORMS}), got {type(e).__name__} {e!r}")
         match = _ENDPOINT.match(e)
         if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
             hint = f"; did you mean 'tcp://{e}'?" if "://" not in e and ":" in e else ""
-            raise ServerStartError(f"{e!r} is not a frame server endpoint: use {_ENDPOINT_FORMS}{hint}")
+            raise ServerStartError(f"{e!r} is not a frame server endpoint: use {ENDPOINT_FORMS}{hint}")
     return endpoints
-
-
-def _open_socket(endpoint: str, curve: Optional[ClientCurve]) -> ClientSocket:
-    """A client socket connected to ``endpoint``; a refused endpoint is a ServerStartError."""
-    try:
-        return ClientSocket(endpoint, curve)
-    except zmq.ZMQError as exc:
-        raise ServerStartError(f"cannot connect to {endpoint!r} ({exc}): use {_ENDPOINT_FORMS}") from exc
 
 
 def _check_workers(workers: Any) -> None:
@@ -847,41 +826,9 @@ def _check_workers(workers: Any) -> None:
         raise ValueError(f"workers must be a positive number of decoder threads, or None for one per 2 CPUs; got {workers!r}")
 
 
-def _check_chunk(stream: _Stream, conn: _Connection, message: protocol.Chunk) -> None:
-    """Raise ProtocolError unless ``message`` is the chunk we asked for next: its number, indices, dtype and shape."""
-    n = len(stream.conns)
-    k = stream.next_chunk
-    where = f"{conn.endpoint} (request {stream.request_id}, chunk {k})"
-    if message.chunk != k // n:
-        raise ProtocolError(f"expected chunk {k // n} from {conn.endpoint}, it sent chunk {message.chunk}")
-    got = list(message.frame_idxs)
-    expected = stream.expected_idxs(k, len(got))
-    if got != expected:
-        raise ProtocolError(f"{where} sent frames {_short(got)}, we asked for {_short(expected or [])}")
-    fpc = stream.frames_per_chunk
-    if stream.idxs is None:
-        if len(got) > fpc or (not message.last_chunk and len(got) != fpc) or (not got and k > 0):
-            raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
-    elif stream.total_chunks is None:
-        last = k >= max(1, -(-len(stream.idxs) // fpc)) - 1
-        if message.last_chunk != last:
-            raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {-(-len(stream.idxs) // fpc)}")
-    if message.dtype != np.dtype(np.uint8).str:
-        raise ProtocolError(f"{where} sent frames of dtype {message.dtype!r}, expected uint8 ('|u1')")
-    shape = tuple(message.shape)
-    if len(shape) != 4 or shape[0] != len(got):
-        raise ProtocolError(f"{where} sent shape {list(shape)}, expected ({len(got)}, height, width, channels)")
-    if not got:
-        return
-    channels = {None: (1, 3), True: (1,), False: (3,)}[stream.spec.grayscale if stream.spec is not None else None]
-    if shape[3] not in channels or min(shape[1:3]) < 1:
-        raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, expected (height, width, {' or '.join(map(str, channels))})")
-    if stream.frame_shape is not None and shape[1:] != stream.frame_shape:
-        raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, earlier chunks had {list(stream.frame_shape)}")
-
-
-def _short(idxs: Sequence[int], most: int = 8) -> str:
-    return str(list(idxs)) if len(idxs) <= most else f"[{', '.join(map(str, idxs[:most]))}, ... ({len(idxs)} indices)]"
+def _check_window(window: Any) -> None:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be a positive number of chunks (1, 2, ...; the default is 2), got {window!r}")
 
 
 def _at_least(deadline: Optional[float], slack: float = 1.0) -> Optional[float]:

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import IO, Optional, Sequence
 
-from .errors import ServerStartError
+from .errors import ServerDiedError, ServerStartError
 from .transport import private_endpoint, remove_private_dir
 
 #: What a private server's folder is called (by :func:`asyncframes.transport.private_endpoint`).
@@ -101,6 +101,22 @@ class ServerProcess:
     def exit_code(self) -> Optional[int]:
         """None while running, else the exit code (negative: killed by that signal)."""
         return self.popen.poll()
+
+    def exit_error(self) -> Optional[ServerDiedError]:
+        """How the server ended, as the error to raise (e.g. "killed by signal 9"); None while it runs."""
+        code = self.popen.poll()
+        if code is None:
+            return None
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return ServerDiedError(f"the frame server (pid {self.pid}) {how}")
+
+    def wait_exit_error(self, within: float = 1.0) -> Optional[ServerDiedError]:
+        """:meth:`exit_error` once the process has ended, waiting up to ``within`` seconds for it; None if it runs on."""
+        try:
+            self.popen.wait(within)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.exit_error()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Ask nicely (close the lifeline), then terminate, then kill."""

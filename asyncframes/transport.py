@@ -12,7 +12,9 @@ Optional CURVE encryption and authentication use ZeroMQ's own ``zmq.auth``.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
 import shutil
 import struct
@@ -28,7 +30,8 @@ from . import protocol
 
 if TYPE_CHECKING:  # zmq.auth is imported only when CURVE is used: it costs ~20 ms at start-up
     from zmq.auth.thread import ThreadAuthenticator
-from .errors import AuthenticationError
+from ._client_state import ConnectionEvent
+from .errors import AsyncFramesError, AuthenticationError, ServerStartError
 from .protocol import Message
 
 #: ZMTP heartbeats: a peer that stops answering is disconnected within seconds.
@@ -42,14 +45,17 @@ HEARTBEAT_TIMEOUT_MS = 3000
 #: of one message, which it buffers whole before the server sees any of it (docs/security.md).
 MAX_MESSAGE_BYTES = protocol.max_header_bytes(10_000_000)
 
-#: Monitor events a client acts on.
-CLIENT_EVENTS = (
-    zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
+#: The monitor events a client acts on, as the client core names them.
+CLIENT_EVENTS: dict[int, ConnectionEvent] = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: ConnectionEvent.CONNECTED,
+    zmq.EVENT_DISCONNECTED: ConnectionEvent.LOST,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: ConnectionEvent.AUTH_FAILED,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: ConnectionEvent.HANDSHAKE_FAILED,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: ConnectionEvent.HANDSHAKE_FAILED,
+}
+
+#: The endpoint forms a client connects to, for error messages.
+ENDPOINT_FORMS = "tcp://host:port (e.g. tcp://127.0.0.1:9010) or ipc://path"
 
 
 class PeerGone(Exception):
@@ -247,9 +253,19 @@ class ServerSocket:
 
 
 class ClientSocket:
-    """A client's DEALER connected to one server, with a monitor of its connection."""
+    """A client's DEALER connected to one server, with a monitor of its connection.
+
+    Nothing of ZeroMQ leaks out: connection events come as :class:`ConnectionEvent`,
+    failures as :mod:`asyncframes.errors` classes.
+    """
 
     def __init__(self, endpoint: str, curve: Optional[ClientCurve] = None) -> None:
+        """Connect (in the background: ZeroMQ keeps trying) to ``endpoint``.
+
+        Raises:
+            ServerStartError: ZeroMQ refuses the endpoint (e.g. an unknown host or a
+                malformed address), naming it and the forms accepted.
+        """
         self.endpoint = endpoint
         self.socket = _context().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -260,8 +276,12 @@ class ClientSocket:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
-        self.monitor = self.socket.get_monitor_socket(CLIENT_EVENTS)
-        self.socket.connect(endpoint)
+        self.monitor = self.socket.get_monitor_socket(functools.reduce(operator.or_, CLIENT_EVENTS))
+        try:
+            self.socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ServerStartError(f"cannot connect to {endpoint!r} ({exc}): use {ENDPOINT_FORMS}") from exc
 
     def send(self, message: Message, deadline: Optional[float], between: Callable[[], None], slice_s: float = 0.05) -> bool:
         """Queue ``message`` without ever blocking unboundedly; False if it could not be queued by ``deadline``.
@@ -293,19 +313,36 @@ class ClientSocket:
         return protocol.parse(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False))
 
     def has_message(self) -> bool:
+        """True if a message is waiting to be received."""
         return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
-    def events(self) -> list[int]:
-        """Connection events (``zmq.EVENT_*``) since the last call."""
+    def leftovers(self) -> list[Message]:
+        """Every message still queued (malformed ones skipped): the last words of a connection that is gone."""
+        found = []
+        try:
+            while self.has_message():
+                try:
+                    found.append(self.recv()[0])
+                except AsyncFramesError:
+                    continue
+        except zmq.ZMQError:
+            pass
+        return found
+
+    def events(self) -> list[ConnectionEvent]:
+        """What happened to the connection since the last call, oldest first."""
         found = []
         while self.monitor.poll(0):
             # zmq_socket_monitor's first frame: uint16 event, uint32 value (native byte order).
             # Parsed here because zmq.utils.monitor imports asyncio, ~25 ms at every start.
             first = self.monitor.recv_multipart()[0]
-            found.append(struct.unpack("=H", first[:2])[0])
+            event = CLIENT_EVENTS.get(struct.unpack("=H", first[:2])[0])
+            if event is not None:
+                found.append(event)
         return found
 
     def close(self) -> None:
+        """Close the socket and its monitor; queued messages are dropped. Safe to call twice."""
         if not self.socket.closed:
             try:
                 self.socket.disable_monitor()

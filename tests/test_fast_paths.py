@@ -92,7 +92,7 @@ def test_chunks_the_caller_keeps_are_never_overwritten(make_clip):
 @needs_shm
 def test_slots_are_reused_once_the_caller_lets_go(make_clip):
     clip = make_clip("h264_gops.mp4")
-    with AsyncVideo(prefetch=2) as av:
+    with AsyncVideo(window=2) as av:
         for _ in range(3):
             av.load_by_chunk(clip, shuffled_with_duplicates(150, 50, seed=1), frames_per_chunk=8)
             for frame_idxs, frames in av.chunks:

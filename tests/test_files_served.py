@@ -144,7 +144,7 @@ def test_a_file_changed_mid_request_fails_it_and_never_mixes_frames(tmp_path, ro
     old = decode_all(root / "v.y4m")
     srv = Server(tmp_path, "--root", str(root), "--workers", workers)
     try:
-        with AsyncVideo(srv.endpoint, prefetch=1) as client:
+        with AsyncVideo(srv.endpoint, window=1) as client:
             client.load_by_chunk("v.y4m", range(60), frames_per_chunk=2)
             chunks = client.chunks
             idxs, frames = next(chunks)

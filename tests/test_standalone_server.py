@@ -228,7 +228,7 @@ def test_a_stopped_server_whose_last_chunks_cannot_be_mapped_still_reports_its_s
     arrive after the server has closed that memory. The client must still say "shut down"."""
     srv = Server(tmp_path, "--root", str(video_root))
     try:
-        with AsyncVideo(srv.endpoint, prefetch=2) as av:
+        with AsyncVideo(srv.endpoint, window=2) as av:
             av.load_by_chunk("gops.mp4", list(range(150)) * 10, frames_per_chunk=2)
             chunks = av.chunks
             next(chunks)  # the server now owes us more chunks; wait until one is here, unread

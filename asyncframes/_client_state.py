@@ -1,0 +1,639 @@
+"""Everything that decides what the client sends and hands to the caller lives here.
+
+No ZeroMQ, os, time, threads or sockets: the driver (:mod:`asyncframes.client`)
+owns those, feeds this module what happened (a message, a connection event, the
+chunk the caller took) and carries out what it answers (send these messages,
+replace this server's socket, raise this error). Only numpy, attrs and the
+message classes of :mod:`asyncframes.protocol` are imported. A rule of the
+client's side of the protocol is changed here, and tested in
+``tests/test_client_state.py`` without a socket.
+
+Three things are kept here:
+
+* a :class:`Link` per server: the health of its connection (``NEW`` →
+  ``CONNECTED`` → ``GREETED``; lost or shut down: back to ``NEW`` with a new
+  *generation*, i.e. a fresh socket) and what its welcome said;
+* a :class:`Stream` per request in flight: how its chunks are dealt over the
+  servers (chunk *k* from server *k mod n*), what each chunk must hold, and why
+  it ended;
+* the :class:`ClientState` holding them, which matches replies to requests,
+  files what arrives, hands chunks back in order and says what is due:
+  a :class:`~protocol.Credit` per chunk taken, a :class:`~protocol.Release` for
+  shared slots let go of, a :class:`~protocol.Cancel` when a request is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from typing import Optional, Sequence, Union
+
+import attrs
+import numpy as np
+
+from . import protocol
+from .errors import (
+    AsyncFramesError,
+    AuthenticationError,
+    ProtocolError,
+    RequestCancelledError,
+    ServerDiedError,
+    ServerError,
+    ServerShutdownError,
+    error_from_wire,
+)
+from .video import Video
+
+#: Frame indices as the client keeps them: a range or a one-dimensional integer array (None: every frame).
+Indices = Optional[Union[range, np.ndarray]]
+
+
+class ConnectionEvent(enum.Enum):
+    """What a client socket's monitor saw happen to its connection (translated from ZeroMQ by the transport)."""
+
+    CONNECTED = "connected"  # a ZMTP handshake succeeded
+    LOST = "lost"  # the connection closed
+    AUTH_FAILED = "auth_failed"  # the server refused our CURVE credentials
+    HANDSHAKE_FAILED = "handshake_failed"  # the peer's security settings differ from ours (or it is no frame server)
+
+
+class Health(enum.Enum):
+    """Where a connection to one server stands."""
+
+    NEW = "new"  # a fresh socket: nothing heard yet
+    CONNECTED = "connected"  # the ZMTP handshake succeeded; no welcome yet
+    GREETED = "greeted"  # the server welcomed us: requests may be sent
+
+
+@attrs.frozen
+class Send:
+    """A message to send to server ``server`` while its connection is generation ``generation``.
+
+    ``must``: the protocol needs it (a request, a credit): not being able to queue it in
+    time is an error. Otherwise it is sent on a best-effort basis (a cancel, a release),
+    because losing it is harmless or repaired by a reconnect.
+    """
+
+    server: int
+    generation: int
+    message: protocol.Message
+    must: bool = True
+
+
+class Admit(enum.Enum):
+    """What becomes of a message about to be sent, given its connection's state.
+
+    After a connection is lost, the next message it carries is always a Hello: a
+    message that opens a conversation (a request, an info request, a ping) waits for
+    a greeting; one that belongs to the old connection (a credit, a cancel, a
+    release) is dropped, so nothing queued for the old server reaches the next one.
+    """
+
+    SEND = "send"
+    GREET_FIRST = "greet first"
+    DROP = "drop"
+
+
+#: Messages that open a conversation with a server, rather than continue one.
+_CONVERSATION_STARTERS = (protocol.Request, protocol.InfoRequest, protocol.Ping)
+
+
+@attrs.frozen
+class Actions:
+    """What the driver must do, in this order: replace the sockets of ``reset``, send ``send``, raise ``error``."""
+
+    send: tuple[Send, ...] = ()
+    reset: tuple[int, ...] = ()
+    error: Optional[AsyncFramesError] = None
+
+    def __add__(self, other: "Actions") -> "Actions":
+        return Actions(self.send + other.send, self.reset + other.reset, self.error or other.error)
+
+
+NOTHING = Actions()
+
+
+@attrs.frozen
+class Arrival:
+    """A message of the current request as it came from server ``server`` (``payload``: inline pixels)."""
+
+    server: int
+    message: Union[protocol.Chunk, protocol.Error]
+    payload: Optional[memoryview] = None
+
+
+@attrs.define
+class Link:
+    """One server as the client knows it: its connection's health and what its welcome said.
+
+    ``generation`` counts the sockets made for it: each lost connection (or a shutdown)
+    means a fresh socket, so nothing queued for the old one can reach the new one.
+    ``freed`` holds shared slots to hand back with the next :class:`~protocol.Release`:
+    slots of chunks nobody will look at, and (appended by the driver's slot mapping as
+    the caller's arrays are collected) slots the caller let go of.
+    """
+
+    endpoint: str
+    health: Health = Health.NEW
+    generation: int = 0
+    ever_greeted: bool = False  # a frame server with our settings has answered at this endpoint
+    server_version: str = ""
+    shm_pid: Optional[int] = None  # the server's pid when we reach its shared memory
+    max_request_frames: Optional[int] = None  # the server's limit, from its welcome
+    chunks_received: int = 0
+    inbox: deque = attrs.field(factory=deque)  # Arrivals of the current request, in arrival order
+    freed: deque = attrs.field(factory=deque)
+
+    @property
+    def greeted(self) -> bool:
+        """True once the server welcomed us on the current connection."""
+        return self.health is Health.GREETED
+
+    def hello(self, client: str) -> protocol.Hello:
+        """The first message of every connection."""
+        return protocol.Hello(version=protocol.PROTOCOL_VERSION, client=client)
+
+    def welcome(self, message: protocol.Welcome, shm_reachable: bool) -> None:
+        """The server greeted us; ``shm_reachable``: the driver could read its shared-memory probe."""
+        self.health = Health.GREETED
+        self.ever_greeted = True
+        self.server_version = message.server
+        self.max_request_frames = message.max_request_frames
+        self.shm_pid = message.shm.pid if shm_reachable and message.shm is not None else None
+        self.freed = deque()  # slot numbers are per server process
+
+    def reset(self) -> None:
+        """The connection is gone: a fresh socket (a new generation) that must say hello first."""
+        self.inbox.clear()
+        self.health = Health.NEW
+        self.shm_pid = None
+        self.freed = deque()  # the old server's slots mean nothing to the next one
+        self.generation += 1
+
+    def drop(self, message: protocol.Message) -> None:
+        """A chunk nobody will look at: its shared slot goes back with the next release."""
+        if isinstance(message, protocol.Chunk) and message.shm is not None:
+            self.freed.append(message.shm.slot)
+
+    def release(self) -> Optional[protocol.Release]:
+        """The release of every slot freed since the last one, or None."""
+        slots = []
+        while self.freed:
+            slots.append(self.freed.popleft())
+        return protocol.Release(slots=slots) if slots else None
+
+
+@attrs.define
+class Stream:
+    """A request in flight, dealt over ``servers``: chunk *k* comes from ``servers[k % n]``.
+
+    ``idxs``/``frames_per_chunk``/``spec`` are what we asked for, so each chunk
+    can be checked against it; ``frame_shape`` is the ``(h, w, c)`` of its first
+    non-empty chunk, which every later chunk must share.
+    """
+
+    request_id: int
+    servers: list[int]
+    total_chunks: Optional[int]  # None: a single server decides (every frame of the video)
+    idxs: Indices = None
+    frames_per_chunk: int = 64
+    spec: Optional[Video] = None
+    next_chunk: int = 0
+    done: bool = False
+    frame_shape: Optional[tuple[int, ...]] = None
+    ended: str = ""  # why it ended before its last chunk: "was cancelled by cancel()", ...
+    end_seen: bool = False  # the caller has been given its end
+
+    @property
+    def next_server(self) -> int:
+        """The server the next chunk comes from."""
+        return self.servers[self.next_chunk % len(self.servers)]
+
+    def expected_idxs(self, k: int, n: int) -> list[int]:
+        """The frame indices chunk ``k`` must hold (``n``: how many it holds, for every-frame requests)."""
+        fpc = self.frames_per_chunk
+        if self.idxs is None:
+            return list(range(k * fpc, k * fpc + n))
+        selected = self.idxs[k * fpc : (k + 1) * fpc]
+        return selected.tolist() if isinstance(selected, np.ndarray) else list(selected)
+
+    def check(self, link: Link, message: protocol.Chunk, payload: Optional[memoryview]) -> None:
+        """Raise ProtocolError unless ``message`` is the chunk we asked for next: number, indices, dtype, shape, pixels."""
+        n, k = len(self.servers), self.next_chunk
+        where = f"{link.endpoint} (request {self.request_id}, chunk {k})"
+        if message.chunk != k // n:
+            raise ProtocolError(f"expected chunk {k // n} from {link.endpoint}, it sent chunk {message.chunk}")
+        got = list(message.frame_idxs)
+        expected = self.expected_idxs(k, len(got))
+        if got != expected:
+            raise ProtocolError(f"{where} sent frames {_short(got)}, we asked for {_short(expected)}")
+        fpc = self.frames_per_chunk
+        if self.idxs is None:
+            if len(got) > fpc or (not message.last_chunk and len(got) != fpc) or (not got and k > 0):
+                raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
+        elif self.total_chunks is None:
+            chunks = max(1, -(-len(self.idxs) // fpc))
+            if message.last_chunk != (k >= chunks - 1):
+                raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {chunks}")
+        if message.dtype != np.dtype(np.uint8).str:
+            raise ProtocolError(f"{where} sent frames of dtype {message.dtype!r}, expected uint8 ('|u1')")
+        shape = tuple(message.shape)
+        if len(shape) != 4 or shape[0] != len(got):
+            raise ProtocolError(f"{where} sent shape {list(shape)}, expected ({len(got)}, height, width, channels)")
+        _dtype, nbytes = protocol.chunk_layout(message)
+        if message.shm is not None:
+            if link.shm_pid is None or payload is not None or nbytes > message.shm.size:
+                raise ProtocolError(f"{link.endpoint} sent a shared-memory chunk that does not fit what was agreed")
+        elif (0 if payload is None else payload.nbytes) != nbytes:
+            size = 0 if payload is None else payload.nbytes
+            raise ProtocolError(f"{where} sent a payload of {size} bytes, its header says {list(shape)} uint8 ({nbytes} bytes)")
+        if not got:
+            return
+        channels = {None: (1, 3), True: (1,), False: (3,)}[self.spec.grayscale if self.spec is not None else None]
+        if shape[3] not in channels or min(shape[1:3]) < 1:
+            raise ProtocolError(
+                f"{where} sent frames of shape {list(shape[1:])}, expected (height, width, {' or '.join(map(str, channels))})"
+            )
+        if self.frame_shape is not None and shape[1:] != self.frame_shape:
+            raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, earlier chunks had {list(self.frame_shape)}")
+
+
+def deal(idxs: "range | np.ndarray", frames_per_chunk: int, servers: int) -> list[np.ndarray]:
+    """Each server's share of ``idxs``: chunk *k* goes to server *k mod n*; as many shares as servers with a chunk.
+
+    Server *j* gets chunks *j*, *j + n*, *j + 2n*, ... concatenated; it cuts its share into
+    chunks of ``frames_per_chunk`` again, so its *i*-th chunk is global chunk *j + i·n*.
+    At least one share (empty, for an empty request).
+    """
+    fpc = frames_per_chunk
+    chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
+    n = max(1, min(servers, len(chunks)))
+    return [
+        np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks[j::n]] or [np.empty(0, np.int64)]) for j in range(n)
+    ]
+
+
+class ClientState:
+    """The client's side of the protocol with ``len(endpoints)`` servers: links, the current request, replies.
+
+    Not thread-safe, like the :class:`~asyncframes.AsyncVideo` driving it.
+    """
+
+    def __init__(self, endpoints: Sequence[str], window: int = 2, shared_memory: bool = True) -> None:
+        self.links = [Link(endpoint) for endpoint in endpoints]
+        self.window = window
+        self.shared_memory = shared_memory
+        self.stream: Optional[Stream] = None  # the request being delivered
+        self.last: Optional[Stream] = None  # the latest request, even once it is over
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._awaiting: set[int] = set()  # request ids of info/ping requests waiting for their reply
+        self._replies: dict[int, protocol.Message] = {}
+
+    # -- request ids and replies ----------------------------------------------------------
+
+    def new_request_id(self) -> int:
+        """A request id never used before by this client."""
+        return next(self._ids)
+
+    def expect(self, request_id: int) -> None:
+        """A reply to ``request_id`` is awaited: file it when it comes."""
+        self._awaiting.add(request_id)
+
+    def reply(self, request_id: int) -> Optional[protocol.Message]:
+        """The reply to ``request_id`` if it came (taken: asked again, None)."""
+        return self._replies.pop(request_id, None)
+
+    def abandon(self, request_id: int) -> None:
+        """No longer waiting for ``request_id``: a reply arriving later is dropped."""
+        self._awaiting.discard(request_id)
+        self._replies.pop(request_id, None)
+
+    def busy(self, server: int) -> bool:
+        """Something is outstanding on ``server``'s connection (a reply awaited, or chunks of the request)."""
+        stream = self.stream
+        return bool(self._awaiting) or (stream is not None and not stream.done and server in stream.servers)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def servers_for(self, idxs: Indices, frames_per_chunk: int) -> list[int]:
+        """The servers a request for ``idxs`` goes to (each must be greeted before :meth:`start_request`).
+
+        Raises:
+            ValueError: ``idxs`` is None (every frame) with several servers: the driver must
+                first learn the frame count and pass ``range(frame_count)``.
+        """
+        if len(self.links) == 1:
+            return [0]
+        if idxs is None:
+            raise ValueError("dealing every frame over several servers needs the frame count: pass range(frame_count)")
+        return list(range(len(deal(idxs, frames_per_chunk, len(self.links)))))
+
+    def start_request(self, request_id: int, video: Video, idxs: Indices, frames_per_chunk: int) -> Actions:
+        """Make ``request_id`` the current request (ending any other, as replaced) and say what to send.
+
+        Args:
+            request_id: from :meth:`new_request_id`.
+            video: what to read.
+            idxs: the frames, as :func:`~asyncframes.client.normalize_frame_idxs` gives them
+                (None: every frame, only with one server).
+            frames_per_chunk: frames per chunk.
+
+        Returns:
+            The actions: a cancel of the replaced request, then for each server of
+            :meth:`servers_for` its pending release and its :class:`~protocol.Request`.
+
+        Raises:
+            ServerError: a share names more frames than its server's ``max_request_frames``
+                (the server's ZeroMQ would drop such a message unread); the request is
+                then ended as not sent.
+        """
+        actions = self.replace(request_id)
+        servers = self.servers_for(idxs, frames_per_chunk)
+        if len(self.links) == 1:
+            stream = Stream(request_id, servers, None, idxs, frames_per_chunk, video)
+            shares: list[Indices] = [idxs]
+        else:
+            assert idxs is not None
+            shares = list(deal(idxs, frames_per_chunk, len(self.links)))
+            total = -(-len(idxs) // frames_per_chunk)
+            stream = Stream(request_id, servers, total, idxs, frames_per_chunk, video, done=total == 0)
+        self.stream = self.last = stream
+        sends = []
+        for server, share in zip(servers, shares):
+            link = self.links[server]
+            if len(self.links) > 1 and share is not None and len(share) == 0:
+                continue  # an empty request dealt over several servers: nothing to ask for
+            selection = protocol.frame_selection(share)
+            count, limit = protocol.selection_count(selection), link.max_request_frames
+            if count is not None and limit is not None and count > limit:
+                error = ServerError(
+                    f"request for {count} frames exceeds the limit of {limit} of the server at {link.endpoint}"
+                )
+                return actions + self.cancel(f"could not be sent ({type(error).__name__}: {error})") + Actions(error=error)
+            release = link.release()
+            if release is not None:
+                sends.append(Send(server, link.generation, release))
+            shm = self.shared_memory and link.shm_pid is not None
+            request = protocol.Request(request_id, video, selection, frames_per_chunk, self.window, shm)
+            sends.append(Send(server, link.generation, request))
+        return actions + Actions(send=tuple(sends))
+
+    def replace(self, request_id: int) -> Actions:
+        """End the current request because ``request_id`` replaces it (see :meth:`cancel`)."""
+        return self.cancel(f"was replaced by request {request_id} (load_by_chunk)")
+
+    def not_sent(self, request_id: int, reason: str) -> Actions:
+        """Request ``request_id`` could not be sent (``reason``, e.g. its frame count could not be
+        learnt): end it, whether or not :meth:`start_request` made it current, so that iterating
+        it says so."""
+        if self.stream is not None and self.stream.request_id == request_id:
+            return self.cancel(reason)
+        if self.last is None or self.last.request_id != request_id:
+            self.last = Stream(request_id, [], None, ended=reason)
+        return NOTHING
+
+    def cancel(self, reason: str = "was cancelled by cancel()") -> Actions:
+        """End the current request (``reason`` completes "request N ..."); chunks still in flight are dropped.
+
+        Returns:
+            Best-effort sends to each greeted server of the request: a cancel (unless it was
+            complete) and a release of the slots freed.
+        """
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return NOTHING
+        if not stream.done:
+            stream.ended = reason
+        sends = []
+        for server in stream.servers:
+            link = self.links[server]
+            for arrival in link.inbox:
+                link.drop(arrival.message)
+            link.inbox.clear()
+            if self.closed or not link.greeted:
+                continue  # a connection being replaced carries nothing stale to the next one
+            if not stream.done:
+                sends.append(Send(server, link.generation, protocol.Cancel(request_id=stream.request_id), must=False))
+            release = link.release()
+            if release is not None:
+                sends.append(Send(server, link.generation, release, must=False))
+        return Actions(send=tuple(sends))
+
+    # -- what arrives ---------------------------------------------------------------------
+
+    def received(
+        self, server: int, message: protocol.Message, payload: Optional[memoryview] = None, shm_reachable: bool = False
+    ) -> Actions:
+        """File a message from ``server``: a chunk in its inbox, a reply where it is awaited, a welcome on its link.
+
+        Args:
+            server: which server sent it.
+            message: the message.
+            payload: its inline pixels, if any.
+            shm_reachable: for a :class:`~protocol.Welcome`: the driver could read the server's probe.
+
+        Returns:
+            Nothing to do, except for a :class:`~protocol.Shutdown` while something was
+            outstanding there (reset that socket, cancel the request, raise
+            :class:`ServerShutdownError`) or an error about the connection itself (raise it).
+        """
+        link, stream = self.links[server], self.stream
+        if isinstance(message, (protocol.Chunk, protocol.Error)) and stream is not None and message.request_id == stream.request_id:
+            if server in stream.servers:
+                link.inbox.append(Arrival(server, message, payload))
+            else:
+                link.drop(message)
+        elif isinstance(message, protocol.Chunk):
+            link.drop(message)  # of a request we cancelled
+        elif isinstance(message, protocol.Welcome):
+            link.welcome(message, shm_reachable)
+        elif isinstance(message, (protocol.InfoReply, protocol.Pong)) or (
+            isinstance(message, protocol.Error) and message.request_id is not None
+        ):
+            if message.request_id in self._awaiting:
+                self._replies[message.request_id] = message
+        elif isinstance(message, protocol.Error):
+            return Actions(error=error_from_wire(message.error, message.message))
+        elif isinstance(message, protocol.Shutdown):
+            busy = self.busy(server)
+            link.reset()  # that server is going away: nothing of this connection may reach the next one
+            if busy:
+                error = ServerShutdownError(f"the frame server at {link.endpoint} shut down: {message.reason}")
+                return Actions(reset=(server,)) + self.cancel("ended when its server shut down") + Actions(error=error)
+            return Actions(reset=(server,))
+        # Anything else (pings, chunks of cancelled requests) needs no action.
+        return NOTHING
+
+    def connection_event(
+        self, server: int, event: ConnectionEvent, busy: bool, leftovers: Sequence[protocol.Message] = ()
+    ) -> Actions:
+        """What to do about ``event`` on ``server``'s connection.
+
+        Args:
+            server: whose connection.
+            event: what its monitor saw.
+            busy: something is outstanding on it (see :meth:`busy`; the driver also counts a greeting).
+            leftovers: for ``LOST``: the messages still queued on the old socket (its last words).
+
+        Returns:
+            ``AUTH_FAILED``: raise :class:`AuthenticationError`. ``HANDSHAKE_FAILED``: raise
+            :class:`AuthenticationError` if no frame server with our settings ever answered
+            here, else replace the socket (a reconnect that met something else, e.g. the
+            kernel connecting a free port to ourselves). ``LOST``: replace the socket, and
+            if something was outstanding on an established connection, end the request
+            and raise :class:`ServerShutdownError` (its last words said so) or
+            :class:`ServerDiedError`.
+        """
+        link = self.links[server]
+        if event is ConnectionEvent.AUTH_FAILED:
+            return Actions(error=AuthenticationError(f"the frame server at {link.endpoint} refused our CURVE credentials"))
+        if event is ConnectionEvent.HANDSHAKE_FAILED:
+            if link.ever_greeted:
+                link.reset()
+                return Actions(reset=(server,))
+            return Actions(
+                error=AuthenticationError(
+                    f"the handshake with {link.endpoint} failed: its security settings differ from ours "
+                    "(CURVE required on one side only, or not a frame server?)"
+                )
+            )
+        if event is ConnectionEvent.CONNECTED:
+            if link.health is Health.NEW:
+                link.health = Health.CONNECTED
+            return NOTHING
+        was_connected = link.health is not Health.NEW
+        said = [m for m in leftovers if isinstance(m, protocol.Shutdown)]
+        link.reset()
+        if not (busy and was_connected):
+            return Actions(reset=(server,))
+        if said:
+            error: ServerDiedError = ServerShutdownError(f"the frame server at {link.endpoint} shut down: {said[-1].reason}")
+        else:
+            error = ServerDiedError(f"lost the connection to the frame server at {link.endpoint}")
+        return Actions(reset=(server,)) + self.server_died(error)
+
+    def server_died(self, error: ServerDiedError) -> Actions:
+        """A server is gone (``error`` says how): the current request ends with it; raise ``error``."""
+        return self.cancel(f"was lost with its server ({error})") + Actions(error=error)
+
+    # -- handing chunks to the caller -------------------------------------------------------
+
+    def next_ready(self) -> Optional[Arrival]:
+        """The next message of the current request in chunk order, taken from its server's inbox; None if not here yet."""
+        stream = self.stream
+        if stream is None or stream.done:
+            return None
+        inbox = self.links[stream.next_server].inbox
+        return inbox.popleft() if inbox else None
+
+    def check(self, arrival: Arrival) -> Actions:
+        """Is ``arrival`` what the current request expects next? If not, end the request and raise why.
+
+        Returns:
+            Nothing for a chunk that matches. For a server's :class:`~protocol.Error`: cancel,
+            then raise the error it names. For a chunk that differs from what was asked:
+            cancel, then raise :class:`ProtocolError`.
+        """
+        stream, message = self.stream, arrival.message
+        assert stream is not None
+        if isinstance(message, protocol.Error):
+            error = error_from_wire(message.error, message.message)
+            return self.cancel(f"failed ({message.error}: {message.message})") + Actions(error=error)
+        try:
+            stream.check(self.links[arrival.server], message, arrival.payload)
+        except AsyncFramesError as exc:
+            return self.fail(exc)
+        return NOTHING
+
+    def fail(self, error: AsyncFramesError) -> Actions:
+        """The current request failed with ``error`` (e.g. its chunk could not be read): end it and raise ``error``."""
+        return self.cancel(f"failed ({type(error).__name__}: {error})") + Actions(error=error)
+
+    def took(self, arrival: Arrival) -> Actions:
+        """The caller got the checked chunk ``arrival``: count it, and say what is due.
+
+        Returns:
+            Unless it was the last chunk its server sends for the request: its server's
+            pending release, then one :class:`~protocol.Credit`.
+        """
+        stream, message = self.stream, arrival.message
+        assert stream is not None and isinstance(message, protocol.Chunk)
+        link = self.links[arrival.server]
+        stream.next_chunk += 1
+        link.chunks_received += 1
+        if stream.total_chunks is None:
+            stream.done = message.last_chunk
+        else:
+            stream.done = stream.next_chunk >= stream.total_chunks
+        if message.frame_idxs and stream.frame_shape is None:
+            stream.frame_shape = tuple(message.shape[1:])
+        if message.last_chunk:
+            return NOTHING
+        sends = []
+        release = link.release()
+        if release is not None:
+            sends.append(Send(arrival.server, link.generation, release, must=False))
+        sends.append(Send(arrival.server, link.generation, protocol.Credit(request_id=stream.request_id, chunks=1)))
+        return Actions(send=tuple(sends))
+
+    def admit(self, send: Send) -> "Admit":
+        """May ``send`` go out now? See :class:`Admit`."""
+        link = self.links[send.server]
+        if isinstance(send.message, protocol.Hello):
+            return Admit.SEND
+        opens = isinstance(send.message, _CONVERSATION_STARTERS)
+        if link.greeted and (opens or send.generation == link.generation):
+            return Admit.SEND
+        return Admit.GREET_FIRST if opens else Admit.DROP
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def iteration_start(self) -> Stream:
+        """The request a new iteration of chunks follows.
+
+        Raises:
+            AsyncFramesError: there is no request, or its end was already handed to an
+                iteration (see :meth:`ended_error`): iterating never ends silently.
+            RequestCancelledError: the latest request was cancelled, replaced or lost.
+        """
+        stream = self.stream
+        if stream is None:
+            raise self.ended_error(self.last)
+        if stream.done and stream.end_seen:
+            raise self.ended_error(stream)
+        return stream
+
+    def iteration_over(self, stream: Stream) -> bool:
+        """Is an iteration of ``stream`` over? True once its last chunk was taken (its end is then seen).
+
+        Raises:
+            RequestCancelledError: it ended otherwise (cancelled, replaced, lost, failed).
+        """
+        if stream.done:  # every chunk delivered: the end, even if another request followed
+            stream.end_seen = True
+            return True
+        if stream is not self.stream:
+            raise self.ended_error(stream)
+        return False
+
+    def ended_error(self, stream: Optional[Stream]) -> AsyncFramesError:
+        """Why there is nothing (more) to iterate in ``stream`` (None: no request was made)."""
+        if self.closed:
+            return AsyncFramesError("this AsyncVideo is closed")
+        if stream is None:
+            return AsyncFramesError("there is no request to iterate: call load_by_chunk(video, frame_idxs) first")
+        if stream.done:
+            return AsyncFramesError(
+                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
+                "call load_by_chunk(...) to request frames again"
+            )
+        return RequestCancelledError(
+            f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.next_chunk} of its chunks "
+            "were delivered; call load_by_chunk(...) to request frames again"
+        )
+
+
+def _short(idxs: Sequence[int], most: int = 8) -> str:
+    return str(list(idxs)) if len(idxs) <= most else f"[{', '.join(map(str, idxs[:most]))}, ... ({len(idxs)} indices)]"
