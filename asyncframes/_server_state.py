@@ -39,12 +39,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
-from typing import Any, Hashable, Mapping, Optional, Union
+from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import attrs
 import numpy as np
 
-from . import files, protocol
+from . import protocol
 from ._server_actions import (
     Action,
     CacheUse,
@@ -62,7 +62,8 @@ from ._server_actions import (
     VideoFacts,
 )
 from .config import ServerConfig
-from .errors import AsyncFramesError, FrameIndexError, ProtocolError, ServerError
+from .errors import AsyncFramesError, ProtocolError, ServerError
+from .index import check_frame_idxs
 from .protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -143,10 +144,12 @@ def inline_room(queued: int, client_queued: int, chunk: int, total_cap: int, cli
     return queued + chunk <= total_cap and client_queued + chunk <= client_cap
 
 
-def wire_error(request_id: Optional[int], exc: BaseException, root: Optional[str] = None) -> Error:
-    """The error message a failure becomes on the wire (paths under ``root`` relative to it).
+def wire_error(request_id: Optional[int], exc: BaseException, root: Sequence[str] = ()) -> Error:
+    """The error message a failure becomes on the wire.
 
     Our own errors travel by class name; anything else is an internal ``ServerError``.
+    ``root``: the spellings of the server's root folder (see :func:`files.root_spellings`);
+    paths under it are named relative to it, so a client never learns where it lies.
     """
     if isinstance(exc, AsyncFramesError):
         error, message = type(exc).__name__, str(exc)
@@ -154,7 +157,14 @@ def wire_error(request_id: Optional[int], exc: BaseException, root: Optional[str
         error, message = "ServerError", "the server ran out of memory for this request"
     else:
         error, message = "ServerError", f"internal server error: {type(exc).__name__}: {exc}"
-    return Error(request_id=request_id, error=error, message=files.hide_root(message, root))
+    return Error(request_id=request_id, error=error, message=hide_root(message, root))
+
+
+def hide_root(text: str, root: Sequence[str]) -> str:
+    """``text`` with every spelling in ``root`` of the root folder taken out of the paths in it."""
+    for prefix in root:
+        text = text.replace(prefix + "/", "").replace(prefix, ".")
+    return text
 
 
 def request_cache(idxs: Frames) -> Optional[bool]:
@@ -169,29 +179,6 @@ def request_cache(idxs: Frames) -> Optional[bool]:
     if bool((after > before).all()):
         return None
     return not bool((after >= before).all())
-
-
-def check_frames(idxs: Frames, frame_count: int, filename: str) -> None:
-    """Raise :class:`FrameIndexError` naming the first of ``idxs`` that is not a frame (vectorised)."""
-    first = _first_outside(idxs, frame_count)
-    if first is None:
-        return
-    n = frame_count
-    if first < 0:
-        raise FrameIndexError(f"frame index {first} is negative; {filename} has frames 0..{n - 1}")
-    raise FrameIndexError(f"frame index {first} is out of range; {filename} has {n} frames (0..{n - 1})")
-
-
-def _first_outside(idxs: Frames, n: int) -> Optional[int]:
-    if not len(idxs):
-        return None
-    if isinstance(idxs, range):  # monotonic: the frames inside are a prefix of it
-        if not 0 <= idxs[0] < n:
-            return idxs[0]
-        inside = len(range(idxs.start, n if idxs.step > 0 else -1, idxs.step))
-        return idxs[inside] if inside < len(idxs) else None
-    outside = np.flatnonzero(idxs >= n)  # uint32 from the wire: never negative
-    return int(idxs[outside[0]]) if outside.size else None
 
 
 def _frames_at(idxs: Frames, start: int, stop: int) -> list[int]:
@@ -346,8 +333,18 @@ class ServerState:
         shm_offer: the shared-memory probe offered in ``welcome`` (None: no shared memory).
     """
 
-    def __init__(self, config: ServerConfig, *, version: str, shm_offer: Optional[ShmProbe] = None, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        version: str,
+        shm_offer: Optional[ShmProbe] = None,
+        root_spellings: Sequence[str] = (),
+        now: float = 0.0,
+    ) -> None:
         self.config = config
+        #: How the driver spells the root folder (real and absolute path), hidden from error messages.
+        self.root_spellings = tuple(root_spellings)
         self.version = version
         self.shm_offer = shm_offer
         self.stopping = False
@@ -612,7 +609,7 @@ class ServerState:
         cfg = self.config
         idxs = protocol.selection_indices(request.frame_idxs, facts.frame_count)
         self._check_count(len(idxs))
-        check_frames(idxs, facts.frame_count, request.video.filename)
+        check_frame_idxs(idxs, facts.frame_count, request.video.filename)
         frame_bytes = math.prod(facts.frame_shape)
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
         limit = min(cfg.max_chunk_bytes, cfg.client_inline_bytes, cfg.max_inline_bytes)
@@ -954,7 +951,7 @@ class ServerState:
         return actions
 
     def _error(self, client: bytes, request_id: Optional[int], exc: BaseException) -> Send:
-        return Send(client, wire_error(request_id, exc, self.config.root))
+        return Send(client, wire_error(request_id, exc, self.root_spellings))
 
     # -- looking in (tests, logs) ------------------------------------------------------------------
 

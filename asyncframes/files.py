@@ -309,17 +309,13 @@ def confine(root: str, filename: str) -> str:
     return real
 
 
-def hide_root(text: str, root: Optional[str]) -> str:
-    """``text`` with the root's absolute path taken out of every path in it.
-
-    Error messages go to clients; a confined server names files as the client named
-    them, relative to its root, and never says where the root lies on its disk.
-    """
+def root_spellings(root: Optional[str]) -> tuple[str, ...]:
+    """The ways a path under ``root`` may be spelt in a message (its real and its absolute path),
+    longest first; error messages name files relative to them (see ``_server_state.hide_root``)."""
     if not root:
-        return text
-    for prefix in {os.path.realpath(root), os.path.abspath(root)}:
-        text = text.replace(prefix + os.sep, "").replace(prefix, ".")
-    return text
+        return ()
+    spellings = {os.path.realpath(root).rstrip(os.sep), os.path.abspath(root).rstrip(os.sep)} - {""}  # a root of / hides nothing
+    return tuple(sorted(spellings, key=len, reverse=True))
 
 
 # -- errors ---------------------------------------------------------------------------

@@ -15,9 +15,12 @@ and ts. When timestamps are missing or ambiguous the index says so
 from __future__ import annotations
 
 import bisect
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import attrs
+import numpy as np
+
+from .errors import FrameIndexError
 
 
 @attrs.frozen
@@ -77,3 +80,32 @@ def index_from_packets(packets: Sequence[tuple[Optional[int], bool, bool]]) -> F
 def _timestamps(index: FrameIndex) -> Sequence[int]:
     """The pts list of a seekable index (all known)."""
     return index.pts  # type: ignore[return-value]
+
+
+def check_frame_idxs(idxs: "Union[Sequence[int], range, np.ndarray]", frame_count: int, filename: str) -> None:
+    """Raise :class:`FrameIndexError` naming the first of ``idxs`` that is not a frame of ``filename``.
+
+    Vectorised: a range is checked at its ends, anything else as one array, so a request
+    for millions of frames is checked in milliseconds.
+    """
+    first = first_outside(idxs, frame_count)
+    if first is None:
+        return
+    n = frame_count
+    if first < 0:
+        raise FrameIndexError(f"frame index {first} is negative; {filename} has frames 0..{n - 1}")
+    raise FrameIndexError(f"frame index {first} is out of range; {filename} has {n} frames (0..{n - 1})")
+
+
+def first_outside(idxs: "Union[Sequence[int], range, np.ndarray]", n: int) -> Optional[int]:
+    """The first of ``idxs`` outside ``0..n-1`` (None: all are frames)."""
+    if not len(idxs):
+        return None
+    if isinstance(idxs, range):  # monotonic: the frames inside are a prefix of it
+        if not 0 <= idxs[0] < n:
+            return idxs[0]
+        inside = len(range(idxs.start, n if idxs.step > 0 else -1, idxs.step))
+        return idxs[inside] if inside < len(idxs) else None
+    arr = np.asarray(idxs)
+    outside = np.flatnonzero((arr < 0) | (arr >= n))
+    return int(arr[outside[0]]) if outside.size else None

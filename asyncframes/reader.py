@@ -27,14 +27,13 @@ import numpy as np
 from .convert import Converter
 from .errors import (
     AsyncFramesError,
-    FrameIndexError,
     VideoChangedError,
     VideoDecodeError,
     VideoNotFoundError,
     VideoOpenError,
 )
 from .files import SourceIdentity, resource_error, source_identity
-from .index import FrameIndex, index_from_packets
+from .index import FrameIndex, check_frame_idxs, index_from_packets
 from .video import VideoInfo
 
 log = logging.getLogger(__name__)
@@ -127,20 +126,6 @@ class ReadInterrupted(Exception):
 
 class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
-
-
-def _first_outside(idxs: "Sequence[int] | range | np.ndarray", n: int) -> Optional[int]:
-    """The first of ``idxs``, in their order, that is not in ``0..n-1`` (None: all are)."""
-    if not len(idxs):
-        return None
-    if isinstance(idxs, range):  # monotonic: the frames in range are a prefix of it
-        if not 0 <= idxs[0] < n:
-            return idxs[0]
-        inside = len(range(idxs.start, n if idxs.step > 0 else -1, idxs.step))
-        return idxs[inside] if inside < len(idxs) else None
-    arr = np.asarray(idxs)
-    outside = np.flatnonzero((arr < 0) | (arr >= n))
-    return int(arr[outside[0]]) if outside.size else None
 
 
 def changed_error(filename: str, doing: str = "being read") -> VideoChangedError:
@@ -284,18 +269,8 @@ class VideoReader:
             raise changed_error(self.filename, doing)
 
     def check_indices(self, idxs: "Sequence[int] | range | np.ndarray") -> None:
-        """Raise :class:`FrameIndexError` naming the first index that is not a frame.
-
-        Vectorised: a range is checked at its ends, anything else as one array, so a request
-        for millions of frames is checked in milliseconds.
-        """
-        n = self.frame_count
-        first = _first_outside(idxs, n)
-        if first is None:
-            return
-        if first < 0:
-            raise FrameIndexError(f"frame index {first} is negative; {self.filename} has frames 0..{n - 1}")
-        raise FrameIndexError(f"frame index {first} is out of range; {self.filename} has {n} frames (0..{n - 1})")
+        """Raise :class:`FrameIndexError` naming the first index that is not a frame (see :func:`index.check_frame_idxs`)."""
+        check_frame_idxs(idxs, self.frame_count, self.filename)
 
     def frame_shape(self, grayscale: Optional[bool] = None) -> tuple[int, int, int]:
         """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import protocol, shm
+from . import files, protocol, shm
 from ._opener import VideoOpener
 from ._server_actions import (
     Action,
@@ -144,7 +144,9 @@ class FrameServer:
         self._parent_pid = os.getppid()
         self._probe = shm.Probe() if config.shared_memory and shm.AVAILABLE else None
         offer = ShmProbe(pid=os.getpid(), fd=self._probe.buffer.fd, token=self._probe.token) if self._probe is not None else None
-        self.state = ServerState(config, version=__version__, shm_offer=offer, now=time.monotonic())
+        self.state = ServerState(
+            config, version=__version__, shm_offer=offer, root_spellings=files.root_spellings(config.root), now=time.monotonic()
+        )
         self._opener = VideoOpener(config.root, config.max_open_files)
         self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._buffers = _BufferPool(config.buffer_pool_bytes)

@@ -231,12 +231,19 @@ def test_running_out_of_resources_is_a_server_error(code, name):
 
 
 def test_hide_root_takes_the_roots_path_out_of_messages(tmp_path):
-    from asyncframes.files import hide_root
+    from asyncframes._server_state import hide_root
+    from asyncframes.files import root_spellings
 
     root = tmp_path / "videos"
     root.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(root)
     real = os.path.realpath(root)
-    assert hide_root(f"video not found: {real}/a/b.mp4", str(root)) == "video not found: a/b.mp4"
-    assert hide_root(f"cannot list {real}", str(root)) == "cannot list ."
-    assert hide_root(f"outside: /etc/passwd ({real}/x)", str(root)) == "outside: /etc/passwd (x)"
-    assert hide_root("nothing to hide", None) == "nothing to hide"
+    spellings = root_spellings(str(link))
+    assert set(spellings) == {real, str(link)}
+    assert hide_root(f"video not found: {real}/a/b.mp4", spellings) == "video not found: a/b.mp4"
+    assert hide_root(f"video not found: {link}/a/b.mp4", spellings) == "video not found: a/b.mp4"
+    assert hide_root(f"cannot list {real}", spellings) == "cannot list ."
+    assert hide_root(f"outside: /etc/passwd ({real}/x)", spellings) == "outside: /etc/passwd (x)"
+    assert hide_root("nothing to hide", root_spellings(None)) == "nothing to hide"
+    assert root_spellings("/") == ()

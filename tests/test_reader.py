@@ -286,9 +286,9 @@ def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradic
 def test_the_first_index_outside_a_video_is_found_as_a_scan_would(start, stop, step, listed):
     """check_indices is vectorised (ranges at their ends, arrays at once); it must name the
     same index a plain scan in request order would."""
-    from asyncframes.reader import _first_outside
+    from asyncframes.index import first_outside
 
     n = 40
     for idxs in (range(start, stop, step), listed, np.asarray(listed, dtype=np.int64)):
         expected = next((int(i) for i in idxs if not 0 <= i < n), None)
-        assert _first_outside(idxs, n) == expected
+        assert first_outside(idxs, n) == expected

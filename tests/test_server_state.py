@@ -77,7 +77,10 @@ class Harness:
     def __init__(self, facts: "VideoFacts | BaseException" = FACTS, shm: bool = False, **config: Any) -> None:
         self.facts = facts
         self.now = 0.0
-        self.state = ServerState(ServerConfig(**config), version="9.9", shm_offer=OFFER if shm else None)
+        root = config.get("root")
+        self.state = ServerState(
+            ServerConfig(**config), version="9.9", shm_offer=OFFER if shm else None, root_spellings=(root,) if root else ()
+        )
 
     def send(self, client: bytes, *messages: Any) -> list[Any]:
         """Queue ``messages`` from ``client`` and handle rounds until its queue is empty;
@@ -622,7 +625,7 @@ def test_shutdown_tells_every_client_that_said_hello():
 
 
 def test_wire_errors_name_our_classes_hide_the_root_and_mark_internal_ones():
-    e = wire_error(3, FrameIndexError("/data/root/a.mp4 has 3 frames"), "/data/root")
+    e = wire_error(3, FrameIndexError("/data/root/a.mp4 has 3 frames"), ("/data/root",))
     assert (e.request_id, e.error, e.message) == (3, "FrameIndexError", "a.mp4 has 3 frames")
     e = wire_error(None, KeyError("x"))
     assert e.error == "ServerError" and e.message.startswith("internal server error: KeyError")
