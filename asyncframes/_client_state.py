@@ -43,19 +43,11 @@ from .errors import (
     ServerShutdownError,
     error_from_wire,
 )
+from .protocol import ConnectionEvent
 from .video import Video
 
 #: Frame indices as the client keeps them: a range or a one-dimensional integer array (None: every frame).
 Indices = Optional[Union[range, np.ndarray]]
-
-
-class ConnectionEvent(enum.Enum):
-    """What a client socket's monitor saw happen to its connection (translated from ZeroMQ by the transport)."""
-
-    CONNECTED = "connected"  # a ZMTP handshake succeeded
-    LOST = "lost"  # the connection closed
-    AUTH_FAILED = "auth_failed"  # the server refused our CURVE credentials
-    HANDSHAKE_FAILED = "handshake_failed"  # the peer's security settings differ from ours (or it is no frame server)
 
 
 class Health(enum.Enum):

@@ -31,7 +31,7 @@ import attrs
 import numpy as np
 
 from . import protocol, shm
-from ._client_state import Actions, Admit, Arrival, ClientState, ConnectionEvent, Health, Link, Send
+from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
 from .errors import (
     AsyncFramesError,
     FrameIndexError,
@@ -42,6 +42,7 @@ from .errors import (
     error_from_wire,
 )
 from .process import ServerProcess, prestart, take_prestarted
+from .protocol import ConnectionEvent
 from .transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
 from .video import Video, VideoInfo, as_video
 

@@ -11,6 +11,7 @@ See ``docs/protocol.md`` for the conversation between client and server.
 
 from __future__ import annotations
 
+import enum
 import math
 import struct
 from typing import Any, Optional, Sequence, Union
@@ -498,3 +499,13 @@ def _describe(exc: BaseException) -> str:
 
         return "; ".join(transform_error(exc, format_exception=say))
     return str(exc)
+
+
+class ConnectionEvent(enum.Enum):
+    """What happened to a client's connection to a server, as the transport reports it to the
+    client core (translated from ZeroMQ's monitor events, so the core never sees ZeroMQ)."""
+
+    CONNECTED = "connected"  # a ZMTP handshake succeeded
+    LOST = "lost"  # the connection closed
+    AUTH_FAILED = "auth_failed"  # the server refused our CURVE credentials
+    HANDSHAKE_FAILED = "handshake_failed"  # the peer's security settings differ from ours (or it is no frame server)

@@ -27,10 +27,10 @@ import attrs
 import zmq
 
 from . import protocol
+from .protocol import ConnectionEvent
 
 if TYPE_CHECKING:  # zmq.auth is imported only when CURVE is used: it costs ~20 ms at start-up
     from zmq.auth.thread import ThreadAuthenticator
-from ._client_state import ConnectionEvent
 from .errors import AsyncFramesError, AuthenticationError, ServerStartError
 from .protocol import Message
 
