@@ -9,6 +9,7 @@
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from ._video import Video, VideoInfo
 from .errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -27,14 +28,13 @@ from .errors import (
     VideoNotFoundError,
     VideoOpenError,
 )
-from .video import Video, VideoInfo
 
 if TYPE_CHECKING:
-    from .client import AsyncVideo, FrameChunk
+    from ._client import AsyncVideo, FrameChunk
 
 #: Names imported on first use: the client side (ZeroMQ, the process helpers and their
 #: exit hook) is not loaded by a server, nor by anything that imports only a submodule.
-_LAZY = {"AsyncVideo": "client", "FrameChunk": "client"}
+_LAZY = {"AsyncVideo": "_client", "FrameChunk": "_client"}
 
 
 def __getattr__(name: str) -> Any:

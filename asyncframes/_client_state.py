@@ -1,10 +1,10 @@
 """Everything that decides what the client sends and hands to the caller lives here.
 
-No ZeroMQ, os, time, threads or sockets: the driver (:mod:`asyncframes.client`)
+No ZeroMQ, os, time, threads or sockets: the driver (:mod:`asyncframes._client`)
 owns those, feeds this module what happened (a message, a connection event, the
 chunk the caller took) and carries out what it answers (send these messages,
 replace this server's socket, raise this error). Only numpy, attrs and the
-message classes of :mod:`asyncframes.protocol` are imported. A rule of the
+message classes of :mod:`asyncframes._protocol` are imported. A rule of the
 client's side of the protocol is changed here, and tested in
 ``tests/test_client_state.py`` without a socket.
 
@@ -32,7 +32,9 @@ from typing import Optional, Sequence, Union
 import attrs
 import numpy as np
 
-from . import protocol
+from . import _protocol as protocol
+from ._protocol import ConnectionEvent
+from ._video import Video
 from .errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -43,8 +45,6 @@ from .errors import (
     ServerShutdownError,
     error_from_wire,
 )
-from .protocol import ConnectionEvent
-from .video import Video
 
 #: Frame indices as the client keeps them: a range or a one-dimensional integer array (None: every frame).
 Indices = Optional[Union[range, np.ndarray]]
@@ -328,7 +328,7 @@ class ClientState:
         Args:
             request_id: from :meth:`new_request_id`.
             video: what to read.
-            idxs: the frames, as :func:`~asyncframes.client.normalize_frame_idxs` gives them
+            idxs: the frames, as :func:`~asyncframes._client.normalize_frame_idxs` gives them
                 (None: every frame, only with one server).
             frames_per_chunk: frames per chunk.
 

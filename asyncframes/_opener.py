@@ -1,11 +1,11 @@
 """Opening the videos requests name: the one place that decides which file a reader reads.
 
 Everything about opening lives here: confinement under the server's root and the
-demuxers a confined server allows (the rules are :mod:`asyncframes.files`'), a file
+demuxers a confined server allows (the rules are :mod:`asyncframes._files`'), a file
 checked again once opened, an LRU of open readers, a file that changed on disk closed
 and reopened, and decoder workers' own readers of a file, which share its index.
-It opens files and stats them (through :mod:`asyncframes.reader` and
-:mod:`asyncframes.files`) and nothing else: no sockets, no clock, no threads of its own.
+It opens files and stats them (through :mod:`asyncframes._reader` and
+:mod:`asyncframes._files`) and nothing else: no sockets, no clock, no threads of its own.
 
 Threads: :meth:`VideoOpener.open`, :meth:`~VideoOpener.opened`, :meth:`~VideoOpener.forget`
 and :meth:`~VideoOpener.close` belong to one thread (the server's);
@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional
 
-from . import files
+from . import _files as files
+from ._reader import VideoReader
+from ._video import Video
 from .errors import AsyncFramesError, ServerError
-from .reader import VideoReader
-from .video import Video
 
 #: What a reader is kept under: the file as the request names it, and the stream.
 ReaderKey = tuple[str, int]

@@ -11,8 +11,8 @@ from typing import Hashable, Optional, Union
 
 import attrs
 
-from . import protocol
-from .video import Video, VideoInfo
+from . import _protocol as protocol
+from ._video import Video, VideoInfo
 
 # -- what the driver reports ------------------------------------------------------------------
 

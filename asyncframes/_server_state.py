@@ -1,6 +1,6 @@
 """The server's protocol state machine: everything that decides what the server sends lives here.
 
-Layer rule: no zmq, av, os, time or threads. The caller (the driver, :mod:`asyncframes.server`)
+Layer rule: no zmq, av, os, time or threads. The caller (the driver, :mod:`asyncframes._server`)
 passes in what clients sent (raw message parts), the outcomes of opening and decoding, the
 bytes it still has queued in ZeroMQ, and the time (``now``, monotonic seconds); it gets back
 *actions* (attrs classes, in :mod:`asyncframes._server_actions`) and carries them out.
@@ -44,27 +44,10 @@ from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 import attrs
 import numpy as np
 
-from . import protocol
-from ._server_actions import (
-    Action,
-    CacheUse,
-    Decode,
-    ForgetClient,
-    ForgetRequest,
-    ForgetVideo,
-    FreeBuffers,
-    OpenVideo,
-    ReadAround,
-    ResizeCache,
-    Send,
-    SlotUse,
-    Stop,
-    VideoFacts,
-)
-from .config import ServerConfig
-from .errors import AsyncFramesError, ProtocolError, ServerError
-from .index import check_frame_idxs
-from .protocol import (
+from . import _protocol as protocol
+from ._config import ServerConfig
+from ._index import check_frame_idxs
+from ._protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
@@ -82,9 +65,26 @@ from .protocol import (
     Shutdown,
     Welcome,
 )
-from .video import Video
+from ._server_actions import (
+    Action,
+    CacheUse,
+    Decode,
+    ForgetClient,
+    ForgetRequest,
+    ForgetVideo,
+    FreeBuffers,
+    OpenVideo,
+    ReadAround,
+    ResizeCache,
+    Send,
+    SlotUse,
+    Stop,
+    VideoFacts,
+)
+from ._video import Video
+from .errors import AsyncFramesError, ProtocolError, ServerError
 
-log = logging.getLogger("asyncframes.server")
+log = logging.getLogger("asyncframes._server")
 
 #: A request with no credit that has not been sent a chunk for this long counts as idle (its
 #: client is paused, not just slow): its frame cache shrinks so that active requests get theirs.

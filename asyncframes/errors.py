@@ -2,7 +2,7 @@
 
 Every failure a caller can see is one of these, so ``except AsyncFramesError``
 catches everything we raise, and the subclass names the cause. Errors raised in
-the server travel over the wire by class name (see :mod:`asyncframes.protocol`)
+the server travel over the wire by class name (see :mod:`asyncframes._protocol`)
 and are re-raised in the client as the same class.
 """
 

@@ -113,7 +113,7 @@ pick_videos() {
     if [ -n "${VIDEOS:-}" ]; then echo "$VIDEOS"; return; fi
     if [ -d "$repo/../shared/videos" ]; then (cd "$repo/../shared/videos" && pwd); return; fi
     mkdir -p "$build/videos"
-    "$PYTHON" -c "from asyncframes.sample import write_clip; write_clip('$build/videos/sample.mp4', frames=120, gop=30, bframes=2)"
+    "$PYTHON" -c "from asyncframes._sample import write_clip; write_clip('$build/videos/sample.mp4', frames=120, gop=30, bframes=2)"
     echo "$build/videos"
 }
 

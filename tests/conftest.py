@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from asyncframes import AsyncVideo
-from asyncframes.sample import write_clip
+from asyncframes._sample import write_clip
 
 SHARED = Path(os.environ.get("ASYNCFRAMES_SHARED_VIDEOS", Path(__file__).resolve().parents[2] / "shared" / "videos"))
 
@@ -115,7 +115,7 @@ def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
 
 def leftover_private_dirs(folder: Path, within: float = 5.0) -> set[str]:
     """Private server folders still in ``folder`` once servers that are stopping have had ``within`` s to go."""
-    from asyncframes import process
+    from asyncframes import _process as process
 
     gc.collect()  # clients nobody closed stop their servers now
     process._stop_prestarted()  # a prestarted server nobody took

@@ -101,23 +101,23 @@ BAD_ARGUMENTS = [
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Commands that get past their arguments fail the test at once instead of serving, streaming or measuring."""
-    import asyncframes.bench
-    import asyncframes.server
-    import asyncframes.transport
-    from asyncframes import cli
+    import asyncframes._bench
+    import asyncframes._server
+    import asyncframes._transport
+    from asyncframes import _cli as cli
 
     def reached(*_args, **_kwargs):
         raise AssertionError("the command ran with a bad argument")
 
     monkeypatch.setattr(cli, "_client", reached)
-    monkeypatch.setattr(asyncframes.server, "FrameServer", reached)
-    monkeypatch.setattr(asyncframes.bench, "run", reached)
-    monkeypatch.setattr(asyncframes.transport, "create_keys", reached)
+    monkeypatch.setattr(asyncframes._server, "FrameServer", reached)
+    monkeypatch.setattr(asyncframes._bench, "run", reached)
+    monkeypatch.setattr(asyncframes._transport, "create_keys", reached)
 
 
 @pytest.mark.parametrize("argv, names", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_a_bad_argument_is_one_line_naming_it_and_exit_2(argv, names, capsys, nothing_runs):
-    from asyncframes.cli import main
+    from asyncframes._cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -170,7 +170,7 @@ def test_stream_frames_without_stop_run_to_the_end(cache):
 
 
 def test_frames_spec_is_a_slice_of_the_video():
-    from asyncframes.cli import frames_range, frames_spec
+    from asyncframes._cli import frames_range, frames_spec
 
     assert frames_range(frames_spec("7"), 300) == range(7, 8)
     assert frames_range(frames_spec("10:40:3"), 300) == range(10, 40, 3)
@@ -194,8 +194,8 @@ def test_an_unreadable_key_file_is_one_line_naming_it(tmp_path, command):
 
 def test_serve_defaults_are_the_server_configs_own():
     """Each limit's default is written once (config.ServerConfig): the command line takes it from there."""
-    from asyncframes.cli import build_parser
-    from asyncframes.config import OPTIONS, ServerConfig, config_from
+    from asyncframes._cli import build_parser
+    from asyncframes._config import OPTIONS, ServerConfig, config_from
 
     args = build_parser().parse_args(["serve"])
     assert config_from(args) == ServerConfig()

@@ -1,7 +1,7 @@
 """Client faults as a user meets them: mismatched security, servers that stop, restart or lie, fork, bad arguments.
 
 User stories run real processes and real ZeroMQ; a *fake server* (a real ROUTER
-socket in a thread of this process, speaking :mod:`asyncframes.protocol`) plays a
+socket in a thread of this process, speaking :mod:`asyncframes._protocol`) plays a
 server that sends what a real one never would. Pure checks need no I/O.
 """
 
@@ -37,7 +37,7 @@ from asyncframes import (
     shm,
     transport,
 )
-from asyncframes.client import normalize_frame_idxs
+from asyncframes._client import normalize_frame_idxs
 
 from .conftest import assert_frames_exact
 from .test_standalone_server import Server

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncframes import protocol
+from asyncframes import _protocol as protocol
 from asyncframes._client_state import (
     Actions,
     Admit,
@@ -24,6 +24,7 @@ from asyncframes._client_state import (
     Send,
     deal,
 )
+from asyncframes._video import Video
 from asyncframes.errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -35,7 +36,6 @@ from asyncframes.errors import (
     ServerShutdownError,
     VideoOpenError,
 )
-from asyncframes.video import Video
 
 VIDEO = Video("clip.mp4")
 H, W, C = 4, 6, 3

@@ -104,7 +104,7 @@ def test_a_truncated_file_gives_what_a_sequential_decode_gives(client, make_clip
 
 def test_a_damaged_mp4_serves_what_can_be_decoded_and_names_the_rest(client, make_clip, tmp_path):
     """The index (in the moov) promises more frames than the cut-off data holds."""
-    from asyncframes.sample import write_clip
+    from asyncframes._sample import write_clip
 
     whole = write_clip(tmp_path / "whole.mp4", frames=120, gop=30, container_options={"movflags": "faststart"})
     cut = tmp_path / "cut.mp4"

@@ -20,9 +20,10 @@ import time
 import numpy as np
 import pytest
 
-from asyncframes import AsyncVideo, ServerDiedError, Video, shm
-from asyncframes.cli import main as cli_main
-from asyncframes.sample import write_clip
+from asyncframes import AsyncVideo, ServerDiedError, Video
+from asyncframes import _shm as shm
+from asyncframes._cli import main as cli_main
+from asyncframes._sample import write_clip
 
 from .conftest import assert_frames_exact, shuffled_with_duplicates
 

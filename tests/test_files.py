@@ -1,4 +1,4 @@
-"""Which file a request names (asyncframes.files): pure rules over paths and stat results."""
+"""Which file a request names (asyncframes._files): pure rules over paths and stat results."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asyncframes import ServerError, VideoAccessError, VideoNotFoundError
-from asyncframes.files import (
+from asyncframes._files import (
     FileIdentity,
     confine,
     container_options,
@@ -231,8 +231,8 @@ def test_running_out_of_resources_is_a_server_error(code, name):
 
 
 def test_hide_root_takes_the_roots_path_out_of_messages(tmp_path):
+    from asyncframes._files import root_spellings
     from asyncframes._server_state import hide_root
-    from asyncframes.files import root_spellings
 
     root = tmp_path / "videos"
     root.mkdir()

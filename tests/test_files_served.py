@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from asyncframes import AsyncVideo, ServerError, VideoAccessError, VideoError, VideoOpenError
-from asyncframes.reader import VideoReader
+from asyncframes._reader import VideoReader
 
 from .conftest import shared_video
 from .test_standalone_server import Server

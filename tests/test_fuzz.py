@@ -5,7 +5,7 @@ Every example opens a fresh raw DEALER, optionally says hello, sends one message
 frames) and then a sentinel ``ping``; the replies before the sentinel's ``pong``
 are the server's answer to that message. Properties:
 
-* a malformed message (one :func:`asyncframes.protocol.parse` refuses) gets exactly
+* a malformed message (one :func:`asyncframes._protocol.parse` refuses) gets exactly
   one ``error`` reply with ``error == "ProtocolError"`` and no request id;
 * a well-formed but wrong message gets the answer the protocol defines for it
   (an error naming a class in :mod:`asyncframes.errors`, or the defined reply);
@@ -13,7 +13,7 @@ are the server's answer to that message. Properties:
 * the server process is alive after every example and answers within a bound;
 * afterwards a good :class:`~asyncframes.AsyncVideo` streams a clip exactly.
 
-Valid messages are built with :func:`asyncframes.protocol.encode` from the real
+Valid messages are built with :func:`asyncframes._protocol.encode` from the real
 classes, so the fuzz follows changes of their wire layout.
 """
 
@@ -34,11 +34,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from asyncframes import AsyncVideo, protocol
-from asyncframes.convert import luma
+from asyncframes import AsyncVideo
+from asyncframes import _protocol as protocol
+from asyncframes._convert import luma
+from asyncframes._protocol import PROTOCOL_VERSION
+from asyncframes._video import Video
 from asyncframes.errors import WIRE_ERRORS, ProtocolError
-from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.video import Video
 
 from .conftest import assert_frames_exact, reference_frames, shuffled_with_duplicates
 from .test_standalone_server import Server

@@ -139,11 +139,11 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server):
 def test_a_client_queueing_more_bytes_than_two_of_the_largest_requests_is_dropped(tmp_path):
     """The per-client queue is bounded in bytes too: a few hundred big (legal) requests sent
     without waiting cannot make the server hold them all (each may be megabytes)."""
-    from asyncframes import protocol
+    from asyncframes import _protocol as protocol
+    from asyncframes._server import FrameServer, ServerConfig
     from asyncframes._server_actions import Send
     from asyncframes._server_state import FLOODED_MESSAGE
-    from asyncframes.server import FrameServer, ServerConfig
-    from asyncframes.video import Video
+    from asyncframes._video import Video
 
     server = FrameServer([f"ipc://{tmp_path}/s.sock"], ServerConfig(max_request_frames=1000, shared_memory=False))
     sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -15,13 +15,14 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncframes import AsyncVideo, protocol
+from asyncframes import AsyncVideo
+from asyncframes import _protocol as protocol
+from asyncframes._protocol import PROTOCOL_VERSION
+from asyncframes._reader import FrameCache, VideoReader
+from asyncframes._sample import write_clip
+from asyncframes._server import FrameServer, ServerConfig, _BufferPool
 from asyncframes._server_state import cache_shares, inline_room
-from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.reader import FrameCache, VideoReader
-from asyncframes.sample import write_clip
-from asyncframes.server import FrameServer, ServerConfig, _BufferPool
-from asyncframes.video import Video
+from asyncframes._video import Video
 
 from .conftest import wait_until
 from .test_standalone_server import Server

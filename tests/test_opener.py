@@ -16,9 +16,9 @@ import pytest
 
 from asyncframes import ServerError, VideoAccessError, VideoChangedError
 from asyncframes._opener import VideoOpener
-from asyncframes.pool import DecoderPool, RecentFrames
-from asyncframes.reader import FrameCache, ReadInterrupted
-from asyncframes.video import Video
+from asyncframes._pool import DecoderPool, RecentFrames
+from asyncframes._reader import FrameCache, ReadInterrupted
+from asyncframes._video import Video
 
 from .conftest import assert_frames_exact, shared_video, shuffled_with_duplicates
 from .test_files_served import H, W, decode_all, replace, rewrite_in_place, y4m_bytes
@@ -130,7 +130,7 @@ def test_an_unconfined_opener_opens_names_as_given_with_ffmpegs_defaults(clips, 
 def test_a_file_added_to_a_sequence_while_it_opens_cannot_slip_past_the_check(tmp_path, monkeypatch):
     """The race the README's 'which files' promise must survive: the check passes on three files,
     then a fourth (a link out) appears before FFmpeg lists the sequence."""
-    from asyncframes import reader as reader_module
+    from asyncframes import _reader as reader_module
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
@@ -162,7 +162,7 @@ def test_a_file_added_to_a_sequence_while_it_opens_cannot_slip_past_the_check(tm
 def test_each_worker_has_its_own_reader_sharing_the_index(clips, opener, monkeypatch):
     v = video(clips, "a.y4m")
     main = opener.open(v)
-    from asyncframes import reader as reader_module
+    from asyncframes import _reader as reader_module
 
     def no_demuxing(self):
         raise AssertionError("a worker's reader demuxed the file again")

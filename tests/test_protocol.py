@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from asyncframes import protocol
+from asyncframes import _protocol as protocol
+from asyncframes._process import ServerProcess
+from asyncframes._protocol import PROTOCOL_VERSION
+from asyncframes._video import Video, VideoInfo
 from asyncframes.errors import ProtocolError
-from asyncframes.process import ServerProcess
-from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.video import Video, VideoInfo
 
 MESSAGES = [
     protocol.Hello(version=1, client="test"),
@@ -196,7 +196,7 @@ def test_a_server_refuses_client_messages_with_more_than_one_part():
 
 
 def test_the_server_message_size_limit_follows_its_request_limit():
-    from asyncframes.transport import MAX_MESSAGE_BYTES
+    from asyncframes._transport import MAX_MESSAGE_BYTES
 
     legal = protocol.encode(
         protocol.Request(request_id=1, video=Video("v" * 4096), frame_idxs=protocol.frame_selection(np.zeros(10_000_000, np.uint32)))

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
-from asyncframes.convert import luma
-from asyncframes.index import FrameIndex, index_from_packets
-from asyncframes.reader import FrameCache, VideoReader
-from asyncframes.sample import write_clip
+from asyncframes._convert import luma
+from asyncframes._index import FrameIndex, index_from_packets
+from asyncframes._reader import FrameCache, VideoReader
+from asyncframes._sample import write_clip
 
 from .conftest import CLIPS, ZOO, assert_frames_exact, corrupt_frames, reference_frames, shuffled_with_duplicates
 
@@ -261,7 +261,7 @@ def test_index_from_packets_rules():
 def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradicted(make_clip, monkeypatch):
     import av
 
-    from asyncframes import convert
+    from asyncframes import _convert as convert
 
     with av.open(str(make_clip("gray.mp4"))) as container:
         frame = next(container.decode(video=0))
@@ -286,7 +286,7 @@ def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradic
 def test_the_first_index_outside_a_video_is_found_as_a_scan_would(start, stop, step, listed):
     """check_indices is vectorised (ranges at their ends, arrays at once); it must name the
     same index a plain scan in request order would."""
-    from asyncframes.index import first_outside
+    from asyncframes._index import first_outside
 
     n = 40
     for idxs in (range(start, stop, step), listed, np.asarray(listed, dtype=np.int64)):

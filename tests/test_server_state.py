@@ -14,7 +14,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncframes import protocol
+from asyncframes import _protocol as protocol
+from asyncframes._config import MiB, ServerConfig
+from asyncframes._protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Chunk,
+    Credit,
+    Error,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    Ping,
+    Pong,
+    Release,
+    Request,
+    ShmProbe,
+    Shutdown,
+    Welcome,
+)
 from asyncframes._server_actions import (
     Decode,
     ForgetClient,
@@ -39,26 +57,8 @@ from asyncframes._server_state import (
     SlotBook,
     wire_error,
 )
-from asyncframes.config import MiB, ServerConfig
+from asyncframes._video import Video, VideoInfo
 from asyncframes.errors import FrameIndexError, VideoDecodeError, VideoNotFoundError
-from asyncframes.protocol import (
-    PROTOCOL_VERSION,
-    Cancel,
-    Chunk,
-    Credit,
-    Error,
-    Hello,
-    InfoReply,
-    InfoRequest,
-    Ping,
-    Pong,
-    Release,
-    Request,
-    ShmProbe,
-    Shutdown,
-    Welcome,
-)
-from asyncframes.video import Video, VideoInfo
 
 A, B, C = b"client-a", b"client-b", b"client-c"
 #: A small video: 100 frames of 4 x 4 RGB (48 bytes each).

@@ -40,9 +40,9 @@ import numpy as np
 import pytest
 
 from asyncframes import AsyncVideo
+from asyncframes._sample import write_clip
+from asyncframes._video import Video
 from asyncframes.errors import FrameIndexError, VideoError
-from asyncframes.sample import write_clip
-from asyncframes.video import Video
 
 from .conftest import reference_frames, shuffled_with_duplicates
 from .test_standalone_server import Server
@@ -77,10 +77,10 @@ RSS_GROWTH_MARGIN = 64 * 2**20
 FAULTY = r"""
 import sys, time
 import zmq
-from asyncframes import AsyncVideo, protocol
+from asyncframes import AsyncVideo, _protocol as protocol
 from asyncframes.errors import AsyncFramesError
-from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.video import Video
+from asyncframes._protocol import PROTOCOL_VERSION
+from asyncframes._video import Video
 
 mode, endpoint, video = sys.argv[1:4]
 said = False

@@ -26,9 +26,9 @@ from asyncframes import (
     VideoOpenError,
     protocol,
 )
-from asyncframes.process import READY_LINE
-from asyncframes.protocol import PROTOCOL_VERSION
-from asyncframes.video import Video
+from asyncframes._process import READY_LINE
+from asyncframes._protocol import PROTOCOL_VERSION
+from asyncframes._video import Video
 
 from .conftest import assert_frames_exact, wait_until
 

@@ -6,8 +6,8 @@ import msgpack
 import pytest
 
 from asyncframes import Video
-from asyncframes.protocol import converter
-from asyncframes.video import as_video
+from asyncframes._protocol import converter
+from asyncframes._video import as_video
 
 
 @pytest.mark.parametrize("grayscale", [None, True, False])

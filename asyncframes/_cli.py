@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ._config import add_options, config_from
 from ._version import __version__
-from .config import add_options, config_from
 from .errors import AsyncFramesError
 
-log = logging.getLogger("asyncframes.cli")
+log = logging.getLogger("asyncframes._cli")
 
 DEFAULT_BIND = "tcp://127.0.0.1:9010"
 
@@ -124,7 +124,7 @@ def log_level(text: str) -> str:
 
 def _client(args: argparse.Namespace, **options: Any) -> Any:
     """An AsyncVideo for the command's options: a private server, or the given endpoint(s)."""
-    from .client import AsyncVideo
+    from ._client import AsyncVideo
 
     endpoints = getattr(args, "endpoint", None) or None
     if endpoints and "start_timeout" not in options:
@@ -143,7 +143,7 @@ def _video_arg(args: argparse.Namespace) -> str:
         return args.video
     if getattr(args, "endpoint", None):
         args.parser.error("name a VIDEO (a path the server can open) when using --endpoint")
-    from .sample import sample_video
+    from ._sample import sample_video
 
     return str(sample_video())
 
@@ -215,7 +215,7 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from .transport import create_keys
+    from ._transport import create_keys
 
     try:
         public, secret = create_keys(args.directory, args.name)
@@ -240,7 +240,7 @@ def _is_loopback(endpoint: str) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve until stopped; a private server's folder (``--private-dir``) goes however it ends."""
-    from .process import remove_own_private_dir
+    from ._process import remove_own_private_dir
 
     try:
         return _serve(args)
@@ -251,7 +251,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _private_dir(text: str) -> str:
     """``--private-dir``: the folder a client made for this private server (removed when it exits)."""
-    from .process import is_private_dir
+    from ._process import is_private_dir
 
     if not os.path.isdir(text) or not is_private_dir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a private server folder (allowed: an asyncframes-* folder holding at most server.sock)")
@@ -261,9 +261,9 @@ def _private_dir(text: str) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from .process import READY_LINE
-    from .server import FrameServer
-    from .transport import ServerCurve
+    from ._process import READY_LINE
+    from ._server import FrameServer
+    from ._transport import ServerCurve
 
     if bool(args.curve_secret) != bool(args.allow_client_keys):
         args.parser.error("--curve-secret and --allow-client-keys go together (give both, or neither)")
@@ -320,7 +320,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from ._bench import run
 
     for video in args.videos:
         if not os.path.isfile(video):

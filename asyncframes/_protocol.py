@@ -22,8 +22,8 @@ import msgpack
 import numpy as np
 from cattrs.errors import BaseValidationError
 
+from ._video import Video, VideoInfo
 from .errors import ProtocolError
-from .video import Video, VideoInfo
 
 #: Bumped on any incompatible change; checked in the hello/welcome handshake.
 PROTOCOL_VERSION = 3

@@ -30,8 +30,13 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Unio
 import attrs
 import numpy as np
 
-from . import protocol, shm
+from . import _protocol as protocol
+from . import _shm as shm
 from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
+from ._process import ServerProcess, prestart, take_prestarted
+from ._protocol import ConnectionEvent
+from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
+from ._video import Video, VideoInfo, as_video
 from .errors import (
     AsyncFramesError,
     FrameIndexError,
@@ -41,10 +46,6 @@ from .errors import (
     ServerStartError,
     error_from_wire,
 )
-from .process import ServerProcess, prestart, take_prestarted
-from .protocol import ConnectionEvent
-from .transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
-from .video import Video, VideoInfo, as_video
 
 VideoLike = Union[Video, str, "os.PathLike[str]"]
 FrameIdxs = Optional[Union[Sequence[int], range, np.ndarray, Iterable[int]]]

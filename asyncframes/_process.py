@@ -22,10 +22,10 @@ import threading
 import time
 from typing import IO, Optional, Sequence
 
+from ._transport import private_endpoint, remove_private_dir
 from .errors import ServerDiedError, ServerStartError
-from .transport import private_endpoint, remove_private_dir
 
-#: What a private server's folder is called (by :func:`asyncframes.transport.private_endpoint`).
+#: What a private server's folder is called (by :func:`asyncframes._transport.private_endpoint`).
 PRIVATE_DIR_PREFIX = "asyncframes-"
 #: The one thing a private server's folder holds.
 PRIVATE_SOCKET = "server.sock"

@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import av
 import numpy as np
 
-from .convert import Converter
+from ._convert import Converter
+from ._files import SourceIdentity, resource_error, source_identity
+from ._index import FrameIndex, check_frame_idxs, index_from_packets
+from ._video import VideoInfo
 from .errors import (
     AsyncFramesError,
     VideoChangedError,
@@ -32,9 +35,6 @@ from .errors import (
     VideoNotFoundError,
     VideoOpenError,
 )
-from .files import SourceIdentity, resource_error, source_identity
-from .index import FrameIndex, check_frame_idxs, index_from_packets
-from .video import VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class VideoReader:
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
         self._convert = Converter(filename)
-        #: The identity of the file(s) as opened (see :mod:`asyncframes.files`).
+        #: The identity of the file(s) as opened (see :mod:`asyncframes._files`).
         self.signature: SourceIdentity = source_identity(filename)
         self.index = index if index is not None else self._build_index()
         if self.index.sequential and not self.index.pts:

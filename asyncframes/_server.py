@@ -23,8 +23,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import files, protocol, shm
+from . import _files as files
+from . import _protocol as protocol
+from . import _shm as shm
+from ._config import ServerConfig
 from ._opener import VideoOpener
+from ._pool import DecoderPool, default_workers
+from ._protocol import ShmProbe
+from ._reader import FrameCache, ReadInterrupted
 from ._server_actions import (
     Action,
     Decode,
@@ -40,12 +46,8 @@ from ._server_actions import (
     VideoFacts,
 )
 from ._server_state import ServerState
+from ._transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 from ._version import __version__
-from .config import ServerConfig
-from .pool import DecoderPool, default_workers
-from .protocol import ShmProbe
-from .reader import FrameCache, ReadInterrupted
-from .transport import PeerBusy, PeerGone, ServerCurve, ServerSocket
 
 log = logging.getLogger(__name__)
 

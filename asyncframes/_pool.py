@@ -25,10 +25,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import files
+from . import _files as files
 from ._opener import VideoOpener
-from .reader import FrameCache, ReadInterrupted, VideoReader, changed_error
-from .video import Video
+from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
+from ._video import Video
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import attrs
 import zmq
 
-from . import protocol
-from .protocol import ConnectionEvent
+from . import _protocol as protocol
+from ._protocol import ConnectionEvent
 
 if TYPE_CHECKING:  # zmq.auth is imported only when CURVE is used: it costs ~20 ms at start-up
     from zmq.auth.thread import ThreadAuthenticator
+from ._protocol import Message
 from .errors import AsyncFramesError, AuthenticationError, ServerStartError
-from .protocol import Message
 
 #: ZMTP heartbeats: a peer that stops answering is disconnected within seconds.
 HEARTBEAT_IVL_MS = 1000

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import av
 import numpy as np
 
+from ._client import AsyncVideo
+from ._convert import rgb24
+from ._sample import write_clip
 from ._version import __version__
-from .client import AsyncVideo
-from .convert import rgb24
-from .sample import write_clip
-from .video import Video
+from ._video import Video
 
 #: Where the shared test videos live in the project's layout, used when present.
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
@@ -318,7 +318,7 @@ def bench_scale_out(rounds: int, frames_per_chunk: int = 32) -> dict[int, list[f
     Each server is pinned to its own CPU, standing in for a machine of its own;
     unpinned, a single server already keeps a small machine busy.
     """
-    from .process import READY_LINE
+    from ._process import READY_LINE
 
     folder = Path(tempfile.mkdtemp(prefix="asyncframes-bench-"))
     clip = write_clip(folder / "short_gops.mp4", frames=960, size=(480, 640), gop=frames_per_chunk, bframes=2)
