@@ -1,5 +1,10 @@
 """Shared test material: the real videos in ../shared/videos, clips we encode, and ground truth.
 
+Tests come in two layers. Modules marked ``pytestmark = pytest.mark.pure`` drive the cores
+(and the reader, opener and index) directly: no sockets, no processes, no sleeps; the
+``_pure_layer`` fixture below makes any of those fail such a test. Every other module tells a
+user's story against real server processes, one test per story.
+
 Ground truth is always a plain sequential PyAV decode, converted with PyAV's own
 ``to_ndarray(format="rgb24")``: frame i is the i-th frame it yields.
 """
@@ -81,6 +86,26 @@ ZOO = {
     "prores.mov": dict(codec="prores_ks", frames=15, bframes=0, pix_fmt="yuv422p10le"),
     "rawvideo.y4m": dict(codec="rawvideo", frames=15, bframes=0),
 }
+
+
+@pytest.fixture(autouse=True)
+def _pure_layer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a test marked ``pure``: opening a socket, starting a process or sleeping fails it."""
+    if request.node.get_closest_marker("pure") is None:
+        return
+    import subprocess
+
+    import zmq
+
+    def refuse(what: str) -> Callable[..., None]:
+        def refused(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"a pure test must not {what}")
+
+        return refused
+
+    monkeypatch.setattr(zmq.Context, "socket", refuse("open a ZeroMQ socket"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a process"))
+    monkeypatch.setattr(time, "sleep", refuse("sleep"))
 
 
 @pytest.fixture(scope="session", autouse=True)

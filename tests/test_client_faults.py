@@ -33,9 +33,15 @@ from asyncframes import (
     ServerShutdownError,
     ServerStartError,
     Video,
-    protocol,
-    shm,
-    transport,
+)
+from asyncframes import (
+    _protocol as protocol,
+)
+from asyncframes import (
+    _shm as shm,
+)
+from asyncframes import (
+    _transport as transport,
 )
 from asyncframes._client import normalize_frame_idxs
 

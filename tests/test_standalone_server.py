@@ -24,7 +24,9 @@ from asyncframes import (
     VideoAccessError,
     VideoNotFoundError,
     VideoOpenError,
-    protocol,
+)
+from asyncframes import (
+    _protocol as protocol,
 )
 from asyncframes._process import READY_LINE
 from asyncframes._protocol import PROTOCOL_VERSION

@@ -1,0 +1,115 @@
+"""The layers of the package, checked from its source: what each module may import.
+
+This is the picture in the README's "How it is built", as a test. Data flows one way:
+a module imports only modules listed before it in :data:`ORDER`; the two cores (and the
+pure modules under them) import no I/O at all; the server side never loads the client
+side; the client's driver leaves ZeroMQ to the transport.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.pure
+
+PACKAGE = Path(__file__).resolve().parents[1] / "asyncframes"
+
+#: Every module of the package, lowest layer first: each may import only modules before it.
+ORDER = [
+    # pure: what the two sides say and decide
+    "errors", "_version", "_video", "_config", "_index", "_protocol",
+    "_server_actions", "_server_state", "_client_state",
+    # decoding (PyAV) and opening files
+    "_convert", "_files", "_reader", "_opener", "_pool",
+    # between processes: shared memory, ZeroMQ
+    "_shm", "_transport",
+    # the drivers
+    "_server", "_process", "_client",
+    # tools and the front door
+    "_sample", "_bench", "_cli", "__init__", "__main__",
+]
+#: Modules with no I/O at all: no sockets, files, processes, decoders, threads or clock.
+PURE = ["errors", "_version", "_video", "_config", "_index", "_protocol", "_server_actions", "_server_state", "_client_state"]
+IO_MODULES = {"zmq", "av", "os", "time", "threading", "socket", "subprocess", "select", "mmap", "signal", "ctypes", "shutil", "tempfile", "io", "pathlib"}
+#: The one use of ``os`` a pure module may make: spelling paths (``Video("clip.mp4")`` takes a PathLike).
+PATH_SPELLING = {"fspath", "PathLike"}
+#: What a server process loads must not include the client side.
+SERVER_SIDE = "_server"
+CLIENT_SIDE = {"_client", "_client_state", "_process"}
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """(package modules, outside top-level modules) that ``module`` imports, at any depth of its code."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    ours, theirs = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                ours.add(node.module.split(".")[0])
+            else:
+                ours.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top == "asyncframes":
+                rest = node.module.split(".")[1:]
+                ours.update(rest[:1] or [alias.name for alias in node.names])
+            else:
+                theirs.add(top)
+        elif isinstance(node, ast.Import):
+            theirs.update(alias.name.split(".")[0] for alias in node.names)
+    # "from . import X" may name a function of __init__ rather than a module
+    ours = {m if m in ORDER else "__init__" for m in ours}
+    return ours, theirs
+
+
+def test_every_module_has_a_place() -> None:
+    assert sorted(p.stem for p in PACKAGE.glob("*.py")) == sorted(ORDER)
+
+
+@pytest.mark.parametrize("module", ORDER)
+def test_imports_point_down(module: str) -> None:
+    ours, _theirs = _imports(module)
+    lower = set(ORDER[: ORDER.index(module)])
+    assert ours <= lower, f"{module} imports {sorted(ours - lower)}, which are not below it"
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_do_no_io(module: str) -> None:
+    ours, theirs = _imports(module)
+    io = theirs & IO_MODULES
+    if io == {"os"} and _os_uses(module) <= PATH_SPELLING:
+        io = set()
+    assert not io, f"{module} imports {sorted(io)}"
+    assert ours <= set(PURE), f"{module} imports {sorted(ours - set(PURE))}, which are not pure"
+
+
+def _os_uses(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+    }
+
+
+def _closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_imports(m)[0])
+    return seen
+
+
+def test_the_server_never_loads_the_client() -> None:
+    loaded = _closure(SERVER_SIDE)
+    assert not loaded & CLIENT_SIDE, f"the server loads {sorted(loaded & CLIENT_SIDE)}"
+    assert "__init__" not in loaded, "the server imports the package __init__ (and so the client's names)"
+
+
+def test_the_client_driver_leaves_zeromq_to_the_transport() -> None:
+    assert "zmq" not in _imports("_client")[1]
