@@ -45,11 +45,18 @@ def _stream(value: Any) -> int:
 
 @attrs.frozen
 class Video:
-    """A video source.
+    """A video source: which file, which stream, and how its frames are shaped.
 
-    ``grayscale``: ``None`` detects it from the first frame (all channels equal),
-    ``True`` gives ``(h, w, 1)`` frames, ``False`` gives RGB ``(h, w, 3)`` frames.
-    ``stream`` picks the video stream when a container holds several.
+    Args:
+        filename: the path of a video file or an image sequence (``frame_%04d.png``), as
+            the server sees it (a standalone server with a root: relative to that root).
+        grayscale: ``None`` detects it from the first frames (neutral chroma, or all
+            channels equal), ``True`` gives ``(h, w, 1)`` frames, ``False`` RGB ``(h, w, 3)``.
+        stream: which video stream, when a container holds several (0: the first).
+
+    Raises:
+        TypeError: a field of the wrong type (the message names the value given).
+        ValueError: an empty filename or a negative stream.
     """
 
     filename: str = attrs.field(converter=_filename)
@@ -58,12 +65,24 @@ class Video:
 
     @classmethod
     def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
-        """Describe the video at ``filename``; ``options`` are the other fields."""
+        """Describe the video at ``filename``.
+
+        Args:
+            filename: a path (``str`` or ``os.PathLike``).
+            **options: the other fields (``grayscale``, ``stream``).
+
+        Returns:
+            The :class:`Video`.
+        """
         return cls(filename=os.fspath(filename), **options)
 
 
 def as_video(video: "Video | str | os.PathLike[str]") -> Video:
-    """Accept a :class:`Video` or a plain path."""
+    """``video`` as a :class:`Video`: a Video as it is, a path as ``Video(path)``.
+
+    Raises:
+        TypeError: anything else (naming what was given).
+    """
     if isinstance(video, Video):
         return video
     if isinstance(video, (str, os.PathLike)):
