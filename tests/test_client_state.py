@@ -37,6 +37,8 @@ from asyncframes.errors import (
     VideoOpenError,
 )
 
+pytestmark = pytest.mark.pure
+
 VIDEO = Video("clip.mp4")
 H, W, C = 4, 6, 3
 

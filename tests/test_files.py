@@ -25,6 +25,8 @@ from asyncframes._files import (
 
 from .conftest import shared_video
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:

@@ -23,6 +23,8 @@ from asyncframes._video import Video
 from .conftest import assert_frames_exact, shared_video, shuffled_with_duplicates
 from .test_files_served import H, W, decode_all, replace, rewrite_in_place, y4m_bytes
 
+pytestmark = pytest.mark.pure
+
 posix_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX links")
 
 

@@ -105,19 +105,6 @@ def ask(sock, message, expect=None):
             return reply, payload
 
 
-def test_handshake_checks_the_protocol_version(raw):
-    reply, _ = ask(raw, protocol.Hello(version=PROTOCOL_VERSION + 1))
-    assert isinstance(reply, protocol.Error) and reply.error == "ProtocolError"
-    assert f"version {PROTOCOL_VERSION + 1} is not supported" in reply.message
-    reply, _ = ask(raw, protocol.Hello(version=PROTOCOL_VERSION))
-    assert isinstance(reply, protocol.Welcome) and reply.version == PROTOCOL_VERSION
-
-
-def test_requests_before_hello_are_refused(raw):
-    reply, _ = ask(raw, protocol.InfoRequest(request_id=1, video=Video("x.mp4")))
-    assert isinstance(reply, protocol.Error) and "hello" in reply.message
-
-
 def test_garbage_gets_an_error_and_the_server_keeps_serving(raw, make_clip):
     raw.send(b"\x00\x01 not msgpack")
     reply, _ = protocol.parse(raw.recv_multipart())

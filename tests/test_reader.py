@@ -16,6 +16,8 @@ from asyncframes._sample import write_clip
 
 from .conftest import CLIPS, ZOO, assert_frames_exact, corrupt_frames, reference_frames, shuffled_with_duplicates
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.mark.parametrize("name", sorted(CLIPS))
 def test_shuffled_batch_with_duplicates_matches_sequential_decode(make_clip, name):

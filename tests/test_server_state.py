@@ -60,6 +60,8 @@ from asyncframes._server_state import (
 from asyncframes._video import Video, VideoInfo
 from asyncframes.errors import FrameIndexError, VideoDecodeError, VideoNotFoundError
 
+pytestmark = pytest.mark.pure
+
 A, B, C = b"client-a", b"client-b", b"client-c"
 #: A small video: 100 frames of 4 x 4 RGB (48 bytes each).
 FACTS = VideoFacts(frame_count=100, grayscale=False, frame_shape=(4, 4, 3), identity=("v", 1))

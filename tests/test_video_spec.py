@@ -9,6 +9,8 @@ from asyncframes import Video
 from asyncframes._protocol import converter
 from asyncframes._video import as_video
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.mark.parametrize("grayscale", [None, True, False])
 def test_video_round_trips_through_cattrs_and_msgpack(grayscale):
