@@ -284,18 +284,22 @@ def test_a_request_started_on_another_version_of_the_file_fails(clips, pool):
             pool_read(pool, v, [1, 2], recent=recent, identity=before)
 
 
-@pytest.mark.parametrize("recent", [True, False])
-def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch, recent):
-    v = video(clips, "a.y4m")
-    main = pool.opener.open(v)
-    real_read = main.read
+def change_while_reading(reader, path, monkeypatch) -> None:
+    """Make ``reader`` rewrite its file in place (new pictures) right after each read."""
+    real_read = reader.read
 
     def read_then_change(*args, **kwargs):
         frames = real_read(*args, **kwargs)
-        rewrite_in_place(clips / "a.y4m", y4m_bytes(12, seed=9))
+        rewrite_in_place(path, y4m_bytes(12, seed=9))
         return frames
 
-    monkeypatch.setattr(main, "read", read_then_change)
+    monkeypatch.setattr(reader, "read", read_then_change)
+
+
+@pytest.mark.parametrize("recent", [True, False])
+def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch, recent):
+    v = video(clips, "a.y4m")
+    change_while_reading(pool.opener.open(v), clips / "a.y4m", monkeypatch)
     with pytest.raises(VideoChangedError):
         pool_read(pool, v, [1, 2], recent=recent)
     assert len(pool.recent) == 0
@@ -303,15 +307,7 @@ def test_a_file_changed_while_decoding_fails_the_read(clips, pool, monkeypatch, 
 
 def test_frames_read_around_while_the_file_changed_are_not_kept(clips, pool, monkeypatch):
     v = video(clips, "a.y4m")
-    main = pool.opener.open(v)
-    real_read = main.read
-
-    def read_then_change(*args, **kwargs):
-        frames = real_read(*args, **kwargs)
-        rewrite_in_place(clips / "a.y4m", y4m_bytes(12, seed=9))
-        return frames
-
-    monkeypatch.setattr(main, "read", read_then_change)
+    change_while_reading(pool.opener.open(v), clips / "a.y4m", monkeypatch)
     assert pool.read_around(v, False, range(12), interrupt=lambda: False) == 0
     assert len(pool.recent) == 0
 
