@@ -22,6 +22,7 @@ from typing import Callable
 
 import av
 import numpy as np
+import numpy.testing  # noqa: F401  (numpy 2.0 runs lscpu when it is first imported: not inside a pure test)
 import pytest
 
 from asyncframes import AsyncVideo
