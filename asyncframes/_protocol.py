@@ -452,16 +452,22 @@ def parse(
 
 
 def chunk_header(
-    request_id: int, chunk: int, last_chunk: bool, frame_idxs: Sequence[int], frames: np.ndarray, shm: Optional[ShmSlot] = None
+    request_id: int,
+    chunk: int,
+    last_chunk: bool,
+    frame_idxs: Sequence[int],
+    shape: Sequence[int],
+    dtype: Any = np.uint8,
+    shm: Optional[ShmSlot] = None,
 ) -> Chunk:
-    """Describe ``frames`` for the wire."""
+    """The header of chunk ``chunk`` of a request: frames of ``shape`` and ``dtype``, inline or in ``shm``."""
     return Chunk(
         request_id=request_id,
         chunk=chunk,
         last_chunk=last_chunk,
         frame_idxs=[int(i) for i in frame_idxs],
-        dtype=frames.dtype.str,
-        shape=list(frames.shape),
+        dtype=np.dtype(dtype).str,
+        shape=[int(n) for n in shape],
         shm=shm,
     )
 

@@ -71,7 +71,7 @@ class _BufferPool:
     Fresh memory costs a page fault per 4 KiB on first touch, which for large
     frames costs more than decoding; reusing buffers avoids it. Free buffers are
     bounded by ``max_bytes`` and dropped by :meth:`trim`. Buffers lent to ZeroMQ
-    are counted per client (:meth:`queued`), so the core can bound them.
+    are counted per client (:meth:`queued_by_client`), so the core can bound them.
     """
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
@@ -93,11 +93,6 @@ class _BufferPool:
             self._lent.append((buf, tracker, client))
         else:
             self._free.append(buf)
-
-    def queued(self, client: Optional[bytes] = None) -> int:
-        """Bytes lent to ZeroMQ and not yet sent: to ``client``, or to everyone (None)."""
-        self._collect()
-        return sum(buf.nbytes for buf, _tracker, to in self._lent if client is None or to == client)
 
     def queued_by_client(self) -> dict[bytes, int]:
         """Bytes lent to ZeroMQ and not yet sent, per client."""

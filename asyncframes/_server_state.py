@@ -50,7 +50,6 @@ from ._index import check_frame_idxs
 from ._protocol import (
     PROTOCOL_VERSION,
     Cancel,
-    Chunk,
     Credit,
     Error,
     Hello,
@@ -777,15 +776,7 @@ class ServerState:
             slot = decode.slot.slot
             where = ShmSlot(slot=slot, fd=state.slots.fds.get(slot, 0), size=decode.slot.size, retired=state.slots.take_retired())
         last = req.next_chunk + 1 >= req.n_chunks
-        chunk = Chunk(
-            request_id=req.rid,
-            chunk=req.next_chunk,
-            last_chunk=last,
-            frame_idxs=decode.frames,
-            dtype=np.dtype(np.uint8).str,
-            shape=list(decode.shape),
-            shm=where,
-        )
+        chunk = protocol.chunk_header(req.rid, req.next_chunk, last, decode.frames, decode.shape, shm=where)
         req.next_chunk += 1
         req.credit -= 1
         actions: list[Action] = [Send(decode.client, chunk, payload=where is None)]

@@ -157,22 +157,10 @@ class ClientSlots:
             raise ValueError(f"chunk of {need} bytes does not fit slot {slot} of {base.nbytes} bytes")
         return np.asarray(Lease(base, shape, dtype, slot, self.freed))
 
-    def discard(self, slot: int) -> None:
-        """A slot whose chunk will never be looked at (a cancelled request): free at once."""
-        self.freed.append(slot)
-
     def forget(self, slots: "list[int]") -> None:
         """The server retired these slots: drop our mappings (arrays still using one keep it)."""
         for slot in slots:
             self._maps.pop(slot, None)
-
-    def take_freed(self) -> list[int]:
-        out = []
-        while True:
-            try:
-                out.append(self.freed.popleft())
-            except IndexError:
-                return out
 
     def clear(self) -> None:
         self._maps.clear()

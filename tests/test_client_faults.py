@@ -303,7 +303,7 @@ class FakeServer:
 
 
 def chunk(request: protocol.Request, k: int, idxs: list[int], frames: np.ndarray, last: bool):
-    return protocol.chunk_header(request.request_id, k, last, idxs, frames), frames
+    return protocol.chunk_header(request.request_id, k, last, idxs, frames.shape, frames.dtype), frames
 
 
 def frames(n: int, h: int = 4, w: int = 6, c: int = 3, dtype=np.uint8) -> np.ndarray:

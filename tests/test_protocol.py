@@ -70,7 +70,7 @@ def test_non_msgpack_and_non_map_headers_are_refused():
 
 def test_chunk_payload_must_match_its_header():
     frames = np.arange(2 * 3 * 4 * 1, dtype=np.uint8).reshape(2, 3, 4, 1)
-    header = protocol.chunk_header(1, 0, True, [np.int64(7), 8], frames)
+    header = protocol.chunk_header(1, 0, True, [np.int64(7), 8], frames.shape, frames.dtype)
     assert header.frame_idxs == [7, 8] and header.shape == [2, 3, 4, 1]
     np.testing.assert_array_equal(protocol.chunk_array(header, memoryview(frames.tobytes())), frames)
     with pytest.raises(ProtocolError, match="payload has 23 bytes"):
