@@ -25,7 +25,7 @@ from asyncframes import _shm as shm
 from asyncframes._cli import main as cli_main
 from asyncframes._sample import write_clip
 
-from .conftest import assert_frames_exact, shuffled_with_duplicates
+from .conftest import assert_frames_exact, shuffled_with_duplicates, wait_until
 
 needs_shm = pytest.mark.skipif(not shm.AVAILABLE, reason="shared memory needs Linux memfd")
 
@@ -161,10 +161,7 @@ def test_client_killed_mid_stream_frees_its_slots_and_the_server_serves_on(tmp_p
         assert shared_fds(server.pid), "the server decodes into shared slots for this client"
         client.kill()
         client.wait()
-        deadline = time.monotonic() + 10
-        while shared_fds(server.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not shared_fds(server.pid), "the server closed the slots of the client that died"
+        wait_until(lambda: not shared_fds(server.pid), 10, "the server to close the slots of the client that died")
         with AsyncVideo.from_video("gops.mp4", [149, 0], endpoint=endpoint) as av:
             (idxs, frames), = av.chunks
             assert_frames_exact(clip, idxs, frames)
@@ -203,7 +200,6 @@ def test_a_frame_asked_again_is_the_same_frame_and_follows_the_file(tmp_path):
             (idxs, frames), = av.chunks
             assert_frames_exact(path, idxs, frames)
         first = frames.copy()
-        time.sleep(0.01)
         write_clip(path, frames=30, gop=10, size=(96, 128), rate=25, options={"crf": "40"})  # same name, new pixels
         from .conftest import _reference
 

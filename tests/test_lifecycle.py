@@ -15,6 +15,8 @@ import pytest
 
 from asyncframes import AsyncVideo, RequestTimeoutError, ServerDiedError
 
+from .conftest import wait_until
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inspects /proc")
 
 
@@ -204,10 +206,7 @@ def test_fifty_cycles_leave_no_process_socket_or_directory_behind(own_tmpdir, ma
         av = AsyncVideo.from_video(path, [cycle % 40, 0], frames_per_chunk=1)
         assert [idxs for idxs, _ in av.chunks] == [[cycle % 40], [0]]
         av.close()
-    deadline = time.monotonic() + 5
-    while child_pids() - kids and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child_pids() - kids == set()
+    wait_until(lambda: not child_pids() - kids, 5, "the servers of the closed clients to exit")
     assert open_fds() <= fds
     assert private_dirs(own_tmpdir) == set()
 
