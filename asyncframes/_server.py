@@ -205,6 +205,9 @@ class FrameServer:
             if self.state.receive(client, parts):
                 count += 1
                 continue
+            if self.state.disconnect_due(client):
+                log.warning("client %s went on flooding after it was dropped; its connection is cut", client.hex())
+                self.socket.disconnect_last_sender()
             now = time.monotonic()
             if drain_until is None:
                 drain_until = now + drain_s

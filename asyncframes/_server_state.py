@@ -101,6 +101,12 @@ CLIENT_QUEUE = 1024
 CLIENT_QUEUE_REQUESTS = 2
 #: Silenced connections remembered (ZeroMQ gives a reconnecting peer a new identity).
 MAX_SILENCED = 4096
+#: Messages a silenced connection may still send (thrown away unread: time for the error
+#: telling it why to reach it) before the server cuts the connection itself. Reading and
+#: throwing away cannot bound memory on its own: libzmq keeps reading a connection into an
+#: unbounded queue (no RCVHWM, see _transport.py), and a flooder given more CPU than the
+#: server outpaces the throwing away (seen: 30 MiB/s of server memory, without end).
+DISCARDS_BEFORE_DISCONNECT = CLIENT_QUEUE
 #: Units of one client's messages handled per round: small ones count 1; one that opens
 #: or indexes a video (hello, request, info) takes the whole share.
 CLIENT_SHARE = 16
@@ -352,7 +358,8 @@ class ServerState:
         self._inbox: "OrderedDict[bytes, deque[Any]]" = OrderedDict()
         self._inbox_bytes: dict[bytes, int] = {}
         self.inbox_bytes_limit = CLIENT_QUEUE_REQUESTS * protocol.max_header_bytes(config.max_request_frames)
-        self._silenced: "OrderedDict[bytes, None]" = OrderedDict()
+        #: Silenced connection -> messages thrown away since.
+        self._silenced: "OrderedDict[bytes, int]" = OrderedDict()
         self._opening: dict[int, _Opening] = {}
         self._tickets = 0
         self._resized: dict[tuple[bytes, int], int] = {}
@@ -369,7 +376,8 @@ class ServerState:
 
         A client over its queue's bound (``CLIENT_QUEUE`` messages, :attr:`inbox_bytes_limit`
         bytes) is dropped with an error on its turn, and silenced: what its connection sends
-        from then on is thrown away unread.
+        from then on is thrown away unread, and after :data:`DISCARDS_BEFORE_DISCONNECT` such
+        messages the connection is to be cut (:meth:`disconnect_due`).
 
         Args:
             client: the connection's identity.
@@ -379,6 +387,7 @@ class ServerState:
             True if queued (or it just overflowed the queue); False if thrown away (silenced).
         """
         if client in self._silenced:
+            self._silenced[client] += 1
             return False
         queue = self._inbox.get(client)
         if queue is None:
@@ -391,10 +400,17 @@ class ServerState:
             queue.clear()
             queue.append(_FLOODED)
             self._inbox_bytes[client] = 0
-            self._silenced[client] = None
+            self._silenced[client] = 0
             while len(self._silenced) > MAX_SILENCED:
                 self._silenced.popitem(last=False)
         return True
+
+    def disconnect_due(self, client: bytes) -> bool:
+        """Whether the driver should now cut ``client``'s connection: True exactly once, when a
+        silenced connection has sent :data:`DISCARDS_BEFORE_DISCONNECT` messages since it was
+        told it was dropped (its messages already queued after the cut are thrown away; ZeroMQ
+        gives the peer a new identity if it reconnects)."""
+        return self._silenced.get(client) == DISCARDS_BEFORE_DISCONNECT
 
     @property
     def has_messages(self) -> bool:

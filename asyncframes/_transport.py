@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -191,6 +192,7 @@ class ServerSocket:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
         self.endpoints: list[str] = []
+        self._last_identity: Optional[zmq.Frame] = None
         try:
             for address in binds:
                 self.socket.bind(address)
@@ -206,10 +208,31 @@ class ServerSocket:
         what is queued and decide later what each client's messages are worth.
         """
         try:
-            parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)  # copies: cheaper than zmq.Frame for small headers
+            # The identity part as a zmq.Frame: it carries the connection's metadata (its file
+            # descriptor, for disconnect_last_sender); the rest copied, cheaper for small headers.
+            identity = self.socket.recv(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        return parts[0], parts[1:]
+        self._last_identity = identity
+        return identity.bytes, self.socket.recv_multipart(flags=zmq.NOBLOCK) if identity.more else []
+
+    def disconnect_last_sender(self) -> bool:
+        """Cut the connection the last received message came from (a client that floods after
+        it was dropped); whether there was one to cut. ROUTER sockets have no call for this, so
+        the connection's socket is shut down under libzmq, which then closes it as it would a
+        peer that went away (it never stopped reading it: no RCVHWM, so libzmq issue 4841 does
+        not arise). A peer that reconnects gets a new identity. inproc has no descriptor: False.
+        """
+        identity, self._last_identity = self._last_identity, None
+        fd = identity.get(zmq.SRCFD) if identity is not None else -1
+        if fd < 0:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(fd)) as conn:
+                conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            return False
+        return True
 
     def has_message(self) -> bool:
         """Whether a message waits to be read."""

@@ -167,3 +167,46 @@ def test_a_client_queueing_more_bytes_than_two_of_the_largest_requests_is_droppe
     finally:
         sock.close(linger=0)
         server._shutdown()
+
+
+def test_a_client_flooding_on_after_it_was_dropped_has_its_connection_cut(server):
+    """Throwing a silenced client's messages away cannot bound memory by itself: libzmq reads
+    every connection into an unbounded queue, and a flooder with more CPU than the server
+    outpaced the throwing away (30 MiB/s of server memory, without end). So the server cuts
+    the connection: the flooder sees it disconnected, and the server's memory stays put."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    with AsyncVideo(server.endpoint) as av:
+        serve_for(server, av, 0)  # warm: what serving costs is not counted as growth
+        baseline = server.rss_bytes()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # one connection: a reconnect would start afresh
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(server.endpoint)
+        try:
+            sock.send(msgpack.packb({"kind": "hello", "version": 3, "client": "flood"}))
+            ping = msgpack.packb({"kind": "ping", "request_id": 1})
+            deadline = time.monotonic() + 30
+            sent = 0
+            while not monitor.poll(0):
+                assert time.monotonic() < deadline, f"the connection was not cut after {sent} messages"
+                for _ in range(200):
+                    try:
+                        sock.send(ping, zmq.NOBLOCK)
+                        sent += 1
+                    except zmq.Again:
+                        break
+                while sock.poll(0):
+                    sock.recv_multipart()
+            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+            ctx.term()
+        serve_for(server, av, 0)  # and everyone else is still served
+        grown = server.rss_bytes() - baseline
+    assert "its connection is cut" in server.log
+    assert grown < 64 * 2**20, f"server memory grew by {grown / 2**20:.0f} MiB during the flood"

@@ -51,6 +51,7 @@ from asyncframes._server_state import (
     CACHE_IDLE_S,
     CLIENT_QUEUE,
     CLIENT_SHARE,
+    DISCARDS_BEFORE_DISCONNECT,
     READ_AROUND_DELAY_S,
     ROOM_RETRY_S,
     ServerState,
@@ -759,3 +760,17 @@ def test_explicit_indices_are_checked_at_once_without_a_list():
     idxs = np.arange(99, -1, -1, dtype=np.uint32)
     assert h.request(A, 1, idxs=idxs, fpc=50, window=2) == []
     assert [c.frame_idxs[:2] for _, c in h.chunks()] == [[99, 98], [49, 48]]
+
+
+def test_a_silenced_client_flooding_on_is_to_be_disconnected_once():
+    h = Harness()
+    h.hello(A)
+    for _ in range(CLIENT_QUEUE + 1):
+        h.state.receive(A, parts(Ping()))
+    h.rounds()  # dropped, told why
+    due = []
+    for _ in range(DISCARDS_BEFORE_DISCONNECT + 10):
+        assert not h.state.receive(A, parts(Ping()))
+        due.append(h.state.disconnect_due(A))
+    assert due.index(True) == DISCARDS_BEFORE_DISCONNECT - 1 and due.count(True) == 1
+    assert not h.state.disconnect_due(B)  # never silenced
