@@ -173,6 +173,8 @@ def frames_range(frames: Optional[slice], frame_count: int) -> Optional[range]:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     video = _video_arg(args)
     started = time.perf_counter()
     with _client(args) as client:
@@ -180,15 +182,19 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         info = client.info(video)
         print(f"video   {info.filename}")
         print(f"        {info.frame_count} frames, {info.width}x{info.height}x{info.channels}, {info.fps:g} fps, {info.codec}")
-        client.load_by_chunk(video, frames_range(args.frames, info.frame_count), args.frames_per_chunk)
+        selected = frames_range(args.frames, info.frame_count)
+        client.load_by_chunk(video, selected, args.frames_per_chunk)
         first = time.perf_counter()
         frames = chunks = nbytes = 0
-        for frame_idxs, array in client.chunks:
-            chunks += 1
-            frames += len(frame_idxs)
-            nbytes += array.nbytes
-            if args.verbose:
-                print(f"chunk {chunks - 1:5d}  frames {frame_idxs[0]}..{frame_idxs[-1]}  shape {array.shape}")
+        # A progress bar on stderr when it is a terminal (disable=None), in frames.
+        with tqdm(total=info.frame_count if selected is None else len(selected), unit="frame", disable=None if args.progress else True, leave=False) as bar:
+            for frame_idxs, array in client.chunks:
+                chunks += 1
+                frames += len(frame_idxs)
+                nbytes += array.nbytes
+                bar.update(len(frame_idxs))
+                if args.verbose:
+                    bar.write(f"chunk {chunks - 1:5d}  frames {frame_idxs[0]}..{frame_idxs[-1]}  shape {array.shape}")
         done = time.perf_counter()
         spread = client.chunks_by_endpoint
     elapsed = done - first
@@ -364,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--frames", type=frames_spec, help="FRAME or START:STOP[:STEP] (default: every frame)")
     stream.add_argument("--frames-per-chunk", type=positive_int, default=64)
     stream.add_argument("-v", "--verbose", action="store_true", help="print every chunk")
+    stream.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (shown only on a terminal)")
     _add_client_options(stream)
     stream.set_defaults(func=_cmd_stream, parser=stream)
 

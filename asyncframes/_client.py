@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import attrs
 import numpy as np
@@ -161,6 +161,24 @@ class _Connection:
 
 class _Replaced(Exception):
     """The connection was replaced while a message waited to be sent."""
+
+
+class Chunks(Iterator[FrameChunk]):
+    """The current request's chunks (:attr:`AsyncVideo.chunks`): an iterator whose ``len()`` is
+    the number of chunks still to come, so ``tqdm(av.chunks)`` shows a total."""
+
+    def __init__(self, chunks: Iterator[FrameChunk], left: Callable[[], int]) -> None:
+        self._chunks = chunks
+        self._left = left
+
+    def __next__(self) -> FrameChunk:
+        return next(self._chunks)
+
+    def __iter__(self) -> "Chunks":
+        return self
+
+    def __len__(self) -> int:
+        return self._left()
 
 
 class AsyncVideo:
@@ -369,11 +387,12 @@ class AsyncVideo:
         return stream is None or stream.done
 
     @property
-    def chunks(self) -> Iterator[FrameChunk]:
+    def chunks(self) -> "Chunks":
         """An iterator of the current request's chunks, in order, as :class:`FrameChunk`.
 
         Never ends silently: iteration raises instead of stopping when there is
-        nothing to iterate.
+        nothing to iterate. ``len()`` of it is the number of chunks still to come, so a
+        progress bar knows its total (``tqdm(av.chunks)``).
 
         Returns:
             An iterator over :class:`FrameChunk` ``(frame_idxs, frames)``.
@@ -388,7 +407,17 @@ class AsyncVideo:
             ProtocolError: a chunk differs from what was asked for.
             FrameIndexError, VideoError, ServerError: what a server reported about the request.
         """
-        return self._iterate()
+        return Chunks(self._iterate(), self._chunks_left)
+
+    def _chunks_left(self) -> int:
+        stream = self._state.stream
+        if stream is None:
+            return 0
+        left = stream.chunks_left()
+        if left is None:  # every frame, from one server: its frame count says how many
+            assert stream.spec is not None
+            left = stream.chunks_left(self.info(stream.spec).frame_count)
+        return left or 0
 
     def _iterate(self) -> Iterator[FrameChunk]:
         self._check_open()

@@ -197,6 +197,17 @@ class Stream:
     ended: str = ""  # why it ended before its last chunk: "was cancelled by cancel()", ...
     end_seen: bool = False  # the caller has been given its end
 
+    def chunks_left(self, frame_count: Optional[int] = None) -> Optional[int]:
+        """Chunks the caller has still to take; None if that needs the video's ``frame_count``
+        (a request of every frame from one server) and it was not given."""
+        total = self.total_chunks
+        if total is None:
+            count = len(self.idxs) if self.idxs is not None else frame_count
+            if count is None:
+                return None
+            total = -(-count // self.frames_per_chunk)
+        return 0 if self.done else max(0, total - self.next_chunk)
+
     @property
     def next_server(self) -> int:
         """The server the next chunk comes from."""

@@ -106,7 +106,7 @@ build_wheels() {
     rm -rf "$here/wheels"
     "$PYTHON" -m pip wheel -q --no-deps -w "$here/wheels" "$repo"
     "$PYTHON" -m pip download -q --only-binary=:all: --python-version "$pyver" --platform "$platform" \
-        -d "$here/wheels" "$(ls "$here"/wheels/asyncframes-*.whl)"
+        -d "$here/wheels" "$(ls "$here"/wheels/asyncframes_video-*.whl)"
 }
 
 pick_videos() {

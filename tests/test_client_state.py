@@ -628,3 +628,24 @@ def test_an_iteration_of_a_replaced_request_raises_why_it_ended():
     with pytest.raises(RequestCancelledError, match=f"request {old} was replaced by request {new} .* after 1 of its chunks"):
         state.iteration_over(stream)
     assert not state.iteration_over(state.iteration_start())  # the new one is fine
+
+
+@pytest.mark.parametrize("servers", [1, 3])
+def test_chunks_left_counts_down_to_zero_as_chunks_are_taken(servers):
+    state = client(servers)
+    idxs = list(range(0, 100, 3))  # 34 frames: 4 chunks of 10
+    rid, _ = start(state, idxs, 10)
+    assert state.stream.chunks_left() == 4
+    left = []
+    for server, message, payload in sorted(serve(state, rid, idxs, 10, servers), key=lambda s: s[1].frame_idxs[0]):
+        state.received(server, message, payload)
+        take_all(state)
+        left.append(state.stream.chunks_left())
+    assert left == [3, 2, 1, 0]
+
+
+def test_chunks_left_of_every_frame_needs_the_frame_count():
+    state = client()
+    start(state, None, 30)
+    assert state.stream.chunks_left() is None
+    assert state.stream.chunks_left(frame_count=80) == 3

@@ -92,6 +92,21 @@ def test_every_frame_when_no_indices_are_given(client, make_clip):
     assert client.done
 
 
+def test_a_progress_bar_knows_the_total(client, make_clip):
+    from tqdm import tqdm
+
+    path = make_clip("h264.mkv")  # 80 frames
+    client.load_by_chunk(path, frames_per_chunk=30)  # every frame: the client asks the server how many
+    assert len(client.chunks) == 3
+    with tqdm(client.chunks, disable=True) as bar:
+        assert bar.total == 3 and [len(i) for i, _ in bar] == [30, 30, 20]
+    client.load_by_chunk(path, range(0, 80, 7), frames_per_chunk=4)  # 12 frames
+    chunks = client.chunks
+    assert len(chunks) == 3
+    next(chunks)
+    assert len(chunks) == 2 and len(list(chunks)) == 2 and len(chunks) == 0
+
+
 def test_an_empty_request_yields_nothing(client, make_clip):
     client.load_by_chunk(make_clip("gray.mp4"), [])
     assert list(client.chunks) == []
