@@ -185,6 +185,8 @@ class VideoReader:
         self.pix_fmt = ctx.pix_fmt or ""
         rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
         self.fps = float(rate) if rate else 0.0
+        #: Seconds per unit of the stream's timestamps (the index's pts).
+        self.time_base = float(vstream.time_base) if vstream.time_base else 0.0
         self.container_format = container.format.name
         self.duration = float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None
         first = self.read([0], grayscale=False)[0]

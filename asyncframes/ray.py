@@ -1,0 +1,190 @@
+"""Frame-exact decoding as a Ray Data source: :func:`read_frames`.
+
+Each video is indexed once on the driver; its selected frames are split into read tasks
+along keyframe (GOP) boundaries (:mod:`asyncframes._split`), so one long video spreads
+over many workers and no GOP is decoded by two tasks. Each task decodes its frames with
+the same reader the frame server uses (frame *i* is the *i*-th frame a sequential decode
+presents) and yields blocks of many frames with the columns ``frame`` (``(h, w, c)``
+uint8), ``frame_index``, ``pts_seconds`` and ``video`` (the path as given).
+
+Ray is an optional extra (``pip install 'asyncframes-video[ray]'``): importing
+:mod:`asyncframes` never imports it; importing this module does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import ray.data
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from ._index import FrameIndex, check_frame_idxs
+from ._reader import VideoReader, changed_error
+from ._split import Piece, gop_starts, split
+from ._video import Video, as_video
+
+if TYPE_CHECKING:
+    from ._files import SourceIdentity
+
+__all__ = ["read_frames", "FramesDatasource"]
+
+VideoLike = Union[Video, str, "os.PathLike[str]"]
+#: Frames per block a read task yields (a block is one Arrow table of many frames).
+FRAMES_PER_BLOCK = 64
+
+
+class _Planned:
+    """What the driver learned about one video: enough for a task to decode without demuxing again."""
+
+    def __init__(self, given: str, video: Video, index: FrameIndex, identity: "SourceIdentity", time_base: float,
+                 shape: tuple[int, int, int]) -> None:
+        self.given = given
+        self.video = video
+        self.index = index
+        self.identity = identity
+        self.time_base = time_base
+        self.shape = shape
+
+
+class FramesDatasource(Datasource):
+    """A Ray Data source of exact frames of several videos, split into read tasks by GOP.
+
+    Args:
+        videos: paths or :class:`~asyncframes.Video` specs (grayscale, stream).
+        frame_idxs: None (every frame), one sequence of indices for every video, or one
+            sequence (or None) per video. Any order, duplicates allowed (a frame asked for
+            twice gives two rows, decoded once).
+        frames_per_block: frames per block a task yields.
+
+    Raises:
+        FrameIndexError: an index that is not a frame of its video (naming it).
+        VideoError: a video that cannot be opened.
+    """
+
+    def __init__(self, videos: Sequence[VideoLike], frame_idxs: Any = None, frames_per_block: int = FRAMES_PER_BLOCK) -> None:
+        super().__init__()
+        if isinstance(videos, (str, os.PathLike, Video)):
+            videos = [videos]
+        if not videos:
+            raise ValueError("read_frames needs at least one video")
+        if frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+        self.frames_per_block = frames_per_block
+        self._planned = [self._plan(v) for v in videos]
+        self._selections = [
+            np.arange(p.index.frame_count, dtype=np.int64) if idxs is None else np.asarray(idxs, dtype=np.int64).reshape(-1)
+            for p, idxs in zip(self._planned, _per_video(frame_idxs, len(videos)))
+        ]
+        for p, selected in zip(self._planned, self._selections):
+            check_frame_idxs(selected, p.index.frame_count, p.given)
+
+    @staticmethod
+    def _plan(video: VideoLike) -> _Planned:
+        spec = as_video(video)
+        given = spec.filename if isinstance(video, Video) else os.fspath(video)
+        with VideoReader(spec.filename, stream=spec.stream) as reader:
+            return _Planned(given, spec, reader.index, reader.signature, reader.time_base,
+                            reader.frame_shape(spec.grayscale))
+
+    def get_name(self) -> str:
+        return "AsyncframesFrames"
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return sum(len(s) * int(np.prod(p.shape)) for p, s in zip(self._planned, self._selections))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context: Any = None) -> list[ReadTask]:
+        """One read task per group of GOPs (about ``parallelism`` of them)."""
+        tasks = split(self._selections, [gop_starts(p.index) for p in self._planned], max(1, parallelism))
+        out = []
+        for pieces in tasks:
+            planned = {piece.video: self._planned[piece.video] for piece in pieces}
+            rows = sum(piece.rows for piece in pieces)
+            size = sum(piece.rows * int(np.prod(planned[piece.video].shape)) for piece in pieces)
+            meta = BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None,
+                                 input_files=tuple(p.video.filename for p in planned.values()))
+            out.append(ReadTask(_task(pieces, planned, self.frames_per_block), meta, per_task_row_limit=per_task_row_limit))
+        return out
+
+
+def _task(pieces: list[Piece], planned: dict[int, _Planned], frames_per_block: int) -> Any:
+    def read() -> Iterator[Any]:
+        for piece in pieces:
+            yield from _read_piece(piece, planned[piece.video], frames_per_block)
+
+    return read
+
+
+def _read_piece(piece: Piece, plan: _Planned, frames_per_block: int) -> Iterator[Any]:
+    """Blocks of ``piece``'s frames, decoded once each, repeated as asked."""
+    spec = plan.video
+    reader = VideoReader(spec.filename, stream=spec.stream, thread_type=None, index=plan.index)
+    try:
+        if reader.signature != plan.identity:  # changed since the driver indexed it
+            raise changed_error(plan.given)
+        frames = np.asarray(piece.frames, dtype=np.int64)
+        repeats = np.asarray(piece.repeats, dtype=np.int64)
+        pts = plan.index.pts
+        for start in range(0, len(frames), frames_per_block):
+            batch, times = frames[start : start + frames_per_block], repeats[start : start + frames_per_block]
+            decoded = reader.read(batch.tolist(), grayscale=spec.grayscale)
+            seconds = np.array([np.nan if pts[i] is None else pts[i] * plan.time_base for i in batch.tolist()])
+            yield BlockAccessor.batch_to_block({
+                "frame": np.repeat(decoded, times, axis=0),
+                "frame_index": np.repeat(batch, times),
+                "pts_seconds": np.repeat(seconds, times),
+                "video": np.array([plan.given] * int(times.sum()), dtype=object),
+            })
+    finally:
+        reader.close()
+
+
+def _per_video(frame_idxs: Any, n: int) -> list[Any]:
+    """``frame_idxs`` as one entry per video: None, one selection for all, or one per video."""
+    if frame_idxs is None:
+        return [None] * n
+    if isinstance(frame_idxs, (range, np.ndarray)) or (
+        isinstance(frame_idxs, Sequence) and not isinstance(frame_idxs, str)
+        and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in frame_idxs)
+    ):
+        return [frame_idxs] * n
+    per = list(frame_idxs)
+    if len(per) != n:
+        raise ValueError(f"frame_idxs gives {len(per)} selections for {n} videos: give one per video, or one for all")
+    return per
+
+
+def read_frames(
+    videos: Union[VideoLike, Sequence[VideoLike]],
+    frame_idxs: Any = None,
+    *,
+    frames_per_block: int = FRAMES_PER_BLOCK,
+    override_num_blocks: Optional[int] = None,
+    ray_remote_args: Optional[dict[str, Any]] = None,
+    **read_args: Any,
+) -> "ray.data.Dataset":
+    """A Ray Dataset of exact frames of ``videos``, decoded in read tasks split by GOP.
+
+    Args:
+        videos: a path, a :class:`~asyncframes.Video`, or a list of them.
+        frame_idxs: None (every frame), one sequence of indices for every video, or one
+            sequence (or None) per video.
+        frames_per_block: frames per block (one Arrow table) a task yields.
+        override_num_blocks: how many read tasks to aim for (default: Ray's choice from
+            the cluster's CPUs); a GOP is never split.
+        ray_remote_args: passed to the read tasks' ``ray.remote`` (e.g. ``num_cpus``).
+        **read_args: passed to :func:`ray.data.read_datasource` (``concurrency``, ...).
+
+    Returns:
+        A :class:`ray.data.Dataset` with the columns ``frame`` (``(h, w, c)`` uint8),
+        ``frame_index`` (int64), ``pts_seconds`` (float64: the frame's presentation time,
+        ``frame.time`` of a sequential decode) and ``video`` (the path as given).
+
+    Raises:
+        FrameIndexError: an index that is not a frame of its video (naming it).
+        VideoError: a video that cannot be opened.
+    """
+    source = FramesDatasource(videos, frame_idxs, frames_per_block=frames_per_block)
+    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, ray_remote_args=ray_remote_args, **read_args)

@@ -1,0 +1,102 @@
+"""asyncframes.ray.read_frames on a real local Ray runtime: exact frames, each once, split by GOP."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra: pip install 'asyncframes-video[ray]'")
+
+from asyncframes.errors import FrameIndexError  # noqa: E402
+from asyncframes.ray import FramesDatasource, read_frames  # noqa: E402
+
+from .conftest import reference_frames, shared_video, shuffled_with_duplicates  # noqa: E402
+
+VIDEOS = ["h264_gops.mp4", "h264.mkv", "h264.ts", "vp9.webm", "h264_vfr.mp4"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def paths(make_clip):
+    return [str(make_clip(name)) for name in VIDEOS]
+
+
+def times(path: str) -> list[float]:
+    import av
+
+    with av.open(path) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
+def check_rows(rows: list[dict], asked: dict[str, list[int]]) -> None:
+    """Every asked frame comes back exactly once (duplicates as often as asked), with the pixels and time of a sequential decode."""
+    got = {p: Counter() for p in asked}
+    for row in rows:
+        path, i = row["video"], int(row["frame_index"])
+        got[path][i] += 1
+        expected = reference_frames(path)[i]
+        expected = expected if row["frame"].shape[-1] == 3 else expected[..., :1]  # grayscale: detected or asked
+        assert np.array_equal(row["frame"], expected), f"{path}: frame {i} differs from a sequential decode"
+        assert row["pts_seconds"] == pytest.approx(times(path)[i], abs=1e-9), f"{path}: frame {i}'s time"
+    assert got == {p: Counter(idxs) for p, idxs in asked.items()}
+
+
+def test_every_frame_of_several_videos_exactly_once_split_into_gop_tasks(runtime, paths):
+    # One 150-frame video with 6 GOPs spreads over several tasks; no GOP is decoded by two.
+    tasks = FramesDatasource(paths[:1]).get_read_tasks(4)
+    assert len(tasks) >= 3
+    assert sum(t.metadata.num_rows for t in tasks) == 150
+    ds = read_frames(paths, override_num_blocks=6)
+    check_rows(ds.take_all(), {p: list(range(len(reference_frames(p)))) for p in paths})
+
+
+def test_chosen_frames_in_any_order_with_duplicates(runtime, paths):
+    asked = {p: shuffled_with_duplicates(len(reference_frames(p)), 15, seed=k)[:40] for k, p in enumerate(paths)}
+    ds = read_frames(list(asked), [asked[p] for p in asked], frames_per_block=8)
+    check_rows(ds.take_all(), asked)
+
+
+def test_a_real_recording_with_b_frames_and_an_edit_list(runtime):
+    path = str(shared_video("centered_pair_small.mp4"))  # grayscale content: (h, w, 1) frames, detected
+    asked = list(range(140, 160)) + list(range(1090, 1100)) + [0, 500]  # across keyframes, the end, the start
+    rows = read_frames(path, asked).take_all()
+    assert rows[0]["frame"].shape == (384, 384, 1)
+    check_rows(rows, {path: asked})
+
+
+def test_an_index_outside_the_video_is_refused_naming_it(runtime, paths):
+    with pytest.raises(FrameIndexError, match="150"):
+        read_frames(paths[0], [3, 150])
+
+
+def test_map_batches_torch_batches_and_streaming_split(runtime, paths):
+    path = paths[0]
+    ds = read_frames(path, list(range(0, 150, 3)))
+    means = ds.map_batches(lambda b: {"frame_index": b["frame_index"], "mean": b["frame"].mean(axis=(1, 2, 3))}).take_all()
+    assert sorted(r["frame_index"] for r in means) == list(range(0, 150, 3))
+    assert all(r["mean"] == pytest.approx(reference_frames(path)[r["frame_index"]].mean()) for r in means)
+    seen = []
+    for batch in ds.select_columns(["frame", "frame_index"]).iter_torch_batches(batch_size=16):  # tensors: no strings
+        assert tuple(batch["frame"].shape[1:]) == (96, 128, 3)
+        for i, frame in zip(batch["frame_index"].tolist(), batch["frame"].numpy()):
+            assert np.array_equal(frame, reference_frames(path)[i])
+            seen.append(i)
+    assert sorted(seen) == list(range(0, 150, 3))
+    left, right = ds.streaming_split(2, equal=False)
+
+    @ray.remote
+    def consume(it) -> list[int]:
+        return [int(i) for batch in it.iter_batches(batch_size=8) for i in batch["frame_index"]]
+
+    # num_cpus=0: the consumers must leave the 2 CPUs to the read tasks that feed them
+    split_rows = ray.get([consume.options(num_cpus=0).remote(it) for it in (left, right)], timeout=120)
+    assert sorted(split_rows[0] + split_rows[1]) == list(range(0, 150, 3))
