@@ -28,6 +28,8 @@ ORDER = [
     "_shm", "_transport",
     # the drivers
     "_server", "_process", "_client",
+    # the reader facade and its clip samplers (on the client)
+    "_frame_reader", "samplers",
     # tools and the front door
     "_sample", "_bench", "_cli", "__init__", "__main__",
 ]
