@@ -376,7 +376,7 @@ def _apply_policy(values: np.ndarray, inside: np.ndarray, policy: str, what: str
     if inside.all():
         return values
     if policy == "error":
-        bad = values[~inside][0]
+        bad = values[~inside][0].item()
         raise ValueError(f"a clip runs past the end ({what}: {bad!r}) and policy is 'error'; use 'repeat_last' or 'wrap'")
     out = values.copy()
     valid = inside.sum(axis=1)  # every clip's first value is inside (its start is)

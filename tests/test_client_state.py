@@ -628,3 +628,14 @@ def test_an_iteration_of_a_replaced_request_raises_why_it_ended():
     with pytest.raises(RequestCancelledError, match=f"request {old} was replaced by request {new} .* after 1 of its chunks"):
         state.iteration_over(stream)
     assert not state.iteration_over(state.iteration_start())  # the new one is fine
+
+
+def test_a_frame_times_reply_is_filed_under_its_request():
+    state = client()
+    rid = state.new_request_id()
+    state.expect(rid)
+    reply = protocol.FrameTimesReply(rid, pts_seconds=protocol.times_bytes([0.5]), duration_seconds=protocol.times_bytes([0.1]))
+    assert state.received(0, reply) == Actions()
+    assert state.reply(rid) == reply
+    state.received(0, protocol.FrameTimesReply(rid + 1, b"", b""))  # nobody asked: dropped
+    assert state.reply(rid + 1) is None
