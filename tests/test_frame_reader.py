@@ -183,3 +183,20 @@ def test_clip_samplers_fetch_exact_frames_shaped_as_clips(make_clip, client):
 def test_a_missing_video_is_our_error_and_leaves_no_server_behind(tmp_path):
     with pytest.raises(VideoNotFoundError):
         asyncframes.open(tmp_path / "absent.mp4", timeout=60)
+
+
+def test_import_asyncframes_loads_neither_the_reader_nor_the_client_until_open_is_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins, sys, asyncframes\n"
+        "loaded = sorted(m for m in sys.modules if m in ('asyncframes._frame_reader', 'asyncframes._client', 'zmq'))\n"
+        "assert not loaded, loaded\n"
+        "assert asyncframes.open.__module__ == 'asyncframes._frame_reader'\n"
+        "from asyncframes import *\n"
+        "assert open is builtins.open, 'a star import must not shadow the builtin open'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
