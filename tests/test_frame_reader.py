@@ -12,7 +12,7 @@ import pytest
 
 import asyncframes
 from asyncframes import FrameBatch, FrameReader, Video
-from asyncframes.errors import AsyncFramesError, FrameIndexError, VideoNotFoundError
+from asyncframes.errors import AsyncFramesError, FrameIndexError, VideoError, VideoNotFoundError
 from asyncframes.samplers import (
     clips_at_random_indices,
     clips_at_random_timestamps,
@@ -20,7 +20,7 @@ from asyncframes.samplers import (
     clips_at_regular_timestamps,
 )
 
-from .conftest import assert_frames_exact, reference_frames, shuffled_with_duplicates
+from .conftest import assert_frames_exact, reference_frames, shared_video, shuffled_with_duplicates
 
 
 def reference_times(path: "str | Path") -> np.ndarray:
@@ -123,8 +123,6 @@ def test_lookups_by_time_on_variable_frame_rate_video_match_a_sequential_decode(
 
 @pytest.mark.parametrize("name", ["centered_pair_small.mp4", "small_robot.mp4"])
 def test_real_videos_times_and_lookups_match_a_sequential_decode(name, client):
-    from .conftest import shared_video
-
     path = shared_video(name)
     times = reference_times(path)
     with FrameReader(path, client=client) as reader:
@@ -200,3 +198,14 @@ def test_import_asyncframes_loads_neither_the_reader_nor_the_client_until_open_i
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_stream_without_timestamps_reads_by_index_and_refuses_lookups_by_time(make_clip, client):
+    path = make_clip("h264_raw.h264")  # raw H.264: a sequential decode gives no frame.time
+    with av.open(str(path)) as container:
+        assert all(frame.time is None for frame in container.decode(video=0))
+    with FrameReader(path, client=client) as reader:
+        assert np.isnan(reader.frame_times.pts_seconds).all() and len(reader) == 50
+        assert_frames_exact(path, [49, 0], reader[::-49])
+        with pytest.raises(VideoError, match="cannot be looked up by time"):
+            reader.get_frames_played_at(0.1)
