@@ -117,7 +117,8 @@ class FrameReader:
         **client_options: passed to :class:`AsyncVideo` (``endpoint``, ``timeout``, ...).
 
     Raises:
-        ValueError: both ``client`` and ``client_options`` are given.
+        ValueError: both ``client`` and ``client_options`` are given, or ``frames_per_chunk`` < 1.
+        TypeError: ``video`` is not something :func:`~asyncframes._video.as_video` takes.
         VideoNotFoundError, VideoOpenError, VideoAccessError: the server cannot open it.
         ServerStartError: a private server could not start.
     """
@@ -132,10 +133,11 @@ class FrameReader:
     ) -> None:
         if client is not None and client_options:
             raise ValueError(f"give either client or client options ({', '.join(sorted(client_options))}), not both")
+        if frames_per_chunk is not None and (_integer(frames_per_chunk, "frames_per_chunk") < 1):
+            raise ValueError(f"frames_per_chunk must be a positive integer or None, got {frames_per_chunk!r}")
         self._video: Video = as_video(video)
         self._owns_client = client is None
-        self._client: Optional[AsyncVideo] = None
-        self._client = AsyncVideo(**client_options) if client is None else client
+        self._client: Optional[AsyncVideo] = AsyncVideo(**client_options) if client is None else client
         try:
             info = self._client.info(self._video)
             self._times = self._client.frame_times(self._video)

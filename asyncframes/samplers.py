@@ -337,6 +337,12 @@ def _positive(value: object, name: str) -> int:
     return int(value)
 
 
+def _integer(value: object, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer frame index, got {value!r}")
+    return int(value)
+
+
 def _policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
@@ -350,6 +356,8 @@ def _index_range(
     per_clip = _positive(per_clip, "num_frames_per_clip")
     between = _positive(between, "num_indices_between_frames")
     span = 1 + (per_clip - 1) * between
+    start = _integer(start, "sampling_range_start")
+    end = None if end is None else _integer(end, "sampling_range_end")
     if start < 0:
         start += num_frames
     if end is None:

@@ -73,6 +73,7 @@ def test_clips_past_the_end_repeat_their_last_frame_wrap_or_raise():
         (dict(num_indices_between_frames=True), "num_indices_between_frames must be a positive integer, got True"),
         (dict(sampling_range_start=5, sampling_range_end=5), r"clip starts must lie in \[5, 5\)"),
         (dict(num_frames_per_clip=11), "a clip spans 11 frames"),
+        (dict(sampling_range_start=1.5), "sampling_range_start must be an integer frame index, got 1.5"),
     ],
 )
 def test_bad_sampling_parameters_name_the_value(kwargs, complaint):
