@@ -31,19 +31,25 @@ from .errors import (
 
 if TYPE_CHECKING:
     from ._client import AsyncVideo, FrameChunk
+    from ._frame_reader import Frame, FrameBatch, FrameReader, VideoMetadata
+    from ._frame_reader import open_video as open  # noqa: F401 (asyncframes.open, not in __all__: a star import must not shadow the builtin)
 
 #: Names imported on first use: the client side (ZeroMQ, the process helpers and their
 #: exit hook) is not loaded by a server, nor by anything that imports only a submodule.
 _LAZY = {"AsyncVideo": "_client", "FrameChunk": "_client"}
+#: The reader facade, also on first use (``open`` is :func:`asyncframes._frame_reader.open_video`;
+#: it is never bound inside the package's modules, where ``open`` stays the builtin).
+_LAZY.update({name: "_frame_reader" for name in ("Frame", "FrameBatch", "FrameReader", "VideoMetadata")})
+_RENAMED = {"open": ("_frame_reader", "open_video")}
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module, attr = _RENAMED.get(name, (_LAZY.get(name), name))
     if module is None:
         raise AttributeError(f"module 'asyncframes' has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+    value = getattr(import_module(f".{module}", __name__), attr)
     globals()[name] = value
     return value
 
@@ -51,7 +57,10 @@ __all__ = [
     "AsyncFramesError",
     "AuthenticationError",
     "AsyncVideo",
+    "Frame",
+    "FrameBatch",
     "FrameChunk",
+    "FrameReader",
     "FrameIndexError",
     "ProtocolError",
     "RequestCancelledError",
@@ -66,6 +75,7 @@ __all__ = [
     "VideoDecodeError",
     "VideoError",
     "VideoInfo",
+    "VideoMetadata",
     "VideoNotFoundError",
     "VideoOpenError",
     "__version__",

@@ -35,11 +35,13 @@ from . import _shm as shm
 from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
 from ._process import ServerProcess, prestart, take_prestarted
 from ._protocol import ConnectionEvent
+from ._times import FrameTimes
 from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
 from ._video import Video, VideoInfo, as_video
 from .errors import (
     AsyncFramesError,
     FrameIndexError,
+    ProtocolError,
     RequestTimeoutError,
     ServerDiedError,
     ServerShutdownError,
@@ -499,6 +501,38 @@ class AsyncVideo:
             raise error_from_wire(reply.error, reply.message)
         assert isinstance(reply, protocol.InfoReply)
         return reply.info
+
+    def frame_times(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> FrameTimes:
+        """Every frame's presentation time and duration in seconds, as the (first) server sees it.
+
+        Args:
+            video: as for :meth:`load_by_chunk`.
+            timeout: seconds to wait for the answer (None: as long as the server lives;
+                by default the constructor's ``timeout``).
+
+        Returns:
+            The :class:`FrameTimes`: float64 arrays ``pts_seconds`` and ``duration_seconds``
+            (frame i's ``frame.time`` in a sequential decode, and how long it is shown), and
+            ``num_frames_from_header``, the container's own count (None if it states none).
+
+        Raises:
+            VideoNotFoundError, VideoOpenError, VideoAccessError: the server cannot open it.
+            RequestTimeoutError: no answer within ``timeout``.
+            ServerDiedError: the server went away.
+            AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
+        """
+        self._check_open()
+        spec = self._spec(video)
+        reply = self._ask(lambda rid: protocol.FrameTimesRequest(request_id=rid, video=spec), timeout)
+        if isinstance(reply, protocol.Error):
+            raise error_from_wire(reply.error, reply.message)
+        if not isinstance(reply, protocol.FrameTimesReply):
+            raise ProtocolError(f"expected a frame_times_reply, got {type(reply).__name__}")
+        return FrameTimes(
+            protocol.times_array(reply.pts_seconds),
+            protocol.times_array(reply.duration_seconds),
+            reply.num_frames_from_header,
+        )
 
     def ping(self, timeout: Optional[float] = _DEFAULT) -> float:
         """Round-trip time to the (first) server.

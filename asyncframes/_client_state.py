@@ -88,7 +88,7 @@ class Admit(enum.Enum):
 
 
 #: Messages that open a conversation with a server, rather than continue one.
-_CONVERSATION_STARTERS = (protocol.Request, protocol.InfoRequest, protocol.Ping)
+_CONVERSATION_STARTERS = (protocol.Request, protocol.InfoRequest, protocol.FrameTimesRequest, protocol.Ping)
 
 
 @attrs.frozen
@@ -452,7 +452,7 @@ class ClientState:
             link.drop(message)  # of a request we cancelled
         elif isinstance(message, protocol.Welcome):
             link.welcome(message, shm_reachable)
-        elif isinstance(message, (protocol.InfoReply, protocol.Pong)) or (
+        elif isinstance(message, (protocol.InfoReply, protocol.FrameTimesReply, protocol.Pong)) or (
             isinstance(message, protocol.Error) and message.request_id is not None
         ):
             if message.request_id in self._awaiting:

@@ -45,6 +45,12 @@ MAX_STR_BYTES = 64 * 1024
 INDEX_BYTES = 4
 #: Largest frame index an explicit index array can carry.
 MAX_FRAME_INDEX = 2**32 - 1
+#: Bytes per time on the wire (little-endian float64, in a ``frame_times_reply``).
+TIME_BYTES = 8
+#: Most frames a ``frame_times_reply`` may describe (2**25: over 12 days at 30 fps).
+MAX_TIMES_FRAMES = 2**25
+#: Largest bytes value a client accepts in a server's header (a frame-times array).
+MAX_REPLY_BIN_BYTES = TIME_BYTES * MAX_TIMES_FRAMES
 
 _v = attrs.validators
 _int = _v.instance_of(int)
@@ -221,6 +227,36 @@ class InfoReply:
     info: VideoInfo
 
 
+def _float64_bytes(_inst: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bytes) or len(value) % TIME_BYTES:
+        raise ValueError(f"{attribute.name} must be bytes of little-endian float64 ({TIME_BYTES} bytes each), got {len(value) if isinstance(value, bytes) else type(value).__name__}")
+
+
+@attrs.frozen
+class FrameTimesRequest:
+    """Client → server: every frame's presentation time and duration in ``video``."""
+
+    request_id: int = attrs.field(validator=_nonneg)
+    video: Video
+
+
+@attrs.frozen
+class FrameTimesReply:
+    """Server → client: frame i's presentation time and duration in seconds, for i = 0..n-1,
+    as raw little-endian float64 arrays; the header's frame count if the container states one."""
+
+    request_id: int = attrs.field(validator=_nonneg)
+    pts_seconds: bytes = attrs.field(validator=_float64_bytes)
+    duration_seconds: bytes = attrs.field(validator=_float64_bytes)
+    num_frames_from_header: Optional[int] = attrs.field(default=None, validator=_v.optional(_nonneg))
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.pts_seconds) != len(self.duration_seconds):
+            raise ValueError(
+                f"pts_seconds holds {len(self.pts_seconds) // TIME_BYTES} times but duration_seconds {len(self.duration_seconds) // TIME_BYTES}"
+            )
+
+
 @attrs.frozen
 class Ping:
     """Either way: are you there? Answered with :class:`Pong`."""
@@ -249,7 +285,8 @@ class Shutdown:
 
 
 Message = Union[
-    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, Release, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown
+    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, Release, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown,
+    FrameTimesRequest, FrameTimesReply,
 ]
 
 KINDS: dict[str, type] = {
@@ -267,6 +304,8 @@ KINDS: dict[str, type] = {
     "pong": Pong,
     "stop": Stop,
     "shutdown": Shutdown,
+    "frame_times": FrameTimesRequest,
+    "frame_times_reply": FrameTimesReply,
 }
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 
@@ -306,6 +345,16 @@ def _structure_selection(value: Any, _type: Any) -> FrameSelection:
 
 
 converter.register_structure_hook_func(lambda t: t == FrameSelection, _structure_selection)
+
+
+def times_bytes(seconds: "np.ndarray | Sequence[float]") -> bytes:
+    """The wire form of a times array: raw little-endian float64."""
+    return np.asarray(seconds, dtype="<f8").tobytes()
+
+
+def times_array(data: bytes) -> np.ndarray:
+    """A times array from its wire form (float64, native order, writable)."""
+    return np.frombuffer(data, dtype="<f8").astype(np.float64)
 
 
 def frame_selection(idxs: "range | np.ndarray | Sequence[int] | None") -> FrameSelection:

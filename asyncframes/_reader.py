@@ -27,6 +27,7 @@ import numpy as np
 from ._convert import Converter
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, check_frame_idxs, index_from_packets
+from ._times import FrameTimes, frame_times
 from ._video import VideoInfo
 from .errors import (
     AsyncFramesError,
@@ -185,10 +186,12 @@ class VideoReader:
         self.pix_fmt = ctx.pix_fmt or ""
         rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
         self.fps = float(rate) if rate else 0.0
-        #: Seconds per unit of the stream's timestamps (the index's pts).
-        self.time_base = float(vstream.time_base) if vstream.time_base else 0.0
         self.container_format = container.format.name
         self.duration = float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None
+        self.time_base = vstream.time_base
+        self.average_rate = vstream.average_rate or vstream.guessed_rate
+        #: The frame count the container's header states (None: none stated).
+        self.frames_from_header: Optional[int] = int(vstream.frames) or None
         first = self.read([0], grayscale=False)[0]
         self.detected_grayscale = bool(
             np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
@@ -221,6 +224,14 @@ class VideoReader:
             container=self.container_format,
             duration=self.duration,
         )
+
+    def frame_times(self) -> FrameTimes:
+        """Every frame's presentation time and duration in seconds, in frame order.
+
+        Frame i's time is what ``frame.time`` says in a sequential decode (the index holds the
+        pts the decoder presents, checked at every read).
+        """
+        return frame_times(self.index.pts, self.time_base, self.average_rate, self.frames_from_header)
 
     def sibling(self) -> "VideoReader":
         """A new reader of the same file and stream, opened with the same options, sharing this

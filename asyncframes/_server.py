@@ -276,6 +276,7 @@ class FrameServer:
                 frame_shape=reader.frame_shape(gray),
                 identity=reader.signature,
                 info=reader.info(action.video.grayscale) if action.info else None,
+                frame_times=reader.frame_times() if action.frame_times else None,
             )
         except Exception as exc:
             return exc

@@ -12,6 +12,7 @@ from typing import Hashable, Optional, Union
 import attrs
 
 from . import _protocol as protocol
+from ._times import FrameTimes
 from ._video import Video, VideoInfo
 
 # -- what the driver reports ------------------------------------------------------------------
@@ -30,6 +31,8 @@ class VideoFacts:
     identity: Hashable = ()
     #: The video's description (asked for by ``info`` messages only).
     info: Optional[VideoInfo] = None
+    #: Every frame's time (asked for by ``frame_times`` messages only).
+    frame_times: Optional[FrameTimes] = None
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -47,11 +50,13 @@ class Send:
 @attrs.frozen
 class OpenVideo:
     """Open ``video`` (resolving, confining and indexing it) and report
-    :meth:`ServerState.video_opened` with ``ticket``; ``info``: include its :class:`VideoInfo`."""
+    :meth:`ServerState.video_opened` with ``ticket``; ``info``: include its :class:`VideoInfo`;
+    ``frame_times``: include its :class:`FrameTimes`."""
 
     ticket: int
     video: Video
     info: bool = False
+    frame_times: bool = False
 
 
 @attrs.frozen

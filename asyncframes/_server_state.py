@@ -52,6 +52,8 @@ from ._protocol import (
     Cancel,
     Credit,
     Error,
+    FrameTimesReply,
+    FrameTimesRequest,
     Hello,
     InfoReply,
     InfoRequest,
@@ -321,7 +323,7 @@ class _Client:
 @attrs.frozen
 class _Opening:
     client: bytes
-    message: Union[Request, InfoRequest]
+    message: Union[Request, InfoRequest, FrameTimesRequest]
     at: float
 
 
@@ -482,7 +484,7 @@ class ServerState:
                     actions.append(self._error(client, None, entry))
                     budget -= 1
                 else:
-                    budget -= CLIENT_SHARE if isinstance(entry, (Hello, Request, InfoRequest)) else 1
+                    budget -= CLIENT_SHARE if isinstance(entry, (Hello, Request, InfoRequest, FrameTimesRequest)) else 1
                     actions += self._handle(client, entry, now)
             if not queue:
                 self._inbox.pop(client, None)
@@ -529,6 +531,8 @@ class ServerState:
             return self._cancel(client, state, message.request_id, now)
         if isinstance(message, InfoRequest):
             return [self._open(client, message, now, info=True)]
+        if isinstance(message, FrameTimesRequest):
+            return [self._open(client, message, now, frame_times=True)]
         if isinstance(message, protocol.Stop):
             if self.config.allow_stop:
                 self.stopping = True
@@ -547,10 +551,17 @@ class ServerState:
         self._log(req, now, "cancelled")
         return [ForgetRequest(client, request_id)]
 
-    def _open(self, client: bytes, message: Union[Request, InfoRequest], now: float, info: bool = False) -> OpenVideo:
+    def _open(
+        self,
+        client: bytes,
+        message: Union[Request, InfoRequest, FrameTimesRequest],
+        now: float,
+        info: bool = False,
+        frame_times: bool = False,
+    ) -> OpenVideo:
         self._tickets += 1
         self._opening[self._tickets] = _Opening(client, message, now)
-        return OpenVideo(self._tickets, message.video, info=info)
+        return OpenVideo(self._tickets, message.video, info=info, frame_times=frame_times)
 
     def _start(self, client: bytes, state: _Client, request: Request, now: float) -> list[Action]:
         """Check what can be checked before opening the video; then open it."""
@@ -574,8 +585,8 @@ class ServerState:
         state.opening[rid] = action.ticket
         return [action]
 
-    def _refuse(self, client: bytes, message: Union[Request, InfoRequest], exc: BaseException) -> list[Action]:
-        what = "info" if isinstance(message, InfoRequest) else "request"
+    def _refuse(self, client: bytes, message: Union[Request, InfoRequest, FrameTimesRequest], exc: BaseException) -> list[Action]:
+        what = "info" if isinstance(message, InfoRequest) else "frame_times" if isinstance(message, FrameTimesRequest) else "request"
         log.info("client=%s %s video=%s refused: %s", client.hex(), what, message.video.filename, exc)
         return [self._error(client, message.request_id, exc)]
 
@@ -588,7 +599,7 @@ class ServerState:
             now: the time.
 
         Returns:
-            The answer (an ``info_reply``; nothing for a request taken on, which starts
+            The answer (an ``info_reply`` or ``frame_times_reply``; nothing for a request taken on, which starts
             sending on :meth:`next_chunk`) or the error that refuses it. Nothing if the
             request was cancelled or its client left meanwhile.
         """
@@ -608,6 +619,17 @@ class ServerState:
                 return self._refuse(client, message, ServerError("the video's description is missing"))
             info = attrs.evolve(outcome.info, filename=message.video.filename)
             return [Send(client, InfoReply(request_id=message.request_id, info=info))]
+        if isinstance(message, FrameTimesRequest):
+            times = outcome.frame_times
+            if times is None:
+                return self._refuse(client, message, ServerError("the video's frame times are missing"))
+            reply = FrameTimesReply(
+                request_id=message.request_id,
+                pts_seconds=protocol.times_bytes(times.pts_seconds),
+                duration_seconds=protocol.times_bytes(times.duration_seconds),
+                num_frames_from_header=times.num_frames_from_header,
+            )
+            return [Send(client, reply)]
         try:
             req = self._new_request(client, message, outcome, now)
         except AsyncFramesError as exc:

@@ -333,7 +333,7 @@ class ClientSocket:
 
     def recv(self) -> tuple[Message, Optional[memoryview]]:
         """The waiting message and its payload (zero-copy); raises ProtocolError if malformed."""
-        return protocol.parse(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+        return protocol.parse(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False), max_bin_len=protocol.MAX_REPLY_BIN_BYTES)
 
     def has_message(self) -> bool:
         """True if a message is waiting to be received."""

@@ -39,13 +39,13 @@ FRAMES_PER_BLOCK = 64
 class _Planned:
     """What the driver learned about one video: enough for a task to decode without demuxing again."""
 
-    def __init__(self, given: str, video: Video, index: FrameIndex, identity: "SourceIdentity", time_base: float,
+    def __init__(self, given: str, video: Video, index: FrameIndex, identity: "SourceIdentity", pts_seconds: np.ndarray,
                  shape: tuple[int, int, int]) -> None:
         self.given = given
         self.video = video
         self.index = index
         self.identity = identity
-        self.time_base = time_base
+        self.pts_seconds = pts_seconds
         self.shape = shape
 
 
@@ -86,7 +86,7 @@ class FramesDatasource(Datasource):
         spec = as_video(video)
         given = spec.filename if isinstance(video, Video) else os.fspath(video)
         with VideoReader(spec.filename, stream=spec.stream) as reader:
-            return _Planned(given, spec, reader.index, reader.signature, reader.time_base,
+            return _Planned(given, spec, reader.index, reader.signature, reader.frame_times().pts_seconds,
                             reader.frame_shape(spec.grayscale))
 
     def get_name(self) -> str:
@@ -126,11 +126,10 @@ def _read_piece(piece: Piece, plan: _Planned, frames_per_block: int) -> Iterator
             raise changed_error(plan.given)
         frames = np.asarray(piece.frames, dtype=np.int64)
         repeats = np.asarray(piece.repeats, dtype=np.int64)
-        pts = plan.index.pts
         for start in range(0, len(frames), frames_per_block):
             batch, times = frames[start : start + frames_per_block], repeats[start : start + frames_per_block]
             decoded = reader.read(batch.tolist(), grayscale=spec.grayscale)
-            seconds = np.array([np.nan if pts[i] is None else pts[i] * plan.time_base for i in batch.tolist()])
+            seconds = plan.pts_seconds[batch]
             yield BlockAccessor.batch_to_block({
                 "frame": np.repeat(decoded, times, axis=0),
                 "frame_index": np.repeat(batch, times),

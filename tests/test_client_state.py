@@ -649,3 +649,14 @@ def test_chunks_left_of_every_frame_needs_the_frame_count():
     start(state, None, 30)
     assert state.stream.chunks_left() is None
     assert state.stream.chunks_left(frame_count=80) == 3
+
+
+def test_a_frame_times_reply_is_filed_under_its_request():
+    state = client()
+    rid = state.new_request_id()
+    state.expect(rid)
+    reply = protocol.FrameTimesReply(rid, pts_seconds=protocol.times_bytes([0.5]), duration_seconds=protocol.times_bytes([0.1]))
+    assert state.received(0, reply) == Actions()
+    assert state.reply(rid) == reply
+    state.received(0, protocol.FrameTimesReply(rid + 1, b"", b""))  # nobody asked: dropped
+    assert state.reply(rid + 1) is None

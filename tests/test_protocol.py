@@ -25,6 +25,11 @@ MESSAGES = [
     protocol.Credit(request_id=3, chunks=2),
     protocol.InfoRequest(request_id=9, video=Video("b.mkv")),
     protocol.InfoReply(request_id=9, info=VideoInfo("b.mkv", 10, 4, 6, 3, False, 29.97, "h264", "yuv420p", "matroska,webm")),
+    protocol.FrameTimesRequest(request_id=10, video=Video("c.mp4", stream=1)),
+    protocol.FrameTimesReply(
+        request_id=10, pts_seconds=protocol.times_bytes([0.0, 0.04]), duration_seconds=protocol.times_bytes([0.04, 0.04])
+    ),
+    protocol.FrameTimesReply(request_id=11, pts_seconds=b"", duration_seconds=b"", num_frames_from_header=7),
     protocol.Ping(request_id=2),
     protocol.Pong(request_id=2, server="0.1.0"),
     protocol.Stop(),
@@ -52,6 +57,9 @@ def test_every_message_kind_round_trips(message):
         ({"kind": "request", "request_id": 1, "video": {"filename": "a", "evil": 1}, "frame_idxs": None}, "evil"),
         ({"kind": "request", "request_id": 1, "video": {"filename": "a"}, "frame_idxs": None, "frames_per_chunk": 0}, "frames_per_chunk"),
         ({"kind": "credit", "request_id": 1, "chunks": True}, "chunks"),
+        ({"kind": "frame_times_reply", "request_id": 1, "pts_seconds": b"\x00" * 12, "duration_seconds": b"\x00" * 12}, "float64"),
+        ({"kind": "frame_times_reply", "request_id": 1, "pts_seconds": b"\x00" * 8, "duration_seconds": b""}, "holds 1 times"),
+        ({"kind": "frame_times_reply", "request_id": 1, "pts_seconds": [0.0], "duration_seconds": b""}, "pts_seconds"),
         ({"kind": "launch_missiles"}, "unknown message kind"),
         ({"request_id": 1}, "unknown message kind"),
     ],
@@ -189,3 +197,14 @@ def test_the_server_message_size_limit_follows_its_request_limit():
         protocol.Request(request_id=1, video=Video("v" * 4096), frame_idxs=protocol.frame_selection(np.zeros(10_000_000, np.uint32)))
     )
     assert len(legal) <= MAX_MESSAGE_BYTES == protocol.max_header_bytes(10_000_000) < 48 * 2**20
+
+
+def test_a_frame_times_reply_for_a_long_video_fits_what_a_client_accepts():
+    times = np.arange(1_000_000) / 30.0  # 9 hours at 30 fps: 8 MB per array
+    reply = protocol.FrameTimesReply(request_id=1, pts_seconds=protocol.times_bytes(times), duration_seconds=protocol.times_bytes(times))
+    header = protocol.encode(reply)
+    with pytest.raises(ProtocolError, match="size limit"):
+        protocol.decode(header)  # the default limit is for client messages
+    decoded = protocol.decode(header, max_bin_len=protocol.MAX_REPLY_BIN_BYTES)
+    assert isinstance(decoded, protocol.FrameTimesReply)
+    np.testing.assert_array_equal(protocol.times_array(decoded.pts_seconds), times)

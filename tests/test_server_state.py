@@ -6,6 +6,7 @@ and the actions that come out are the server's decisions. Each test names one ru
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Optional
 
 import attrs
@@ -22,6 +23,8 @@ from asyncframes._protocol import (
     Chunk,
     Credit,
     Error,
+    FrameTimesReply,
+    FrameTimesRequest,
     Hello,
     InfoReply,
     InfoRequest,
@@ -58,6 +61,7 @@ from asyncframes._server_state import (
     SlotBook,
     wire_error,
 )
+from asyncframes._times import frame_times
 from asyncframes._video import Video, VideoInfo
 from asyncframes.errors import FrameIndexError, VideoDecodeError, VideoNotFoundError
 
@@ -68,6 +72,8 @@ A, B, C = b"client-a", b"client-b", b"client-c"
 FACTS = VideoFacts(frame_count=100, grayscale=False, frame_shape=(4, 4, 3), identity=("v", 1))
 FRAME_BYTES = 48
 OFFER = ShmProbe(pid=1234, fd=7, token=b"t" * 16)
+#: The small video's frame times: 100 frames at 25 fps starting at 1 s.
+TIMES = frame_times(list(range(25, 125)), Fraction(1, 25), Fraction(25), num_frames_from_header=102)
 
 
 def parts(message: Any) -> list[bytes]:
@@ -105,6 +111,8 @@ class Harness:
                 facts = self.facts
                 if action.info and isinstance(facts, VideoFacts):
                     facts = attrs.evolve(facts, info=video_info())
+                if action.frame_times and isinstance(facts, VideoFacts) and facts.frame_times is None:
+                    facts = attrs.evolve(facts, frame_times=TIMES)
                 out += self.carry(self.state.video_opened(action.ticket, facts, self.now))
             else:
                 out.append(action)
@@ -774,3 +782,45 @@ def test_a_silenced_client_flooding_on_is_to_be_disconnected_once():
         due.append(h.state.disconnect_due(A))
     assert due.index(True) == DISCARDS_BEFORE_DISCONNECT - 1 and due.count(True) == 1
     assert not h.state.disconnect_due(B)  # never silenced
+
+
+# -- frame times ----------------------------------------------------------------------------------
+
+
+def test_frame_times_open_the_video_and_reply_with_every_frames_time_as_float64_bytes():
+    h = Harness()
+    h.hello(A)
+    (reply,) = h.send(A, FrameTimesRequest(5, Video("v.mp4")))
+    message = reply.message
+    assert isinstance(message, FrameTimesReply) and (reply.client, message.request_id) == (A, 5)
+    assert len(message.pts_seconds) == len(message.duration_seconds) == 8 * 100
+    np.testing.assert_array_equal(protocol.times_array(message.pts_seconds), TIMES.pts_seconds)
+    np.testing.assert_array_equal(protocol.times_array(message.duration_seconds), np.full(100, 0.04))
+    assert message.num_frames_from_header == 102
+
+
+def test_frame_times_of_a_video_that_fails_to_open_get_its_error():
+    h = Harness(VideoNotFoundError("v.mp4 does not exist"))
+    h.hello(A)
+    error = only_error(h.send(A, FrameTimesRequest(6, Video("v.mp4"))))
+    assert (error.error, error.request_id) == ("VideoNotFoundError", 6)
+
+
+def test_frame_times_missing_from_the_drivers_facts_are_a_server_error():
+    h = Harness()
+    h.hello(A)
+    assert h.state.receive(A, parts(FrameTimesRequest(7, Video("v.mp4"))))
+    (opening,) = h.state.handle_round(0.0)
+    assert isinstance(opening, OpenVideo) and opening.frame_times and not opening.info
+    error = only_error(h.state.video_opened(opening.ticket, FACTS, 0.0))
+    assert (error.error, error.request_id) == ("ServerError", 7) and "frame times" in error.message
+
+
+def test_frame_times_need_hello_and_take_a_whole_share():
+    h = Harness()
+    assert only_error(h.send(A, FrameTimesRequest(1, Video("v.mp4")))).error == "ProtocolError"
+    h.hello(A)
+    h.state.receive(A, parts(FrameTimesRequest(2, Video("v.mp4"))))
+    h.state.receive(A, parts(Ping(3)))
+    first = h.carry(h.state.handle_round(0.0))
+    assert [type(a.message) for a in first] == [FrameTimesReply]  # the ping waits for the next round
