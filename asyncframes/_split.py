@@ -87,6 +87,44 @@ def split(selections: Sequence[np.ndarray], starts: Sequence[Sequence[int]], tas
     return out
 
 
+def split_clips(clips: Sequence[tuple[int, np.ndarray]], starts: Sequence[Sequence[int]], tasks: int) -> list[list[int]]:
+    """Split clips into at most about ``tasks`` tasks, each clip whole in one task.
+
+    Args:
+        clips: ``(video, frame indices)`` of each clip (indices in the order wanted).
+        starts: per video, where its GOPs start (:func:`gop_starts`).
+        tasks: how many tasks to aim for; at least 1.
+
+    Returns:
+        Per task, the positions of its clips in ``clips``, ordered by video and first frame
+        (so a task's decoder moves forward); every clip in exactly one task, balanced by
+        frames to decode (from the GOP start of a clip's first frame to its last frame).
+    """
+    order = sorted(range(len(clips)), key=lambda k: (clips[k][0], int(np.min(clips[k][1])) if len(clips[k][1]) else -1))
+    costs = {}
+    for k in order:
+        v, idxs = clips[k]
+        if not len(idxs):
+            costs[k] = 0
+            continue
+        begins = np.asarray(starts[v], dtype=np.int64)
+        first, last = int(np.min(idxs)), int(np.max(idxs))
+        begin = int(begins[max(int(np.searchsorted(begins, first, side="right")) - 1, 0)])
+        costs[k] = last - begin + 1
+    if not order:
+        return []
+    target = sum(costs.values()) / max(1, tasks)
+    out: list[list[int]] = [[]]
+    load = 0
+    for k in order:
+        if out[-1] and load + costs[k] / 2 > target:
+            out.append([])
+            load = 0
+        out[-1].append(k)
+        load += costs[k]
+    return out
+
+
 def _pieces(units: list[tuple[int, np.ndarray, np.ndarray]]) -> list[Piece]:
     """Units of one task as pieces, one per video (its GOPs joined)."""
     pieces: list[Piece] = []

@@ -5,7 +5,9 @@ along keyframe (GOP) boundaries (:mod:`asyncframes._split`), so one long video s
 over many workers and no GOP is decoded by two tasks. Each task decodes its frames with
 the same reader the frame server uses (frame *i* is the *i*-th frame a sequential decode
 presents) and yields blocks of many frames with the columns ``frame`` (``(h, w, c)``
-uint8), ``frame_index``, ``pts_seconds`` and ``video`` (the path as given).
+uint8), ``frame_index``, ``pts_seconds`` and ``video`` (the path as given). Given a table
+of clips instead, each row is one clip (``frames``, ``frame_indices``, ``pts_seconds``,
+``video``, ``clip``), and the tasks are split along clips.
 
 Ray is an optional extra (``pip install 'asyncframes-video[ray]'``): importing
 :mod:`asyncframes` never imports it; importing this module does.
@@ -23,7 +25,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from ._index import FrameIndex, check_frame_idxs
 from ._reader import VideoReader, changed_error
-from ._split import Piece, gop_starts, split
+from ._split import Piece, gop_starts, split, split_clips
 from ._video import Video, as_video
 
 if TYPE_CHECKING:
@@ -64,7 +66,13 @@ class FramesDatasource(Datasource):
         VideoError: a video that cannot be opened.
     """
 
-    def __init__(self, videos: Sequence[VideoLike], frame_idxs: Any = None, frames_per_block: int = FRAMES_PER_BLOCK) -> None:
+    def __init__(
+        self,
+        videos: Sequence[VideoLike],
+        frame_idxs: Any = None,
+        frames_per_block: int = FRAMES_PER_BLOCK,
+        clips: Optional[Sequence[tuple[Union[int, str], Sequence[int]]]] = None,
+    ) -> None:
         super().__init__()
         if isinstance(videos, (str, os.PathLike, Video)):
             videos = [videos]
@@ -80,6 +88,33 @@ class FramesDatasource(Datasource):
         ]
         for p, selected in zip(self._planned, self._selections):
             check_frame_idxs(selected, p.index.frame_count, p.given)
+        self._clips: Optional[list[tuple[int, np.ndarray]]] = None
+        if clips is not None:
+            if frame_idxs is not None:
+                raise ValueError("give frame_idxs or clips, not both")
+            self._clips = [self._clip(k, clip) for k, clip in enumerate(clips)]
+            self._selections = [np.concatenate([c for v, c in self._clips if v == k] or [np.zeros(0, np.int64)])
+                                for k in range(len(self._planned))]
+
+    def _clip(self, k: int, clip: Any) -> tuple[int, np.ndarray]:
+        """Clip ``k`` as (video position, indices), checked."""
+        try:
+            video, idxs = clip
+        except (TypeError, ValueError):
+            raise TypeError(f"clip {k} must be (video, frame indices), got {clip!r}") from None
+        given = [p.given for p in self._planned]
+        if isinstance(video, (int, np.integer)) and not isinstance(video, bool):
+            if not 0 <= video < len(given):
+                raise ValueError(f"clip {k} names video {video}; there are {len(given)} (0 to {len(given) - 1})")
+            v = int(video)
+        else:
+            name = video.filename if isinstance(video, Video) else os.fspath(video)
+            if name not in given:
+                raise ValueError(f"clip {k} names {name!r}, which is not one of the videos: {given}")
+            v = given.index(name)
+        frames = np.asarray(idxs, dtype=np.int64).reshape(-1)
+        check_frame_idxs(frames, self._planned[v].index.frame_count, self._planned[v].given)
+        return v, frames
 
     @staticmethod
     def _plan(video: VideoLike) -> _Planned:
@@ -96,7 +131,9 @@ class FramesDatasource(Datasource):
         return sum(len(s) * int(np.prod(p.shape)) for p, s in zip(self._planned, self._selections))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context: Any = None) -> list[ReadTask]:
-        """One read task per group of GOPs (about ``parallelism`` of them)."""
+        """One read task per group of GOPs (about ``parallelism`` of them), or of clips."""
+        if self._clips is not None:
+            return self._clip_tasks(parallelism, per_task_row_limit)
         tasks = split(self._selections, [gop_starts(p.index) for p in self._planned], max(1, parallelism))
         out = []
         for pieces in tasks:
@@ -107,6 +144,52 @@ class FramesDatasource(Datasource):
                                  input_files=tuple(p.video.filename for p in planned.values()))
             out.append(ReadTask(_task(pieces, planned, self.frames_per_block), meta, per_task_row_limit=per_task_row_limit))
         return out
+
+
+    def _clip_tasks(self, parallelism: int, per_task_row_limit: Optional[int]) -> list[ReadTask]:
+        assert self._clips is not None
+        out = []
+        for positions in split_clips(self._clips, [gop_starts(p.index) for p in self._planned], max(1, parallelism)):
+            clips = [(k, *self._clips[k]) for k in positions]
+            planned = {v: self._planned[v] for _, v, _ in clips}
+            size = sum(len(idxs) * int(np.prod(planned[v].shape)) for _, v, idxs in clips)
+            meta = BlockMetadata(num_rows=len(clips), size_bytes=size, exec_stats=None,
+                                 input_files=tuple(p.video.filename for p in planned.values()))
+            out.append(ReadTask(_clip_task(clips, planned), meta, per_task_row_limit=per_task_row_limit))
+        return out
+
+
+def _clip_task(clips: list[tuple[int, int, np.ndarray]], planned: dict[int, _Planned]) -> Any:
+    def read() -> Iterator[Any]:
+        readers: dict[int, VideoReader] = {}
+        try:
+            for k, v, idxs in clips:
+                plan = planned[v]
+                if v not in readers:
+                    readers[v] = _open(plan)
+                frames = readers[v].read(idxs.tolist(), grayscale=plan.video.grayscale)
+                yield BlockAccessor.batch_to_block({
+                    "frames": frames[None],
+                    "frame_indices": idxs[None],
+                    "pts_seconds": plan.pts_seconds[idxs][None],
+                    "video": np.array([plan.given], dtype=object),
+                    "clip": np.array([k], dtype=np.int64),
+                })
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    return read
+
+
+def _open(plan: _Planned) -> VideoReader:
+    """A reader of ``plan``'s video with the driver's index, refusing a file changed since."""
+    spec = plan.video
+    reader = VideoReader(spec.filename, stream=spec.stream, thread_type=None, index=plan.index)
+    if reader.signature != plan.identity:  # changed since the driver indexed it
+        reader.close()
+        raise changed_error(plan.given)
+    return reader
 
 
 def _task(pieces: list[Piece], planned: dict[int, _Planned], frames_per_block: int) -> Any:
@@ -120,10 +203,8 @@ def _task(pieces: list[Piece], planned: dict[int, _Planned], frames_per_block: i
 def _read_piece(piece: Piece, plan: _Planned, frames_per_block: int) -> Iterator[Any]:
     """Blocks of ``piece``'s frames, decoded once each, repeated as asked."""
     spec = plan.video
-    reader = VideoReader(spec.filename, stream=spec.stream, thread_type=None, index=plan.index)
+    reader = _open(plan)
     try:
-        if reader.signature != plan.identity:  # changed since the driver indexed it
-            raise changed_error(plan.given)
         frames = np.asarray(piece.frames, dtype=np.int64)
         repeats = np.asarray(piece.repeats, dtype=np.int64)
         for start in range(0, len(frames), frames_per_block):
@@ -159,6 +240,7 @@ def read_frames(
     videos: Union[VideoLike, Sequence[VideoLike]],
     frame_idxs: Any = None,
     *,
+    clips: Optional[Sequence[tuple[Union[int, str], Sequence[int]]]] = None,
     frames_per_block: int = FRAMES_PER_BLOCK,
     override_num_blocks: Optional[int] = None,
     ray_remote_args: Optional[dict[str, Any]] = None,
@@ -170,6 +252,10 @@ def read_frames(
         videos: a path, a :class:`~asyncframes.Video`, or a list of them.
         frame_idxs: None (every frame), one sequence of indices for every video, or one
             sequence (or None) per video.
+        clips: instead of ``frame_idxs``, a table of clips: ``(video, frame indices)`` each,
+            the video named by its position in ``videos`` or as given there. Each row is
+            then one clip: ``frames`` (``(n, h, w, c)``), ``frame_indices``, ``pts_seconds``,
+            ``video`` and ``clip`` (its position in the table); a clip is never split.
         frames_per_block: frames per block (one Arrow table) a task yields.
         override_num_blocks: how many read tasks to aim for (default: Ray's choice from
             the cluster's CPUs); a GOP is never split.
@@ -184,6 +270,7 @@ def read_frames(
     Raises:
         FrameIndexError: an index that is not a frame of its video (naming it).
         VideoError: a video that cannot be opened.
+        ValueError: both ``frame_idxs`` and ``clips``, or a clip naming no video of ``videos``.
     """
-    source = FramesDatasource(videos, frame_idxs, frames_per_block=frames_per_block)
+    source = FramesDatasource(videos, frame_idxs, frames_per_block=frames_per_block, clips=clips)
     return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, ray_remote_args=ray_remote_args, **read_args)

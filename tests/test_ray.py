@@ -73,6 +73,20 @@ def test_a_real_recording_with_b_frames_and_an_edit_list(runtime):
     check_rows(rows, {path: asked})
 
 
+def test_clips_come_whole_one_row_each(runtime, paths):
+    clips = [(0, [10, 11, 12, 13]), (paths[1], [70, 72, 74, 76]), (0, [149, 0, 75, 75]), (2, list(range(20, 28)))]
+    rows = sorted(read_frames(paths, clips=clips, override_num_blocks=3).take_all(), key=lambda r: r["clip"])
+    assert [int(r["clip"]) for r in rows] == [0, 1, 2, 3]
+    for row, (video, idxs) in zip(rows, clips):
+        path = paths[video] if isinstance(video, int) else video
+        assert row["video"] == path and list(row["frame_indices"]) == idxs
+        assert row["frames"].shape == (len(idxs), 96, 128, 3)
+        for frame, i, t in zip(row["frames"], idxs, row["pts_seconds"]):
+            assert np.array_equal(frame, reference_frames(path)[i]) and t == pytest.approx(times(path)[i], abs=1e-9)
+    with pytest.raises(ValueError, match="not one of the videos"):
+        read_frames(paths[:1], clips=[("elsewhere.mp4", [0])])
+
+
 def test_an_index_outside_the_video_is_refused_naming_it(runtime, paths):
     with pytest.raises(FrameIndexError, match="150"):
         read_frames(paths[0], [3, 150])

@@ -71,3 +71,19 @@ def test_every_requested_frame_comes_out_exactly_once_and_no_gop_is_split(data, 
                 assert owner.setdefault((piece.video, gop), t) == t, "a GOP went to two tasks"
     assert rows == [Counter(s.tolist()) for s in selections]
     assert len(out) <= max(1, tasks) * 2  # about as many as asked: never one task per frame
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), videos=st.integers(1, 3), tasks=st.integers(1, 6))
+def test_every_clip_goes_whole_to_exactly_one_task(data, videos, tasks):
+    from asyncframes._split import split_clips
+
+    n = 100
+    starts = [list(range(0, n, data.draw(st.integers(1, 50)))) for _ in range(videos)]
+    clips = [(data.draw(st.integers(0, videos - 1)), np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=8))))
+             for _ in range(data.draw(st.integers(0, 30)))]
+    out = split_clips(clips, starts, tasks)
+    assert sorted(k for task in out for k in task) == list(range(len(clips)))
+    for task in out:  # a task's decoder moves forward: its clips by video, then first frame
+        keys = [(clips[k][0], int(clips[k][1].min())) for k in task]
+        assert keys == sorted(keys)
