@@ -31,7 +31,7 @@ from ._video import Video, as_video
 if TYPE_CHECKING:
     from ._files import SourceIdentity
 
-__all__ = ["read_frames", "FramesDatasource"]
+__all__ = ["read_frames", "FramesDatasource", "FrameServers"]
 
 VideoLike = Union[Video, str, "os.PathLike[str]"]
 #: Frames per block a read task yields (a block is one Arrow table of many frames).
@@ -274,3 +274,175 @@ def read_frames(
     """
     source = FramesDatasource(videos, frame_idxs, frames_per_block=frames_per_block, clips=clips)
     return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, ray_remote_args=ray_remote_args, **read_args)
+
+
+# -- frame servers as Ray actors ------------------------------------------------------------------
+
+
+class _FrameServerActor:
+    """A frame server inside a Ray actor: it serves on the node's address until the actor ends.
+
+    Ray restarts it if its process dies (``max_restarts``); it then listens on a new port,
+    which :meth:`endpoint` tells (clients ask again after losing it).
+    """
+
+    def __init__(self, root: Optional[str], options: dict[str, Any]) -> None:
+        import threading
+
+        from ray.util import get_node_ip_address
+
+        from ._config import ServerConfig
+        from ._server import FrameServer
+
+        config = ServerConfig(root=None if root is None else os.path.abspath(root), **options)
+        self._server = FrameServer([f"tcp://{get_node_ip_address()}:*"], config)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="asyncframes-server", daemon=True)
+        self._thread.start()
+
+    def endpoint(self) -> str:
+        return self._server.endpoints[0]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self._server.stop("stopped by FrameServers.shutdown")
+        self._thread.join(10)
+
+
+class FrameServers:
+    """Frame servers running as Ray actors, one per node by default, and a way to read from them.
+
+    Each video goes to one server, chosen by rendezvous hashing of its path over the servers
+    (the same video always to the same server while the set is unchanged, so its GOPs stay
+    decoded and its seeks forward). Ray restarts a server whose process dies;
+    :meth:`read` then finds it again and asks for the frames it had not received yet.
+
+    Args:
+        num_servers: how many servers (default: one per alive node of the cluster, each
+            placed on its node, softly: Ray may place it elsewhere if the node is full).
+        root: the folder the servers serve (every node must see the videos there); None
+            serves any path the actor's user can read (a cluster you trust).
+        max_restarts: how often Ray restarts a server whose process died (-1: always).
+        **server_options: :class:`~asyncframes._config.ServerConfig` fields (``workers``,
+            ``max_open_files``, ``total_cache_bytes``, ...).
+
+    Raises:
+        RuntimeError: Ray is not initialised (call ``ray.init()`` first).
+    """
+
+    def __init__(self, num_servers: Optional[int] = None, *, root: Optional[str] = None, max_restarts: int = -1,
+                 **server_options: Any) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not ray.is_initialized():
+            raise RuntimeError("FrameServers needs a Ray runtime: call ray.init() first")
+        actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(_FrameServerActor)
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        count = num_servers if num_servers is not None else len(nodes)
+        if count < 1:
+            raise ValueError(f"num_servers must be >= 1, got {count}")
+        self._actors = [
+            actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True)).remote(root, server_options)
+            for k in range(count)
+        ]
+        self._names = [f"server-{k}" for k in range(count)]
+        self._clients: dict[str, Any] = {}
+        self.endpoints = ray.get([a.endpoint.remote() for a in self._actors])
+
+    def server_for(self, video: VideoLike) -> int:
+        """Which server reads ``video`` (rendezvous hashing of its path over the servers)."""
+        import hashlib
+
+        name = as_video(video).filename
+        scores = [hashlib.blake2b(f"{server}\0{name}".encode(), digest_size=8).digest() for server in self._names]
+        return max(range(len(scores)), key=scores.__getitem__)
+
+    def endpoint_for(self, video: VideoLike) -> str:
+        """The endpoint of the server that reads ``video`` (for an ``AsyncVideo`` of your own)."""
+        return self.endpoints[self.server_for(video)]
+
+    def read(self, video: VideoLike, frame_idxs: Any = None, frames_per_chunk: int = 64, *, restarts: int = 3,
+             timeout: float = 60.0) -> Iterator[Any]:
+        """The frames of ``video``, chunk by chunk, from its server, in order, exact.
+
+        If the server's process dies mid-stream, Ray restarts it; this waits for it (at most
+        ``timeout`` seconds), connects to its new endpoint and asks for the frames not yet
+        received, at most ``restarts`` times; then the last error is raised.
+
+        Args:
+            video: a path or :class:`~asyncframes.Video`.
+            frame_idxs: the frames (None: every frame).
+            frames_per_chunk: frames per chunk.
+            restarts: server restarts to survive within this read.
+            timeout: seconds to wait for a chunk, and for a restarted server.
+
+        Returns:
+            An iterator of :class:`~asyncframes.FrameChunk` ``(frame_idxs, frames)``.
+
+        Raises:
+            ServerDiedError, RequestTimeoutError: the server was lost more than ``restarts``
+                times, or did not come back within ``timeout``.
+            FrameIndexError, VideoError, ServerError: what the server reported.
+        """
+        import ray
+
+        from ._client import AsyncVideo
+        from .errors import RequestCancelledError, RequestTimeoutError, ServerDiedError
+
+        k = self.server_for(video)
+        remaining: Optional[list[int]] = None if frame_idxs is None else [int(i) for i in frame_idxs]
+        lost = 0
+        while True:
+            endpoint = self.endpoints[k]
+            client = self._clients.get(endpoint)
+            if client is None:
+                client = self._clients[endpoint] = AsyncVideo(endpoint, timeout=timeout)
+            try:
+                if remaining is None:
+                    remaining = list(range(client.info(video).frame_count))
+                client.load_by_chunk(video, remaining, frames_per_chunk)
+                for chunk in client.chunks:
+                    remaining = remaining[len(chunk.frame_idxs):]
+                    yield chunk
+                return
+            except (ServerDiedError, RequestCancelledError, RequestTimeoutError):
+                lost += 1
+                if lost > restarts:
+                    raise
+                self._clients.pop(endpoint).close()
+                self.endpoints[k] = ray.get(self._actors[k].endpoint.remote(), timeout=timeout)  # restarted by Ray
+
+    def pids(self) -> list[int]:
+        """The servers' process ids (for tests and monitoring)."""
+        import ray
+
+        return ray.get([a.pid.remote() for a in self._actors])
+
+    def kill(self, server: int) -> None:
+        """Kill server ``server``'s process as a crash would (Ray restarts it)."""
+        import ray
+
+        ray.kill(self._actors[server], no_restart=False)
+
+    def shutdown(self) -> None:
+        """Close the clients and stop the servers."""
+        import ray
+
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        for actor in self._actors:
+            try:
+                ray.get(actor.stop.remote(), timeout=15)
+            except Exception:  # noqa: BLE001  (already gone)
+                pass
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+
+    def __enter__(self) -> "FrameServers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -114,3 +114,33 @@ def test_map_batches_torch_batches_and_streaming_split(runtime, paths):
     # num_cpus=0: the consumers must leave the 2 CPUs to the read tasks that feed them
     split_rows = ray.get([consume.options(num_cpus=0).remote(it) for it in (left, right)], timeout=120)
     assert sorted(split_rows[0] + split_rows[1]) == list(range(0, 150, 3))
+
+
+def test_frame_servers_as_actors_serve_exact_frames_each_video_from_its_server(runtime, paths):
+    from asyncframes.ray import FrameServers
+
+    with FrameServers(num_servers=2) as servers:
+        assert len(set(servers.endpoints)) == 2
+        for path in paths[:3]:
+            assert servers.server_for(path) == servers.server_for(path)  # the same video, the same server
+            got = [(i, f) for idxs, frames in servers.read(path, frames_per_chunk=16) for i, f in zip(idxs, frames)]
+            assert [i for i, _ in got] == list(range(len(reference_frames(path))))
+            assert all(np.array_equal(f, reference_frames(path)[i]) for i, f in got)
+
+
+def test_a_server_actor_killed_mid_stream_is_restarted_and_the_read_finishes_exactly(runtime, paths):
+    from asyncframes.ray import FrameServers
+
+    path = paths[0]
+    asked = shuffled_with_duplicates(150, 30, seed=3)
+    with FrameServers(num_servers=1) as servers:
+        before = servers.pids()
+        got: list[int] = []
+        for k, (idxs, frames) in enumerate(servers.read(path, asked, frames_per_chunk=8)):
+            if k == 2:
+                servers.kill(0)  # as a crash would: Ray restarts it, on a new port
+            for i, frame in zip(idxs, frames):
+                assert np.array_equal(frame, reference_frames(path)[i])
+            got += idxs
+        assert got == asked
+        assert servers.pids() != before
