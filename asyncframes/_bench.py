@@ -384,7 +384,8 @@ def optional_readers() -> Iterator[tuple[str, Callable[[str], int]]]:
 
         def decord_reader(path: str) -> int:
             vr = decord.VideoReader(path)
-            return sum(len(vr.get_batch(list(range(i, min(i + 64, len(vr)))))) for i in range(0, len(vr), 64))
+            # frames, not elements: len() of a decord NDArray counts every element
+            return sum(vr.get_batch(list(range(i, min(i + 64, len(vr))))).shape[0] for i in range(0, len(vr), 64))
 
         yield "decord", decord_reader
     except ImportError:
