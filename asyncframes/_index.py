@@ -15,7 +15,7 @@ and ts. When timestamps are missing or ambiguous the index says so
 from __future__ import annotations
 
 import bisect
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import attrs
 import numpy as np
@@ -109,3 +109,25 @@ def first_outside(idxs: "Union[Sequence[int], range, np.ndarray]", n: int) -> Op
     arr = np.asarray(idxs)
     outside = np.flatnonzero((arr < 0) | (arr >= n))
     return int(arr[outside[0]]) if outside.size else None
+
+
+def per_video(frame_idxs: Any, videos: int) -> list[Any]:
+    """A frame selection given for several videos, as one entry per video.
+
+    ``frame_idxs`` may be None (every frame of every video), one sequence of indices for
+    every video (ints, a range or an array), or one sequence (or None) per video.
+
+    Raises:
+        ValueError: a list of selections whose length is not the number of videos.
+    """
+    if frame_idxs is None:
+        return [None] * videos
+    if isinstance(frame_idxs, (range, np.ndarray)) or (
+        isinstance(frame_idxs, Sequence) and not isinstance(frame_idxs, str)
+        and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in frame_idxs)
+    ):
+        return [frame_idxs] * videos
+    per = list(frame_idxs)
+    if len(per) != videos:
+        raise ValueError(f"frame_idxs gives {len(per)} selections for {videos} videos: give one per video, or one for all")
+    return per

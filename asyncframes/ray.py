@@ -23,7 +23,7 @@ import ray.data
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from ._index import FrameIndex, check_frame_idxs
+from ._index import FrameIndex, check_frame_idxs, per_video
 from ._reader import VideoReader, changed_error
 from ._split import Piece, gop_starts, split, split_clips
 from ._video import Video, as_video
@@ -84,7 +84,7 @@ class FramesDatasource(Datasource):
         self._planned = [self._plan(v) for v in videos]
         self._selections = [
             np.arange(p.index.frame_count, dtype=np.int64) if idxs is None else np.asarray(idxs, dtype=np.int64).reshape(-1)
-            for p, idxs in zip(self._planned, _per_video(frame_idxs, len(videos)))
+            for p, idxs in zip(self._planned, per_video(frame_idxs, len(videos)))
         ]
         for p, selected in zip(self._planned, self._selections):
             check_frame_idxs(selected, p.index.frame_count, p.given)
@@ -220,20 +220,6 @@ def _read_piece(piece: Piece, plan: _Planned, frames_per_block: int) -> Iterator
     finally:
         reader.close()
 
-
-def _per_video(frame_idxs: Any, n: int) -> list[Any]:
-    """``frame_idxs`` as one entry per video: None, one selection for all, or one per video."""
-    if frame_idxs is None:
-        return [None] * n
-    if isinstance(frame_idxs, (range, np.ndarray)) or (
-        isinstance(frame_idxs, Sequence) and not isinstance(frame_idxs, str)
-        and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in frame_idxs)
-    ):
-        return [frame_idxs] * n
-    per = list(frame_idxs)
-    if len(per) != n:
-        raise ValueError(f"frame_idxs gives {len(per)} selections for {n} videos: give one per video, or one for all")
-    return per
 
 
 def read_frames(
