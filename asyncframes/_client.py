@@ -49,7 +49,9 @@ from .errors import (
     error_from_wire,
 )
 
-VideoLike = Union[Video, str, "os.PathLike[str]"]
+#: What names a video: a Video, a path (file, image folder, glob, numbered pattern), a list of
+#: image paths, or a sleap_io.Video (see :func:`asyncframes._video.as_video`).
+VideoLike = Union[Video, str, "os.PathLike[str]", Sequence[str], Any]
 FrameIdxs = Optional[Union[Sequence[int], range, np.ndarray, Iterable[int]]]
 PathLike = Union[str, "os.PathLike[str]"]
 

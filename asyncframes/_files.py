@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import os
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import attrs
 
@@ -255,6 +256,85 @@ def files_ffmpeg_may_open(path: str) -> list[str]:
         if truncated and truncated != path:
             names.append(truncated)
     return names
+
+
+# -- image folders, globs, lists ---------------------------------------------------------
+
+#: What a folder or a glob is taken to hold when it names images (by extension, any case).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".gif")
+_GLOB = re.compile(r"[*?[]")
+_NUMBERS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key in which ``img2`` comes before ``img10`` (digit runs compare as numbers)."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part) for part in _NUMBERS.split(name) if part)
+
+
+def image_files(filename: str, files: Sequence[str] = (), root: Optional[str] = None) -> Optional[list[str]]:
+    """The image files a video spec names, in frame order; None when it names a video file
+    (or an image2 sequence that FFmpeg starts by itself).
+
+    * ``files`` given: those files, in that order.
+    * a folder: its image files (:data:`IMAGE_EXTENSIONS`), sorted naturally (img2 before img10).
+    * a glob (``frames/*.png``) that is not itself a file: its matches, sorted naturally.
+    * a printf pattern (``frame_%04d.png``) whose first number lies beyond where image2 looks
+      (0 to 4): its files from the lowest number found in the folder, while they continue.
+
+    On a confined server (``root``), every file must lie under the root, as :func:`confine` says.
+
+    Raises:
+        VideoNotFoundError: a folder, glob or pattern with no images (naming it).
+        VideoAccessError: a file outside the root.
+    """
+    shown = filename
+    base = (lambda name: confine(root, name)) if root is not None else (lambda name: name)
+    if files:
+        return [base(f) for f in files]
+    path = base(filename) if root is None or not _GLOB.search(filename) else os.path.join(os.path.realpath(root), filename)
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise VideoNotFoundError(f"{shown}: a folder with no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return [base(f) if root is not None else f for f in sorted(found, key=natural_key)]
+    if _GLOB.search(filename) and not os.path.lexists(path):
+        found = [f for f in glob.glob(path) if os.path.isfile(f)]
+        if not found:
+            raise VideoNotFoundError(f"{shown}: no file matches this pattern")
+        return [base(f) if root is not None else f for f in sorted(found, key=natural_key)]
+    if is_pattern(path) and not sequence_files(path):
+        numbered = _numbered_from_listing(path)
+        if not numbered:
+            raise VideoNotFoundError(f"{shown}: no file of this numbered sequence exists")
+        return [base(f) if root is not None else f for f in numbered]
+    return None
+
+
+def _numbered_from_listing(pattern: str) -> list[str]:
+    """The files of ``pattern``'s sequence from the lowest number present in its folder, while
+    consecutive numbers exist (what image2 reads from a start number it was told)."""
+    folder = os.path.dirname(pattern) or "."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    present = {}
+    for name in names:
+        for n in _numbers_in(name):
+            ok, candidate = frame_filename(pattern, n)
+            if ok and os.path.basename(candidate) == name:
+                present[n] = os.path.join(folder, name)
+    if not present:
+        return []
+    out, n = [], min(present)
+    while n in present:
+        out.append(present[n])
+        n += 1
+    return out
+
+
+def _numbers_in(name: str) -> list[int]:
+    return [int(run) for run in _NUMBERS.findall(name)]
 
 
 # -- confinement ----------------------------------------------------------------------

@@ -19,17 +19,18 @@ from collections import OrderedDict
 from typing import Optional
 
 from . import _files as files
+from ._images import ImageListReader
 from ._reader import VideoReader
 from ._video import Video
 from .errors import AsyncFramesError, ServerError
 
-#: What a reader is kept under: the file as the request names it, and the stream.
-ReaderKey = tuple[str, int]
+#: What a reader is kept under: the file as the request names it, the stream, the image files.
+ReaderKey = tuple[str, int, tuple[str, ...]]
 
 
 def reader_key(video: Video) -> ReaderKey:
     """The key ``video``'s reader is kept under (grayscale does not change what is opened)."""
-    return (video.filename, video.stream)
+    return (video.filename, video.stream, video.files)
 
 
 class VideoOpener:
@@ -91,12 +92,18 @@ class VideoOpener:
             self._drop(key)
             reader = None
         if reader is None:
-            path = self.resolve(video.filename)
-            reader = VideoReader(path, stream=video.stream, container_options=self.container_options)
+            images = files.image_files(video.filename, video.files, self.root)
+            if images is not None:
+                reader: "VideoReader | ImageListReader" = ImageListReader(video.filename, images, stream=video.stream)
+            else:
+                reader = VideoReader(self.resolve(video.filename), stream=video.stream, container_options=self.container_options)
             if self.root is not None:
                 try:
                     # What was opened is still there, unchanged, and passes the check.
-                    self.resolve(video.filename)
+                    if images is None:
+                        self.resolve(video.filename)
+                    else:
+                        files.image_files(video.filename, video.files, self.root)
                     reader.check_unchanged("being opened")
                 except AsyncFramesError:
                     reader.close()

@@ -21,6 +21,7 @@ import cattrs
 import msgpack
 import numpy as np
 from cattrs.errors import BaseValidationError
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from ._video import Video, VideoInfo
 from .errors import ProtocolError
@@ -332,6 +333,11 @@ converter.register_structure_hook(str, _strict((str,), "a string"))
 converter.register_structure_hook(float, _strict((int, float), "a number", float))
 converter.register_structure_hook(bool, _strict((bool,), "a boolean"))
 converter.register_structure_hook(bytes, _strict((bytes,), "bytes"))
+# A Video's image files travel only when there are some: servers that predate them
+# (forbid_extra_keys) keep accepting every other video.
+converter.register_unstructure_hook(
+    Video, make_dict_unstructure_fn(Video, converter, files=override(omit_if_default=True))
+)
 
 
 def _structure_selection(value: Any, _type: Any) -> FrameSelection:

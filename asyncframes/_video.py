@@ -43,6 +43,13 @@ def _stream(value: Any) -> int:
     return int(value)
 
 
+def _files(value: Any) -> tuple[str, ...]:
+    """Image files as a tuple of non-empty path strings (any sequence of paths accepted)."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"Video files must be a list of image paths, got one path {value!r} (use filename)")
+    return tuple(_filename(v) for v in value)
+
+
 @attrs.frozen
 class Video:
     """A video source: which file, which stream, and how its frames are shaped.
@@ -53,6 +60,9 @@ class Video:
         grayscale: ``None`` detects it from the first frames (neutral chroma, or all
             channels equal), ``True`` gives ``(h, w, 1)`` frames, ``False`` RGB ``(h, w, 3)``.
         stream: which video stream, when a container holds several (0: the first).
+        files: image files read as frames, in order (then ``filename`` only names the
+            video in messages). A folder, a glob (``frames/*.png``) or a printf pattern
+            numbered from anywhere may also be given as ``filename``.
 
     Raises:
         TypeError: a field of the wrong type (the message names the value given).
@@ -62,6 +72,7 @@ class Video:
     filename: str = attrs.field(converter=_filename)
     grayscale: Optional[bool] = attrs.field(default=None, converter=_grayscale)
     stream: int = attrs.field(default=0, converter=_stream)
+    files: tuple[str, ...] = attrs.field(default=(), converter=_files)
 
     @classmethod
     def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
@@ -77,17 +88,48 @@ class Video:
         return cls(filename=os.fspath(filename), **options)
 
 
-def as_video(video: "Video | str | os.PathLike[str]") -> Video:
-    """``video`` as a :class:`Video`: a Video as it is, a path as ``Video(path)``.
+def as_video(video: Any) -> Video:
+    """``video`` as a :class:`Video`.
+
+    Accepted: a :class:`Video` as it is; a path (a video file, an image folder, a glob or a
+    numbered pattern) as ``Video(path)``; a list of image paths as ``Video(files=...)``; and,
+    by duck typing (no import of sleap-io), a ``sleap_io.Video`` of a media file or of an
+    image list, keeping its grayscale setting.
 
     Raises:
-        TypeError: anything else (naming what was given).
+        TypeError: anything else (naming what was given and what is accepted).
     """
     if isinstance(video, Video):
         return video
     if isinstance(video, (str, os.PathLike)):
         return Video.from_filename(video)
-    raise TypeError(f"expected a Video or a path, got {type(video).__name__}")
+    if isinstance(video, (list, tuple)) and video:
+        files = _files(video)
+        return Video(filename=files[0], files=files)
+    filename = getattr(video, "filename", None)
+    if filename is not None and hasattr(video, "backend_metadata"):  # a sleap_io.Video
+        return _from_sleap(video, filename)
+    raise TypeError(
+        f"expected a Video, a path, a list of image paths or a sleap_io.Video, got {type(video).__name__}"
+    )
+
+
+def _from_sleap(video: Any, filename: Any) -> Video:
+    """A sleap_io.Video as a :class:`Video`: its file (or image list) and grayscale setting."""
+    meta = getattr(video, "backend_metadata", None) or {}
+    if "dataset" in meta or str(filename).lower().endswith((".h5", ".hdf5", ".slp", ".pkg.slp")):
+        raise TypeError(f"a sleap_io.Video stored in HDF5 ({filename}) is not a video file or image list; "
+                        "asyncframes serves media files and images")
+    grayscale = meta.get("grayscale")
+    if grayscale is None:
+        try:
+            grayscale = video.grayscale  # may open its backend to detect it
+        except Exception:  # noqa: BLE001  (a backend that cannot open: let the server detect it)
+            grayscale = None
+    if isinstance(filename, (list, tuple)):
+        files = _files(filename)
+        return Video(filename=files[0], grayscale=grayscale, files=files)
+    return Video(filename=filename, grayscale=grayscale)
 
 
 @attrs.frozen

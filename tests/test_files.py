@@ -249,3 +249,68 @@ def test_hide_root_takes_the_roots_path_out_of_messages(tmp_path):
     assert hide_root(f"outside: /etc/passwd ({real}/x)", spellings) == "outside: /etc/passwd (x)"
     assert hide_root("nothing to hide", root_spellings(None)) == "nothing to hide"
     assert root_spellings("/") == ()
+
+
+# -- image folders, globs, lists ---------------------------------------------------------
+
+
+def test_images_are_sorted_naturally():
+    from asyncframes._files import natural_key
+
+    assert sorted(["img10.png", "img2.png", "img1.png", "a.png"], key=natural_key) == ["a.png", "img1.png", "img2.png", "img10.png"]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """root/shots: frame_0010..0013.png (numbered from 10), a note; root/empty; outside/secret.png,
+    linked from root/links/, which also holds a real image."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "shots", root / "empty", root / "links", outside):
+        folder.mkdir(parents=True)
+    for n in range(10, 14):
+        (root / "shots" / f"frame_{n:04d}.png").write_bytes(b"x")
+    (root / "shots" / "notes.txt").write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"secret")
+    (root / "links" / "a1.png").write_bytes(b"x")
+    (root / "links" / "a2.png").symlink_to(outside / "secret.png")
+    return root
+
+
+def names(paths):
+    return [Path(p).name for p in paths]
+
+
+def test_a_folder_a_glob_and_a_sequence_numbered_from_10_name_the_same_images(images):
+    from asyncframes._files import image_files
+
+    expected = [f"frame_{n:04d}.png" for n in range(10, 14)]
+    for spec in ("shots", "shots/*.png", "shots/frame_%04d.png"):
+        assert names(image_files(spec, root=str(images))) == expected, spec
+        assert names(image_files(str(images / spec))) == expected, spec  # unconfined: as given
+    assert image_files("clip.mp4", root=str(images)) is None  # not images: a video file
+    assert names(image_files("x", ["shots/frame_0012.png", "shots/frame_0010.png"], root=str(images))) == [
+        "frame_0012.png", "frame_0010.png"]  # a list keeps its order
+
+
+def test_image_specs_naming_nothing_say_so(images):
+    from asyncframes._files import image_files
+
+    with pytest.raises(VideoNotFoundError, match="empty: a folder with no images"):
+        image_files("empty", root=str(images))
+    with pytest.raises(VideoNotFoundError, match=r"shots/\*\.jpg: no file matches"):
+        image_files("shots/*.jpg", root=str(images))
+    with pytest.raises(VideoNotFoundError, match="no file of this numbered sequence"):
+        image_files("shots/take_%03d.png", root=str(images))
+
+
+@pytest.mark.parametrize("spec, files", [
+    ("links", ()),  # a folder holding a link out
+    ("links/*.png", ()),  # a glob matching it
+    ("../outside/*.png", ()),  # a glob reaching out
+    ("x", ("links/a1.png", "../outside/secret.png")),  # a list naming it
+])
+def test_images_outside_the_root_are_refused_however_they_are_named(images, spec, files):
+    from asyncframes._files import image_files
+
+    with pytest.raises(VideoAccessError, match="outside this server's video folder"):
+        image_files(spec, files, root=str(images))

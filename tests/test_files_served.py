@@ -113,6 +113,20 @@ def test_a_sequence_under_the_root_is_served_exactly(server, root):
         assert np.array_equal(frame, truth[i])
 
 
+def test_globs_and_lists_under_the_root_are_served_and_none_reaches_out(server, root):
+    truth = decode_all(shared_video("robot_frames") / "robot%d.jpg")
+    with AsyncVideo(server.endpoint) as client:
+        for spec in ("robot*.jpg", ["robot0.jpg", "robot1.jpg", "robot2.jpg"]):
+            assert client.info(spec).frame_count == 3
+            for frame, i in zip(frames_of(client, spec, [2, 0, 1], fpc=2), [2, 0, 1]):
+                assert np.array_equal(frame, truth[i])
+        # the root's folder and "*.jpg" hold leak0.jpg, a link out; a list may not name outside files
+        for spec in (".", "*.jpg", "../outside/*.jpg", ["robot0.jpg", "../outside/secret.jpg"]):
+            with pytest.raises(VideoAccessError, match="outside this server's video folder"):
+                client.info(spec)
+        assert client.info("v.y4m").frame_count == 60  # and the server keeps serving
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/a.mp4", "rtsp://cam/live", "file:v.y4m", "concat:v.y4m|v.y4m", "pipe:0"])
 def test_a_url_sent_to_a_confined_server_is_refused_by_name(server, url):
     with AsyncVideo(server.endpoint) as client:

@@ -35,3 +35,26 @@ def test_options_are_validated():
         Video("x.mp4", grayscale="yes")
     with pytest.raises(ValueError):
         Video("x.mp4", stream=-1)
+
+
+def test_image_files_travel_only_when_there_are_some():
+    from asyncframes import _protocol as protocol
+
+    plain = protocol.converter.unstructure(Video("clip.mp4"))
+    assert "files" not in plain  # servers that predate image lists keep accepting it
+    listed = Video("a.png", files=["a.png", "b.png"])
+    wire = protocol.converter.unstructure(listed)
+    assert list(wire["files"]) == ["a.png", "b.png"]
+    assert protocol.converter.structure(wire, Video) == listed
+
+
+def test_a_list_of_images_is_a_video_and_bad_lists_are_named():
+    from asyncframes._video import as_video
+
+    assert as_video(["x/1.png", "x/2.png"]) == Video("x/1.png", files=("x/1.png", "x/2.png"))
+    with pytest.raises(TypeError, match="a list of image paths, got one path"):
+        Video("a.png", files="a.png")
+    with pytest.raises(ValueError, match="filename is empty"):
+        as_video(["a.png", ""])
+    with pytest.raises(TypeError, match="expected a Video, a path, a list of image paths or a sleap_io.Video, got int"):
+        as_video(3)
