@@ -208,6 +208,12 @@ class AsyncVideo:
         workers: decoder threads of a private server (None: one per 2 CPUs).
         shared_memory: take frames through shared memory when the server is on this
             machine (no copy at all); False always receives them inline.
+        wait: True waits (up to ``start_timeout``) until every server has answered our
+            hello. False returns at once (a few milliseconds, even while a private
+            server starts): for event loops, which watch :meth:`fds`, call
+            :meth:`process_events` when one is readable and wait for :attr:`ready`
+            (:mod:`asyncframes.asyncio` and :mod:`asyncframes.qt` do this). The blocking
+            calls also wait for the server first.
 
     Raises:
         ValueError: ``window`` or ``workers`` is not a positive integer, or only one
@@ -231,6 +237,7 @@ class AsyncVideo:
         server_log_level: str = "WARNING",
         workers: Optional[int] = None,
         shared_memory: bool = True,
+        wait: bool = True,
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
@@ -248,18 +255,24 @@ class AsyncVideo:
             process = None
             if endpoints is None:
                 options = _server_options(workers)
-                process = take_prestarted(server_log_level, options, start_timeout) or ServerProcess(
-                    start_timeout=start_timeout, log_level=server_log_level, options=options
+                process = take_prestarted(server_log_level, options, start_timeout, wait) or ServerProcess(
+                    start_timeout=start_timeout, log_level=server_log_level, options=options, wait=wait
                 )
-                endpoints = [process.endpoint]
+                if not process.endpoint and "*" in process.bind:
+                    process.wait_ready()  # a port the system picks: known only once it listens
+                endpoints = [process.endpoint or process.bind]
             self._state = ClientState(endpoints, int(window), shared_memory)
             if process is not None:
                 self._conns.append(_Connection(self._state.links[0], None, process))
             else:
                 self._conns.extend(_Connection(link, curve) for link in self._state.links)
-            deadline = time.monotonic() + start_timeout
+            self._started = time.monotonic()
+            deadline = self._started + start_timeout
             for i in range(len(self._conns)):
-                self._greet(i, deadline, start_timeout)
+                if wait:
+                    self._greet(i, deadline, start_timeout)
+                else:  # queued now, answered when the server is up: see process_events
+                    self._transmit(i, self._state.links[i].hello(f"asyncframes pid={os.getpid()}"), time.monotonic(), busy=False)
         except BaseException:
             if process is not None and not self._conns:
                 process.stop()
@@ -383,6 +396,88 @@ class AsyncVideo:
         except BaseException as exc:
             self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise
+
+    # -- for event loops (asyncio, Qt): never blocking ------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether every server has answered our hello (requests then go out at once)."""
+        return all(link.greeted for link in self._state.links)
+
+    def fds(self) -> list[int]:
+        """The file descriptors an event loop watches for this client (readable: call
+        :meth:`process_events`). ZeroMQ's are edge-triggered: after every call into this
+        client, call :meth:`process_events` once more before waiting again."""
+        self._check_open()
+        return [fd for conn in self._conns for fd in conn.socket.fds()]
+
+    def process_events(self) -> None:
+        """Take in everything that arrived and every connection event, without waiting.
+
+        Raises:
+            ServerStartError: a private server exited before it was ready, or a server did
+                not answer within ``start_timeout`` (checked here while not :attr:`ready`).
+            ServerDiedError: a server went away while a request was under way.
+            AuthenticationError: as for the constructor.
+        """
+        self._check_open()
+        while self._pump(time.monotonic()):
+            pass
+        if not self.ready:
+            self._check_started()
+
+    def _check_started(self) -> None:
+        for i, conn in enumerate(self._conns):
+            if self._state.links[i].greeted:
+                continue
+            if conn.process is not None and conn.process.exit_code() is not None:
+                raise ServerStartError(f"the frame server exited with code {conn.process.exit_code()} before it was ready")
+            if time.monotonic() > self._started + self.start_timeout:
+                raise ServerStartError(f"the frame server at {conn.endpoint} did not answer within {_seconds(self.start_timeout)} s")
+
+    def iteration_start(self) -> Any:
+        """Begin iterating the current request's chunks (what :attr:`chunks` does first), for
+        drivers that take chunks with ``next_chunk(timeout=0)``; give the result to
+        :meth:`iteration_over`.
+
+        Raises:
+            AsyncFramesError: no request was made, or it was fully consumed already.
+            RequestCancelledError: it was cancelled, replaced or lost with its server.
+        """
+        self._check_open()
+        return self._state.iteration_start()
+
+    def iteration_over(self, stream: Any) -> bool:
+        """Whether the iteration begun by :meth:`iteration_start` has ended (raising why, if it
+        ended other than with its last chunk)."""
+        self._check_open()
+        return self._state.iteration_over(stream)
+
+    def request_info(self, video: VideoLike) -> int:
+        """Ask for ``video``'s :class:`VideoInfo` without waiting (the servers must be :attr:`ready`);
+        the request id to give :meth:`info_reply`."""
+        self._check_open()
+        spec = self._spec(video)
+        state = self._state
+        rid = state.new_request_id()
+        state.expect(rid)
+        self._carry_out(Actions(send=(Send(0, state.links[0].generation, protocol.InfoRequest(rid, spec)),)), time.monotonic() + 1.0)
+        return rid
+
+    def info_reply(self, request_id: int) -> Optional[VideoInfo]:
+        """The answer to :meth:`request_info` if it arrived (None: not yet).
+
+        Raises:
+            VideoError, ServerError: what the server said instead.
+        """
+        reply = self._state.reply(request_id)
+        if reply is None:
+            return None
+        self._state.abandon(request_id)
+        if isinstance(reply, protocol.Error):
+            raise error_from_wire(reply.error, reply.message)
+        assert isinstance(reply, protocol.InfoReply)
+        return reply.info
 
     @property
     def done(self) -> bool:

@@ -48,6 +48,8 @@ class ServerProcess:
         self.owner_pid = os.getpid()
         self.endpoint = ""
         bind, self._private_dir = private_endpoint()
+        #: Where it will listen: known before it is ready unless the system picks a port.
+        self.bind = bind
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         owned = ["--private-dir", self._private_dir] if self._private_dir else []
@@ -197,8 +199,9 @@ def prestart(log_level: str = "WARNING", options: Sequence[str] = ()) -> int:
         return _spare.pid
 
 
-def take_prestarted(log_level: str, options: Sequence[str], start_timeout: float) -> Optional[ServerProcess]:
-    """The prestarted server if there is one started like this (and by this process), ready."""
+def take_prestarted(log_level: str, options: Sequence[str], start_timeout: float, wait: bool = True) -> Optional[ServerProcess]:
+    """The prestarted server if there is one started like this (and by this process), ready
+    (``wait=False``: perhaps still starting)."""
     global _spare
     with _spare_lock:
         spare, _spare = _spare, None
@@ -210,7 +213,8 @@ def take_prestarted(log_level: str, options: Sequence[str], start_timeout: float
         spare.stop()
         return None
     spare.start_timeout = start_timeout
-    spare.wait_ready()
+    if wait:
+        spare.wait_ready()
     return spare
 
 

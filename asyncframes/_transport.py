@@ -299,6 +299,10 @@ class ClientSocket:
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
+        if endpoint.startswith("ipc://"):
+            # A private server's socket appears a moment after we connect: look again soon.
+            self.socket.setsockopt(zmq.RECONNECT_IVL, 10)
+            self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.monitor = self.socket.get_monitor_socket(functools.reduce(operator.or_, CLIENT_EVENTS))
         try:
             self.socket.connect(endpoint)
@@ -334,6 +338,11 @@ class ClientSocket:
     def recv(self) -> tuple[Message, Optional[memoryview]]:
         """The waiting message and its payload (zero-copy); raises ProtocolError if malformed."""
         return protocol.parse(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False), max_bin_len=protocol.MAX_REPLY_BIN_BYTES)
+
+    def fds(self) -> list[int]:
+        """The descriptors an event loop watches: the socket's and its monitor's (edge-triggered:
+        readable means "look again", so drain both after every activation and every send)."""
+        return [self.socket.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD)]
 
     def has_message(self) -> bool:
         """True if a message is waiting to be received."""

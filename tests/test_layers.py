@@ -33,7 +33,7 @@ ORDER = [
     # tools and the front door
     "_sample", "_bench", "_cli", "__init__", "__main__",
     # integrations (each imports its framework; nothing imports them)
-    "ray", "torch",
+    "asyncio", "qt", "ray", "torch",
 ]
 #: Modules with no I/O at all: no sockets, files, processes, decoders, threads or clock.
 PURE = ["errors", "_version", "_video", "_config", "_index", "_times", "_protocol", "_server_actions", "_server_state", "_client_state", "_split", "_shard"]
