@@ -254,9 +254,12 @@ class Stream:
         if not got:
             return
         channels = {None: (1, 3), True: (1,), False: (3,)}[self.spec.grayscale if self.spec is not None else None]
-        if shape[3] not in channels or min(shape[1:3]) < 1:
+        chw = self.spec is not None and self.spec.layout == "CHW"
+        c, hw = (shape[1], shape[2:4]) if chw else (shape[3], shape[1:3])
+        expected = f"({' or '.join(map(str, channels))}, height, width)" if chw else f"(height, width, {' or '.join(map(str, channels))})"
+        if c not in channels or min(hw) < 1 or (self.spec is not None and self.spec.resize is not None and tuple(hw) != self.spec.resize):
             raise ProtocolError(
-                f"{where} sent frames of shape {list(shape[1:])}, expected (height, width, {' or '.join(map(str, channels))})"
+                f"{where} sent frames of shape {list(shape[1:])}, expected {expected}"
             )
         if self.frame_shape is not None and shape[1:] != self.frame_shape:
             raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, earlier chunks had {list(self.frame_shape)}")

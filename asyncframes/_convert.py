@@ -22,6 +22,8 @@ from typing import Any, Optional
 import av
 import numpy as np
 
+from ._video import Video
+
 log = logging.getLogger(__name__)
 
 #: Frames whose RGB channels confirm the neutral-chroma shortcut before it is trusted alone.
@@ -97,3 +99,32 @@ def _neutral_chroma(frame: av.VideoFrame) -> bool:
     if frame.format.name not in YUV_8BIT:
         return False
     return all(bool((_plane(frame, k) == 128).all()) for k in (1, 2))
+
+
+def shaped(frame: av.VideoFrame, gray: bool, video: Video, convert: Converter) -> np.ndarray:
+    """``frame`` with ``video``'s transforms: cropped, resized, gray, laid out as asked.
+
+    Resize alone is PyAV's ``frame.reformat(width=, height=, format="rgb24", interpolation=)``
+    straight from the decoded frame; after a crop, the cropped RGB is reformatted the same
+    way. Gray is then the R channel where R == G == B, else luma (as for whole frames).
+    """
+    if video.crop is None and video.resize is None:
+        image = convert.gray(frame) if gray else convert.rgb(frame)
+    else:
+        if video.crop is None:
+            h, w = video.resize  # type: ignore[misc]
+            rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation=video.interpolation.upper()).to_ndarray()
+        else:
+            top, left, ch, cw = video.crop
+            rgb = convert.rgb(frame)[top : top + ch, left : left + cw]
+            if video.resize is not None:
+                h, w = video.resize
+                rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+                    width=w, height=h, format="rgb24", interpolation=video.interpolation.upper()
+                ).to_ndarray()
+        if gray:
+            r = rgb[..., 0]
+            image = rgb[..., :1] if np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2]) else luma(rgb)[..., None]
+        else:
+            image = rgb
+    return image.transpose(2, 0, 1) if video.layout == "CHW" else image

@@ -14,12 +14,12 @@ from typing import Callable, Optional, Sequence
 import av
 import numpy as np
 
-from ._convert import Converter
+from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, check_frame_idxs
-from ._reader import FrameCache, ReadInterrupted, changed_error
+from ._reader import FrameCache, ReadInterrupted, changed_error, frame_hwc
 from ._times import FrameTimes
-from ._video import VideoInfo
+from ._video import Video, VideoInfo
 from .errors import VideoDecodeError, VideoNotFoundError, VideoOpenError
 
 
@@ -68,11 +68,14 @@ class ImageListReader:
     def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
         return self.detected_grayscale if grayscale is None else grayscale
 
-    def info(self, grayscale: Optional[bool] = None) -> VideoInfo:
+    def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
         gray = self.resolve_grayscale(grayscale)
+        h, w, c = frame_hwc(self.frame_shape(gray, video), video)
+        resized = (h, w) != (self.height, self.width)
         return VideoInfo(
-            filename=self.filename, frame_count=self.frame_count, height=self.height, width=self.width,
-            channels=1 if gray else 3, grayscale=gray, fps=self.fps, codec=self.codec, pix_fmt=self.pix_fmt,
+            source_height=self.height if resized else None, source_width=self.width if resized else None,
+            filename=self.filename, frame_count=self.frame_count, height=h, width=w,
+            channels=c, grayscale=gray, fps=self.fps, codec=self.codec, pix_fmt=self.pix_fmt,
             container=self.container_format, duration=None,
         )
 
@@ -103,8 +106,20 @@ class ImageListReader:
     def check_indices(self, idxs: "Sequence[int] | range | np.ndarray") -> None:
         check_frame_idxs(idxs, self.frame_count, self.filename)
 
-    def frame_shape(self, grayscale: Optional[bool] = None) -> tuple[int, int, int]:
-        return (self.height, self.width, 1 if self.resolve_grayscale(grayscale) else 3)
+    def frame_shape(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> tuple[int, int, int]:
+        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option (and
+        ``video``'s transforms: ``(c, h, w)`` for CHW).
+
+        Raises:
+            VideoOpenError: ``video``'s crop does not lie inside the frame.
+        """
+        channels = 1 if self.resolve_grayscale(grayscale) else 3
+        if video is None or not video.transformed:
+            return (self.height, self.width, channels)
+        try:
+            return video.shaped(self.height, self.width, channels)
+        except ValueError as exc:
+            raise VideoOpenError(f"{self.filename}: {exc}") from None
 
     def read(
         self,
@@ -114,12 +129,14 @@ class ImageListReader:
         cache: Optional[FrameCache] = None,
         positions: Optional[Sequence[int]] = None,
         interrupt: Optional[Callable[[], bool]] = None,
+        video: Optional[Video] = None,
     ) -> np.ndarray:
         """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8;
         the arguments are those of :meth:`VideoReader.read <asyncframes._reader.VideoReader.read>`."""
         gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
-        shape = (len(idxs), *self.frame_shape(gray))
+        shape = (len(idxs), *self.frame_shape(gray, video))
+        shape_it = video is not None and video.transformed
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
         elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
@@ -138,7 +155,10 @@ class ImageListReader:
                         f"{self.filename}: image {i} ({self.files[i]}) is {frame.width}x{frame.height}, "
                         f"but the first is {self.width}x{self.height}; all images must have one size"
                     )
-                image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
+                if shape_it:
+                    image = shaped(frame, gray, video, self._convert)  # type: ignore[arg-type]
+                else:
+                    image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
                 if cache is not None:
                     cache.offer(i, image)
             out[where] = image

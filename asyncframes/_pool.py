@@ -32,8 +32,8 @@ from ._video import Video
 
 log = logging.getLogger(__name__)
 
-#: What a recent frame is kept under: (filename, stream, grayscale, the file's identity).
-RecentKey = tuple[str, int, bool, files.SourceIdentity]
+#: What a recent frame is kept under: (filename, stream, grayscale, transforms, the file's identity).
+RecentKey = tuple[str, int, bool, tuple, files.SourceIdentity]
 
 
 def default_workers() -> int:
@@ -135,7 +135,7 @@ class DecoderPool:
             return
         shares = self._split(main, idxs)
         if self._executor is None or len(shares) < 2:
-            main.read(idxs, grayscale=grayscale, out=out, cache=cache, interrupt=interrupt)
+            main.read(idxs, grayscale=grayscale, out=out, cache=cache, interrupt=interrupt, video=video)
         else:
             futures = [
                 self._executor.submit(self._read_share, worker, video, [idxs[p] for p in share], share, grayscale, out, cache)
@@ -165,7 +165,7 @@ class DecoderPool:
         if not wanted:
             return 0
         try:
-            decoded = reader.read(wanted, grayscale=grayscale, interrupt=interrupt)
+            decoded = reader.read(wanted, grayscale=grayscale, interrupt=interrupt, video=video)
         except ReadInterrupted:
             return 0
         except Exception as exc:  # an idle nicety: a failure here is the next request's to report
@@ -199,7 +199,7 @@ class DecoderPool:
         missing = [pos for pos, frame in enumerate(kept) if frame is None]
         log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
         if missing:
-            decoded = main.read([idxs[pos] for pos in missing], grayscale=grayscale, cache=cache, interrupt=interrupt)
+            decoded = main.read([idxs[pos] for pos in missing], grayscale=grayscale, cache=cache, interrupt=interrupt, video=video)
             main.check_unchanged()
             for pos, frame in zip(missing, decoded):
                 kept[pos] = frame
@@ -229,8 +229,8 @@ class DecoderPool:
         cache: Optional[FrameCache],
     ) -> None:
         reader = self.opener.worker_reader(worker, video)
-        reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions)
+        reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions, video=video)
 
 
 def _recent_key(video: Video, grayscale: bool, reader: VideoReader) -> RecentKey:
-    return (video.filename, video.stream, grayscale, reader.signature)
+    return (video.filename, video.stream, grayscale, (video.crop, video.resize, video.interpolation, video.layout), reader.signature)

@@ -333,10 +333,21 @@ converter.register_structure_hook(str, _strict((str,), "a string"))
 converter.register_structure_hook(float, _strict((int, float), "a number", float))
 converter.register_structure_hook(bool, _strict((bool,), "a boolean"))
 converter.register_structure_hook(bytes, _strict((bytes,), "bytes"))
-# A Video's image files travel only when there are some: servers that predate them
-# (forbid_extra_keys) keep accepting every other video.
+# A Video's image files and transforms travel only when set, and a VideoInfo's source size
+# only when it differs: peers that predate them (forbid_extra_keys) keep accepting the rest.
 converter.register_unstructure_hook(
-    Video, make_dict_unstructure_fn(Video, converter, files=override(omit_if_default=True))
+    Video,
+    make_dict_unstructure_fn(
+        Video, converter, files=override(omit_if_default=True), crop=override(omit_if_default=True),
+        resize=override(omit_if_default=True), interpolation=override(omit_if_default=True),
+        layout=override(omit_if_default=True),
+    ),
+)
+converter.register_unstructure_hook(
+    VideoInfo,
+    make_dict_unstructure_fn(
+        VideoInfo, converter, source_height=override(omit_if_default=True), source_width=override(omit_if_default=True)
+    ),
 )
 
 

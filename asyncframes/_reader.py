@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import av
 import numpy as np
 
-from ._convert import Converter
+from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, check_frame_idxs, index_from_packets
 from ._times import FrameTimes, frame_times
-from ._video import VideoInfo
+from ._video import Video, VideoInfo
 from .errors import (
     AsyncFramesError,
     VideoChangedError,
@@ -208,15 +208,20 @@ class VideoReader:
         """The grayscale option as served: None means what the first frame showed."""
         return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
 
-    def info(self, grayscale: Optional[bool] = None) -> VideoInfo:
-        """Metadata, with channels resolved for the given grayscale option."""
+    def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
+        """Metadata, with channels resolved for the given grayscale option (and the size after
+        ``video``'s transforms, the decoded size then in ``source_height``/``source_width``)."""
         gray = self.resolve_grayscale(grayscale)
+        h, w, c = frame_hwc(self.frame_shape(gray, video), video)
+        resized = (h, w) != (self.height, self.width)
         return VideoInfo(
+            source_height=self.height if resized else None,
+            source_width=self.width if resized else None,
             filename=self.filename,
             frame_count=self.frame_count,
-            height=self.height,
-            width=self.width,
-            channels=1 if gray else 3,
+            height=h,
+            width=w,
+            channels=c,
             grayscale=gray,
             fps=self.fps,
             codec=self.codec,
@@ -285,9 +290,20 @@ class VideoReader:
         """Raise :class:`FrameIndexError` naming the first index that is not a frame (see :func:`index.check_frame_idxs`)."""
         check_frame_idxs(idxs, self.frame_count, self.filename)
 
-    def frame_shape(self, grayscale: Optional[bool] = None) -> tuple[int, int, int]:
-        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option."""
-        return (self.height, self.width, 1 if self.resolve_grayscale(grayscale) else 3)
+    def frame_shape(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> tuple[int, int, int]:
+        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option (and
+        ``video``'s transforms: ``(c, h, w)`` for CHW).
+
+        Raises:
+            VideoOpenError: ``video``'s crop does not lie inside the frame.
+        """
+        channels = 1 if self.resolve_grayscale(grayscale) else 3
+        if video is None or not video.transformed:
+            return (self.height, self.width, channels)
+        try:
+            return video.shaped(self.height, self.width, channels)
+        except ValueError as exc:
+            raise VideoOpenError(f"{self.filename}: {exc}") from None
 
     def read(
         self,
@@ -297,6 +313,7 @@ class VideoReader:
         cache: Optional[FrameCache] = None,
         positions: Optional[Sequence[int]] = None,
         interrupt: Optional[Callable[[], bool]] = None,
+        video: Optional[Video] = None,
     ) -> np.ndarray:
         """Frames ``idxs`` (any order, duplicates allowed) as ``(len(idxs), h, w, c)`` uint8.
 
@@ -309,7 +326,8 @@ class VideoReader:
         """
         gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
-        shape = (len(idxs), *self.frame_shape(gray))
+        shape = (len(idxs), *self.frame_shape(gray, video))
+        shape_it = video is not None and video.transformed
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
         elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
@@ -336,7 +354,10 @@ class VideoReader:
                     f"{self.filename}: frame {i} is {frame.width}x{frame.height}, "
                     f"but the video starts at {self.width}x{self.height}; size changes are not supported"
                 )
-            image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
+            if shape_it:
+                image = shaped(frame, gray, video, self._convert)  # type: ignore[arg-type]
+            else:
+                image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
             if i in places:
                 where = places[i]
                 if len(where) == 1:
@@ -572,6 +593,11 @@ class VideoReader:
                     raise _Mismatch(f"decoder skipped frame {target}")
                 if interrupt is not None and interrupt():
                     raise ReadInterrupted()
+
+
+def frame_hwc(shape: tuple[int, int, int], video: Optional[Video]) -> tuple[int, int, int]:
+    """A frame shape as (height, width, channels), whatever its layout."""
+    return (shape[1], shape[2], shape[0]) if video is not None and video.layout == "CHW" else shape
 
 
 def _av_open(filename: str, container_options: dict[str, str]) -> Any:

@@ -273,9 +273,9 @@ class FrameServer:
             return VideoFacts(
                 frame_count=reader.frame_count,
                 grayscale=gray,
-                frame_shape=reader.frame_shape(gray),
+                frame_shape=reader.frame_shape(gray, action.video),
                 identity=reader.signature,
-                info=reader.info(action.video.grayscale) if action.info else None,
+                info=reader.info(action.video.grayscale, action.video) if action.info else None,
                 frame_times=reader.frame_times() if action.frame_times else None,
             )
         except Exception as exc:

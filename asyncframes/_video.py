@@ -50,6 +50,46 @@ def _files(value: Any) -> tuple[str, ...]:
     return tuple(_filename(v) for v in value)
 
 
+#: Resize interpolations: swscale's, as PyAV names them (``VideoFrame.reformat(interpolation=...)``).
+INTERPOLATIONS = ("bilinear", "area", "bicubic", "fast_bilinear", "point", "lanczos", "gauss", "sinc", "spline", "bicublin", "x")
+#: Frame layouts: as decoded (height, width, channels), or channels first.
+LAYOUTS = ("HWC", "CHW")
+#: Largest side a frame may be resized to.
+MAX_SIDE = 16384
+
+
+def _ints(name: str, count: int, low: int) -> Any:
+    """A converter to None or a tuple of ``count`` ints >= ``low`` (lists, NumPy ints accepted)."""
+    def convert(value: Any) -> Optional[tuple[int, ...]]:
+        if value is None:
+            return None
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise TypeError(f"Video {name} must be {count} integers, got {value!r}") from None
+        if len(items) != count or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in items):
+            raise TypeError(f"Video {name} must be {count} integers, got {value!r}")
+        if any(v < low or v > MAX_SIDE for v in items):
+            raise ValueError(f"Video {name} must be {count} integers from {low} to {MAX_SIDE}, got {value!r}")
+        return tuple(int(v) for v in items)
+    return convert
+
+
+def _crop(value: Any) -> Optional[tuple[int, int, int, int]]:
+    crop = _ints("crop (top, left, height, width)", 4, 0)(value)
+    if crop is not None and (crop[2] < 1 or crop[3] < 1):
+        raise ValueError(f"Video crop (top, left, height, width) needs a height and width of at least 1, got {value!r}")
+    return crop
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> Any:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"Video {name} must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+    return convert
+
+
 @attrs.frozen
 class Video:
     """A video source: which file, which stream, and how its frames are shaped.
@@ -63,6 +103,14 @@ class Video:
         files: image files read as frames, in order (then ``filename`` only names the
             video in messages). A folder, a glob (``frames/*.png``) or a printf pattern
             numbered from anywhere may also be given as ``filename``.
+        crop: ``(top, left, height, width)``: keep only this part of each frame (it must
+            lie inside the frame).
+        resize: ``(height, width)``: scale each frame (after the crop) to this size with
+            swscale, as PyAV's ``frame.reformat(width=, height=, format="rgb24",
+            interpolation=)`` does (uncropped: straight from the decoded frame).
+        interpolation: the resize's: one of :data:`INTERPOLATIONS` (default bilinear).
+        layout: ``"HWC"`` (as decoded) or ``"CHW"`` (channels first, e.g. for PyTorch).
+        The transforms run on the server, at decode: frames arrive shaped.
 
     Raises:
         TypeError: a field of the wrong type (the message names the value given).
@@ -73,6 +121,34 @@ class Video:
     grayscale: Optional[bool] = attrs.field(default=None, converter=_grayscale)
     stream: int = attrs.field(default=0, converter=_stream)
     files: tuple[str, ...] = attrs.field(default=(), converter=_files)
+    crop: Optional[tuple[int, int, int, int]] = attrs.field(default=None, converter=_crop)
+    resize: Optional[tuple[int, int]] = attrs.field(default=None, converter=_ints("resize (height, width)", 2, 1))
+    interpolation: str = attrs.field(default="bilinear", converter=_choice("interpolation", INTERPOLATIONS))
+    layout: str = attrs.field(default="HWC", converter=_choice("layout", LAYOUTS))
+
+    @property
+    def transformed(self) -> bool:
+        """Whether frames are cropped, resized or laid out channels first."""
+        return self.crop is not None or self.resize is not None or self.layout != "HWC"
+
+    def shaped(self, height: int, width: int, channels: int) -> tuple[int, int, int]:
+        """The shape of a frame of ``height`` x ``width`` x ``channels`` after the transforms
+        (``(c, h, w)`` for CHW).
+
+        Raises:
+            ValueError: the crop does not lie inside the frame (naming both).
+        """
+        if self.crop is not None:
+            top, left, h, w = self.crop
+            if top + h > height or left + w > width:
+                raise ValueError(
+                    f"crop (top, left, height, width) = {self.crop} does not lie inside the {width}x{height} frame "
+                    f"(top + height <= {height}, left + width <= {width})"
+                )
+            height, width = h, w
+        if self.resize is not None:
+            height, width = self.resize
+        return (channels, height, width) if self.layout == "CHW" else (height, width, channels)
 
     @classmethod
     def from_filename(cls, filename: "str | os.PathLike[str]", **options: Any) -> "Video":
@@ -151,6 +227,10 @@ class VideoInfo:
     pix_fmt: str
     container: str
     duration: Optional[float] = None
+    #: The decoded frame's size when transforms change it (``height``/``width`` are the
+    #: frames you receive); None otherwise.
+    source_height: Optional[int] = None
+    source_width: Optional[int] = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

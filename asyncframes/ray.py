@@ -122,7 +122,7 @@ class FramesDatasource(Datasource):
         given = spec.filename if isinstance(video, Video) else os.fspath(video)
         with VideoReader(spec.filename, stream=spec.stream) as reader:
             return _Planned(given, spec, reader.index, reader.signature, reader.frame_times().pts_seconds,
-                            reader.frame_shape(spec.grayscale))
+                            reader.frame_shape(spec.grayscale, spec))
 
     def get_name(self) -> str:
         return "AsyncframesFrames"
@@ -167,7 +167,7 @@ def _clip_task(clips: list[tuple[int, int, np.ndarray]], planned: dict[int, _Pla
                 plan = planned[v]
                 if v not in readers:
                     readers[v] = _open(plan)
-                frames = readers[v].read(idxs.tolist(), grayscale=plan.video.grayscale)
+                frames = readers[v].read(idxs.tolist(), grayscale=plan.video.grayscale, video=plan.video)
                 yield BlockAccessor.batch_to_block({
                     "frames": frames[None],
                     "frame_indices": idxs[None],
@@ -209,7 +209,7 @@ def _read_piece(piece: Piece, plan: _Planned, frames_per_block: int) -> Iterator
         repeats = np.asarray(piece.repeats, dtype=np.int64)
         for start in range(0, len(frames), frames_per_block):
             batch, times = frames[start : start + frames_per_block], repeats[start : start + frames_per_block]
-            decoded = reader.read(batch.tolist(), grayscale=spec.grayscale)
+            decoded = reader.read(batch.tolist(), grayscale=spec.grayscale, video=spec)
             seconds = plan.pts_seconds[batch]
             yield BlockAccessor.batch_to_block({
                 "frame": np.repeat(decoded, times, axis=0),

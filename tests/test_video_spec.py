@@ -58,3 +58,25 @@ def test_a_list_of_images_is_a_video_and_bad_lists_are_named():
         as_video(["a.png", ""])
     with pytest.raises(TypeError, match="expected a Video, a path, a list of image paths or a sleap_io.Video, got int"):
         as_video(3)
+
+
+def test_transforms_are_checked_naming_the_value_and_what_is_allowed():
+    assert Video("v.mp4", resize=[224, 224], crop=(0, 0, 10, 10)).resize == (224, 224)
+    with pytest.raises(ValueError, match="interpolation must be one of bilinear, area"):
+        Video("v.mp4", interpolation="cubic")
+    with pytest.raises(ValueError, match="layout must be one of HWC, CHW; got 'NCHW'"):
+        Video("v.mp4", layout="NCHW")
+    with pytest.raises(TypeError, match=r"resize \(height, width\) must be 2 integers"):
+        Video("v.mp4", resize=(1.5, 2))
+    with pytest.raises(ValueError, match="from 1 to 16384"):
+        Video("v.mp4", resize=(0, 10))
+    with pytest.raises(ValueError, match="crop .* does not lie inside the 64x48 frame"):
+        Video("v.mp4", crop=(40, 0, 10, 10)).shaped(48, 64, 3)
+    assert Video("v.mp4", crop=(8, 4, 20, 30), resize=(10, 12), layout="CHW").shaped(48, 64, 1) == (1, 10, 12)
+
+
+def test_transforms_travel_only_when_set():
+    plain = converter.unstructure(Video("v.mp4"))
+    assert set(plain) == {"filename", "grayscale", "stream"}  # what servers before transforms accept
+    shaped = Video("v.mp4", resize=(10, 20), layout="CHW")
+    assert converter.structure(converter.unstructure(shaped), Video) == shaped
