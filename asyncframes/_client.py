@@ -119,6 +119,15 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.nda
     return arr
 
 
+def _answer(reply: protocol.Message, expected: type) -> Any:
+    """``reply`` if it is an ``expected``; the error a server sent instead, raised; else ProtocolError."""
+    if isinstance(reply, protocol.Error):
+        raise error_from_wire(reply.error, reply.message)
+    if not isinstance(reply, expected):
+        raise ProtocolError(f"expected {expected.__name__}, got {type(reply).__name__}")
+    return reply
+
+
 class _Connection:
     """The driver's half of one server: its socket, its shared-memory mappings and (if private) its process.
 
@@ -474,10 +483,7 @@ class AsyncVideo:
         if reply is None:
             return None
         self._state.abandon(request_id)
-        if isinstance(reply, protocol.Error):
-            raise error_from_wire(reply.error, reply.message)
-        assert isinstance(reply, protocol.InfoReply)
-        return reply.info
+        return _answer(reply, protocol.InfoReply).info
 
     @property
     def done(self) -> bool:
@@ -591,12 +597,7 @@ class AsyncVideo:
             ServerDiedError: the server went away.
             AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
         """
-        self._check_open()
-        spec = self._spec(video)
-        reply = self._ask(lambda rid: protocol.InfoRequest(request_id=rid, video=spec), timeout)
-        if isinstance(reply, protocol.Error):
-            raise error_from_wire(reply.error, reply.message)
-        assert isinstance(reply, protocol.InfoReply)
+        reply = self._ask_about(video, protocol.InfoRequest, protocol.InfoReply, timeout)
         return reply.info
 
     def frame_times(self, video: VideoLike, timeout: Optional[float] = _DEFAULT) -> FrameTimes:
@@ -618,13 +619,7 @@ class AsyncVideo:
             ServerDiedError: the server went away.
             AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
         """
-        self._check_open()
-        spec = self._spec(video)
-        reply = self._ask(lambda rid: protocol.FrameTimesRequest(request_id=rid, video=spec), timeout)
-        if isinstance(reply, protocol.Error):
-            raise error_from_wire(reply.error, reply.message)
-        if not isinstance(reply, protocol.FrameTimesReply):
-            raise ProtocolError(f"expected a frame_times_reply, got {type(reply).__name__}")
+        reply = self._ask_about(video, protocol.FrameTimesRequest, protocol.FrameTimesReply, timeout)
         return FrameTimes(
             protocol.times_array(reply.pts_seconds),
             protocol.times_array(reply.duration_seconds),
@@ -821,6 +816,13 @@ class AsyncVideo:
         self._check(i, busy=False)
         if not self._state.links[i].greeted:
             self._greet(i, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _ask_about(self, video: VideoLike, asking: Any, answer: type, timeout: Optional[float]) -> Any:
+        """Ask the first server ``asking(request_id, video)`` and return its ``answer``; raise
+        the error it sends instead, or :class:`ProtocolError` for anything else."""
+        self._check_open()
+        spec = self._spec(video)
+        return _answer(self._ask(lambda rid: asking(rid, spec), timeout), answer)
 
     def _ask(self, message: Any, timeout: Optional[float]) -> protocol.Message:
         """Send ``message(request_id)`` to the first server and wait for its reply (or its error)."""

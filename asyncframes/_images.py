@@ -17,7 +17,7 @@ import numpy as np
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, check_frame_idxs
-from ._reader import FrameCache, ReadInterrupted, changed_error, frame_hwc
+from ._reader import FrameCache, ReadInterrupted, changed_error, frame_hwc, output_for
 from ._times import FrameTimes
 from ._video import Video, VideoInfo
 from .errors import VideoDecodeError, VideoNotFoundError, VideoOpenError
@@ -137,13 +137,7 @@ class ImageListReader:
         self.check_indices(idxs)
         shape = (len(idxs), *self.frame_shape(gray, video))
         shape_it = video is not None and video.transformed
-        if out is None:
-            out = np.empty(shape, dtype=np.uint8)
-        elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
-            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
-        places: dict[int, list[int]] = {}
-        for pos, i in enumerate(idxs):
-            places.setdefault(int(i), []).append(pos if positions is None else positions[pos])
+        out, places = output_for(idxs, shape, out, positions)
         for i, where in places.items():
             if interrupt is not None and interrupt():
                 raise ReadInterrupted()

@@ -328,13 +328,7 @@ class VideoReader:
         self.check_indices(idxs)
         shape = (len(idxs), *self.frame_shape(gray, video))
         shape_it = video is not None and video.transformed
-        if out is None:
-            out = np.empty(shape, dtype=np.uint8)
-        elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
-            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
-        places: dict[int, list[int]] = defaultdict(list)
-        for pos, i in enumerate(idxs):
-            places[int(i)].append(pos if positions is None else positions[pos])
+        out, places = output_for(idxs, shape, out, positions)
         if cache is not None:
             for i in list(places):
                 kept = cache.get(i)
@@ -593,6 +587,25 @@ class VideoReader:
                     raise _Mismatch(f"decoder skipped frame {target}")
                 if interrupt is not None and interrupt():
                     raise ReadInterrupted()
+
+
+def output_for(
+    idxs: Sequence[int], shape: tuple[int, ...], out: Optional[np.ndarray], positions: Optional[Sequence[int]]
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """The array a read fills (``out``, checked, or a new one of ``shape``) and where each
+    distinct frame goes in it (``positions[k]`` for ``idxs[k]`` if given, else ``k``).
+
+    Raises:
+        ValueError: ``out`` has another frame shape or dtype, or too few rows.
+    """
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape[1:] != shape[1:] or out.dtype != np.uint8 or (positions is None and len(out) != len(idxs)):
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
+    places: dict[int, list[int]] = defaultdict(list)
+    for pos, i in enumerate(idxs):
+        places[int(i)].append(pos if positions is None else positions[pos])
+    return out, places
 
 
 def frame_hwc(shape: tuple[int, int, int], video: Optional[Video]) -> tuple[int, int, int]:
