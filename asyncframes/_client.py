@@ -250,6 +250,9 @@ class AsyncVideo:
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
+        #: Per server, the connection generation our Hello was queued on, and when.
+        self._hello_sent: dict[int, int] = {}
+        self._hello_at: dict[int, float] = {}
         self._pid = os.getpid()
         _check_window(window)
         if (curve_secret is None) != (curve_server_key is None):
@@ -281,7 +284,7 @@ class AsyncVideo:
                 if wait:
                     self._greet(i, deadline, start_timeout)
                 else:  # queued now, answered when the server is up: see process_events
-                    self._transmit(i, self._state.links[i].hello(f"asyncframes pid={os.getpid()}"), time.monotonic(), busy=False)
+                    self._say_hello(i, time.monotonic())
         except BaseException:
             if process is not None and not self._conns:
                 process.stop()
@@ -433,6 +436,9 @@ class AsyncVideo:
         while self._pump(time.monotonic()):
             pass
         if not self.ready:
+            for i in range(len(self._conns)):  # a replaced connection needs our Hello again
+                if not self._state.links[i].greeted:
+                    self._say_hello(i, time.monotonic())
             self._check_started()
 
     def _check_started(self) -> None:
@@ -441,7 +447,7 @@ class AsyncVideo:
                 continue
             if conn.process is not None and conn.process.exit_code() is not None:
                 raise ServerStartError(f"the frame server exited with code {conn.process.exit_code()} before it was ready")
-            if time.monotonic() > self._started + self.start_timeout:
+            if time.monotonic() > self._hello_at.get(i, self._started) + self.start_timeout:
                 raise ServerStartError(f"the frame server at {conn.endpoint} did not answer within {_seconds(self.start_timeout)} s")
 
     def iteration_start(self) -> Any:
@@ -794,10 +800,9 @@ class AsyncVideo:
         If the connection is replaced meanwhile (the server went away), say hello again on the new one.
         """
         conn, link = self._conns[i], self._state.links[i]
-        hello = link.hello(f"asyncframes pid={os.getpid()}")
         while not link.greeted:
             generation = link.generation
-            if self._transmit(i, hello, deadline, busy=False):
+            if self._say_hello(i, deadline):
                 while not link.greeted and link.generation == generation:
                     if not self._pump(deadline, greeting=i):
                         break
@@ -810,6 +815,17 @@ class AsyncVideo:
                     f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
                 )
             raise ServerStartError(f"the frame server at {conn.endpoint} did not answer{within}")
+
+    def _say_hello(self, i: int, deadline: Optional[float]) -> bool:
+        """Queue a Hello on server ``i``'s current connection, once per connection; whether one is queued."""
+        link = self._state.links[i]
+        if self._hello_sent.get(i) == link.generation:
+            return True
+        if self._transmit(i, link.hello(f"asyncframes pid={os.getpid()}"), deadline, busy=False):
+            self._hello_sent[i] = link.generation
+            self._hello_at[i] = time.monotonic()
+            return True
+        return False
 
     def _open(self, i: int, deadline: Optional[float]) -> None:
         """Make sure server ``i`` is there and greeted (again, after a reconnect), by ``deadline``."""

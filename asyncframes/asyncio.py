@@ -82,6 +82,19 @@ class AsyncVideo:
                 self._loop.add_reader(fd, self._wakeup.set)
         return self._wakeup
 
+    def _rewatch(self) -> None:
+        """Watch the client's descriptors again if they changed (a connection was replaced after
+        its server went away and came back: the new socket has new descriptors)."""
+        if self._wakeup is None or self._loop is None:
+            return
+        fds = self._client.fds()
+        if fds != self._fds:
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
+            self._fds = fds
+            for fd in fds:
+                self._loop.add_reader(fd, self._wakeup.set)
+
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             for fd in self._fds:
@@ -95,6 +108,7 @@ class AsyncVideo:
         while True:
             wakeup.clear()
             self._client.process_events()  # drains: the edge-triggered descriptors may fire again
+            self._rewatch()
             found = outcome()
             if found is not None:
                 return found

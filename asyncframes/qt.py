@@ -37,7 +37,8 @@ class QtVideo(QObject):
     Takes the keyword arguments of :class:`asyncframes.AsyncVideo` (``endpoint``,
     ``window``, ...). Calls return at once; what they ask for arrives as signals:
 
-    * ``ready()``: every server answered (a private one has started);
+    * ``ready()``: every server answered (a private one has started), once; requests made
+      while a server is starting or reconnecting wait for it and then go out;
     * ``infoReady(object)``: the :class:`~asyncframes.VideoInfo` asked for by :meth:`request_info`;
     * ``chunkReady(list, object)``: frame indices and their ``(n, h, w, c)`` frames, in order
       (the frames are valid until the next chunk of the same request is taken: copy what you keep);
@@ -55,11 +56,9 @@ class QtVideo(QObject):
     def __init__(self, endpoint: Any = None, parent: Optional[QObject] = None, **options: Any) -> None:
         super().__init__(parent)
         self._client = AsyncVideo(endpoint, wait=False, **options)
-        self._notifiers = []
-        for fd in self._client.fds():
-            notifier = QSocketNotifier(fd, _READ, self)
-            notifier.activated.connect(self._on_activity)
-            self._notifiers.append(notifier)
+        self._notifiers: list[QSocketNotifier] = []
+        self._watched: list[int] = []
+        self._watch()
         self._was_ready = False
         self._pending: Optional[tuple[Any, ...]] = None  # a request made before the server was ready
         self._infos: list[int] = []  # info requests sent, not answered yet
@@ -77,19 +76,20 @@ class QtVideo(QObject):
 
     @property
     def is_ready(self) -> bool:
-        return self._was_ready
+        """Whether every server has answered (now: False while reconnecting)."""
+        return self._client.ready
 
     def load(self, video: VideoLike, frame_idxs: FrameIdxs = None, frames_per_chunk: int = 64) -> None:
         """Request frames; they arrive as ``chunkReady``. A new request replaces the one in flight
         (its chunks are never delivered). Before the server is ready, the request waits for it."""
-        if not self._was_ready:
-            self._pending = (video, frame_idxs, frames_per_chunk)
+        if not self._client.ready:  # starting, or reconnecting to a server that came back
+            self._pending, self._stream = (video, frame_idxs, frames_per_chunk), None
             return
         self._guarded(self._start, video, frame_idxs, frames_per_chunk)
 
     def request_info(self, video: VideoLike) -> None:
         """Ask what ``video`` holds; it arrives as ``infoReady``."""
-        if not self._was_ready:
+        if not self._client.ready:
             self._early_infos.append(video)
             return
         self._guarded(lambda: self._infos.append(self._client.request_info(video)))
@@ -99,14 +99,30 @@ class QtVideo(QObject):
         self._pending, self._stream = None, None
         self._guarded(self._client.cancel)
 
+    def _watch(self) -> None:
+        """A notifier on each of the client's descriptors; again when they change (a connection
+        replaced after its server went away and came back has new ones)."""
+        fds = self._client.fds()
+        if fds == self._watched:
+            return
+        self._unwatch()
+        for fd in fds:
+            notifier = QSocketNotifier(fd, _READ, self)
+            notifier.activated.connect(self._on_activity)
+            self._notifiers.append(notifier)
+        self._watched = fds
+
+    def _unwatch(self) -> None:
+        for notifier in self._notifiers:
+            notifier.setEnabled(False)
+            notifier.deleteLater()
+        self._notifiers, self._watched = [], []
+
     def close(self) -> None:
         """Stop watching and close the client; its private server is stopped in a background
         thread (waiting for it to exit would hold the GUI thread ~0.1 s)."""
         self._starting.stop()
-        for notifier in self._notifiers:
-            notifier.setEnabled(False)
-            notifier.deleteLater()
-        self._notifiers = []
+        self._unwatch()
         threading.Thread(target=self._client.close, name="asyncframes-close", daemon=True).start()
 
     # -- driving ------------------------------------------------------------------------------
@@ -131,10 +147,12 @@ class QtVideo(QObject):
         """Take in everything, deliver what is due; drained again after every send (edge-triggered)."""
         client = self._client
         client.process_events()
-        if not self._was_ready and client.ready:
-            self._was_ready = True
-            self._starting.stop()
-            self.ready.emit()
+        self._watch()
+        if client.ready and (not self._was_ready or self._pending is not None or self._early_infos):
+            if not self._was_ready:
+                self._was_ready = True
+                self._starting.stop()
+                self.ready.emit()
             early, self._early_infos = self._early_infos, []
             self._infos += [client.request_info(video) for video in early]
             if self._pending is not None:

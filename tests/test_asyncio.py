@@ -72,3 +72,39 @@ def test_a_server_killed_mid_stream_raises_server_died_within_5_s(make_clip):
             return time.monotonic() - killed
 
     assert asyncio.run(main()) < 5
+
+
+def test_a_standalone_server_restarted_on_its_port_serves_the_next_request(tmp_path, make_clip):
+    """The restarted server's connection is a new socket with new descriptors: the driver must
+    watch those, and greet the new server, or it would wait for ever."""
+    import shutil
+    import socket
+
+    from .test_standalone_server import Server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(make_clip("h264.mkv"), root / "clip.mkv")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bind = f"tcp://127.0.0.1:{port}"
+    server = Server(tmp_path, "--root", str(root), bind=bind)
+
+    async def main() -> list[int]:
+        nonlocal server
+        async with AsyncVideo(bind, timeout=20) as av:
+            assert (await av.info("clip.mkv")).frame_count == 80
+            server.stop()
+            server = Server(tmp_path, "--root", str(root), bind=bind)
+            started = time.monotonic()
+            await av.load_by_chunk("clip.mkv", [5, 79], frames_per_chunk=1)
+            got = [i for idxs, _ in [c async for c in av.chunks] for i in idxs]
+            # not after a timeout (20 s): woken by the new socket, as soon as the frames are there
+            assert time.monotonic() - started < 10, "the driver missed the new connection's events"
+            return got
+
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == [5, 79]
+    finally:
+        server.stop()

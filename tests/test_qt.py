@@ -114,3 +114,36 @@ def test_a_server_killed_mid_stream_is_reported_as_a_signal_within_5_s(qtbot, ma
     qtbot.waitUntil(lambda: bool(failures), timeout=5_000)
     assert isinstance(failures[0], ServerDiedError) and time.monotonic() - killed < 5
     video.close()
+
+
+def test_a_standalone_server_restarted_on_its_port_serves_the_next_request(qtbot, tmp_path, make_clip):
+    """A reconnect makes a new socket with new descriptors: the notifiers must follow them."""
+    import shutil
+    import socket
+
+    from .test_standalone_server import Server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(make_clip("h264.mkv"), root / "clip.mkv")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bind = f"tcp://127.0.0.1:{port}"
+    server = Server(tmp_path, "--root", str(root), bind=bind)
+    video = QtVideo(bind, timeout=20)
+    try:
+        got = []
+        video.chunkReady.connect(lambda idxs, frames: got.extend(idxs))
+        video.load("clip.mkv", [1], frames_per_chunk=1)
+        qtbot.waitUntil(lambda: got == [1], timeout=10_000)
+        generation = video.client._state.links[0].generation
+        server.stop()
+        server = Server(tmp_path, "--root", str(root), bind=bind)
+        # the client saw the old connection go and made a new one (new descriptors)
+        qtbot.waitUntil(lambda: video.client._state.links[0].generation > generation, timeout=10_000)
+        video.load("clip.mkv", [5, 79], frames_per_chunk=1)
+        qtbot.waitUntil(lambda: got == [1, 5, 79], timeout=10_000)
+    finally:
+        video.close()
+        server.stop()
