@@ -87,6 +87,21 @@ def test_clips_come_whole_one_row_each(runtime, paths):
         read_frames(paths[:1], clips=[("elsewhere.mp4", [0])])
 
 
+def test_transforms_apply_in_read_tasks(runtime, paths):
+    import av
+
+    from asyncframes import Video
+
+    video = Video(paths[0], grayscale=False, resize=(48, 64), layout="CHW")
+    rows = read_frames(video, [0, 77]).take_all()
+    with av.open(paths[0]) as container:
+        frames = list(container.decode(video=0))
+    for row in rows:
+        expected = frames[row["frame_index"]].reformat(width=64, height=48, format="rgb24", interpolation="BILINEAR")
+        assert np.array_equal(row["frame"], expected.to_ndarray().transpose(2, 0, 1))
+        assert row["video"] == paths[0]
+
+
 def test_an_index_outside_the_video_is_refused_naming_it(runtime, paths):
     with pytest.raises(FrameIndexError, match="150"):
         read_frames(paths[0], [3, 150])
