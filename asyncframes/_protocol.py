@@ -581,3 +581,25 @@ class ConnectionEvent(enum.Enum):
     LOST = "lost"  # the connection closed
     AUTH_FAILED = "auth_failed"  # the server refused our CURVE credentials
     HANDSHAKE_FAILED = "handshake_failed"  # the peer's security settings differ from ours (or it is no frame server)
+
+
+def warm_up() -> None:
+    """Encode and parse one message of each kind a client exchanges, so that cattrs builds its
+    (un)structuring code now rather than on the first real message (a few milliseconds each
+    the first time): event-loop drivers call this at import, off the loop's time."""
+    video = Video("warm-up.mp4")
+    info = VideoInfo("warm-up.mp4", 1, 1, 1, 3, False, 1.0, "h264", "yuv420p", "mp4")
+    for message in (
+        Hello(PROTOCOL_VERSION, "warm-up"),
+        Welcome(PROTOCOL_VERSION, "warm-up", ShmProbe(pid=1, fd=0, token=b"t"), 1),
+        Request(1, video, None),
+        InfoRequest(1, video),
+        InfoReply(1, info),
+        Credit(1),
+        Release([1]),
+        Cancel(1),
+        Error(1, "ServerError", "warm-up"),
+        Shutdown("warm-up"),
+        chunk_header(1, 0, True, [0], (1, 1, 1, 3), shm=ShmSlot(slot=1, fd=0, size=3)),
+    ):
+        parse(parts_of(message))

@@ -20,12 +20,16 @@ import asyncio
 import time
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
+from . import _protocol
 from ._client import AsyncVideo as _SyncVideo
 from ._client import FrameChunk, FrameIdxs, VideoLike
 from ._video import VideoInfo
 from .errors import RequestTimeoutError
 
 __all__ = ["AsyncVideo"]
+
+# cattrs builds its (un)structuring code on first use: now, at import, not on the loop.
+_protocol.warm_up()
 
 T = TypeVar("T")
 #: While a server starts, how often to look whether it failed to (it sends nothing until ready).

@@ -20,10 +20,14 @@ from typing import Any, Optional
 import numpy as np
 from qtpy.QtCore import QObject, QSocketNotifier, QTimer, Signal
 
+from . import _protocol
 from ._client import AsyncVideo, FrameIdxs, VideoLike
 from .errors import AsyncFramesError
 
 __all__ = ["QtVideo", "Scrubber"]
+
+# cattrs builds its (un)structuring code on first use: now, at import, not on the loop.
+_protocol.warm_up()
 
 #: While a server starts, how often to look whether it failed to (it sends nothing until ready).
 _START_CHECK_MS = 250
