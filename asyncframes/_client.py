@@ -22,6 +22,7 @@ in order.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -48,6 +49,8 @@ from .errors import (
     ServerStartError,
     error_from_wire,
 )
+
+log = logging.getLogger(__name__)
 
 #: What names a video: a Video, a path (file, image folder, glob, numbered pattern), a list of
 #: image paths, or a sleap_io.Video (see :func:`asyncframes._video.as_video`).
@@ -402,9 +405,10 @@ class AsyncVideo:
         try:
             if len(self._conns) > 1 and idxs is None:  # dealing every frame needs their number
                 idxs = range(self.info(spec).frame_count)
-            for i in state.servers_for(idxs, fpc):
+            among = self._servers_up()
+            for i in state.servers_for(idxs, fpc, among):
                 self._open(i, deadline)
-            self._carry_out(state.start_request(rid, spec, idxs, fpc), deadline)
+            self._carry_out(state.start_request(rid, spec, idxs, fpc, among), deadline)
         except BaseException as exc:
             self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise
@@ -530,6 +534,33 @@ class AsyncVideo:
             left = stream.chunks_left(self.info(stream.spec).frame_count)
         return left or 0
 
+    def _servers_up(self) -> Optional[list[int]]:
+        """With several servers, those to deal a new request over (see ``ClientState.up``); a
+        server left out is greeted again in the background, so it rejoins once it is back."""
+        if len(self._conns) < 2:
+            return None
+        up = self._state.up()
+        for i in set(range(len(self._conns))) - set(up):
+            self._say_hello(i, time.monotonic())
+        return up
+
+    def _fail_over(self, stream: Any, died: ServerDiedError) -> Any:
+        """A server of the request being iterated is gone: ask the servers still up for the
+        frames not taken yet, and go on with that request; raise ``died`` if none is left."""
+        state = self._state
+        plan = state.fail_over(stream)
+        if plan is None:
+            raise died
+        remaining, survivors = plan
+        log.warning("%s; asking %d other server(s) for the %d frames not received yet", died, len(survivors), len(remaining))
+        rid = state.new_request_id()
+        deadline = self._deadline(self.timeout)
+        try:
+            self._carry_out(state.start_request(rid, stream.spec, remaining, stream.frames_per_chunk, survivors), deadline)
+        except ServerDiedError:
+            raise died from None
+        return state.iteration_start()
+
     def _iterate(self) -> Iterator[FrameChunk]:
         self._check_open()
         state = self._state
@@ -538,7 +569,11 @@ class AsyncVideo:
             self._check_open()
             if state.iteration_over(stream):
                 return
-            chunk = self.next_chunk(timeout=self.timeout)
+            try:
+                chunk = self.next_chunk(timeout=self.timeout)
+            except ServerDiedError as died:  # with several servers, the others take over
+                stream = self._fail_over(stream, died)
+                continue
             if chunk is not None:
                 yield chunk
             elif stream is state.stream and not stream.done:

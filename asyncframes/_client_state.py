@@ -323,20 +323,42 @@ class ClientState:
 
     # -- requests -------------------------------------------------------------------------
 
-    def servers_for(self, idxs: Indices, frames_per_chunk: int) -> list[int]:
+    def servers_for(self, idxs: Indices, frames_per_chunk: int, among: Optional[Sequence[int]] = None) -> list[int]:
         """The servers a request for ``idxs`` goes to (each must be greeted before :meth:`start_request`).
+
+        Args:
+            among: deal only over these servers (default: all; see :meth:`up`).
 
         Raises:
             ValueError: ``idxs`` is None (every frame) with several servers: the driver must
                 first learn the frame count and pass ``range(frame_count)``.
         """
+        pool = list(range(len(self.links))) if among is None else list(among)
         if len(self.links) == 1:
             return [0]
         if idxs is None:
             raise ValueError("dealing every frame over several servers needs the frame count: pass range(frame_count)")
-        return list(range(len(deal(idxs, frames_per_chunk, len(self.links)))))
+        return pool[: len(deal(idxs, frames_per_chunk, len(pool)))]
 
-    def start_request(self, request_id: int, video: Video, idxs: Indices, frames_per_chunk: int) -> Actions:
+    def up(self) -> list[int]:
+        """The servers to deal a new request over: every server, except those whose connection
+        was lost after they had answered and that have not answered again (a server that died
+        or stalled stays out of new requests until it is back)."""
+        down = {i for i, link in enumerate(self.links) if link.ever_greeted and not link.greeted}
+        return [i for i in range(len(self.links)) if i not in down] or list(range(len(self.links)))
+
+    def fail_over(self, stream: Stream) -> Optional[tuple[Indices, list[int]]]:
+        """After a server of ``stream`` was lost: ``(the frames the caller has not taken yet, the
+        servers still up)`` to ask for them again, or None if that cannot be done (one server
+        only, or none left answering: the caller must be told)."""
+        survivors = [i for i, link in enumerate(self.links) if link.greeted]
+        if len(self.links) < 2 or not survivors or stream.idxs is None:
+            return None
+        return stream.idxs[stream.next_chunk * stream.frames_per_chunk :], survivors
+
+    def start_request(
+        self, request_id: int, video: Video, idxs: Indices, frames_per_chunk: int, among: Optional[Sequence[int]] = None
+    ) -> Actions:
         """Make ``request_id`` the current request (ending any other, as replaced) and say what to send.
 
         Args:
@@ -345,6 +367,7 @@ class ClientState:
             idxs: the frames, as :func:`~asyncframes._client.normalize_frame_idxs` gives them
                 (None: every frame, only with one server).
             frames_per_chunk: frames per chunk.
+            among: deal only over these servers (see :meth:`up` and :meth:`fail_over`).
 
         Returns:
             The actions: a cancel of the replaced request, then for each server of
@@ -356,13 +379,14 @@ class ClientState:
                 then ended as not sent.
         """
         actions = self.replace(request_id)
-        servers = self.servers_for(idxs, frames_per_chunk)
+        servers = self.servers_for(idxs, frames_per_chunk, among)
         if len(self.links) == 1:
             stream = Stream(request_id, servers, None, idxs, frames_per_chunk, video)
             shares: list[Indices] = [idxs]
         else:
             assert idxs is not None
-            shares = list(deal(idxs, frames_per_chunk, len(self.links)))
+            pool = list(range(len(self.links))) if among is None else list(among)
+            shares = list(deal(idxs, frames_per_chunk, len(pool)))
             total = -(-len(idxs) // frames_per_chunk)
             stream = Stream(request_id, servers, total, idxs, frames_per_chunk, video, done=total == 0)
         self.stream = self.last = stream

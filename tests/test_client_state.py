@@ -660,3 +660,35 @@ def test_a_frame_times_reply_is_filed_under_its_request():
     assert state.reply(rid) == reply
     state.received(0, protocol.FrameTimesReply(rid + 1, b"", b""))  # nobody asked: dropped
     assert state.reply(rid + 1) is None
+
+
+def test_a_lost_servers_frames_not_taken_yet_go_to_the_servers_still_up():
+    state = client(3)
+    idxs = list(range(40))
+    rid, _ = start(state, idxs, 4)  # 10 chunks: k from server k mod 3
+    for server, message, payload in sorted(serve(state, rid, idxs, 4, 3), key=lambda s: s[1].frame_idxs[0])[:4]:
+        state.received(server, message, payload)
+    take_all(state)  # chunks 0-3 taken
+    stream = state.stream
+    state.connection_event(1, ConnectionEvent.LOST, busy=True)  # server 1 is gone
+    remaining, survivors = state.fail_over(stream)
+    assert list(remaining) == list(range(16, 40)) and survivors == [0, 2]
+    rid2 = state.new_request_id()
+    actions = state.start_request(rid2, VIDEO, remaining, 4, survivors)
+    asked = {server: message for server, message in sent(actions, protocol.Request)}
+    assert set(asked) == {0, 2}  # nothing for the lost server
+    assert state.up() == [0, 2]  # new requests leave it out until it answers again
+    welcome(state, 1)
+    assert state.up() == [0, 1, 2]
+
+
+def test_there_is_no_failing_over_with_one_server_or_none_left():
+    single = client(1)
+    start(single, list(range(8)), 4)
+    assert single.fail_over(single.stream) is None
+    pair = client(2)
+    start(pair, list(range(8)), 4)
+    stream = pair.stream
+    for i in range(2):
+        pair.connection_event(i, ConnectionEvent.LOST, busy=True)
+    assert pair.fail_over(stream) is None
