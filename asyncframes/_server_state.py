@@ -104,11 +104,12 @@ CLIENT_QUEUE_REQUESTS = 2
 #: Silenced connections remembered (ZeroMQ gives a reconnecting peer a new identity).
 MAX_SILENCED = 4096
 #: Messages a silenced connection may still send (thrown away unread: time for the error
-#: telling it why to reach it) before the server cuts the connection itself. Reading and
+#: telling it why to go out) before the server cuts the connection itself. Few: until the
+#: cut, libzmq keeps buffering what it sends (a soak under load saw a ~80 MiB step at 1,024). Reading and
 #: throwing away cannot bound memory on its own: libzmq keeps reading a connection into an
 #: unbounded queue (no RCVHWM, see _transport.py), and a flooder given more CPU than the
 #: server outpaces the throwing away (seen: 30 MiB/s of server memory, without end).
-DISCARDS_BEFORE_DISCONNECT = CLIENT_QUEUE
+DISCARDS_BEFORE_DISCONNECT = 64
 #: Units of one client's messages handled per round: small ones count 1; one that opens
 #: or indexes a video (hello, request, info) takes the whole share.
 CLIENT_SHARE = 16
