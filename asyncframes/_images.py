@@ -16,14 +16,14 @@ import numpy as np
 
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
-from ._index import FrameIndex, check_frame_idxs
-from ._reader import FrameCache, ReadInterrupted, changed_error, frame_hwc, output_for
+from ._index import FrameIndex
+from ._reader import FrameCache, FrameSource, ReadInterrupted, changed_error, output_for
 from ._times import FrameTimes
-from ._video import Video, VideoInfo
+from ._video import Video
 from .errors import VideoDecodeError, VideoNotFoundError, VideoOpenError
 
 
-class ImageListReader:
+class ImageListReader(FrameSource):
     """Images as frames: ``files[i]`` is frame ``i``. Every image must have the first one's size.
 
     Args:
@@ -65,20 +65,6 @@ class ImageListReader:
     def frame_count(self) -> int:
         return len(self.files)
 
-    def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
-        return self.detected_grayscale if grayscale is None else grayscale
-
-    def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
-        gray = self.resolve_grayscale(grayscale)
-        h, w, c = frame_hwc(self.frame_shape(gray, video), video)
-        resized = (h, w) != (self.height, self.width)
-        return VideoInfo(
-            source_height=self.height if resized else None, source_width=self.width if resized else None,
-            filename=self.filename, frame_count=self.frame_count, height=h, width=w,
-            channels=c, grayscale=gray, fps=self.fps, codec=self.codec, pix_fmt=self.pix_fmt,
-            container=self.container_format, duration=None,
-        )
-
     def frame_times(self) -> FrameTimes:
         """Images have no timestamps: every time is NaN (lookups by time say so)."""
         nan = np.full(self.frame_count, np.nan)
@@ -102,24 +88,6 @@ class ImageListReader:
     def check_unchanged(self, doing: str = "being read") -> None:
         if self.is_stale():
             raise changed_error(self.filename, doing)
-
-    def check_indices(self, idxs: "Sequence[int] | range | np.ndarray") -> None:
-        check_frame_idxs(idxs, self.frame_count, self.filename)
-
-    def frame_shape(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> tuple[int, int, int]:
-        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option (and
-        ``video``'s transforms: ``(c, h, w)`` for CHW).
-
-        Raises:
-            VideoOpenError: ``video``'s crop does not lie inside the frame.
-        """
-        channels = 1 if self.resolve_grayscale(grayscale) else 3
-        if video is None or not video.transformed:
-            return (self.height, self.width, channels)
-        try:
-            return video.shaped(self.height, self.width, channels)
-        except ValueError as exc:
-            raise VideoOpenError(f"{self.filename}: {exc}") from None
 
     def read(
         self,

@@ -137,7 +137,73 @@ def changed_error(filename: str, doing: str = "being read") -> VideoChangedError
     )
 
 
-class VideoReader:
+class FrameSource:
+    """What every reader says about its frames, from its size and what its first frame showed:
+    the grayscale option as served, frame shapes after transforms, the checks of indices and
+    its :class:`VideoInfo`. A reader sets ``filename``, ``width``, ``height``, ``fps``,
+    ``codec``, ``pix_fmt``, ``container_format``, ``duration``, ``detected_grayscale`` and
+    ``frame_count``."""
+
+    filename: str
+    width: int
+    height: int
+    fps: float
+    codec: str
+    pix_fmt: str
+    container_format: str
+    duration: Optional[float]
+
+    @property
+    def frame_count(self) -> int:
+        raise NotImplementedError
+
+    def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
+        """The grayscale option as served: None means what the first frame showed."""
+        return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+
+    def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
+        """Metadata, with channels resolved for the given grayscale option (and the size after
+        ``video``'s transforms, the decoded size then in ``source_height``/``source_width``)."""
+        gray = self.resolve_grayscale(grayscale)
+        h, w, c = frame_hwc(self.frame_shape(gray, video), video)
+        resized = (h, w) != (self.height, self.width)
+        return VideoInfo(
+            source_height=self.height if resized else None,
+            source_width=self.width if resized else None,
+            filename=self.filename,
+            frame_count=self.frame_count,
+            height=h,
+            width=w,
+            channels=c,
+            grayscale=gray,
+            fps=self.fps,
+            codec=self.codec,
+            pix_fmt=self.pix_fmt,
+            container=self.container_format,
+            duration=self.duration,
+        )
+
+    def check_indices(self, idxs: "Sequence[int] | range | np.ndarray") -> None:
+        """Raise :class:`FrameIndexError` naming the first index that is not a frame (see :func:`index.check_frame_idxs`)."""
+        check_frame_idxs(idxs, self.frame_count, self.filename)
+
+    def frame_shape(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> tuple[int, int, int]:
+        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option (and
+        ``video``'s transforms: ``(c, h, w)`` for CHW).
+
+        Raises:
+            VideoOpenError: ``video``'s crop does not lie inside the frame.
+        """
+        channels = 1 if self.resolve_grayscale(grayscale) else 3
+        if video is None or not video.transformed:
+            return (self.height, self.width, channels)
+        try:
+            return video.shaped(self.height, self.width, channels)
+        except ValueError as exc:
+            raise VideoOpenError(f"{self.filename}: {exc}") from None
+
+
+class VideoReader(FrameSource):
     """An open video with a frame index and a decoder kept open between reads.
 
     Not thread-safe: one reader serves one request at a time.
@@ -204,32 +270,6 @@ class VideoReader:
     def frame_count(self) -> int:
         return self.index.frame_count
 
-    def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
-        """The grayscale option as served: None means what the first frame showed."""
-        return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
-
-    def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
-        """Metadata, with channels resolved for the given grayscale option (and the size after
-        ``video``'s transforms, the decoded size then in ``source_height``/``source_width``)."""
-        gray = self.resolve_grayscale(grayscale)
-        h, w, c = frame_hwc(self.frame_shape(gray, video), video)
-        resized = (h, w) != (self.height, self.width)
-        return VideoInfo(
-            source_height=self.height if resized else None,
-            source_width=self.width if resized else None,
-            filename=self.filename,
-            frame_count=self.frame_count,
-            height=h,
-            width=w,
-            channels=c,
-            grayscale=gray,
-            fps=self.fps,
-            codec=self.codec,
-            pix_fmt=self.pix_fmt,
-            container=self.container_format,
-            duration=self.duration,
-        )
-
     def frame_times(self) -> FrameTimes:
         """Every frame's presentation time and duration in seconds, in frame order.
 
@@ -285,25 +325,6 @@ class VideoReader:
         if self.is_stale():
             self.close()
             raise changed_error(self.filename, doing)
-
-    def check_indices(self, idxs: "Sequence[int] | range | np.ndarray") -> None:
-        """Raise :class:`FrameIndexError` naming the first index that is not a frame (see :func:`index.check_frame_idxs`)."""
-        check_frame_idxs(idxs, self.frame_count, self.filename)
-
-    def frame_shape(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> tuple[int, int, int]:
-        """``(h, w, c)`` of the frames :meth:`read` returns for this grayscale option (and
-        ``video``'s transforms: ``(c, h, w)`` for CHW).
-
-        Raises:
-            VideoOpenError: ``video``'s crop does not lie inside the frame.
-        """
-        channels = 1 if self.resolve_grayscale(grayscale) else 3
-        if video is None or not video.transformed:
-            return (self.height, self.width, channels)
-        try:
-            return video.shaped(self.height, self.width, channels)
-        except ValueError as exc:
-            raise VideoOpenError(f"{self.filename}: {exc}") from None
 
     def read(
         self,

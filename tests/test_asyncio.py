@@ -78,17 +78,13 @@ def test_a_standalone_server_restarted_on_its_port_serves_the_next_request(tmp_p
     """The restarted server's connection is a new socket with new descriptors: the driver must
     watch those, and greet the new server, or it would wait for ever."""
     import shutil
-    import socket
 
-    from .test_standalone_server import Server
+    from .test_standalone_server import Server, free_tcp_endpoint
 
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(make_clip("h264.mkv"), root / "clip.mkv")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bind = f"tcp://127.0.0.1:{port}"
+    bind = free_tcp_endpoint()
     server = Server(tmp_path, "--root", str(root), bind=bind)
 
     async def main() -> list[int]:

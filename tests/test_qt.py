@@ -119,17 +119,13 @@ def test_a_server_killed_mid_stream_is_reported_as_a_signal_within_5_s(qtbot, ma
 def test_a_standalone_server_restarted_on_its_port_serves_the_next_request(qtbot, tmp_path, make_clip):
     """A reconnect makes a new socket with new descriptors: the notifiers must follow them."""
     import shutil
-    import socket
 
-    from .test_standalone_server import Server
+    from .test_standalone_server import Server, free_tcp_endpoint
 
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(make_clip("h264.mkv"), root / "clip.mkv")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bind = f"tcp://127.0.0.1:{port}"
+    bind = free_tcp_endpoint()
     server = Server(tmp_path, "--root", str(root), bind=bind)
     video = QtVideo(bind, timeout=20)
     try:

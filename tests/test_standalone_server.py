@@ -37,6 +37,15 @@ from .conftest import assert_frames_exact, wait_until
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and loopback tcp")
 
 
+def free_tcp_endpoint() -> str:
+    """A loopback endpoint on a port that is free now (for a server restarted on the same port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 class Server:
     """`asyncframes serve` in a subprocess, with its log captured."""
 
