@@ -256,3 +256,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in _skipped:
         terminalreporter.line(f"SKIPPED {line}", red=True)
     terminalreporter.line(f"{len(_skipped)} test(s) skipped; CI must run every test for real", red=True, bold=True)
+
+
+def write_png(path: "str | Path", rgb: np.ndarray) -> Path:
+    """One RGB image as a PNG file, encoded by PyAV (no Pillow needed)."""
+    h, w = rgb.shape[:2]
+    with av.open(str(path), "w", format="image2", options={"update": "1"}) as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = w, h, "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return Path(path)

@@ -14,7 +14,7 @@ from asyncframes import Video
 from asyncframes._sample import pattern
 from asyncframes.errors import VideoDecodeError, VideoNotFoundError
 
-from .conftest import shared_video
+from .conftest import shared_video, write_png
 
 
 def decoded(path: "str | Path") -> np.ndarray:
@@ -27,7 +27,7 @@ def shots(tmp_path_factory) -> Path:
     """frame_0010.png .. frame_0021.png (numbered from 10; 12 images) and a stray text file."""
     folder = tmp_path_factory.mktemp("shots")
     for k, n in enumerate(range(10, 22)):
-        av.VideoFrame.from_ndarray(pattern(k, 48, 64), format="rgb24").to_image().save(folder / f"frame_{n:04d}.png")
+        write_png(folder / f"frame_{n:04d}.png", pattern(k, 48, 64))
     (folder / "README.txt").write_text("not an image")
     return folder
 
@@ -79,7 +79,7 @@ def test_images_naming_nothing_or_of_mixed_sizes_get_clear_errors(client, tmp_pa
     with pytest.raises(VideoNotFoundError, match="no file matches"):
         client.info(str(tmp_path / "*.png"))
     odd = tmp_path / "odd.png"
-    av.VideoFrame.from_ndarray(pattern(0, 20, 30), format="rgb24").to_image().save(odd)
+    write_png(odd, pattern(0, 20, 30))
     mixed = [str(f) for f in files_of(shots)[:2]] + [str(odd)]
     client.load_by_chunk(mixed, [0, 2])
     with pytest.raises(VideoDecodeError, match=r"image 2 .*odd\.png\) is 30x20, but the first is 64x48"):

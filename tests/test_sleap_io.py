@@ -12,7 +12,7 @@ import asyncframes  # noqa: E402
 from asyncframes import AsyncVideo  # noqa: E402
 from asyncframes._video import as_video  # noqa: E402
 
-from .conftest import shared_video  # noqa: E402
+from .conftest import shared_video, write_png  # noqa: E402
 
 
 def frames_from(video, idxs, **kwargs) -> list[np.ndarray]:
@@ -38,14 +38,13 @@ def test_grayscale_is_kept_both_ways():
 
 
 def test_an_image_list_video(tmp_path):
-    import av
 
     from asyncframes._sample import pattern
 
     pngs = []
     for k in range(4):
         pngs.append(str(tmp_path / f"img{k}.png"))
-        av.VideoFrame.from_ndarray(pattern(k, 40, 56), format="rgb24").to_image().save(pngs[-1])
+        write_png(pngs[-1], pattern(k, 40, 56))
     video = sio.Video(filename=pngs)
     for i, frame in zip([3, 0, 2], frames_from(video, [3, 0, 2])):
         assert np.array_equal(frame, video[i]), f"image {i}"
