@@ -15,9 +15,9 @@ connection for any server), so a dead server is reported as
 
 Flow control is by credit: a server keeps at most ``window`` chunks ahead of
 what the caller has taken, so memory stays bounded however long the request.
-Given several servers, a request is dealt out chunk by chunk (chunk *k* to
-server *k mod n*), each server streams its share, and chunks are handed back
-in order.
+Given several servers, a request is dealt out chunk by chunk by the servers'
+measured paces (see :mod:`asyncframes._deal`), each server streams its share,
+and chunks are handed back in order.
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ class AsyncVideo:
             among = self._servers_up()
             for i in state.servers_for(idxs, fpc, among):
                 self._open(i, deadline)
-            self._carry_out(state.start_request(rid, spec, idxs, fpc, among), deadline)
+            self._carry_out(state.start_request(rid, spec, idxs, fpc, among, now=time.monotonic()), deadline)
         except BaseException as exc:
             self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise
@@ -534,6 +534,10 @@ class AsyncVideo:
             left = stream.chunks_left(self.info(stream.spec).frame_count)
         return left or 0
 
+    def _paces(self) -> str:
+        rates = [(link.endpoint, link.pace.rate) for link in self._state.links]
+        return ", ".join(f"{endpoint} {rate:.0f} frames/s" if rate else f"{endpoint} unmeasured" for endpoint, rate in rates)
+
     def _servers_up(self) -> Optional[list[int]]:
         """With several servers, those to deal a new request over (see ``ClientState.up``); a
         server left out is greeted again in the background, so it rejoins once it is back."""
@@ -556,7 +560,9 @@ class AsyncVideo:
         rid = state.new_request_id()
         deadline = self._deadline(self.timeout)
         try:
-            self._carry_out(state.start_request(rid, stream.spec, remaining, stream.frames_per_chunk, survivors), deadline)
+            self._carry_out(
+                state.start_request(rid, stream.spec, remaining, stream.frames_per_chunk, survivors, now=time.monotonic()), deadline
+            )
         except ServerDiedError:
             raise died from None
         return state.iteration_start()
@@ -578,7 +584,7 @@ class AsyncVideo:
                 yield chunk
             elif stream is state.stream and not stream.done:
                 raise RequestTimeoutError(
-                    f"no chunk arrived within {self.timeout:g} s (request {stream.request_id}, chunk {stream.next_chunk})"
+                    f"no chunk arrived within {self.timeout:g} s (request {stream.request_id}, chunk {stream.delivered})"
                 )
 
     def next_chunk(self, timeout: Optional[float] = _DEFAULT) -> Optional[FrameChunk]:
@@ -921,7 +927,7 @@ class AsyncVideo:
             reachable = probe is not None and shm.can_reach(probe.pid, probe.fd, probe.token)
         elif isinstance(message, protocol.Chunk) and message.shm is not None:
             conn.slots.forget(message.shm.retired)  # retired slots are never lent, so none of them is in use
-        actions = self._state.received(i, message, payload, shm_reachable=reachable)
+        actions = self._state.received(i, message, payload, shm_reachable=reachable, now=time.monotonic())
         if isinstance(message, protocol.Welcome):
             conn.use_slots()  # slot numbers are per server process
         self._carry_out(actions)
@@ -938,7 +944,10 @@ class AsyncVideo:
             raise
         message = arrival.message
         assert isinstance(message, protocol.Chunk)
-        self._carry_out(state.took(arrival), _at_least(deadline))
+        redeals = state.stream.redeals if state.stream is not None else 0
+        self._carry_out(state.took(arrival, now=time.monotonic()), _at_least(deadline))
+        if state.stream is not None and state.stream.redeals != redeals:
+            log.debug("dealt the rest of the request again by the servers' paces: %s", self._paces())
         return FrameChunk(list(message.frame_idxs), frames) if message.frame_idxs else None
 
     def _frames_of(self, arrival: Arrival) -> np.ndarray:

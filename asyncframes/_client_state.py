@@ -14,8 +14,10 @@ Three things are kept here:
   ``CONNECTED`` → ``GREETED``; lost or shut down: back to ``NEW`` with a new
   *generation*, i.e. a fresh socket) and what its welcome said;
 * a :class:`Stream` per request in flight: how its chunks are dealt over the
-  servers (chunk *k* from server *k mod n*), what each chunk must hold, and why
-  it ended;
+  servers (by :mod:`asyncframes._deal`: chunk *k* from server *k mod n* while the
+  servers keep the same pace, in proportion to their paces otherwise, dealt again
+  when a slow one would hold the caller up), what each chunk must hold, and why it
+  ended;
 * the :class:`ClientState` holding them, which matches replies to requests,
   files what arrives, hands chunks back in order and says what is due:
   a :class:`~protocol.Credit` per chunk taken, a :class:`~protocol.Release` for
@@ -32,7 +34,9 @@ from typing import Optional, Sequence, Union
 import attrs
 import numpy as np
 
+from . import _deal
 from . import _protocol as protocol
+from ._deal import Pace
 from ._protocol import ConnectionEvent
 from ._video import Video
 from .errors import (
@@ -136,6 +140,7 @@ class Link:
     chunks_received: int = 0
     inbox: deque = attrs.field(factory=deque)  # Arrivals of the current request, in arrival order
     freed: deque = attrs.field(factory=deque)
+    pace: Pace = attrs.field(factory=Pace)  # how fast it delivers what we ask of it
 
     @property
     def greeted(self) -> bool:
@@ -161,6 +166,7 @@ class Link:
         self.health = Health.NEW
         self.shm_pid = None
         self.freed = deque()  # the old server's slots mean nothing to the next one
+        self.pace.forget()
         self.generation += 1
 
     def drop(self, message: protocol.Message) -> None:
@@ -178,11 +184,14 @@ class Link:
 
 @attrs.define
 class Stream:
-    """A request in flight, dealt over ``servers``: chunk *k* comes from ``servers[k % n]``.
+    """A request in flight, dealt over ``servers``: chunk *k* comes from ``owners[k]``
+    (one server: from ``servers[0]``), which calls it its chunk ``local[k]``.
 
     ``idxs``/``frames_per_chunk``/``spec`` are what we asked for, so each chunk
     can be checked against it; ``frame_shape`` is the ``(h, w, c)`` of its first
-    non-empty chunk, which every later chunk must share.
+    non-empty chunk, which every later chunk must share. When the rest of a request
+    is dealt again, the same stream goes on under a new ``request_id``: ``idxs`` then
+    holds the frames not yet taken and ``delivered_before`` counts the chunks taken before.
     """
 
     request_id: int
@@ -196,6 +205,16 @@ class Stream:
     frame_shape: Optional[tuple[int, ...]] = None
     ended: str = ""  # why it ended before its last chunk: "was cancelled by cancel()", ...
     end_seen: bool = False  # the caller has been given its end
+    owners: Optional[np.ndarray] = None  # the server of each chunk (None: servers[0] sends them all)
+    local: Optional[np.ndarray] = None  # each chunk's number among its own server's chunks
+    left: dict = attrs.field(factory=dict)  # chunks each server has still to deliver
+    delivered_before: int = 0  # chunks taken under earlier deals of this request
+    redeals: int = 0  # how often the rest of it was dealt again
+
+    @property
+    def delivered(self) -> int:
+        """Chunks of this request taken so far, over all its deals."""
+        return self.delivered_before + self.next_chunk
 
     def chunks_left(self, frame_count: Optional[int] = None) -> Optional[int]:
         """Chunks the caller has still to take; None if that needs the video's ``frame_count``
@@ -211,7 +230,7 @@ class Stream:
     @property
     def next_server(self) -> int:
         """The server the next chunk comes from."""
-        return self.servers[self.next_chunk % len(self.servers)]
+        return self.servers[0] if self.owners is None else int(self.owners[self.next_chunk])
 
     def expected_idxs(self, k: int, n: int) -> list[int]:
         """The frame indices chunk ``k`` must hold (``n``: how many it holds, for every-frame requests)."""
@@ -223,10 +242,11 @@ class Stream:
 
     def check(self, link: Link, message: protocol.Chunk, payload: Optional[memoryview]) -> None:
         """Raise ProtocolError unless ``message`` is the chunk we asked for next: number, indices, dtype, shape, pixels."""
-        n, k = len(self.servers), self.next_chunk
+        k = self.next_chunk
         where = f"{link.endpoint} (request {self.request_id}, chunk {k})"
-        if message.chunk != k // n:
-            raise ProtocolError(f"expected chunk {k // n} from {link.endpoint}, it sent chunk {message.chunk}")
+        local = k if self.local is None else int(self.local[k])
+        if message.chunk != local:
+            raise ProtocolError(f"expected chunk {local} from {link.endpoint}, it sent chunk {message.chunk}")
         got = list(message.frame_idxs)
         expected = self.expected_idxs(k, len(got))
         if got != expected:
@@ -266,18 +286,16 @@ class Stream:
 
 
 def deal(idxs: "range | np.ndarray", frames_per_chunk: int, servers: int) -> list[np.ndarray]:
-    """Each server's share of ``idxs``: chunk *k* goes to server *k mod n*; as many shares as servers with a chunk.
+    """Each server's share of ``idxs`` among servers of equal pace: chunk *k* goes to server
+    *k mod n*; as many shares as servers with a chunk.
 
     Server *j* gets chunks *j*, *j + n*, *j + 2n*, ... concatenated; it cuts its share into
     chunks of ``frames_per_chunk`` again, so its *i*-th chunk is global chunk *j + i·n*.
     At least one share (empty, for an empty request).
     """
-    fpc = frames_per_chunk
-    chunks = [idxs[k : k + fpc] for k in range(0, len(idxs), fpc)]
-    n = max(1, min(servers, len(chunks)))
-    return [
-        np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks[j::n]] or [np.empty(0, np.int64)]) for j in range(n)
-    ]
+    chunks = -(-len(idxs) // frames_per_chunk)
+    n = max(1, min(servers, chunks))
+    return _deal.shares(idxs, frames_per_chunk, _deal.owners(chunks, [1.0] * n), n)
 
 
 class ClientState:
@@ -333,12 +351,27 @@ class ClientState:
             ValueError: ``idxs`` is None (every frame) with several servers: the driver must
                 first learn the frame count and pass ``range(frame_count)``.
         """
-        pool = list(range(len(self.links))) if among is None else list(among)
         if len(self.links) == 1:
             return [0]
         if idxs is None:
             raise ValueError("dealing every frame over several servers needs the frame count: pass range(frame_count)")
-        return pool[: len(deal(idxs, frames_per_chunk, len(pool)))]
+        servers, _owner = self._plan(idxs, frames_per_chunk, among)
+        return servers or self._pool(among)[:1]
+
+    def _pool(self, among: Optional[Sequence[int]]) -> list[int]:
+        return list(range(len(self.links))) if among is None else list(among)
+
+    def _plan(self, idxs: "range | np.ndarray", frames_per_chunk: int, among: Optional[Sequence[int]]) -> tuple[list[int], np.ndarray]:
+        """The servers with a share of ``idxs`` and the owner of each chunk, dealt over
+        ``among`` by the paces measured so far (equal until every one is measured)."""
+        pool = self._pool(among)
+        chunks = -(-len(idxs) // frames_per_chunk)
+        owner = np.asarray(pool, np.int64)[_deal.owners(chunks, _deal.weights_for(pool, self._paces(pool)))]
+        dealt = set(owner.tolist())
+        return [j for j in pool if j in dealt], owner
+
+    def _paces(self, servers: Sequence[int]) -> dict[int, Pace]:
+        return {j: self.links[j].pace for j in servers}
 
     def up(self) -> list[int]:
         """The servers to deal a new request over: every server, except those whose connection
@@ -357,7 +390,13 @@ class ClientState:
         return stream.idxs[stream.next_chunk * stream.frames_per_chunk :], survivors
 
     def start_request(
-        self, request_id: int, video: Video, idxs: Indices, frames_per_chunk: int, among: Optional[Sequence[int]] = None
+        self,
+        request_id: int,
+        video: Video,
+        idxs: Indices,
+        frames_per_chunk: int,
+        among: Optional[Sequence[int]] = None,
+        now: Optional[float] = None,
     ) -> Actions:
         """Make ``request_id`` the current request (ending any other, as replaced) and say what to send.
 
@@ -368,6 +407,9 @@ class ClientState:
                 (None: every frame, only with one server).
             frames_per_chunk: frames per chunk.
             among: deal only over these servers (see :meth:`up` and :meth:`fail_over`).
+            now: the time, in seconds (any clock): given, the servers' paces are measured
+                and a request over several servers is dealt again when one would hold
+                the caller up (see :mod:`asyncframes._deal`).
 
         Returns:
             The actions: a cancel of the replaced request, then for each server of
@@ -379,36 +421,84 @@ class ClientState:
                 then ended as not sent.
         """
         actions = self.replace(request_id)
-        servers = self.servers_for(idxs, frames_per_chunk, among)
         if len(self.links) == 1:
-            stream = Stream(request_id, servers, None, idxs, frames_per_chunk, video)
-            shares: list[Indices] = [idxs]
+            stream = Stream(request_id, [0], None, idxs, frames_per_chunk, video)
+            shares: list[tuple[int, Indices]] = [(0, idxs)]
         else:
             assert idxs is not None
-            pool = list(range(len(self.links))) if among is None else list(among)
-            shares = list(deal(idxs, frames_per_chunk, len(pool)))
-            total = -(-len(idxs) // frames_per_chunk)
-            stream = Stream(request_id, servers, total, idxs, frames_per_chunk, video, done=total == 0)
+            servers, owner = self._plan(idxs, frames_per_chunk, among)
+            stream = Stream(request_id, servers, len(owner), idxs, frames_per_chunk, video, done=len(owner) == 0)
+            shares = self._deal(stream, owner)
         self.stream = self.last = stream
-        sends = []
-        for server, share in zip(servers, shares):
+        too_many = self._over_limit(shares)
+        if too_many is not None:
+            return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
+        return actions + self._ask(stream, shares, now)
+
+    def _deal(self, stream: Stream, owner: np.ndarray) -> list[tuple[int, Indices]]:
+        """Give ``stream`` the chunk owners ``owner``; each of its servers' share."""
+        assert stream.idxs is not None
+        stream.owners, stream.local = owner, _deal.local_numbers(owner)
+        counts = np.bincount(owner, minlength=len(self.links))
+        stream.left = {j: int(counts[j]) for j in stream.servers}
+        share_of = _deal.shares(stream.idxs, stream.frames_per_chunk, owner, len(self.links))
+        return [(j, share_of[j]) for j in stream.servers]
+
+    def _over_limit(self, shares: Sequence[tuple[int, Indices]]) -> Optional[ServerError]:
+        """A share naming more frames than its server's ``max_request_frames`` (its ZeroMQ would
+        drop such a message unread), as the error to raise; None if every share fits."""
+        for server, share in shares:
             link = self.links[server]
-            if len(self.links) > 1 and share is not None and len(share) == 0:
-                continue  # an empty request dealt over several servers: nothing to ask for
-            selection = protocol.frame_selection(share)
-            count, limit = protocol.selection_count(selection), link.max_request_frames
+            count = protocol.selection_count(protocol.frame_selection(share))
+            limit = link.max_request_frames
             if count is not None and limit is not None and count > limit:
-                error = ServerError(
-                    f"request for {count} frames exceeds the limit of {limit} of the server at {link.endpoint}"
-                )
-                return actions + self.cancel(f"could not be sent ({type(error).__name__}: {error})") + Actions(error=error)
+                return ServerError(f"request for {count} frames exceeds the limit of {limit} of the server at {link.endpoint}")
+        return None
+
+    def _ask(self, stream: Stream, shares: Sequence[tuple[int, Indices]], now: Optional[float]) -> Actions:
+        """The requests that ask each server for its share of ``stream`` (each after its pending release)."""
+        sends = []
+        for server, share in shares:
+            link = self.links[server]
             release = link.release()
             if release is not None:
                 sends.append(Send(server, link.generation, release))
             shm = self.shared_memory and link.shm_pid is not None
-            request = protocol.Request(request_id, video, selection, frames_per_chunk, self.window, shm)
+            selection = protocol.frame_selection(share)
+            request = protocol.Request(stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm)
             sends.append(Send(server, link.generation, request))
-        return actions + Actions(send=tuple(sends))
+            if now is not None:
+                link.pace.dealt(now, self.window)
+        return Actions(send=tuple(sends))
+
+    def _redeal_due(self) -> Optional[list[float]]:
+        """The weights to deal the rest of the current request again by, if it is due (see :mod:`asyncframes._deal`)."""
+        stream = self.stream
+        if stream is None or stream.done or stream.owners is None:
+            return None
+        frames_left = {j: n * stream.frames_per_chunk for j, n in stream.left.items()}
+        return _deal.redeal_weights(frames_left, self._paces(stream.servers), len(stream.owners) - stream.next_chunk)
+
+    def _redeal(self, weights: Sequence[float], now: float) -> Optional[Actions]:
+        """Deal the frames of the current request not yet taken again, by ``weights`` (one per
+        server of the request): the same stream goes on under a new request id, the old one is
+        cancelled on every server. None if a new share would be over a server's limit."""
+        stream = self.stream
+        assert stream is not None and stream.idxs is not None
+        fpc = stream.frames_per_chunk
+        rest = stream.idxs[stream.next_chunk * fpc :]
+        pool = list(stream.servers)
+        owner = np.asarray(pool, np.int64)[_deal.owners(-(-len(rest) // fpc), weights)]
+        shares = _deal.shares(rest, fpc, owner, len(self.links))
+        if self._over_limit([(j, shares[j]) for j in pool]) is not None:
+            return None
+        withdraw = self._withdraw(stream, cancel=True)
+        stream.request_id = self.new_request_id()
+        stream.idxs, stream.delivered_before, stream.next_chunk = rest, stream.delivered, 0
+        stream.total_chunks, stream.redeals = len(owner), stream.redeals + 1
+        dealt = set(owner.tolist())
+        stream.servers = [j for j in pool if j in dealt]
+        return withdraw + self._ask(stream, self._deal(stream, owner), now)
 
     def replace(self, request_id: int) -> Actions:
         """End the current request because ``request_id`` replaces it (see :meth:`cancel`)."""
@@ -436,6 +526,11 @@ class ClientState:
             return NOTHING
         if not stream.done:
             stream.ended = reason
+        return self._withdraw(stream, cancel=not stream.done)
+
+    def _withdraw(self, stream: Stream, cancel: bool) -> Actions:
+        """Drop what ``stream``'s servers sent that was not taken; best-effort, to each greeted
+        one, a cancel of the request (if ``cancel``) and a release of the slots freed."""
         sends = []
         for server in stream.servers:
             link = self.links[server]
@@ -444,7 +539,7 @@ class ClientState:
             link.inbox.clear()
             if self.closed or not link.greeted:
                 continue  # a connection being replaced carries nothing stale to the next one
-            if not stream.done:
+            if cancel:
                 sends.append(Send(server, link.generation, protocol.Cancel(request_id=stream.request_id), must=False))
             release = link.release()
             if release is not None:
@@ -454,7 +549,12 @@ class ClientState:
     # -- what arrives ---------------------------------------------------------------------
 
     def received(
-        self, server: int, message: protocol.Message, payload: Optional[memoryview] = None, shm_reachable: bool = False
+        self,
+        server: int,
+        message: protocol.Message,
+        payload: Optional[memoryview] = None,
+        shm_reachable: bool = False,
+        now: Optional[float] = None,
     ) -> Actions:
         """File a message from ``server``: a chunk in its inbox, a reply where it is awaited, a welcome on its link.
 
@@ -463,6 +563,7 @@ class ClientState:
             message: the message.
             payload: its inline pixels, if any.
             shm_reachable: for a :class:`~protocol.Welcome`: the driver could read the server's probe.
+            now: when it arrived (given: a chunk of the current request measures its server's pace).
 
         Returns:
             Nothing to do, except for a :class:`~protocol.Shutdown` while something was
@@ -473,6 +574,8 @@ class ClientState:
         if isinstance(message, (protocol.Chunk, protocol.Error)) and stream is not None and message.request_id == stream.request_id:
             if server in stream.servers:
                 link.inbox.append(Arrival(server, message, payload))
+                if now is not None and isinstance(message, protocol.Chunk):
+                    link.pace.arrived(len(message.frame_idxs), now)
             else:
                 link.drop(message)
         elif isinstance(message, protocol.Chunk):
@@ -581,24 +684,38 @@ class ClientState:
         """The current request failed with ``error`` (e.g. its chunk could not be read): end it and raise ``error``."""
         return self.cancel(f"failed ({type(error).__name__}: {error})") + Actions(error=error)
 
-    def took(self, arrival: Arrival) -> Actions:
+    def took(self, arrival: Arrival, now: Optional[float] = None) -> Actions:
         """The caller got the checked chunk ``arrival``: count it, and say what is due.
+
+        Args:
+            arrival: the chunk, as :meth:`next_ready` gave it.
+            now: the time (given: paces are measured, and the rest of a request over
+                several servers may be dealt again, see :mod:`asyncframes._deal`).
 
         Returns:
             Unless it was the last chunk its server sends for the request: its server's
-            pending release, then one :class:`~protocol.Credit`.
+            pending release, then one :class:`~protocol.Credit`. When the rest of the
+            request is dealt again instead: cancels of the old request id and releases,
+            then each server's new share (the stream goes on under a new request id).
         """
         stream, message = self.stream, arrival.message
         assert stream is not None and isinstance(message, protocol.Chunk)
         link = self.links[arrival.server]
         stream.next_chunk += 1
         link.chunks_received += 1
+        if arrival.server in stream.left:
+            stream.left[arrival.server] -= 1
         if stream.total_chunks is None:
             stream.done = message.last_chunk
         else:
             stream.done = stream.next_chunk >= stream.total_chunks
         if message.frame_idxs and stream.frame_shape is None:
             stream.frame_shape = tuple(message.shape[1:])
+        if now is not None:
+            weights = self._redeal_due()
+            redeal = self._redeal(weights, now) if weights is not None else None
+            if redeal is not None:
+                return redeal
         if message.last_chunk:
             return NOTHING
         sends = []
@@ -606,6 +723,8 @@ class ClientState:
         if release is not None:
             sends.append(Send(arrival.server, link.generation, release, must=False))
         sends.append(Send(arrival.server, link.generation, protocol.Credit(request_id=stream.request_id, chunks=1)))
+        if now is not None:
+            link.pace.asked(now)
         return Actions(send=tuple(sends))
 
     def admit(self, send: Send) -> "Admit":
@@ -656,11 +775,11 @@ class ClientState:
             return AsyncFramesError("there is no request to iterate: call load_by_chunk(video, frame_idxs) first")
         if stream.done:
             return AsyncFramesError(
-                f"request {stream.request_id} was fully consumed: all {stream.next_chunk} of its chunks were delivered; "
+                f"request {stream.request_id} was fully consumed: all {stream.delivered} of its chunks were delivered; "
                 "call load_by_chunk(...) to request frames again"
             )
         return RequestCancelledError(
-            f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.next_chunk} of its chunks "
+            f"request {stream.request_id} {stream.ended or 'was cancelled'} after {stream.delivered} of its chunks "
             "were delivered; call load_by_chunk(...) to request frames again"
         )
 

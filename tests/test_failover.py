@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -56,3 +57,38 @@ def test_with_every_server_gone_the_caller_is_told(servers):
                 if k == 3:
                     for server in servers[:2]:
                         server.proc.send_signal(signal.SIGKILL)
+
+
+def test_a_slow_server_gets_a_smaller_share_and_does_not_pace_the_others(servers, make_clip):
+    """One of three servers runs about a sixth of the time (stopped 150 ms, then 30 ms free,
+    over and over): the request is dealt again by the servers' paces, so the slow one makes far
+    fewer chunks than the others (dealt k mod n, each would make a third), and every frame is exact."""
+    ref = reference_frames(make_clip("h264_gops.mp4"))
+    idxs = shuffled_with_duplicates(150, 150, seed=3) * 4  # 600 frames, 150 chunks of 4
+    slow = servers[2]
+    stop = threading.Event()
+
+    def throttle() -> None:
+        while not stop.is_set():
+            slow.proc.send_signal(signal.SIGSTOP)
+            stop.wait(0.15)
+            slow.proc.send_signal(signal.SIGCONT)
+            stop.wait(0.03)
+
+    got: list[int] = []
+    with AsyncVideo([s.endpoint for s in servers], timeout=30) as av:
+        thread = threading.Thread(target=throttle, daemon=True)
+        thread.start()
+        try:
+            av.load_by_chunk("gops.mp4", idxs, frames_per_chunk=4)
+            for chunk_idxs, frames in av.chunks:
+                for i, frame in zip(chunk_idxs, frames):
+                    assert np.array_equal(frame, ref[i]), f"frame {i}"
+                got += chunk_idxs
+        finally:
+            stop.set()
+            thread.join()
+            slow.proc.send_signal(signal.SIGCONT)
+        assert got == idxs
+        made = av.chunks_by_endpoint
+    assert made[slow.endpoint] < min(made[servers[0].endpoint], made[servers[1].endpoint]) / 2, made

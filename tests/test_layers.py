@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "asyncframes"
 ORDER = [
     # pure: what the two sides say and decide
     "errors", "_version", "_video", "_config", "_index", "_times", "_protocol",
-    "_server_actions", "_server_state", "_client_state", "_split", "_shard",
+    "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard",
     # decoding (PyAV) and opening files
     "_convert", "_files", "_reader", "_images", "_opener", "_pool",
     # between processes: shared memory, ZeroMQ
@@ -36,7 +36,7 @@ ORDER = [
     "asyncio", "qt", "ray", "torch",
 ]
 #: Modules with no I/O at all: no sockets, files, processes, decoders, threads or clock.
-PURE = ["errors", "_version", "_video", "_config", "_index", "_times", "_protocol", "_server_actions", "_server_state", "_client_state", "_split", "_shard"]
+PURE = ["errors", "_version", "_video", "_config", "_index", "_times", "_protocol", "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard"]
 IO_MODULES = {"zmq", "av", "os", "time", "threading", "socket", "subprocess", "select", "mmap", "signal", "ctypes", "shutil", "tempfile", "io", "pathlib"}
 #: The one use of ``os`` a pure module may make: spelling paths (``Video("clip.mp4")`` takes a PathLike).
 PATH_SPELLING = {"fspath", "PathLike"}
