@@ -265,23 +265,44 @@ def read_frames(
 # -- frame servers as Ray actors ------------------------------------------------------------------
 
 
+#: The Ray namespace named frame servers live in (so other jobs can find them by name).
+NAMESPACE = "asyncframes"
+
+
 class _FrameServerActor:
     """A frame server inside a Ray actor: it serves on the node's address until the actor ends.
 
-    Ray restarts it if its process dies (``max_restarts``); it then listens on a new port,
-    which :meth:`endpoint` tells (clients ask again after losing it).
+    Ray restarts it if its process dies (``max_restarts``); the new process listens on the
+    port the old one had (kept in Ray's key-value store under ``port_key``), so a client
+    that was talking to it reconnects to the same endpoint and carries on. If that port is
+    taken (or the actor was restarted on another node and the port is taken there), it
+    listens on a new one, which :meth:`endpoint` tells.
     """
 
-    def __init__(self, root: Optional[str], options: dict[str, Any]) -> None:
+    def __init__(self, root: Optional[str], options: dict[str, Any], port_key: str) -> None:
+        import logging
         import threading
 
+        from ray.experimental import internal_kv
         from ray.util import get_node_ip_address
 
         from ._config import ServerConfig
         from ._server import FrameServer
 
         config = ServerConfig(root=None if root is None else os.path.abspath(root), **options)
-        self._server = FrameServer([f"tcp://{get_node_ip_address()}:*"], config)
+        host = get_node_ip_address()
+        port = internal_kv._internal_kv_get(port_key, namespace=NAMESPACE)
+        server = None
+        if port:
+            try:
+                server = FrameServer([f"tcp://{host}:{port.decode()}"], config)
+            except Exception as exc:  # noqa: BLE001  (taken: any port will do)
+                logging.getLogger(__name__).warning("restarted frame server cannot listen on its port %s again (%s): a new one",
+                                                    port.decode(), exc)
+        if server is None:
+            server = FrameServer([f"tcp://{host}:*"], config)
+            internal_kv._internal_kv_put(port_key, server.endpoints[0].rsplit(":", 1)[1], namespace=NAMESPACE)
+        self._server = server
         self._thread = threading.Thread(target=self._server.serve_forever, name="asyncframes-server", daemon=True)
         self._thread.start()
 
@@ -297,45 +318,119 @@ class _FrameServerActor:
 
 
 class FrameServers:
-    """Frame servers running as Ray actors, one per node by default, and a way to read from them.
+    """Frame servers running as Ray actors, one per node by default, and ways to read from them.
 
     Each video goes to one server, chosen by rendezvous hashing of its path over the servers
     (the same video always to the same server while the set is unchanged, so its GOPs stay
-    decoded and its seeks forward). Ray restarts a server whose process dies;
-    :meth:`read` then finds it again and asks for the frames it had not received yet.
+    decoded and its seeks forward): :meth:`read`. Or read through all of them at once with
+    :meth:`client`, an :class:`~asyncframes.AsyncVideo` that deals each request over the
+    servers by their pace and fails over when one is lost.
+
+    Ray restarts a server whose process dies, on the same port when it can: an
+    ``AsyncVideo`` talking to it reconnects by itself, and :meth:`read` asks for the frames
+    it had not received yet. Servers given a ``name`` can be found from any process of the
+    cluster with :meth:`connect` (discovery through Ray: no endpoints to copy by hand).
 
     Args:
-        num_servers: how many servers (default: one per alive node of the cluster, each
-            placed on its node, softly: Ray may place it elsewhere if the node is full).
+        num_servers: how many servers (default: one per node chosen, see ``labels``).
         root: the folder the servers serve (every node must see the videos there); None
             serves any path the actor's user can read (a cluster you trust).
         max_restarts: how often Ray restarts a server whose process died (-1: always).
+        name: name the servers (``name-0``, ``name-1``, ... in the Ray namespace
+            ``"asyncframes"``) so :meth:`connect` finds them.
+        detached: with a ``name``: the servers outlive this Ray job (stop them with
+            :meth:`shutdown` from any job that connected).
+        labels: place the servers only on nodes with these Ray node labels (e.g.
+            ``{"storage": "nvme"}``: nodes started with ``ray start --labels``); each
+            server is placed on its node softly: Ray may put it elsewhere if the node is full.
         **server_options: :class:`~asyncframes._config.ServerConfig` fields (``workers``,
             ``max_open_files``, ``total_cache_bytes``, ...).
 
     Raises:
         RuntimeError: Ray is not initialised (call ``ray.init()`` first).
+        ValueError: ``num_servers`` < 1; no alive node has ``labels`` (the error names the
+            labels the nodes have); ``detached`` without a ``name``.
     """
 
     def __init__(self, num_servers: Optional[int] = None, *, root: Optional[str] = None, max_restarts: int = -1,
+                 name: Optional[str] = None, detached: bool = False, labels: Optional[dict[str, str]] = None,
                  **server_options: Any) -> None:
+        import uuid
+
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not ray.is_initialized():
             raise RuntimeError("FrameServers needs a Ray runtime: call ray.init() first")
-        actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(_FrameServerActor)
-        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        if detached and name is None:
+            raise ValueError("detached servers need a name (to be found again with FrameServers.connect)")
+        nodes = _nodes_with(labels)
         count = num_servers if num_servers is not None else len(nodes)
         if count < 1:
             raise ValueError(f"num_servers must be >= 1, got {count}")
-        self._actors = [
-            actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True)).remote(root, server_options)
-            for k in range(count)
-        ]
+        self.name = name
+        prefix = name if name is not None else f"unnamed-{uuid.uuid4().hex}"
         self._names = [f"server-{k}" for k in range(count)]
+        self._port_keys = [f"{prefix}-{k}:port" for k in range(count)]
+        actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(_FrameServerActor)
+        self._actors = []
+        for k in range(count):
+            options: dict[str, Any] = {
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True),
+            }
+            if name is not None:
+                options.update(name=f"{name}-{k}", namespace=NAMESPACE, lifetime="detached" if detached else None)
+            self._actors.append(actor.options(**options).remote(root, server_options, self._port_keys[k]))
+        self._owner = True
         self._clients: dict[str, Any] = {}
         self.endpoints = ray.get([a.endpoint.remote() for a in self._actors])
+
+    @classmethod
+    def connect(cls, name: str, timeout: float = 60.0) -> "FrameServers":
+        """The servers started elsewhere in the cluster as ``FrameServers(..., name=name)``.
+
+        Args:
+            name: the name they were given.
+            timeout: seconds to wait for their endpoints (a server being restarted answers late).
+
+        Returns:
+            A :class:`FrameServers` that reads from them; leaving it (or :meth:`close`) closes
+            its clients and leaves the servers running (:meth:`shutdown` stops them).
+
+        Raises:
+            RuntimeError: Ray is not initialised.
+            ValueError: no servers of that name.
+        """
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("FrameServers.connect needs a Ray runtime: call ray.init() first")
+        actors = []
+        while True:
+            try:
+                actors.append(ray.get_actor(f"{name}-{len(actors)}", namespace=NAMESPACE))
+            except ValueError:
+                break
+        if not actors:
+            raise ValueError(f"no frame servers named {name!r} in the Ray namespace {NAMESPACE!r}")
+        self = cls.__new__(cls)
+        self.name = name
+        self._names = [f"server-{k}" for k in range(len(actors))]
+        self._port_keys = [f"{name}-{k}:port" for k in range(len(actors))]
+        self._actors = actors
+        self._owner = False
+        self._clients = {}
+        self.endpoints = ray.get([a.endpoint.remote() for a in actors], timeout=timeout)
+        return self
+
+    def client(self, **options: Any) -> Any:
+        """An :class:`~asyncframes.AsyncVideo` over every server: each request is dealt over
+        them by their pace, a server that dies is failed over, and one that Ray restarts
+        (on its port) rejoins. ``options``: :class:`~asyncframes.AsyncVideo`'s (``timeout``,
+        ``window``, ...). The caller closes it."""
+        from ._client import AsyncVideo
+
+        return AsyncVideo(list(self.endpoints), **options)
 
     def server_for(self, video: VideoLike) -> int:
         """Which server reads ``video`` (rendezvous hashing of its path over the servers)."""
@@ -406,19 +501,43 @@ class FrameServers:
 
         return ray.get([a.pid.remote() for a in self._actors])
 
-    def kill(self, server: int) -> None:
-        """Kill server ``server``'s process as a crash would (Ray restarts it)."""
+    def kill(self, server: int, timeout: float = 60.0) -> None:
+        """Kill server ``server``'s process as a crash would, and return once Ray has restarted it.
+
+        Raises:
+            TimeoutError: it was not back within ``timeout`` seconds.
+        """
+        import time
+
         import ray
 
-        ray.kill(self._actors[server], no_restart=False)
+        actor = self._actors[server]
+        before = ray.get(actor.pid.remote(), timeout=timeout)
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic())) != before:
+                    return
+            except ray.exceptions.RayActorError:
+                pass  # being restarted
+            time.sleep(0.05)
+        raise TimeoutError(f"frame server {server} was not restarted within {timeout:g} s")
+
+    def close(self) -> None:
+        """Close the clients :meth:`read` made (the servers keep running)."""
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
     def shutdown(self) -> None:
         """Close the clients and stop the servers."""
         import ray
+        from ray.experimental import internal_kv
 
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
+        self.close()
+        for key in self._port_keys:
+            internal_kv._internal_kv_del(key, namespace=NAMESPACE)
         for actor in self._actors:
             try:
                 ray.get(actor.stop.remote(), timeout=15)
@@ -431,4 +550,20 @@ class FrameServers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+        """Stop the servers if this object started them; only close its clients if it connected."""
+        if self._owner:
+            self.shutdown()
+        else:
+            self.close()
+
+
+def _nodes_with(labels: Optional[dict[str, str]]) -> list[str]:
+    """The ids of the alive nodes that have every label of ``labels`` (None: every alive node)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    chosen = [n["NodeID"] for n in alive if all(n.get("Labels", {}).get(k) == v for k, v in (labels or {}).items())]
+    if not chosen:
+        seen = sorted({f"{k}={v}" for n in alive for k, v in n.get("Labels", {}).items() if not k.startswith("ray.io/")})
+        raise ValueError(f"no alive Ray node has the labels {labels}; the nodes have: {', '.join(seen) or 'no labels'}")
+    return chosen

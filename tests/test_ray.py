@@ -19,7 +19,7 @@ VIDEOS = ["h264_gops.mp4", "h264.mkv", "h264.ts", "vp9.webm", "h264_vfr.mp4"]
 
 @pytest.fixture(scope="module")
 def runtime():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR", labels={"storage": "local"})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -159,3 +159,64 @@ def test_a_server_actor_killed_mid_stream_is_restarted_and_the_read_finishes_exa
             got += idxs
         assert got == asked
         assert servers.pids() != before
+
+
+def test_servers_are_placed_by_node_labels_and_unknown_labels_are_refused_naming_those_there(runtime, paths):
+    from asyncframes.ray import FrameServers
+
+    with FrameServers(labels={"storage": "local"}) as servers:  # one per node with the label: this one
+        assert len(servers.endpoints) == 1
+        ((idxs, frames),) = list(servers.read(paths[0], [5, 1], frames_per_chunk=8))
+        assert idxs == [5, 1] and all(np.array_equal(f, reference_frames(paths[0])[i]) for i, f in zip(idxs, frames))
+    with pytest.raises(ValueError, match="storage=local"):
+        FrameServers(labels={"storage": "tape"})
+
+
+def test_named_servers_are_found_through_ray_from_another_process(runtime, paths):
+    from asyncframes.ray import FrameServers
+
+    @ray.remote(num_cpus=0)
+    def read_elsewhere(path: str, idxs: list[int]):
+        from asyncframes.ray import FrameServers
+
+        with FrameServers.connect("test-discovery") as found:  # leaves them running
+            chunks = [(i, f) for got, frames in found.read(path, idxs, frames_per_chunk=4) for i, f in zip(got, frames)]
+            return found.endpoints, chunks
+
+    asked = shuffled_with_duplicates(150, 20, seed=5)
+    with FrameServers(num_servers=2, name="test-discovery") as servers:
+        endpoints, chunks = ray.get(read_elsewhere.remote(paths[0], asked), timeout=120)
+        assert endpoints == servers.endpoints
+        assert [i for i, _ in chunks] == asked
+        assert all(np.array_equal(f, reference_frames(paths[0])[i]) for i, f in chunks)
+        assert servers.pids()  # still running after the other process let go
+    with pytest.raises(ValueError, match="no frame servers named 'test-discovery'"):
+        FrameServers.connect("test-discovery")
+
+
+def test_an_async_video_on_the_servers_follows_a_restarted_one_and_fails_over_mid_stream(runtime, paths):
+    from asyncframes.ray import FrameServers
+
+    path = paths[0]
+    ref = reference_frames(path)
+    asked = shuffled_with_duplicates(150, 150, seed=8)
+    with FrameServers(num_servers=2) as servers, servers.client(timeout=30) as av:
+        before = servers.pids()
+        got: list[int] = []
+        av.load_by_chunk(path, asked, frames_per_chunk=4)
+        for k, (idxs, frames) in enumerate(av.chunks):
+            if k == 3:
+                servers.kill(0)  # mid-stream: the other server takes over its frames
+            assert all(np.array_equal(f, ref[i]) for i, f in zip(idxs, frames))
+            got += idxs
+        assert got == asked
+        after = servers.pids()  # waits for Ray to restart it
+        assert after[0] != before[0] and after[1] == before[1]
+        endpoints = [ray.get(a.endpoint.remote()) for a in servers._actors]
+        assert endpoints == servers.endpoints  # restarted on its port: the same endpoint
+        servers.kill(1)  # now the other one, while idle
+        assert servers.pids()[1] != before[1]
+        for _ in range(2):  # both servers again, as the same AsyncVideo
+            av.load_by_chunk(path, asked[:40], frames_per_chunk=4)
+            got = [(i, f) for idxs, frames in av.chunks for i, f in zip(idxs, frames)]
+            assert [i for i, _ in got] == asked[:40] and all(np.array_equal(f, ref[i]) for i, f in got)
