@@ -47,13 +47,22 @@ def gop_starts(index: FrameIndex) -> list[int]:
     return [s for s in starts if s < index.frame_count]
 
 
-def split(selections: Sequence[np.ndarray], starts: Sequence[Sequence[int]], tasks: int) -> list[list[Piece]]:
+#: The fewest frames to decode a read task is given while there is more to split: below that,
+#: starting a task and opening its file cost more than spreading the work saves.
+MIN_TASK_FRAMES = 120
+
+
+def split(
+    selections: Sequence[np.ndarray], starts: Sequence[Sequence[int]], tasks: int, min_frames: int = MIN_TASK_FRAMES
+) -> list[list[Piece]]:
     """Split the selected frames of every video into at most about ``tasks`` tasks.
 
     Args:
         selections: per video, the frame indices asked for (any order, duplicates allowed).
         starts: per video, where its GOPs start (:func:`gop_starts`).
         tasks: how many tasks to aim for (Ray's parallelism); at least 1.
+        min_frames: fewer tasks, if need be, so that each has about this many frames
+            to decode (a short video is not cut into tasks of a GOP each).
 
     Returns:
         The tasks, each a list of pieces in video order. A GOP's frames all go to one
@@ -73,7 +82,8 @@ def split(selections: Sequence[np.ndarray], starts: Sequence[Sequence[int]], tas
             units.append((v, part, counts, int(part[-1]) - begin + 1))
     if not units:
         return []
-    target = sum(cost for *_, cost in units) / max(1, tasks)
+    total = sum(cost for *_, cost in units)
+    target = max(total / max(1, tasks), min_frames)
     out: list[list[Piece]] = []
     current: list[tuple[int, np.ndarray, np.ndarray]] = []
     load = 0

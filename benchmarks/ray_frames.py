@@ -69,11 +69,31 @@ def run_theirs(paths: list[str], cpus: int) -> dict[tuple[str, int], bytes]:
     return got
 
 
+OURS, THEIRS = "asyncframes read_frames", "ray.data.read_videos"
+
+
+def measure(paths: list[str], refs: dict[str, list[bytes]], args: argparse.Namespace) -> tuple[dict, dict]:
+    """Both readers over ``paths``, in alternating rounds: frames/s per round, and frames not exact per video."""
+    rates: dict[str, list[float]] = {OURS: [], THEIRS: []}
+    wrong: dict[str, dict[str, int]] = {}
+    for _ in range(args.rounds):
+        for name, run in ((OURS, run_ours), (THEIRS, run_theirs)):
+            start = time.perf_counter()
+            got = run(paths, args.cpus)
+            rates[name].append(len(got) / (time.perf_counter() - start))
+            wrong[name] = {
+                Path(p).name: sum(got.get((p, i)) != h for i, h in enumerate(refs[p])) + sum(1 for (q, i) in got if q == p and i >= len(refs[p]))
+                for p in paths
+            }
+    return rates, wrong
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("videos", nargs="*")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--together-only", action="store_true", help="skip reading each video alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(v).resolve()) for v in args.videos]
@@ -86,24 +106,22 @@ def main() -> int:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Theirs reads through pyarrow's file system: it is handed the same local paths.
-        rates: dict[str, list[float]] = {"asyncframes read_frames": [], "ray.data.read_videos": []}
-        wrong: dict[str, dict[str, int]] = {}
-        for _ in range(args.rounds):
-            for name, run in (("asyncframes read_frames", run_ours), ("ray.data.read_videos", run_theirs)):
-                start = time.perf_counter()
-                got = run(paths, args.cpus)
-                rates[name].append(len(got) / (time.perf_counter() - start))
-                wrong[name] = {
-                    Path(p).name: sum(got.get((p, i)) != h for i, h in enumerate(ref)) + sum(1 for (q, i) in got if q == p and i >= len(ref))
-                    for p, ref in refs.items()
-                }
+        together = measure(paths, refs, args)
+        each = {Path(p).name: measure([p], refs, args) for p in paths} if not args.together_only else {}
         ray.shutdown()
     print(f"{'reader':26s} {'frames/s (median)':>18s} {'spread':>16s}  frames not exact (of each video's)")
+    rates, wrong = together
     for name, r in rates.items():
         bad = ", ".join(f"{v}: {n}/{len(refs[p])}" for (v, n), p in zip(wrong[name].items(), refs))
         print(f"{name:26s} {statistics.median(r):18.0f} {min(r):7.0f}-{max(r):<8.0f}  {bad}")
-    ratio = statistics.median(rates["asyncframes read_frames"]) / statistics.median(rates["ray.data.read_videos"])
+    ratio = statistics.median(rates[OURS]) / statistics.median(rates[THEIRS])
     print(f"ratio read_frames / read_videos: {ratio:.2f}x (median of {args.rounds} alternating rounds)")
+    if each:
+        print("\neach video alone (frames/s, median of alternating rounds; not exact: of the video's frames)")
+        print(f"{'video':22s} {'read_frames':>12s} {'read_videos':>12s} {'ratio':>7s}  {'not exact: ours':>16s} {'theirs':>7s}")
+        for video, (rates, wrong) in each.items():
+            ours, theirs = statistics.median(rates[OURS]), statistics.median(rates[THEIRS])
+            print(f"{video:22s} {ours:12.0f} {theirs:12.0f} {ours / theirs:6.2f}x  {wrong[OURS][video]:16d} {wrong[THEIRS][video]:7d}")
     return 0
 
 

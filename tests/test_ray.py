@@ -53,7 +53,7 @@ def check_rows(rows: list[dict], asked: dict[str, list[int]]) -> None:
 def test_every_frame_of_several_videos_exactly_once_split_into_gop_tasks(runtime, paths):
     # One 150-frame video with 6 GOPs spreads over several tasks; no GOP is decoded by two.
     tasks = FramesDatasource(paths[:1]).get_read_tasks(4)
-    assert len(tasks) >= 3
+    assert len(tasks) >= 2
     assert sum(t.metadata.num_rows for t in tasks) == 150
     ds = read_frames(paths, override_num_blocks=6)
     check_rows(ds.take_all(), {p: list(range(len(reference_frames(p)))) for p in paths})

@@ -26,10 +26,17 @@ def test_a_video_read_by_counting_has_one_start():
 
 
 def test_a_long_video_spreads_over_the_tasks_one_gop_never_split():
-    tasks = split([np.arange(300)], [list(range(0, 300, 25))], tasks=4)
+    tasks = split([np.arange(300)], [list(range(0, 300, 25))], tasks=4, min_frames=0)
     assert len(tasks) == 4
     gops = [{f // 25 for piece in task for f in piece.frames} for task in tasks]
     assert all(not (a & b) for k, a in enumerate(gops) for b in gops[k + 1 :])  # each GOP in one task
+
+
+def test_a_short_video_is_not_cut_into_tasks_smaller_than_the_minimum():
+    tasks = split([np.arange(300)], [list(range(0, 300, 60))], tasks=8, min_frames=120)
+    assert len(tasks) == 3  # not 5 tasks of one GOP each: 120, 120, 60 frames
+    assert [sum(len(p.frames) for p in task) for task in tasks] == [120, 120, 60]
+    assert len(split([np.arange(3000)], [list(range(0, 3000, 60))], tasks=8, min_frames=120)) in (8, 9)  # long: about as asked
 
 
 def test_duplicates_are_decoded_once_and_give_their_rows():
