@@ -34,7 +34,7 @@ import numpy as np
 from . import _protocol as protocol
 from . import _shm as shm
 from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
-from ._process import ServerProcess, prestart, take_prestarted
+from ._process import ServerProcess, prestart, shared_server, stop_shared_servers, take_prestarted
 from ._protocol import ConnectionEvent
 from ._times import FrameTimes
 from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
@@ -137,10 +137,13 @@ class _Connection:
     The protocol's half (health, generation, what the welcome said) is ``link``, in the core.
     """
 
-    def __init__(self, link: Link, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None) -> None:
+    def __init__(
+        self, link: Link, curve: Optional[ClientCurve], process: Optional[ServerProcess] = None, owns_process: bool = True
+    ) -> None:
         self.link = link
         self.endpoint = link.endpoint
         self.process = process
+        self.owns_process = owns_process  # False: the process's shared server, left running by close
         self._curve = curve
         self.socket = ClientSocket(link.endpoint, curve)
         self.slots = shm.ClientSlots()
@@ -166,9 +169,9 @@ class _Connection:
     def close(self) -> None:
         self.socket.close()
         self.slots.clear()  # arrays the caller still holds keep their own mapping
-        if self.process is not None:
+        if self.process is not None and self.owns_process:
             self.process.stop()
-            self.process = None
+        self.process = None
 
     def abandon(self) -> None:
         """In a forked child: forget the parent's socket and server without touching them."""
@@ -204,10 +207,12 @@ class AsyncVideo:
     one in the child process (e.g. in a DataLoader worker).
 
     Args:
-        endpoint: None starts a private server process that lives as long as this
-            object; a string (or a list of them) connects to running servers
-            (``asyncframes serve``), each ``tcp://host:port`` or ``ipc://path``. Given
-            several, each request is dealt over them chunk by chunk.
+        endpoint: None uses this process's private server: started by the first
+            ``AsyncVideo`` (in the background) and shared by all of them, so the next one
+            costs a connection, not a process start; it exits with this process. A
+            string (or a list of them) connects to running servers (``asyncframes
+            serve``), each ``tcp://host:port`` or ``ipc://path``. Given several, each
+            request is dealt over them by their pace.
         timeout: seconds any one call may wait (None: as long as the server lives).
         start_timeout: seconds to start a private server and greet every server.
         window: how many chunks a server may have ahead of what the caller took (at
@@ -220,19 +225,26 @@ class AsyncVideo:
         workers: decoder threads of a private server (None: one per 2 CPUs).
         shared_memory: take frames through shared memory when the server is on this
             machine (no copy at all); False always receives them inline.
+        own_server: with ``endpoint=None``: start a private server for this object alone,
+            stopped by :meth:`close`, instead of sharing this process's.
         wait: True waits (up to ``start_timeout``) until every server has answered our
             hello. False returns at once (a few milliseconds, even while a private
             server starts): for event loops, which watch :meth:`fds`, call
             :meth:`process_events` when one is readable and wait for :attr:`ready`
             (:mod:`asyncframes.asyncio` and :mod:`asyncframes.qt` do this). The blocking
-            calls also wait for the server first.
+            calls also wait for the server first. None (the default): False for the
+            private server (the constructor never waits for a process to start; a
+            server that fails to start is reported by the first call that needs it),
+            True for given endpoints (one round trip: a wrong address or CURVE setting
+            is reported here).
 
     Raises:
         ValueError: ``window`` or ``workers`` is not a positive integer, or only one
             of the two CURVE files is given.
         TypeError: ``endpoint`` is neither a string nor a list of strings.
-        ServerStartError: an endpoint is malformed, a private server did not start,
-            or a server could not be reached or did not answer within ``start_timeout``.
+        ServerStartError: an endpoint is malformed, a private server did not start
+            (with ``wait=True``), or a server could not be reached or did not answer
+            within ``start_timeout``.
         AuthenticationError: a server refused our CURVE credentials, or its security
             settings differ from ours (CURVE on one side only).
     """
@@ -249,7 +261,8 @@ class AsyncVideo:
         server_log_level: str = "WARNING",
         workers: Optional[int] = None,
         shared_memory: bool = True,
-        wait: bool = True,
+        own_server: bool = False,
+        wait: Optional[bool] = None,
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
@@ -267,18 +280,24 @@ class AsyncVideo:
         curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
-            process = None
+            process, owned = None, True
+            if wait is None:  # a private server starts in the background; given servers are greeted now
+                wait = endpoints is not None
             if endpoints is None:
                 options = _server_options(workers)
-                process = take_prestarted(server_log_level, options, start_timeout, wait) or ServerProcess(
-                    start_timeout=start_timeout, log_level=server_log_level, options=options, wait=wait
-                )
+                if own_server:
+                    process = take_prestarted(server_log_level, options, start_timeout, wait) or ServerProcess(
+                        start_timeout=start_timeout, log_level=server_log_level, options=options, wait=wait
+                    )
+                else:
+                    process, _new = shared_server(server_log_level, options, start_timeout)
+                    owned = False
                 if not process.endpoint and "*" in process.bind:
                     process.wait_ready()  # a port the system picks: known only once it listens
                 endpoints = [process.endpoint or process.bind]
             self._state = ClientState(endpoints, int(window), shared_memory)
             if process is not None:
-                self._conns.append(_Connection(self._state.links[0], None, process))
+                self._conns.append(_Connection(self._state.links[0], None, process, owns_process=owned))
             else:
                 self._conns.extend(_Connection(link, curve) for link in self._state.links)
             self._started = time.monotonic()
@@ -289,7 +308,7 @@ class AsyncVideo:
                 else:  # queued now, answered when the server is up: see process_events
                     self._say_hello(i, time.monotonic())
         except BaseException:
-            if process is not None and not self._conns:
+            if process is not None and owned and not self._conns:
                 process.stop()
             self.close()
             raise
@@ -314,6 +333,13 @@ class AsyncVideo:
         """
         _check_workers(workers)
         return prestart(server_log_level, _server_options(workers))
+
+    @staticmethod
+    def stop_shared_servers() -> None:
+        """Stop this process's shared private server(s) now (they otherwise exit with the
+        process); clients still using one get :class:`ServerDiedError`, the next
+        ``AsyncVideo()`` starts a new one."""
+        stop_shared_servers()
 
     @classmethod
     def from_video(
@@ -724,7 +750,8 @@ class AsyncVideo:
     # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Cancel any request, stop a private server, release the sockets. Safe to call twice.
+        """Cancel any request, release the sockets, and stop this object's own private server
+        (``own_server=True``; the process's shared one keeps running for the next). Safe to call twice.
 
         Arrays the caller holds stay valid (each keeps its own mapping). In a forked
         child this touches nothing the parent owns (its server, its sockets): the
@@ -745,7 +772,7 @@ class AsyncVideo:
             if not getattr(self, "_closed", True):
                 self.cancel(reason="was cancelled by close()")
                 for i, conn in enumerate(conns):
-                    if conn.process is not None:
+                    if conn.process is not None and conn.owns_process:
                         self._send(Send(i, conn.link.generation, protocol.Stop(), must=False), None)
         finally:
             self._closed = state.closed = True
@@ -823,6 +850,8 @@ class AsyncVideo:
         conn, state = self._conns[i], self._state
         if conn.process is not None:
             error = conn.process.exit_error()
+            if error is not None and not state.links[i].ever_greeted:
+                raise ServerStartError(f"{error} before it answered us") from None
             if error is not None:
                 self._died(error)
         for event in conn.socket.events():

@@ -35,7 +35,7 @@ READY_LINE = "asyncframes server ready on"
 
 
 class ServerProcess:
-    """A private frame server owned by one client."""
+    """A private frame server: owned by one client, or shared by every client of this process (:func:`shared_server`)."""
 
     def __init__(
         self, start_timeout: float = 30.0, log_level: str = "WARNING", options: Sequence[str] = (), wait: bool = True
@@ -216,6 +216,47 @@ def take_prestarted(log_level: str, options: Sequence[str], start_timeout: float
     if wait:
         spare.wait_ready()
     return spare
+
+
+_shared_lock = threading.Lock()
+_shared: dict[tuple[str, tuple[str, ...]], ServerProcess] = {}
+
+
+def shared_server(log_level: str, options: Sequence[str], start_timeout: float) -> tuple[ServerProcess, bool]:
+    """This process's private server started like this, shared by all its clients; started now
+    (without waiting: see :meth:`ServerProcess.wait_ready`) if there is none yet, or if the
+    last one ended. Returns ``(server, new)``.
+
+    A shared server outlives the clients that use it, so the next client of this process
+    costs a connection, not a process start; it exits with this process (its lifeline).
+    A forked child gets its own: the parent's belongs to the parent.
+    """
+    key = (log_level, tuple(options))
+    with _shared_lock:
+        server = _shared.get(key)
+        if server is not None and server.owner_pid == os.getpid() and server.exit_code() is None:
+            server.start_timeout = max(server.start_timeout, start_timeout)
+            return server, False
+        if server is not None and server.owner_pid == os.getpid():
+            server.stop()  # it ended: tidy up its folder
+        server = take_prestarted(log_level, options, start_timeout, wait=False) or ServerProcess(
+            start_timeout=start_timeout, log_level=log_level, options=options, wait=False
+        )
+        _shared[key] = server
+        return server, True
+
+
+def stop_shared_servers() -> None:
+    """Stop this process's shared private servers (they also stop when it exits); the next
+    client starts a new one."""
+    with _shared_lock:
+        servers = [s for s in _shared.values() if s.owner_pid == os.getpid()]
+        _shared.clear()
+    for server in servers:
+        server.stop()
+
+
+atexit.register(stop_shared_servers)
 
 
 @atexit.register

@@ -109,6 +109,16 @@ def _pure_layer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(time, "sleep", refuse("sleep"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_shared_server():
+    """Each test module owns the process's shared private server it started: stopped after the module
+    (tests that look into a server's insides, or kill it, use ``own_server=True``)."""
+    yield
+    from asyncframes._process import stop_shared_servers
+
+    stop_shared_servers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_tmpdir(tmp_path_factory: pytest.TempPathFactory):
     """The test session's own TMPDIR, for this process and every process the tests start.

@@ -61,8 +61,8 @@ def test_with_every_server_gone_the_caller_is_told(servers):
 
 def test_a_slow_server_gets_a_smaller_share_and_does_not_pace_the_others(servers, make_clip):
     """One of three servers runs about a sixth of the time (stopped 150 ms, then 30 ms free,
-    over and over): the request is dealt again by the servers' paces, so the slow one makes far
-    fewer chunks than the others (dealt k mod n, each would make a third), and every frame is exact."""
+    over and over): the request is dealt again by the servers' paces, so the slow one makes under
+    half the chunks an even deal would give it, and every frame is exact."""
     ref = reference_frames(make_clip("h264_gops.mp4"))
     idxs = shuffled_with_duplicates(150, 150, seed=3) * 4  # 600 frames, 150 chunks of 4
     slow = servers[2]
@@ -91,4 +91,6 @@ def test_a_slow_server_gets_a_smaller_share_and_does_not_pace_the_others(servers
             slow.proc.send_signal(signal.SIGCONT)
         assert got == idxs
         made = av.chunks_by_endpoint
-    assert made[slow.endpoint] < min(made[servers[0].endpoint], made[servers[1].endpoint]) / 2, made
+    # Dealt k mod n, each server would make a third; by pace, the slow one makes far fewer (about
+    # 7 of 300 on a quiet machine). The others' shares vary with the load on the machine.
+    assert made[slow.endpoint] < sum(made.values()) / 3 / 2, made

@@ -96,7 +96,7 @@ def test_server_killed_mid_stream_raises_server_died_within_5s(make_clip):
 
 
 def test_server_killed_while_idle_is_reported_on_the_next_call(make_clip):
-    with AsyncVideo() as av:
+    with AsyncVideo(wait=True) as av:
         os.kill(av.server_pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(ServerDiedError):
@@ -183,13 +183,13 @@ def test_a_long_tmpdir_falls_back_to_loopback_tcp(tmp_path, monkeypatch, make_cl
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    with AsyncVideo.from_video(make_clip("gray.mp4"), [1]) as av:
+    with AsyncVideo.from_video(make_clip("gray.mp4"), [1], own_server=True) as av:
         assert av.endpoint.startswith("tcp://127.0.0.1:")
         assert [idxs for idxs, _ in av.chunks] == [[1]]
 
 
 def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
-    av = AsyncVideo()
+    av = AsyncVideo(own_server=True)
     pid = av.server_pid
     del av
     gc.collect()
@@ -217,11 +217,45 @@ def test_a_prestarted_server_is_taken_by_the_next_client_and_stopped_with_it(mak
     path = make_clip("gray.mp4")
     pid = AsyncVideo.prestart()
     assert alive(pid)
-    with AsyncVideo.from_video(path, [3, 1]) as av:
+    with AsyncVideo.from_video(path, [3, 1], own_server=True) as av:
         assert av.server_pid == pid
         (idxs, frames), = av.chunks
         assert_frames_exact(path, idxs, frames)
     assert wait_gone(pid, 5)
+
+
+def test_the_clients_of_a_process_share_one_private_server_that_outlives_them(make_clip):
+    from asyncframes._process import stop_shared_servers
+
+    from .conftest import assert_frames_exact
+
+    stop_shared_servers()  # none left from earlier tests of this module
+    path = make_clip("h264_gops.mp4")
+    first = AsyncVideo.from_video(path, [5, 1, 5])
+    pid = first.server_pid
+    with AsyncVideo() as second:  # a connection, not a process start
+        assert second.server_pid == pid
+        second.load_by_chunk(path, [7, 140])
+        first.close()  # the other client goes on
+        ((idxs, frames),) = list(second.chunks)
+        assert_frames_exact(path, idxs, frames)
+    assert alive(pid)  # kept for the next client of this process
+    with AsyncVideo.from_video(path, [9], frames_per_chunk=1) as third:
+        assert third.server_pid == pid and [i for i, _ in third.chunks] == [[9]]
+    with AsyncVideo(own_server=True) as own:  # one of its own when asked
+        assert own.server_pid not in (None, pid)
+    stop_shared_servers()
+    assert wait_gone(pid, 5)
+
+
+def test_a_shared_server_exits_with_its_process(make_clip):
+    script = (
+        "import sys; from asyncframes import AsyncVideo\n"
+        "av = AsyncVideo.from_video(sys.argv[1], [0]); list(av.chunks); print(av.server_pid, flush=True); av.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(make_clip("gray.mp4"))], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert wait_gone(int(proc.stdout), 5)
 
 
 def test_a_prestarted_server_started_differently_is_not_used(make_clip):

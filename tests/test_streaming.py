@@ -151,7 +151,7 @@ def test_a_new_request_replaces_the_one_in_flight(client, make_clip):
 def test_two_async_videos_stream_at_the_same_time(make_clip):
     a_path, b_path = make_clip("h264_gops.mp4"), make_clip("vp9.webm")
     with AsyncVideo.from_video(a_path, frames_per_chunk=10) as a, AsyncVideo.from_video(b_path, frames_per_chunk=7) as b:
-        assert a.server_pid != b.server_pid and a.endpoint != b.endpoint
+        assert a.server_pid == b.server_pid  # the process's one private server serves both
         streams = {a_path: (a.chunks, []), b_path: (b.chunks, [])}
         while streams:  # strictly alternate between the two until both are done
             for path in list(streams):
