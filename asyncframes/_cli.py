@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("mb", False): positive_float,
             ("mb", True): non_negative_float,
             ("seconds", False): positive_float,
+            ("seconds", True): non_negative_float,
         },
     )
     serve.add_argument(

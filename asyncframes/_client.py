@@ -34,7 +34,16 @@ import numpy as np
 from . import _protocol as protocol
 from . import _shm as shm
 from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
-from ._process import ServerProcess, prestart, shared_server, stop_shared_servers, take_prestarted
+from ._process import (
+    ServerProcess,
+    listening,
+    prestart,
+    shared_server,
+    stop_shared_servers,
+    take_prestarted,
+    user_server,
+    user_server_path,
+)
 from ._protocol import ConnectionEvent
 from ._times import FrameTimes
 from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
@@ -207,12 +216,10 @@ class AsyncVideo:
     one in the child process (e.g. in a DataLoader worker).
 
     Args:
-        endpoint: None uses this process's private server: started by the first
-            ``AsyncVideo`` (in the background) and shared by all of them, so the next one
-            costs a connection, not a process start; it exits with this process. A
-            string (or a list of them) connects to running servers (``asyncframes
-            serve``), each ``tcp://host:port`` or ``ipc://path``. Given several, each
-            request is dealt over them by their pace.
+        endpoint: None uses a server on this machine chosen by ``server``. A string (or
+            a list of them) connects to running servers (``asyncframes serve``), each
+            ``tcp://host:port`` or ``ipc://path``. Given several, each request is dealt
+            over them by their pace.
         timeout: seconds any one call may wait (None: as long as the server lives).
         start_timeout: seconds to start a private server and greet every server.
         window: how many chunks a server may have ahead of what the caller took (at
@@ -225,8 +232,14 @@ class AsyncVideo:
         workers: decoder threads of a private server (None: one per 2 CPUs).
         shared_memory: take frames through shared memory when the server is on this
             machine (no copy at all); False always receives them inline.
-        own_server: with ``endpoint=None``: start a private server for this object alone,
-            stopped by :meth:`close`, instead of sharing this process's.
+        server: with ``endpoint=None``, which server: ``"process"`` (the default, or
+            ``$ASYNCFRAMES_SERVER``): this process's private server, started by the first
+            ``AsyncVideo`` in the background and shared by all of them (the next one costs
+            a connection, not a process start), exiting with the process; ``"own"``: a
+            private server for this object alone, stopped by :meth:`close`; ``"user"``:
+            this user's server, which outlives processes (scripts and notebook cells
+            start warm) and exits after 10 minutes without a client (an ipc socket in a
+            0700 folder: ``$ASYNCFRAMES_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/asyncframes``).
         wait: True waits (up to ``start_timeout``) until every server has answered our
             hello. False returns at once (a few milliseconds, even while a private
             server starts): for event loops, which watch :meth:`fds`, call
@@ -261,7 +274,7 @@ class AsyncVideo:
         server_log_level: str = "WARNING",
         workers: Optional[int] = None,
         shared_memory: bool = True,
-        own_server: bool = False,
+        server: Optional[str] = None,
         wait: Optional[bool] = None,
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
@@ -274,6 +287,7 @@ class AsyncVideo:
         if (curve_secret is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both curve_secret (ours) and curve_server_key (the server's)")
         _check_workers(workers)
+        server = _check_server(server if server is not None else os.environ.get("ASYNCFRAMES_SERVER") or "process")
         endpoints = None if endpoint is None else _check_endpoints(endpoint)
         self.timeout = timeout
         self.start_timeout = start_timeout
@@ -283,9 +297,11 @@ class AsyncVideo:
             process, owned = None, True
             if wait is None:  # a private server starts in the background; given servers are greeted now
                 wait = endpoints is not None
+            if endpoints is None and server == "user":
+                endpoints = [user_server(server_log_level, _server_options(workers), start_timeout)]
             if endpoints is None:
                 options = _server_options(workers)
-                if own_server:
+                if server == "own":
                     process = take_prestarted(server_log_level, options, start_timeout, wait) or ServerProcess(
                         start_timeout=start_timeout, log_level=server_log_level, options=options, wait=wait
                     )
@@ -333,6 +349,29 @@ class AsyncVideo:
         """
         _check_workers(workers)
         return prestart(server_log_level, _server_options(workers))
+
+    @staticmethod
+    def stop_user_server(*, workers: Optional[int] = None, server_log_level: str = "WARNING", timeout: float = 10.0) -> bool:
+        """Stop this user's server (``server="user"``) started with these options, if one runs.
+
+        Returns:
+            True if one was running and has stopped; False if none was running.
+
+        Raises:
+            ServerStartError: the per-user folder is unsafe.
+            RequestTimeoutError: it was still listening after ``timeout`` seconds.
+        """
+        path = user_server_path(server_log_level, _server_options(workers))
+        if not listening(path):
+            return False
+        deadline = time.monotonic() + timeout
+        with AsyncVideo(f"ipc://{path}", timeout=timeout, start_timeout=timeout) as client:
+            client._carry_out(Actions(send=(Send(0, client._state.links[0].generation, protocol.Stop()),)), deadline)
+            while listening(path):
+                if time.monotonic() > deadline:
+                    raise RequestTimeoutError(f"the per-user frame server at {path} did not stop within {timeout:g} s")
+                time.sleep(0.01)
+        return True
 
     @staticmethod
     def stop_shared_servers() -> None:
@@ -751,7 +790,7 @@ class AsyncVideo:
 
     def close(self) -> None:
         """Cancel any request, release the sockets, and stop this object's own private server
-        (``own_server=True``; the process's shared one keeps running for the next). Safe to call twice.
+        (``server="own"``; the process's shared one keeps running for the next). Safe to call twice.
 
         Arrays the caller holds stay valid (each keeps its own mapping). In a forked
         child this touches nothing the parent owns (its server, its sockets): the
@@ -1070,6 +1109,16 @@ def _check_endpoints(endpoint: Union[str, Sequence[str]]) -> list[str]:
             hint = f"; did you mean 'tcp://{e}'?" if "://" not in e and ":" in e else ""
             raise ServerStartError(f"{e!r} is not a frame server endpoint: use {ENDPOINT_FORMS}{hint}")
     return endpoints
+
+
+#: What ``AsyncVideo(server=...)`` takes.
+SERVER_KINDS = ("process", "own", "user")
+
+
+def _check_server(server: str) -> str:
+    if server not in SERVER_KINDS:
+        raise ValueError(f"server must be one of {', '.join(map(repr, SERVER_KINDS))} (or ASYNCFRAMES_SERVER), got {server!r}")
+    return server
 
 
 def _check_workers(workers: Any) -> None:

@@ -60,6 +60,8 @@ class ServerConfig:
     max_shared_bytes: int = 4 * 1024 * 1024 * 1024
     #: Decoder threads that share each chunk, split by GOP (0: one per two CPUs).
     workers: int = 0
+    #: Exit after this many seconds without a client (0: never); a per-user server's way out.
+    idle_exit: float = 0.0
 
 
 @attrs.frozen
@@ -98,6 +100,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--workers", "workers", "decoder threads sharing each chunk, split by GOP (0: one per 2 CPUs)", zero=True),
     Option("--max-shared-mb", "max_shared_bytes", "shared memory for chunks, all clients together (beyond: inline)", "mb", zero=True),
     Option("--ping-interval", "ping_interval", "seconds between liveness pings of clients", "seconds"),
+    Option("--idle-exit", "idle_exit", "exit after this many seconds without a client (0: never)", "seconds", zero=True),
 )
 
 

@@ -14,15 +14,21 @@ is not a plain Python (embedded or frozen apps).
 from __future__ import annotations
 
 import atexit
+import errno
+import hashlib
 import os
 import queue
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import IO, Optional, Sequence
 
 from ._transport import private_endpoint, remove_private_dir
+from ._version import __version__
 from .errors import ServerDiedError, ServerStartError
 
 #: What a private server's folder is called (by :func:`asyncframes._transport.private_endpoint`).
@@ -257,6 +263,132 @@ def stop_shared_servers() -> None:
 
 
 atexit.register(stop_shared_servers)
+
+
+#: A per-user server exits after this many seconds without a client (``$ASYNCFRAMES_USER_SERVER_IDLE`` overrides).
+USER_SERVER_IDLE_S = 600.0
+
+
+def user_runtime_dir() -> str:
+    """This user's folder for per-user servers: ``$ASYNCFRAMES_RUNTIME_DIR``, else
+    ``$XDG_RUNTIME_DIR/asyncframes``, else ``<tmp>/asyncframes-<uid>``; made 0700.
+
+    Raises:
+        ServerStartError: it exists but is not a folder that only this user can enter
+            (another user could then reach or replace the server).
+    """
+    folder = os.environ.get("ASYNCFRAMES_RUNTIME_DIR")
+    if not folder:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        folder = os.path.join(xdg, "asyncframes") if xdg and os.path.isdir(xdg) else os.path.join(
+            tempfile.gettempdir(), f"asyncframes-{os.getuid()}"
+        )
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise ServerStartError(f"cannot make the per-user server folder {folder}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ServerStartError(
+            f"{folder} is not a folder only this user can enter (mode {oct(info.st_mode & 0o777)}, owner {info.st_uid}): "
+            "remove it, or set ASYNCFRAMES_RUNTIME_DIR"
+        )
+    return folder
+
+
+def user_server(log_level: str, options: Sequence[str], start_timeout: float) -> str:
+    """The endpoint of this user's frame server for this version and these options, started
+    now if none is listening; it outlives this process and exits after
+    :data:`USER_SERVER_IDLE_S` seconds without a client.
+
+    One server per package version and option set (its socket is named after them), so a
+    process of another version never talks to a stale server. Starting is serialised by
+    a lock in the folder: two processes starting at once get the same server.
+
+    Raises:
+        ServerStartError: the folder is unsafe, the socket path too long, or the server did
+            not start within ``start_timeout`` (its log is in the folder).
+    """
+    path = user_server_path(log_level, options)
+    folder, name = os.path.dirname(path), os.path.basename(path)[: -len(".sock")]
+    endpoint = f"ipc://{path}"
+    idle = float(os.environ.get("ASYNCFRAMES_USER_SERVER_IDLE") or USER_SERVER_IDLE_S)
+    if _listening(path):
+        return endpoint
+    deadline = time.monotonic() + start_timeout
+    with open(os.path.join(folder, "start.lock"), "w") as lock:
+        _lock(lock, deadline)
+        if _listening(path):  # another process started it meanwhile
+            return endpoint
+        try:
+            os.unlink(path)  # a socket nobody listens on: its server is gone
+        except FileNotFoundError:
+            pass
+        log_path = os.path.join(folder, name + ".log")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", endpoint,
+                 "--unconfined", "--allow-stop", "--idle-exit", f"{idle:g}", "--log-level", log_level, *options],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True,
+            )
+        while not _listening(path):
+            if popen.poll() is not None:
+                raise ServerStartError(f"the per-user frame server exited with code {popen.returncode} before it was ready (see {log_path})")
+            if time.monotonic() > deadline:
+                popen.kill()
+                raise ServerStartError(f"the per-user frame server did not start within {start_timeout:g} s (see {log_path})")
+            time.sleep(0.01)
+        _user_servers.append(popen)  # reaped by subprocess when it ends, if this process lives that long
+    return endpoint
+
+
+_user_servers: list[subprocess.Popen] = []
+
+
+def user_server_path(log_level: str, options: Sequence[str]) -> str:
+    """Where this user's server for this version and these options listens (a unix socket).
+
+    Raises:
+        ServerStartError: the folder is unsafe (see :func:`user_runtime_dir`), or the path is
+            too long for a unix socket.
+    """
+    tag = hashlib.blake2b(repr((log_level, tuple(options))).encode(), digest_size=4).hexdigest()
+    path = os.path.join(user_runtime_dir(), f"server-{__version__}-{tag}.sock")
+    if len(path.encode()) > 100:
+        raise ServerStartError(f"the per-user server's socket path is too long ({path}): set ASYNCFRAMES_RUNTIME_DIR to a shorter folder")
+    return path
+
+
+def listening(path: str) -> bool:
+    """Whether a server listens on the unix socket ``path``."""
+    return _listening(path)
+
+
+def _listening(path: str) -> bool:
+    """Whether a server listens on the unix socket ``path`` (a connection is accepted)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _lock(file: IO[str], deadline: float) -> None:
+    """Hold an exclusive lock on ``file`` (released when it is closed), waiting until ``deadline``."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                raise ServerStartError(f"could not lock {file.name} to start the per-user frame server: {exc}") from exc
+            time.sleep(0.01)
 
 
 @atexit.register

@@ -24,7 +24,7 @@ What it decides, each rule in one place:
 * **Shared-memory slots** (:class:`SlotBook`): which slot numbers exist, are lent, free or
   retired, and their sizes; ``max_window + 3`` per client, ``max_shared_bytes`` overall.
 * **Cancel** (:meth:`ServerState.cancel_queued`), **cache shares** (:func:`cache_shares`),
-  **read-around** (:meth:`ServerState.read_around`), **pings and idle buffers**
+  **read-around** (:meth:`ServerState.read_around`), **pings, idle buffers and idle exit**
   (:meth:`ServerState.tick`), **how long to sleep** (:meth:`ServerState.wait_s`),
   **dropping clients** (:meth:`ServerState.client_gone`, :meth:`ServerState.send_failed`),
   **shutdown** (:meth:`ServerState.shutdown`) and **wire errors** (:func:`wire_error`).
@@ -370,6 +370,7 @@ class ServerState:
         self._trimmed = True
         self._around: Optional[tuple[Video, bool, int, int, int]] = None
         self._around_at = 0.0
+        self._alone_since = now  # when the last client left (or the server started)
         self._next_ping = now + config.ping_interval
 
     # -- reading ---------------------------------------------------------------------------------
@@ -909,6 +910,11 @@ class ServerState:
         if now - self._last_chunk_at >= BUFFERS_IDLE_S:
             actions.append(FreeBuffers(release_memory=not self._trimmed))
             self._trimmed = True
+        if self._clients or self._inbox:
+            self._alone_since = now
+        elif self.config.idle_exit and now - self._alone_since >= self.config.idle_exit and not self.stopping:
+            self.stopping = True  # a per-user server nobody used for a while
+            actions.append(Stop(f"no client for {self.config.idle_exit:g} s"))
         return actions
 
     def read_around(self, now: float) -> Optional[ReadAround]:

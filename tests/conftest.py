@@ -112,7 +112,7 @@ def _pure_layer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture(scope="module", autouse=True)
 def own_shared_server():
     """Each test module owns the process's shared private server it started: stopped after the module
-    (tests that look into a server's insides, or kill it, use ``own_server=True``)."""
+    (tests that look into a server's insides, or kill it, use ``server="own"``)."""
     yield
     from asyncframes._process import stop_shared_servers
 

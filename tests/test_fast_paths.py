@@ -93,7 +93,7 @@ def test_chunks_the_caller_keeps_are_never_overwritten(make_clip):
 @needs_shm
 def test_slots_are_reused_once_the_caller_lets_go(make_clip):
     clip = make_clip("h264_gops.mp4")
-    with AsyncVideo(window=2, own_server=True) as av:  # its server's slots are all ours
+    with AsyncVideo(window=2, server="own") as av:  # its server's slots are all ours
         for _ in range(3):
             av.load_by_chunk(clip, shuffled_with_duplicates(150, 50, seed=1), frames_per_chunk=8)
             for frame_idxs, frames in av.chunks:
@@ -104,7 +104,7 @@ def test_slots_are_reused_once_the_caller_lets_go(make_clip):
 @needs_shm
 def test_without_shared_memory_frames_come_inline_and_exact(make_clip):
     clip = make_clip("h264_gops.mp4")
-    with AsyncVideo.from_video(clip, frames_per_chunk=32, shared_memory=False, own_server=True) as av:
+    with AsyncVideo.from_video(clip, frames_per_chunk=32, shared_memory=False, server="own") as av:
         chunks = list(av.chunks)
         assert not shared_fds(av.server_pid)
     assert all(type(frames.base).__name__ != "Lease" for _, frames in chunks)

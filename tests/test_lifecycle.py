@@ -183,13 +183,13 @@ def test_a_long_tmpdir_falls_back_to_loopback_tcp(tmp_path, monkeypatch, make_cl
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    with AsyncVideo.from_video(make_clip("gray.mp4"), [1], own_server=True) as av:
+    with AsyncVideo.from_video(make_clip("gray.mp4"), [1], server="own") as av:
         assert av.endpoint.startswith("tcp://127.0.0.1:")
         assert [idxs for idxs, _ in av.chunks] == [[1]]
 
 
 def test_forgotten_client_is_cleaned_up_by_the_garbage_collector():
-    av = AsyncVideo(own_server=True)
+    av = AsyncVideo(server="own")
     pid = av.server_pid
     del av
     gc.collect()
@@ -217,7 +217,7 @@ def test_a_prestarted_server_is_taken_by_the_next_client_and_stopped_with_it(mak
     path = make_clip("gray.mp4")
     pid = AsyncVideo.prestart()
     assert alive(pid)
-    with AsyncVideo.from_video(path, [3, 1], own_server=True) as av:
+    with AsyncVideo.from_video(path, [3, 1], server="own") as av:
         assert av.server_pid == pid
         (idxs, frames), = av.chunks
         assert_frames_exact(path, idxs, frames)
@@ -242,7 +242,7 @@ def test_the_clients_of_a_process_share_one_private_server_that_outlives_them(ma
     assert alive(pid)  # kept for the next client of this process
     with AsyncVideo.from_video(path, [9], frames_per_chunk=1) as third:
         assert third.server_pid == pid and [i for i, _ in third.chunks] == [[9]]
-    with AsyncVideo(own_server=True) as own:  # one of its own when asked
+    with AsyncVideo(server="own") as own:  # one of its own when asked
         assert own.server_pid not in (None, pid)
     stop_shared_servers()
     assert wait_gone(pid, 5)

@@ -593,6 +593,19 @@ def test_clients_are_pinged_every_interval_and_one_gone_is_dropped_with_its_requ
     assert [a for a in h.state.tick(4.0) if isinstance(a, Send)]
 
 
+def test_a_server_with_idle_exit_stops_once_it_has_had_no_client_that_long():
+    h = Harness(idle_exit=10.0, ping_interval=2.0)
+    assert not [a for a in h.state.tick(9.9) if isinstance(a, Stop)]
+    h.hello(A)  # a client keeps it running, however long it says nothing
+    assert not [a for a in h.state.tick(30.0) if isinstance(a, Stop)]
+    pings = [a for a in h.state.tick(32.0) if isinstance(a, Send)]
+    h.state.send_failed(pings[0], busy=False)  # A is gone
+    assert not [a for a in h.state.tick(41.9) if isinstance(a, Stop)]
+    (stop,) = [a for a in h.state.tick(42.0) if isinstance(a, Stop)]
+    assert stop.reason == "no client for 10 s" and h.state.stopping
+    assert not [a for a in Harness().state.tick(1e6) if isinstance(a, Stop)]  # 0: never
+
+
 def test_a_client_that_stops_reading_is_dropped_when_a_chunk_does_not_fit():
     h = Harness()
     h.hello(A)
