@@ -47,6 +47,9 @@ class FrameIndex:
     reason: str = ""
     #: dts of the keyframe packet at each ``seek_pts`` (None: unknown); empty when not known at all.
     seek_dts: Sequence[Optional[int]] = ()
+    #: pts - dts of the stream's first packet (its reorder delay at the start; 0 if unknown).
+    #: MP4 turns a seek timestamp into a decode time by subtracting about this much.
+    seek_lead: int = 0
 
     @property
     def frame_count(self) -> int:
@@ -70,22 +73,36 @@ class FrameIndex:
         k = bisect.bisect_right(self.seek_pts, _timestamps(self)[i]) - 1 - back
         return self.seek_pts[max(k, 0)]
 
+    def seek_timestamp(self, key: int, by_dts: bool = False) -> int:
+        """The timestamp to hand the demuxer's seek to land on the keyframe presented at ``key``.
+
+        ``by_dts``: the keyframe's decode timestamp, for demuxers that binary-search the
+        decode times of every packet (MPEG-TS, MPEG-PS); the reader learns that a file needs
+        it from a seek that went past its keyframe. Otherwise a timestamp in the keyframe's
+        GOP that every keyframe-index demuxer maps to this keyframe: at least its pts (Matroska,
+        AVI look up keyframe pts) and at least its dts plus the stream's starting reorder delay
+        (MP4 subtracts that delay and looks up keyframe dts: with a variable frame rate a
+        keyframe's own pts can map before its dts, a GOP early), but before the next keyframe.
+        """
+        k = bisect.bisect_left(self.seek_pts, key)
+        if k >= len(self.seek_pts) or self.seek_pts[k] != key or k >= len(self.seek_dts):
+            return key
+        dts = self.seek_dts[k]
+        if dts is None:
+            return key
+        if by_dts:
+            return dts
+        at = max(key, dts + self.seek_lead)
+        if k + 1 < len(self.seek_pts):
+            at = min(at, self.seek_pts[k + 1] - 1)
+        return at
+
     def dts_of_key(self, key: int) -> Optional[int]:
         """The decode timestamp of the keyframe presented at ``key`` (None: unknown)."""
         k = bisect.bisect_left(self.seek_pts, key)
         if k < len(self.seek_dts) and self.seek_pts[k] == key:
             return self.seek_dts[k]
         return None
-
-
-def seek_timestamp(key: int, key_dts: Optional[int], by_dts: bool) -> int:
-    """The timestamp to hand the demuxer's seek to land on the keyframe presented at ``key``.
-
-    Demuxers that search decode times of every packet (MPEG-TS) need the keyframe's
-    ``key_dts``; the others take its pts. The reader learns which one a file needs
-    (``by_dts``) from the first seek that lands after its keyframe.
-    """
-    return key_dts if by_dts and key_dts is not None else key
 
 
 def landing(pts: Optional[int], key: int) -> str:
@@ -120,7 +137,9 @@ def index_from_packets(packets: Sequence[tuple[Any, ...]]) -> FrameIndex:
         # No keyframe before the first shown frame: the decoder's behaviour at the
         # start cannot be predicted from packets alone, so count decoded frames.
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="stream does not start at a keyframe")
-    return FrameIndex(pts=order, seek_pts=seek, seek_dts=[key_dts[k] for k in seek])
+    first = next((p for p in packets if len(p) > 3 and p[0] is not None and p[3] is not None), None)
+    lead = max(first[0] - first[3], 0) if first is not None else 0
+    return FrameIndex(pts=order, seek_pts=seek, seek_dts=[key_dts[k] for k in seek], seek_lead=lead)
 
 
 def _timestamps(index: FrameIndex) -> Sequence[int]:

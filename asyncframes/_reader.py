@@ -30,7 +30,7 @@ import numpy as np
 
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
-from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing, seek_timestamp
+from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
 from .errors import (
@@ -149,6 +149,10 @@ class ReadInterrupted(Exception):
 
 class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
+
+
+class _LandedLate(_Overshoot):
+    """The first packet after a seek lies after the keyframe we asked for (nothing was decoded)."""
 
 
 def changed_error(filename: str, doing: str = "being read") -> VideoChangedError:
@@ -533,7 +537,10 @@ class VideoReader(FrameSource):
         self._frames = container.decode(stream)
         self._last, self._anchor, self._after_seek = -1, None, False
 
-    def _seek_for(self, target: int, back: int = 0) -> None:
+    def _seek_for(self, target: int, back: int = 0, early: int = 0) -> None:
+        """Get ready to decode from the keyframe ``back`` keyframes before ``target``'s, pointing
+        the demuxer ``early`` keyframes earlier still (packets up to the keyframe are dropped
+        undecoded)."""
         if self.index.sequential:
             self._restart()
             return
@@ -542,7 +549,7 @@ class VideoReader(FrameSource):
             self._restart()
             return
         container, stream = self._ensure_open()
-        at = seek_timestamp(key, self.index.dts_of_key(key), self._seek_by_dts)
+        at = self.index.seek_timestamp(self.index.keyframe_for(target, back + early), self._seek_by_dts)
         try:
             container.seek(at, stream=stream, backward=True, any_frame=False)
         except av.FFmpegError as exc:
@@ -559,7 +566,7 @@ class VideoReader(FrameSource):
         """Frames decoded from the packets after a seek, starting at the keyframe presented at ``key``.
 
         Packets before the keyframe (a seek that landed a GOP or more early) are dropped
-        without decoding. A seek that went past the keyframe raises :class:`_Overshoot`
+        without decoding. A seek that went past the keyframe raises :class:`_LandedLate`
         before anything is decoded.
         """
         started = False
@@ -573,14 +580,14 @@ class VideoReader(FrameSource):
                     continue
                 started = True
                 if place == "after":
-                    raise _Overshoot()
+                    raise _LandedLate()
             yield from packet.decode()
         if not started:
-            raise _Overshoot()
+            raise _LandedLate()
 
     def _landed_late(self, target: int, back: int) -> bool:
         """After a seek went past its keyframe: seek by decode timestamps from now on, if that
-        can help (True: seek again with the same ``back``)."""
+        can help (True: seek again as before; False: point the demuxer earlier)."""
         self.stats.late_landings += 1
         if self._seek_by_dts or self.index.sequential:
             return False
@@ -654,18 +661,25 @@ class VideoReader(FrameSource):
         for target in wanted:
             if target in done:
                 continue
-            back = 0
+            back = early = 0
             if self._must_seek(target):
                 self._seek_for(target)
             while target not in done:
                 try:
                     i, frame = self._next()
-                except _Overshoot:
+                except _LandedLate:
+                    # The demuxer went past the keyframe: point it earlier, still start decoding at the keyframe.
                     self._frames = None
-                    if self._landed_late(target, back):
-                        self._seek_for(target, back)
-                        continue
-                    back += 1
+                    if not self._landed_late(target, back):
+                        early += 1
+                    if back + early > SEEK_RETRIES:
+                        self._restart()
+                    else:
+                        self._seek_for(target, back, early)
+                    continue
+                except _Overshoot:
+                    # The decoder did not present the keyframe first: decode from an earlier one.
+                    back, early = back + 1, 0
                     if back > SEEK_RETRIES:
                         self._restart()
                     else:
