@@ -341,6 +341,7 @@ class VideoReader(FrameSource):
             # The file changed since this reader indexed it: the new reader sees the new file.
             reader.close()
             raise changed_error(self.filename)
+        reader._seek_by_dts = self._seek_by_dts  # what this reader learnt about the demuxer's seeks
         return reader
 
     def is_stale(self) -> bool:
