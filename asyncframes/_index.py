@@ -7,6 +7,15 @@ non-discarded packets are the frames in presentation order. Keyframe packets
 (discarded ones included: an edit list may start a GOP before the first shown
 frame) are the places a decoder can start from.
 
+Demuxers do not agree on what a seek timestamp means: Matroska and AVI look it
+up among keyframe presentation times, MP4 subtracts a fixed offset and looks
+it up among keyframe decode times (so with B-frames and a variable frame rate
+a keyframe's pts can lead to the GOP before it), and MPEG-TS/PS binary-search
+the decode times of *all* packets (a keyframe's pts leads to a packet after
+it). The index therefore keeps each keyframe's decode timestamp too, and the
+reader checks where a seek landed by the packets it demuxes (:func:`landing`)
+before it decodes anything.
+
 The container's own frame count is never used: it is 0 or wrong for webm, mkv
 and ts. When timestamps are missing or ambiguous the index says so
 (``sequential``) and the reader falls back to counting decoded frames.
@@ -36,6 +45,11 @@ class FrameIndex:
     sequential: bool = False
     #: why the index is sequential, for logs.
     reason: str = ""
+    #: dts of the keyframe packet at each ``seek_pts`` (None: unknown); empty when not known at all.
+    seek_dts: Sequence[Optional[int]] = ()
+    #: pts - dts of the stream's first packet (its reorder delay at the start; 0 if unknown).
+    #: MP4 turns a seek timestamp into a decode time by subtracting about this much.
+    seek_lead: int = 0
 
     @property
     def frame_count(self) -> int:
@@ -59,22 +73,73 @@ class FrameIndex:
         k = bisect.bisect_right(self.seek_pts, _timestamps(self)[i]) - 1 - back
         return self.seek_pts[max(k, 0)]
 
+    def seek_timestamp(self, key: int, by_dts: bool = False) -> int:
+        """The timestamp to hand the demuxer's seek to land on the keyframe presented at ``key``.
 
-def index_from_packets(packets: Sequence[tuple[Optional[int], bool, bool]]) -> FrameIndex:
-    """Build the index from ``(pts, is_keyframe, is_discard)`` of each video packet in file order."""
-    shown = [pts for pts, _key, discard in packets if not discard]
+        ``by_dts``: the keyframe's decode timestamp, for demuxers that binary-search the
+        decode times of every packet (MPEG-TS, MPEG-PS); the reader learns that a file needs
+        it from a seek that went past its keyframe. Otherwise a timestamp in the keyframe's
+        GOP that every keyframe-index demuxer maps to this keyframe: at least its pts (Matroska,
+        AVI look up keyframe pts) and at least its dts plus the stream's starting reorder delay
+        (MP4 subtracts that delay and looks up keyframe dts: with a variable frame rate a
+        keyframe's own pts can map before its dts, a GOP early), but before the next keyframe.
+        """
+        k = bisect.bisect_left(self.seek_pts, key)
+        if k >= len(self.seek_pts) or self.seek_pts[k] != key or k >= len(self.seek_dts):
+            return key
+        dts = self.seek_dts[k]
+        if dts is None:
+            return key
+        if by_dts:
+            return dts
+        at = max(key, dts + self.seek_lead)
+        if k + 1 < len(self.seek_pts):
+            at = min(at, self.seek_pts[k + 1] - 1)
+        return at
+
+    def dts_of_key(self, key: int) -> Optional[int]:
+        """The decode timestamp of the keyframe presented at ``key`` (None: unknown)."""
+        k = bisect.bisect_left(self.seek_pts, key)
+        if k < len(self.seek_dts) and self.seek_pts[k] == key:
+            return self.seek_dts[k]
+        return None
+
+
+def landing(pts: Optional[int], key: int) -> str:
+    """Where a packet met right after a seek lies relative to the keyframe presented at ``key``.
+
+    ``"before"``: an earlier packet (all packets decoded before a keyframe are shown before
+    it), which can be dropped without decoding; ``"at"``: the keyframe itself; ``"after"``:
+    the seek went past the keyframe; ``"unknown"``: no timestamp, decode from here.
+    """
+    if pts is None:
+        return "unknown"
+    if pts < key:
+        return "before"
+    return "at" if pts == key else "after"
+
+
+def index_from_packets(packets: Sequence[tuple[Any, ...]]) -> FrameIndex:
+    """Build the index from ``(pts, is_keyframe, is_discard[, dts])`` of each video packet in file order."""
+    shown = [p[0] for p in packets if not p[2]]
     known = [pts for pts in shown if pts is not None]
     if len(known) != len(shown):
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="packets without timestamps")
     order = sorted(known)
     if any(a == b for a, b in zip(order, order[1:])):
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="duplicate timestamps")
-    seek = sorted({pts for pts, key, _discard in packets if key and pts is not None})
+    key_dts: dict[int, Optional[int]] = {}
+    for p in packets:
+        if p[1] and p[0] is not None:
+            key_dts.setdefault(p[0], p[3] if len(p) > 3 else None)
+    seek = sorted(key_dts)
     if not seek or (order and seek[0] > order[0]):
         # No keyframe before the first shown frame: the decoder's behaviour at the
         # start cannot be predicted from packets alone, so count decoded frames.
         return FrameIndex(pts=[], seek_pts=[], sequential=True, reason="stream does not start at a keyframe")
-    return FrameIndex(pts=order, seek_pts=seek)
+    first = next((p for p in packets if len(p) > 3 and p[0] is not None and p[3] is not None), None)
+    lead = max(first[0] - first[3], 0) if first is not None else 0
+    return FrameIndex(pts=order, seek_pts=seek, seek_dts=[key_dts[k] for k in seek], seek_lead=lead)
 
 
 def _timestamps(index: FrameIndex) -> Sequence[int]:

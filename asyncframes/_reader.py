@@ -8,7 +8,10 @@ writing each frame into its place(s) in the output.
 Frames are identified by presentation timestamp through the :mod:`index`.
 The decoder is checked against the index as it goes: the first frame after a
 seek must be the keyframe we aimed for and frames must follow one another
-without gaps. A seek that lands too late is retried from an earlier keyframe;
+without gaps. Where a seek landed is first checked on the demuxed packets:
+packets before the keyframe are dropped undecoded, and a seek that went past
+it (MPEG-TS seeks by decode time) makes the reader seek by the keyframe's
+decode timestamp from then on. A seek that lands too late is retried from an earlier keyframe;
 any other disagreement means the packets lied about what the decoder presents,
 and the reader falls back to counting frames of a sequential decode, which is
 the definition of frame *i*. It never returns a frame it could not identify.
@@ -21,12 +24,13 @@ import threading
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import attrs
 import av
 import numpy as np
 
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
-from ._index import FrameIndex, check_frame_idxs, index_from_packets
+from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
 from .errors import (
@@ -113,6 +117,24 @@ class FrameCache:
         return len(self._frames)
 
 
+@attrs.define
+class ReaderStats:
+    """What a reader has done so far, for tests and benchmarks (cumulative, never reset by it)."""
+
+    #: frames the decoder presented (wanted or not, leftovers before a keyframe included).
+    frames_decoded: int = 0
+    #: times the file was opened (indexing, counting and decoding from the start included).
+    opens: int = 0
+    #: seeks handed to the demuxer.
+    seeks: int = 0
+    #: packets dropped undecoded because a seek landed before the keyframe aimed for.
+    packets_skipped: int = 0
+    #: seeks that went past the keyframe aimed for.
+    late_landings: int = 0
+    #: times the packet index was given up for counting decoded frames.
+    counting_fallbacks: int = 0
+
+
 class _Mismatch(Exception):
     """The decoder presented something the index did not predict."""
 
@@ -127,6 +149,10 @@ class ReadInterrupted(Exception):
 
 class _Overshoot(Exception):
     """A seek landed after the keyframe we asked for."""
+
+
+class _LandedLate(_Overshoot):
+    """The first packet after a seek lies after the keyframe we asked for (nothing was decoded)."""
 
 
 def changed_error(filename: str, doing: str = "being read") -> VideoChangedError:
@@ -209,6 +235,9 @@ class VideoReader(FrameSource):
     Not thread-safe: one reader serves one request at a time.
     """
 
+    #: Seek by keyframes' decode timestamps (learnt from a seek that landed late, e.g. MPEG-TS).
+    _seek_by_dts = False
+
     def __init__(
         self,
         filename: str,
@@ -228,6 +257,7 @@ class VideoReader(FrameSource):
         self.stream_index = stream
         self.thread_type = thread_type
         self.container_options = dict(container_options or {})
+        self.stats = ReaderStats()
         self._container: Optional[av.container.InputContainer] = None
         self._stream: Optional[av.video.stream.VideoStream] = None
         self._frames: Optional[Iterator[av.VideoFrame]] = None
@@ -311,6 +341,7 @@ class VideoReader(FrameSource):
             # The file changed since this reader indexed it: the new reader sees the new file.
             reader.close()
             raise changed_error(self.filename)
+        reader._seek_by_dts = self._seek_by_dts  # what this reader learnt about the demuxer's seeks
         return reader
 
     def is_stale(self) -> bool:
@@ -398,6 +429,7 @@ class VideoReader(FrameSource):
                 if self.index.sequential:
                     raise VideoDecodeError(f"{self.filename}: the decoder is not repeatable here ({exc})") from None
                 log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
+                self.stats.counting_fallbacks += 1
                 self.index = self._count_frames(str(exc))
                 self.check_indices(idxs)
                 targets = sorted(places)
@@ -444,6 +476,7 @@ class VideoReader(FrameSource):
     # -- opening and indexing ----------------------------------------------
 
     def _open(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+        self.stats.opens += 1
         try:
             container = _av_open(self.filename, self.container_options)
         except FileNotFoundError as exc:
@@ -466,7 +499,7 @@ class VideoReader(FrameSource):
     def _build_index(self) -> FrameIndex:
         container, stream = self._open()
         try:
-            packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard)) for p in container.demux(stream) if p.size]
+            packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard), p.dts) for p in container.demux(stream) if p.size]
         except av.FFmpegError as exc:
             raise resource_error(exc, f"reading {self.filename}") or VideoOpenError(
                 f"{self.filename}: cannot read packets ({exc})"
@@ -505,7 +538,10 @@ class VideoReader(FrameSource):
         self._frames = container.decode(stream)
         self._last, self._anchor, self._after_seek = -1, None, False
 
-    def _seek_for(self, target: int, back: int = 0) -> None:
+    def _seek_for(self, target: int, back: int = 0, early: int = 0) -> None:
+        """Get ready to decode from the keyframe ``back`` keyframes before ``target``'s, pointing
+        the demuxer ``early`` keyframes earlier still (packets up to the keyframe are dropped
+        undecoded)."""
         if self.index.sequential:
             self._restart()
             return
@@ -514,16 +550,55 @@ class VideoReader(FrameSource):
             self._restart()
             return
         container, stream = self._ensure_open()
+        at = self.index.seek_timestamp(self.index.keyframe_for(target, back + early), self._seek_by_dts)
         try:
-            container.seek(key, stream=stream, backward=True, any_frame=False)
+            container.seek(at, stream=stream, backward=True, any_frame=False)
         except av.FFmpegError as exc:
-            log.debug("%s: seek to pts %s failed (%s); decoding from the start", self.filename, key, exc)
+            log.debug("%s: seek to %s for pts %s failed (%s); decoding from the start", self.filename, at, key, exc)
             self._restart()
             return
-        self._frames = container.decode(stream)
+        self.stats.seeks += 1
+        self._frames = self._frames_from_keyframe(container.demux(stream), key)
         self._anchor = key
         self._last = self.index.first_at_or_after(key) - 1
         self._after_seek = True
+
+    def _frames_from_keyframe(self, packets: Iterator[av.Packet], key: int) -> Iterator[av.VideoFrame]:
+        """Frames decoded from the packets after a seek, starting at the keyframe presented at ``key``.
+
+        Packets before the keyframe (a seek that landed a GOP or more early) are dropped
+        without decoding. A seek that went past the keyframe raises :class:`_LandedLate`
+        before anything is decoded.
+        """
+        started = False
+        for packet in packets:
+            if not started:
+                if not packet.size:
+                    continue  # the end of the file before the keyframe: handled below
+                place = landing(packet.pts, key)
+                if place == "before":
+                    self.stats.packets_skipped += 1
+                    continue
+                started = True
+                if place == "after":
+                    raise _LandedLate()
+            yield from packet.decode()
+        if not started:
+            raise _LandedLate()
+
+    def _landed_late(self, target: int, back: int) -> bool:
+        """After a seek went past its keyframe: seek by decode timestamps from now on, if that
+        can help (True: seek again as before; False: point the demuxer earlier)."""
+        self.stats.late_landings += 1
+        if self._seek_by_dts or self.index.sequential:
+            return False
+        key = self.index.keyframe_for(target, back)
+        key_dts = self.index.dts_of_key(key)
+        if key_dts is None or key_dts >= key:
+            return False
+        log.info("%s: a seek to pts %s went past its keyframe; seeking by decode timestamps from now on", self.filename, key)
+        self._seek_by_dts = True
+        return True
 
     def _must_seek(self, target: int) -> bool:
         if self._frames is None or target <= self._last:
@@ -539,6 +614,7 @@ class VideoReader(FrameSource):
         while True:
             try:
                 frame = next(self._frames)
+                self.stats.frames_decoded += 1
             except StopIteration:
                 self._frames = None
                 raise _Mismatch(f"decoder ended after frame {self._last} of {self.frame_count}") from None
@@ -586,14 +662,25 @@ class VideoReader(FrameSource):
         for target in wanted:
             if target in done:
                 continue
-            back = 0
+            back = early = 0
             if self._must_seek(target):
                 self._seek_for(target)
             while target not in done:
                 try:
                     i, frame = self._next()
+                except _LandedLate:
+                    # The demuxer went past the keyframe: point it earlier, still start decoding at the keyframe.
+                    self._frames = None
+                    if not self._landed_late(target, back):
+                        early += 1
+                    if back + early > SEEK_RETRIES:
+                        self._restart()
+                    else:
+                        self._seek_for(target, back, early)
+                    continue
                 except _Overshoot:
-                    back += 1
+                    # The decoder did not present the keyframe first: decode from an earlier one.
+                    back, early = back + 1, 0
                     if back > SEEK_RETRIES:
                         self._restart()
                     else:

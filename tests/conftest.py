@@ -77,6 +77,12 @@ ZOO = {
     "h264_10bit.mp4": dict(codec="libx264", frames=40, gop=20, pix_fmt="yuv420p10le"),
     "h264_edit_list_discards.mp4": dict(codec="libx264", frames=60, gop=20, start=-7),  # the first 7 are never shown
     "h264_offset_start.ts": dict(codec="libx264", frames=60, gop=20, start=500),
+    # MPEG-TS/PS demuxers seek by the dts of any packet: a keyframe's pts lands after it.
+    "h264_gops.ts": dict(codec="libx264", frames=200, gop=24, bframes=2),
+    "mpeg2.ts": dict(codec="mpeg2video", frames=120, gop=15, bframes=2),
+    "h264_vfr.ts": dict(codec="libx264", frames=90, gop=20, bframes=2, pts=_VFR_PTS, time_base=Fraction(1, 1000)),
+    # Variable frame rate in Matroska (MP4 is in CLIPS): seek tables of keyframe pts, not dts.
+    "h264_vfr.mkv": dict(codec="libx264", frames=90, gop=20, bframes=2, pts=_VFR_PTS, time_base=Fraction(1, 1000)),
     "h264_second_stream.mkv": dict(codec="libx264", frames=40, gop=20, streams=2),
     "h264_raw.h264": dict(codec="libx264", frames=50, gop=20),  # no timestamps at all
     "vp9_altref.webm": dict(codec="libvpx-vp9", frames=60, gop=30, bframes=0, options={"auto-alt-ref": "1", "lag-in-frames": "16"}),

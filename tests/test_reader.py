@@ -44,6 +44,60 @@ def test_codec_zoo_random_access_is_exact(make_clip, name):
         assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False), stream)
 
 
+#: Clips whose seeks went wrong: MPEG-TS/PS seeks by any packet's dts (a keyframe's pts
+#: landed after it, and at the last GOP on nothing, so the reader counted frames and
+#: restarted from frame 0 for every seek); MP4 maps a pts to dts by a fixed offset, so with
+#: a variable frame rate a keyframe's own pts landed a GOP early.
+SEEK_CLIPS = ["h264_gops.ts", "mpeg2.ts", "h264_vfr.ts", "h264_opengop.ts", "h264_offset_start.ts",
+              "h264_vfr.mp4", "h264_vfr.mkv", "h264_gops.mp4", "hevc.mp4"]
+
+
+@pytest.mark.parametrize("name", SEEK_CLIPS)
+def test_random_single_frame_reads_decode_one_gop_at_most_and_never_count(make_clip, name):
+    """Each read decodes from the target's own keyframe (not one a GOP early, not from frame 0)."""
+    path = make_clip(name)
+    n = len(reference_frames(path))
+    rng = np.random.default_rng(len(name))
+    with VideoReader(str(path)) as reader:
+        index = reader.index
+        assert not index.sequential and reader.frame_count == n
+        for i in [n - 1, *(int(i) for i in rng.integers(0, n, 60))]:
+            before = reader.stats.frames_decoded
+            assert_frames_exact(path, [i], reader.read([i], grayscale=False))
+            # From the keyframe to the target, plus open-GOP leftovers and the frames a
+            # read may decode on rather than seek (SEEK_COST_FRAMES).
+            from_key = i - index.first_at_or_after(index.keyframe_for(i)) + 1
+            assert reader.stats.frames_decoded - before <= from_key + 5, f"frame {i}"
+        assert reader.stats.counting_fallbacks == 0 and not reader.index.sequential
+        assert reader.stats.late_landings <= 1  # MPEG-TS: once, then seeks go by keyframe dts
+        if not name.endswith(".ts"):
+            assert reader.stats.late_landings == 0 and reader.stats.packets_skipped == 0, "the seek landed on its keyframe"
+
+
+@pytest.mark.parametrize("off", [1, -1])
+def test_a_seek_that_lands_off_its_keyframe_still_decodes_from_it(make_clip, monkeypatch, off):
+    """A demuxer that takes a seek one keyframe too far (``off=1``: seen on the packets, before
+    decoding) is pointed earlier; one that lands a keyframe early (``off=-1``) has the packets
+    up to ours dropped undecoded. Either way decoding starts at the target's keyframe."""
+    path = make_clip("h264_gops.mp4")
+
+    def one_keyframe_off(index, key, by_dts=False):
+        k = list(index.seek_pts).index(key) + off
+        return index.seek_pts[min(max(k, 0), len(index.seek_pts) - 1)]
+
+    with VideoReader(str(path)) as reader:
+        monkeypatch.setattr(FrameIndex, "seek_timestamp", one_keyframe_off)
+        for i in [140, 60, 110, 30, 149]:
+            before = reader.stats.frames_decoded
+            assert_frames_exact(path, [i], reader.read([i], grayscale=False))
+            assert reader.stats.frames_decoded - before <= i % 25 + 1 + 5, f"frame {i}"
+        if off > 0:
+            assert reader.stats.late_landings >= 4
+        else:
+            assert reader.stats.packets_skipped >= 4 * 25
+        assert reader.stats.counting_fallbacks == 0
+
+
 def test_edit_list_hides_frames_from_the_count(make_clip):
     path = make_clip("h264_edit_list_discards.mp4")
     assert len(reference_frames(path)) == 53  # 60 encoded, 7 before the edit
@@ -258,6 +312,28 @@ def test_index_from_packets_rules():
     assert index_from_packets([(None, True, False)]).sequential
     assert index_from_packets([(0, True, False), (0, False, False)]).sequential
     assert index_from_packets([(0, False, False), (1, True, False)]).sequential
+
+
+def test_seek_timestamps_and_landings():
+    from asyncframes._index import landing
+
+    # (pts, key, discard, dts): B-frames, a keyframe every 4 frames, a reorder delay of 2.
+    packets = [(2, True, False, 0), (5, False, False, 1), (3, False, False, 2), (4, False, False, 3),
+               (6, True, False, 4), (9, False, False, 5), (7, False, False, 6), (8, False, False, 7)]
+    index = index_from_packets(packets)
+    assert list(index.seek_dts) == [0, 4] and index.seek_lead == 2
+    assert index.seek_timestamp(6, by_dts=True) == 4  # MPEG-TS: the keyframe's own dts
+    assert index.seek_timestamp(6) == 6  # pts and dts + lead agree
+    # A variable frame rate: the second keyframe's pts is only 1 after its dts, so MP4's
+    # pts - lead would fall before it; dts + lead does not, and stays below the next keyframe.
+    vfr = index_from_packets([(2, True, False, 0), (3, False, False, 1), (5, True, False, 4), (9, True, False, 8)])
+    assert vfr.seek_timestamp(5) == 6 and vfr.seek_timestamp(9) == 10
+    tight = index_from_packets([(10, True, False, 0), (11, True, False, 1)])
+    assert tight.seek_timestamp(10) == 10  # never at the next keyframe
+    # Without dts (Matroska's first packet, old indexes): the pts.
+    assert index_from_packets([(0, True, False), (4, True, False)]).seek_timestamp(4, by_dts=True) == 4
+    assert FrameIndex(pts=[0, 1], seek_pts=[0, 1]).seek_timestamp(1) == 1
+    assert [landing(p, 6) for p in (5, 6, 7, None)] == ["before", "at", "after", "unknown"]
 
 
 def test_gray_shortcut_gives_the_red_channel_and_turns_itself_off_when_contradicted(make_clip, monkeypatch):
