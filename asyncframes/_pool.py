@@ -147,8 +147,10 @@ class DecoderPool:
                     raise error
         main.check_unchanged()
 
-    def read_around(self, video: Video, grayscale: bool, frames: range, interrupt: Callable[[], bool]) -> int:
-        """Decode the frames of ``frames`` not yet in the recent-frames cache into it.
+    def read_around(self, video: Video, grayscale: bool, frames: Sequence[int], interrupt: Callable[[], bool]) -> int:
+        """Decode the frames of ``frames`` not yet in the recent-frames cache into it, in that
+        order, a few at a time (:data:`READ_AROUND_PIECE`), so that an interruption keeps what
+        was decoded before it.
 
         Uses only a reader that is already open (:meth:`VideoOpener.opened`). An idle nicety:
         it never raises for a failure (the next request reports it), and ``interrupt``
@@ -162,20 +164,24 @@ class DecoderPool:
             return 0
         key = _recent_key(video, grayscale, reader)
         wanted = [j for j in frames if 0 <= j < reader.frame_count and not self.recent.has(key, j)]
-        if not wanted:
-            return 0
-        try:
-            decoded = reader.read(wanted, grayscale=grayscale, interrupt=interrupt, video=video)
-        except ReadInterrupted:
-            return 0
-        except Exception as exc:  # an idle nicety: a failure here is the next request's to report
-            log.debug("reading frames %d..%d of %s failed: %s", wanted[0], wanted[-1], video.filename, exc)
-            return 0
-        if reader.is_stale():
-            return 0  # the file changed while being read: these frames may be of either version
-        for j, frame in zip(wanted, decoded):
-            self.recent.put(key, j, frame)
-        return len(wanted)
+        kept = 0
+        for start in range(0, len(wanted), READ_AROUND_PIECE):
+            piece = sorted(wanted[start : start + READ_AROUND_PIECE])
+            if interrupt():
+                break
+            try:
+                decoded = reader.read(piece, grayscale=grayscale, interrupt=interrupt, video=video)
+            except ReadInterrupted:
+                break
+            except Exception as exc:  # an idle nicety: a failure here is the next request's to report
+                log.debug("reading frames %d..%d of %s failed: %s", piece[0], piece[-1], video.filename, exc)
+                break
+            if reader.is_stale():
+                break  # the file changed while being read: these frames may be of either version
+            for j, frame in zip(piece, decoded):
+                self.recent.put(key, j, frame)
+            kept += len(piece)
+        return kept
 
     def close(self) -> None:
         """Stop the workers (after the chunk they are on) and drop the recent frames."""
@@ -230,6 +236,10 @@ class DecoderPool:
     ) -> None:
         reader = self.opener.worker_reader(worker, video)
         reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions, video=video)
+
+
+#: Frames read around at a time: an interruption loses at most this many.
+READ_AROUND_PIECE = 2
 
 
 def _recent_key(video: Video, grayscale: bool, reader: VideoReader) -> RecentKey:

@@ -100,11 +100,12 @@ class Decode:
 
 @attrs.frozen
 class ReadAround:
-    """While idle, decode ``frames`` of ``video`` into the recent-frames cache (stopping when a message arrives)."""
+    """While idle, decode ``frames`` of ``video`` into the recent-frames cache, in that order
+    (stopping when a message arrives; what was decoded by then is kept)."""
 
     video: Video
     grayscale: bool
-    frames: range
+    frames: tuple[int, ...]
 
 
 @attrs.frozen

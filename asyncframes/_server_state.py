@@ -920,7 +920,12 @@ class ServerState:
     def read_around(self, now: float) -> Optional[ReadAround]:
         """What to read around the last small request, once it has been quiet for
         ``READ_AROUND_DELAY_S`` (call when no chunk can go): a GUI stepping back or forth
-        then finds its next frame ready."""
+        then finds its next frame ready.
+
+        The frames after it come first, from the next one on: the decoder is already there,
+        so each costs one frame's decoding and a person stepping forward finds them ready
+        even when the next step interrupts the reading. The frames before it follow (they
+        need a seek back)."""
         if self._around is None or now < self._around_at:
             return None
         video, gray, i, frame_count, frame_bytes = self._around
@@ -928,7 +933,7 @@ class ServerState:
         cfg = self.config
         span = min(cfg.read_around_frames, cfg.recent_cache_bytes // 4 // max(frame_bytes, 1))
         lo, hi = max(0, i - span // 2), min(frame_count, i + span // 2 + 1)
-        return ReadAround(video, gray, range(lo, hi))
+        return ReadAround(video, gray, tuple(range(i + 1, hi)) + tuple(range(lo, i)))
 
     def wait_s(self, now: float, queued: Mapping[bytes, int]) -> float:
         """How long the loop may sleep: 0 while messages wait or a chunk can go; else until
