@@ -382,6 +382,6 @@ def open_video(video: "Union[Video, str, os.PathLike[str], Any]", **client_optio
             or options for the private :class:`AsyncVideo` (``endpoint``, ``timeout``, ...).
 
     Returns:
-        A :class:`FrameReader`; close it (or use ``with``) to stop its private server.
+        A :class:`FrameReader`; close it (or use ``with``) to let go of its server.
     """
     return FrameReader(video, **client_options)

@@ -179,13 +179,13 @@ class AsyncVideo:
         return self._client.done
 
     async def aclose(self) -> None:
-        """Close the client and stop its private server; the wait for the server to exit
-        (about 0.1 s) happens in a worker thread, not on the loop."""
+        """Close the client (and its own private server, if it has one: ``server="own"``; the
+        wait for that server to exit, about 0.1 s, happens in a worker thread, not on the loop)."""
         self._detach()
         await asyncio.get_running_loop().run_in_executor(None, self._sync.close)
 
     def close(self) -> None:
-        """Close the client (blocking until its private server exits: prefer :meth:`aclose`)."""
+        """Close the client (with ``server="own"``, blocking until its server exits: prefer :meth:`aclose`)."""
         self._detach()
         self._sync.close()
 

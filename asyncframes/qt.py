@@ -123,8 +123,8 @@ class QtVideo(QObject):
         self._notifiers, self._watched = [], []
 
     def close(self) -> None:
-        """Stop watching and close the client; its private server is stopped in a background
-        thread (waiting for it to exit would hold the GUI thread ~0.1 s)."""
+        """Stop watching and close the client, in a background thread (with ``server="own"``,
+        waiting for its server to exit would hold the GUI thread ~0.1 s)."""
         self._starting.stop()
         self._unwatch()
         threading.Thread(target=self._client.close, name="asyncframes-close", daemon=True).start()

@@ -107,7 +107,7 @@ class _Frames:
             yield chunk_idxs, np.array(frames)
 
     def close(self) -> None:
-        """Close this process's client (and its private server)."""
+        """Close this process's client (the process's shared private server keeps running for the next)."""
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
         self._client = None
