@@ -286,7 +286,9 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     binds = args.bind or [DEFAULT_BIND]
     curve = ServerCurve.load(args.curve_secret, args.allow_client_keys) if args.curve_secret else None
-    config = config_from(args, root=root, allow_stop=args.allow_stop, shared_memory=not args.no_shared_memory)
+    config = config_from(
+        args, root=root, allow_stop=args.allow_stop, shared_memory=not args.no_shared_memory, index_cache=args.index_cache
+    )
     try:
         server = FrameServer(binds, config, lifeline_fd=sys.stdin.fileno() if args.lifeline else None, curve=curve)
     except zmq.ZMQError as exc:
@@ -411,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-shared-memory", action="store_true", help="always send frames inline, never in shared memory"
+    )
+    serve.add_argument(
+        "--index-cache",
+        metavar="DIR",
+        help="keep frame indexes here, so a new server opens long videos at once ('off': never; "
+        "default: $ASYNCFRAMES_INDEX_CACHE, else ~/.cache/asyncframes/index)",
     )
     serve.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG, INFO (one line per request), WARNING, ERROR")
     serve.add_argument("--lifeline", action="store_true", help="exit when stdin closes (private servers)")

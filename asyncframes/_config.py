@@ -62,6 +62,9 @@ class ServerConfig:
     workers: int = 0
     #: Exit after this many seconds without a client (0: never); a per-user server's way out.
     idle_exit: float = 0.0
+    #: Folder of frame indexes kept on disk ("off": none; None: ``$ASYNCFRAMES_INDEX_CACHE``
+    #: or the user's cache folder; see :mod:`asyncframes._index_store`).
+    index_cache: Optional[str] = None
 
 
 @attrs.frozen

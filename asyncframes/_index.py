@@ -196,3 +196,62 @@ def per_video(frame_idxs: Any, videos: int) -> list[Any]:
     if len(per) != videos:
         raise ValueError(f"frame_idxs gives {len(per)} selections for {videos} videos: give one per video, or one for all")
     return per
+
+
+#: The format of a stored index (:func:`index_record`); bumped when it changes.
+RECORD_VERSION = 1
+
+
+def index_record(index: FrameIndex) -> dict[str, np.ndarray]:
+    """``index`` as named arrays, for storing (``numpy.savez``; nothing needs pickle).
+
+    Missing timestamps (``None``, possible only in a sequential index) are kept as a mask.
+    """
+    pts = np.array([0 if p is None else p for p in index.pts], dtype=np.int64)
+    dts = np.array([0 if d is None else d for d in index.seek_dts], dtype=np.int64)
+    return {
+        "version": np.array(RECORD_VERSION, dtype=np.int64),
+        "pts": pts,
+        "pts_missing": np.array([p is None for p in index.pts], dtype=bool),
+        "seek_pts": np.asarray(index.seek_pts, dtype=np.int64),
+        "seek_dts": dts,
+        "seek_dts_missing": np.array([d is None for d in index.seek_dts], dtype=bool),
+        "sequential": np.array(index.sequential),
+        "reason": np.array(index.reason, dtype=str),
+        "seek_lead": np.array(index.seek_lead, dtype=np.int64),
+    }
+
+
+def index_from_record(record: Any) -> FrameIndex:
+    """The index a stored record holds (``record``: a mapping of the arrays of :func:`index_record`).
+
+    Raises:
+        ValueError: the record is of another version, incomplete, or does not make a valid
+            index (lengths that differ, timestamps out of order): never trust it then.
+    """
+    try:
+        if int(record["version"]) != RECORD_VERSION:
+            raise ValueError(f"record version {int(record['version'])}, expected {RECORD_VERSION}")
+        pts, missing = record["pts"], record["pts_missing"]
+        seek_pts, seek_dts, dts_missing = record["seek_pts"], record["seek_dts"], record["seek_dts_missing"]
+        sequential, reason, lead = bool(record["sequential"]), str(record["reason"]), int(record["seek_lead"])
+    except KeyError as exc:
+        raise ValueError(f"record lacks {exc}") from None
+    for name, array, kind in (("pts", pts, "i"), ("seek_pts", seek_pts, "i"), ("seek_dts", seek_dts, "i"),
+                              ("pts_missing", missing, "b"), ("seek_dts_missing", dts_missing, "b")):
+        if array.ndim != 1 or array.dtype.kind != kind:
+            raise ValueError(f"record's {name} is not a 1-D array of kind {kind!r}")
+    if len(missing) != len(pts) or len(dts_missing) != len(seek_dts) or len(seek_dts) not in (0, len(seek_pts)):
+        raise ValueError("record's arrays differ in length")
+    if not len(pts) or np.any(np.diff(seek_pts) <= 0):
+        raise ValueError("record has no frames, or keyframes out of order")
+    if not sequential and (missing.any() or np.any(np.diff(pts) <= 0) or not len(seek_pts) or seek_pts[0] > pts[0]):
+        raise ValueError("record's timestamps do not make a packet index")
+    return FrameIndex(
+        pts=[None if m else int(p) for p, m in zip(pts, missing)] if sequential else pts.tolist(),
+        seek_pts=seek_pts.tolist(),
+        sequential=sequential,
+        reason=reason,
+        seek_dts=[None if m else int(d) for d, m in zip(seek_dts, dts_missing)],
+        seek_lead=lead,
+    )

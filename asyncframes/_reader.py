@@ -28,6 +28,7 @@ import attrs
 import av
 import numpy as np
 
+from . import _index_store as index_store
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing
@@ -267,10 +268,10 @@ class VideoReader(FrameSource):
         self._convert = Converter(filename)
         #: The identity of the file(s) as opened (see :mod:`asyncframes._files`).
         self.signature: SourceIdentity = source_identity(filename)
-        self.index = index if index is not None else self._build_index()
-        if self.index.sequential and not self.index.pts:
-            log.info("%s: %s; frames are found by counting", filename, self.index.reason)
-            self.index = self._count_frames(self.index.reason)
+        #: Where the index came from: "given" (another reader's), "stored" (on disk, see
+        #: :mod:`asyncframes._index_store`), "demuxed" or "counted".
+        self.index_source = "given"
+        self.index = index if index is not None else self._stored_or_built_index()
         if self.index.frame_count == 0:
             self.close()
             raise VideoOpenError(f"{filename}: the video stream has no frames")
@@ -495,6 +496,23 @@ class VideoReader(FrameSource):
         if self.thread_type is not None:
             stream.thread_type = self.thread_type
         return container, stream
+
+    def _stored_or_built_index(self) -> FrameIndex:
+        """The file's index from the on-disk store, else demuxed (or counted) and stored."""
+        kept = index_store.store()
+        key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
+        if key is not None:
+            found = kept.load(key)  # type: ignore[union-attr]
+            if found is not None:
+                self.index_source = "stored"
+                return found
+        index, self.index_source = self._build_index(), "demuxed"
+        if index.sequential and not index.pts:
+            log.info("%s: %s; frames are found by counting", self.filename, index.reason)
+            index, self.index_source = self._count_frames(index.reason), "counted"
+        if key is not None and source_identity(self.filename) == self.signature:  # unchanged while indexed
+            kept.save(key, index)  # type: ignore[union-attr]
+        return index
 
     def _build_index(self) -> FrameIndex:
         container, stream = self._open()

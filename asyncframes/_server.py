@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import _files as files
+from . import _index_store as index_store
 from . import _protocol as protocol
 from . import _shm as shm
 from ._config import ServerConfig
@@ -144,6 +145,8 @@ class FrameServer:
         self.state = ServerState(
             config, version=__version__, shm_offer=offer, root_spellings=files.root_spellings(config.root), now=time.monotonic()
         )
+        if config.index_cache is not None:
+            index_store.configure(config.index_cache)
         self._opener = VideoOpener(config.root, config.max_open_files)
         self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._buffers = _BufferPool(config.buffer_pool_bytes)

@@ -135,6 +135,8 @@ def session_tmpdir(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("tmp")
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    # Frame indexes kept on disk go to the session's folder, never the user's cache.
+    os.environ["ASYNCFRAMES_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index-cache"))
     try:
         yield folder
     finally:

@@ -23,7 +23,7 @@ ORDER = [
     "errors", "_version", "_video", "_config", "_index", "_times", "_protocol",
     "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard",
     # decoding (PyAV) and opening files
-    "_convert", "_files", "_reader", "_images", "_opener", "_pool",
+    "_convert", "_files", "_index_store", "_reader", "_images", "_opener", "_pool",
     # between processes: shared memory, ZeroMQ
     "_shm", "_transport",
     # the drivers

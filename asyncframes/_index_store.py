@@ -1,0 +1,151 @@
+"""Frame indexes kept on disk, so a new server opens a long video without demuxing it again.
+
+A record is stored under a key made of the file's identity (device, inode, size and
+modification time in nanoseconds), the stream, the container options and the PyAV and
+FFmpeg versions (a demuxer upgrade may index differently): a file that changes gets a new
+key, so a stale record is never used, it just ages out. Records are ``.npz`` files of
+plain arrays (:func:`asyncframes._index.index_record`; never pickle), written to a
+temporary file in the same folder and renamed into place, so a reader sees a whole
+record or none, whatever other servers write at the same time. A record that does not
+load or check (:func:`asyncframes._index.index_from_record`) is a miss, and is removed.
+
+The folder (``$ASYNCFRAMES_INDEX_CACHE``, else ``$XDG_CACHE_HOME/asyncframes/index``,
+else ``~/.cache/asyncframes/index``; ``asyncframes serve --index-cache DIR``, ``off`` to
+turn it off) is made 0700 and kept under :data:`MAX_BYTES`: after each write, the least
+recently used records (by modification time, which a hit renews) go. A folder that
+cannot be written turns the store off, with one log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import av
+import numpy as np
+
+from ._files import SourceIdentity
+from ._index import FrameIndex, index_from_record, index_record
+
+log = logging.getLogger(__name__)
+
+#: Total bytes of records kept; the least recently used go first beyond it.
+MAX_BYTES = 256 * 1024 * 1024
+#: Indexes of fewer frames are not worth a file (demuxing them takes well under a millisecond).
+MIN_FRAMES = 64
+#: What ``--index-cache`` and ``$ASYNCFRAMES_INDEX_CACHE`` take to turn the store off.
+OFF = ("", "off", "none", "0")
+
+
+class IndexStore:
+    """Records in one folder (see the module's rules); thread-safe."""
+
+    def __init__(self, folder: "str | os.PathLike[str]", max_bytes: int = MAX_BYTES) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._broken = False
+
+    @staticmethod
+    def key(identity: SourceIdentity, stream: int, options: Optional[dict[str, str]] = None) -> Optional[str]:
+        """The record name for one file's stream (None: not one plain file, nothing to key by)."""
+        if len(identity) != 1 or identity[0].ino < 0:
+            return None
+        f = identity[0]
+        parts = (f.dev, f.ino, f.size, f.mtime_ns, stream, sorted((options or {}).items()), av.__version__, av.library_versions.get("libavformat"))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+    def load(self, key: str) -> Optional[FrameIndex]:
+        """The index stored under ``key``, or None (none, or one that does not load: removed)."""
+        path = self.folder / f"{key}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as record:
+                index = index_from_record(record)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001  (truncated, corrupt, foreign: a miss, never trusted)
+            log.info("index record %s is unusable (%s); indexing again", path, exc)
+            _remove(path)
+            return None
+        try:
+            os.utime(path)  # recently used
+        except OSError:
+            pass
+        return index
+
+    def save(self, key: str, index: FrameIndex) -> None:
+        """Store ``index`` under ``key`` (atomically), then keep the folder under its cap.
+        Never raises: a store that cannot write turns itself off."""
+        if self._broken or index.frame_count < MIN_FRAMES:
+            return
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    np.savez(out, **index_record(index))
+                os.replace(tmp, self.folder / f"{key}.npz")
+            except BaseException:
+                _remove(Path(tmp))
+                raise
+        except OSError as exc:
+            self._broken = True
+            log.info("cannot keep frame indexes in %s (%s): indexing every open", self.folder, exc)
+            return
+        self._prune()
+
+    def _prune(self) -> None:
+        with self._lock:
+            try:
+                records = [(e.stat().st_mtime_ns, e.stat().st_size, Path(e.path)) for e in os.scandir(self.folder) if e.name.endswith(".npz")]
+            except OSError:
+                return
+            total = sum(size for _, size, _ in records)
+            for _, size, path in sorted(records):
+                if total <= self.max_bytes:
+                    break
+                _remove(path)
+                total -= size
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def default_folder() -> Optional[Path]:
+    """Where records go unless told otherwise (None: turned off by ``$ASYNCFRAMES_INDEX_CACHE``)."""
+    env = os.environ.get("ASYNCFRAMES_INDEX_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in OFF else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "asyncframes" / "index"
+
+
+_store: Optional[IndexStore] = None
+_configured = False
+
+
+def configure(folder: "Optional[str | os.PathLike[str]]") -> None:
+    """Use ``folder`` for this process's records (a value of :data:`OFF`: none; None: the default)."""
+    global _store, _configured
+    if folder is None:
+        default = default_folder()
+        _store = IndexStore(default) if default is not None else None
+    else:
+        _store = None if str(folder).strip().lower() in OFF else IndexStore(folder)
+    _configured = True
+
+
+def store() -> Optional[IndexStore]:
+    """This process's store (None: turned off)."""
+    if not _configured:
+        configure(None)
+    return _store

@@ -1,0 +1,171 @@
+"""Frame indexes kept on disk: a second open reads the index instead of demuxing, a changed
+or damaged file is indexed again, writers never leave half a record, the folder stays small."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asyncframes import AsyncVideo
+from asyncframes import _index_store as index_store
+from asyncframes._index import FrameIndex, index_from_record, index_record
+from asyncframes._reader import VideoReader
+from asyncframes._sample import write_clip
+
+from .conftest import reference_frames
+from .test_standalone_server import Server
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """This test's own store (the module's process-wide one restored after)."""
+    monkeypatch.setattr(index_store, "_store", index_store.IndexStore(tmp_path / "indexes"))
+    monkeypatch.setattr(index_store, "_configured", True)
+    return index_store.store()
+
+
+# -- records (pure) ------------------------------------------------------------------------------
+
+
+@pytest.mark.pure
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=300, unique=True), st.data())
+def test_any_packet_index_comes_back_from_its_record(pts, data):
+    pts = sorted(pts)
+    seek = sorted(set([pts[0]] + data.draw(st.lists(st.sampled_from(pts), max_size=20))))
+    dts = [data.draw(st.one_of(st.none(), st.integers(-(2**40), 2**40))) for _ in seek]
+    index = FrameIndex(pts=pts, seek_pts=seek, seek_dts=dts, seek_lead=data.draw(st.integers(0, 9)))
+    assert index_from_record(index_record(index)) == index
+
+
+@pytest.mark.pure
+def test_a_counted_index_with_missing_timestamps_comes_back_too():
+    index = FrameIndex(pts=[5, None, 3], seek_pts=[], sequential=True, reason="no timestamps", seek_dts=[])
+    assert index_from_record(index_record(index)) == index
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.pop("pts"),
+        lambda r: r.update(version=np.array(99)),
+        lambda r: r.update(pts=r["pts"][::-1].copy()),  # out of order for a packet index
+        lambda r: r.update(pts_missing=r["pts_missing"][:-1]),  # lengths differ
+        lambda r: r.update(seek_pts=np.array([7, 3])),
+        lambda r: r.update(pts=r["pts"].astype(float)),
+    ],
+)
+def test_a_record_that_does_not_make_a_valid_index_is_refused(damage):
+    record = index_record(FrameIndex(pts=[0, 10, 20, 30], seek_pts=[0, 20], seek_dts=[-10, 10]))
+    damage(record)
+    with pytest.raises(ValueError):
+        index_from_record(record)
+
+
+# -- the store, with real files ---------------------------------------------------------------------
+
+
+def test_a_second_reader_takes_the_index_from_disk_and_reads_exact_frames(store, make_clip):
+    path = str(make_clip("h264_gops.ts"))
+    with VideoReader(path) as first:
+        assert first.index_source == "demuxed"
+        built = first.index
+    assert len(list(store.folder.glob("*.npz"))) == 1
+    with VideoReader(path) as second:
+        assert second.index_source == "stored" and second.index == built
+        idxs = [149, 3, 77, 3, 120]
+        assert all(np.array_equal(f, reference_frames(path)[i]) for i, f in zip(idxs, second.read(idxs)))
+
+
+def test_a_file_that_changed_is_indexed_again(store, tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=90, gop=30)
+    with VideoReader(str(path)) as reader:
+        assert reader.index_source == "demuxed"
+    write_clip(path, frames=120, gop=30)  # same name, other content
+    with VideoReader(str(path)) as reader:
+        assert reader.index_source == "demuxed" and reader.frame_count == 120
+    with VideoReader(str(path)) as reader:
+        assert reader.index_source == "stored" and reader.frame_count == 120
+
+
+def test_a_damaged_record_is_a_miss_and_is_replaced(store, make_clip):
+    path = str(make_clip("h264_gops.mp4"))
+    VideoReader(path).close()
+    (record,) = store.folder.glob("*.npz")
+    record.write_bytes(record.read_bytes()[:100])  # truncated, as by a crash mid-write elsewhere
+    with VideoReader(path) as reader:
+        assert reader.index_source == "demuxed" and reader.frame_count == 150
+    with VideoReader(path) as reader:
+        assert reader.index_source == "stored"
+
+
+def test_the_folder_is_kept_under_its_cap_least_recently_used_first(store, tmp_path):
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"clip{k}.mp4")
+        write_clip(paths[-1], frames=90 + 10 * k, gop=30)
+    VideoReader(str(paths[0])).close()
+    one = sum(p.stat().st_size for p in store.folder.glob("*.npz"))
+    store.max_bytes = int(one * 2.5)  # room for two records
+    VideoReader(str(paths[1])).close()
+    VideoReader(str(paths[0])).close()  # a hit: clip0 becomes the most recently used
+    VideoReader(str(paths[2])).close()  # a third record: the least recently used (clip1) goes
+    sources = {}
+    for k in (0, 2, 1):
+        with VideoReader(str(paths[k])) as reader:
+            sources[k] = reader.index_source
+    assert sources == {0: "stored", 2: "stored", 1: "demuxed"}
+
+
+def _save_many(folder: str, path: str, rounds: int) -> None:
+    store = index_store.IndexStore(folder)
+    with VideoReader(path) as reader:
+        key = store.key(reader.signature, 0)
+        for _ in range(rounds):
+            store.save(key, reader.index)
+
+
+def test_writers_at_the_same_time_never_leave_half_a_record(store, make_clip):
+    path = str(make_clip("h264_gops.mp4"))
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_save_many, args=(str(store.folder), path, 30)) for _ in range(3)]
+    for w in writers:
+        w.start()
+    seen = 0
+    while any(w.is_alive() for w in writers):  # read while they write: always whole or absent
+        for record in store.folder.glob("*.npz"):
+            try:
+                with np.load(record, allow_pickle=False) as arrays:
+                    index_from_record(arrays)
+                seen += 1
+            except FileNotFoundError:
+                pass  # replaced between listing and opening
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert not list(store.folder.glob(".*.tmp"))  # no temporary file left
+    with VideoReader(path) as reader:
+        assert reader.index_source == "stored"
+
+
+def test_a_new_server_opens_a_video_an_earlier_one_indexed(tmp_path, make_clip):
+    root, indexes = tmp_path / "root", tmp_path / "indexes"
+    root.mkdir()
+    shutil.copy(make_clip("h264_bframes_longgop.mp4"), root / "long.mp4")
+    ref = reference_frames(make_clip("h264_bframes_longgop.mp4"))
+    for _ in range(2):
+        server = Server(tmp_path, "--root", str(root), "--index-cache", str(indexes))
+        try:
+            with AsyncVideo(server.endpoint) as av:
+                av.load_by_chunk("long.mp4", [149, 0, 75], frames_per_chunk=3)
+                ((idxs, frames),) = list(av.chunks)
+                assert all(np.array_equal(f, ref[i]) for i, f in zip(idxs, frames))
+        finally:
+            server.stop()
+        assert len(list(indexes.glob("*.npz"))) == 1  # written by the first, read by the second
