@@ -547,12 +547,15 @@ class VideoReader(FrameSource):
         if self._container is None or self._stream is None:
             self._container, self._stream = self._open()
             self._frames = None
+            self._untouched = True  # nothing read or sought yet: as good as a fresh open
         return self._container, self._stream
 
     def _restart(self) -> None:
         """Decode from the very start, exactly like a sequential decode."""
-        self.close()
+        if not getattr(self, "_untouched", False):
+            self.close()  # (a container nothing was read from is reused: opening a long MP4 costs ~13 ms)
         container, stream = self._ensure_open()
+        self._untouched = False
         self._frames = container.decode(stream)
         self._last, self._anchor, self._after_seek = -1, None, False
 
@@ -568,6 +571,7 @@ class VideoReader(FrameSource):
             self._restart()
             return
         container, stream = self._ensure_open()
+        self._untouched = False
         at = self.index.seek_timestamp(self.index.keyframe_for(target, back + early), self._seek_by_dts)
         try:
             container.seek(at, stream=stream, backward=True, any_frame=False)
