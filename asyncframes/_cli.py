@@ -322,6 +322,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random", type=positive_int, default=100, help="random indices in the random-access request (default 100)")
     parser.add_argument("--scrub", type=positive_int, default=20, help="random single frames per round for scrubbing (default 20)")
     parser.add_argument("--memory-frames", type=non_negative_int, default=10_000, help="frames streamed to the slow consumer (0: skip)")
+    parser.add_argument("--clips", type=non_negative_int, default=200, help="random 8-frame training clips over the videos (0: skip)")
     parser.add_argument("--workers", type=positive_int, nargs="*", default=None, help="worker counts to compare (default 1 2 N; none given: skip)")
     parser.add_argument("--scale-out", action="store_true", help="also spread one request over 1, 2 and 3 loopback servers")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")

@@ -214,19 +214,23 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
     clip = make_clip("h264_gops.mp4")
     out = tmp_path / "bench.json"
     code = cli_main(
-        ["bench", str(clip), "--rounds", "1", "--random", "20", "--scrub", "3", "--memory-frames", "300",
+        ["bench", str(clip), "--rounds", "1", "--random", "20", "--scrub", "3", "--memory-frames", "300", "--clips", "20",
          "--workers", "1", "2", "--json", str(out)]
     )
     assert code == 0
     text = capsys.readouterr().out
-    for heading in ("sequential", "random access", "scrubbing", "first chunk", "client memory", "workers"):
+    for heading in ("sequential", "random access", "one frame per request", "stepping forward", "first chunk",
+                    "fresh process", "2nd from_video", "AsyncVideo() blocks", "training clips", "client memory", "workers"):
         assert heading in text
     report = json.loads(out.read_text())
     figures = report["videos"]["h264_gops.mp4"]
-    assert figures["random.exact"] is True
-    for name in ("sequential.pyav_best_fps", "sequential.asyncframes_fps", "random.asyncframes_fps",
-                 "scrub.asyncframes_repeat_ms", "first_chunk.fresh_ms", "first_chunk.running_ms"):
+    assert figures["random.exact"] is True and report["clips"]["exact"] is True
+    for name in ("sequential.pyav_best_fps", "sequential.asyncframes_fps", "sequential.asyncframes_one_pixel_fps",
+                 "sequential.second_from_video_fps", "random.asyncframes_fps", "scrub.asyncframes_repeat_ms",
+                 "step.asyncframes_ms", "first_chunk.fresh_ms", "first_chunk.running_ms", "first_chunk.cold_process_ms",
+                 "first_chunk.cold_user_ms", "first_chunk.cold_pyav_ms", "client.constructor_ms", "client.close_ms"):
         assert figures[name]["median"] > 0
+    assert report["clips"]["asyncframes"]["median"] > 0
     assert report["memory"]["frames"] == 300
     assert set(report["workers"]["in_order"]) == set(report["workers"]["shuffled"]) == {"1", "2"}
 
