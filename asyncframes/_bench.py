@@ -228,6 +228,8 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
         res.add("sequential.pyav_best_fps", count / t)
         with AsyncVideo() as client:
             client.info(path)  # the server is up and the video open: time the stream itself
+            client.load_by_chunk(path, None, frames_per_chunk)
+            _drain(client, False)  # once untimed: a running server (its slots for this client made)
             for name, every_page in (("sequential.asyncframes_fps", True), ("sequential.asyncframes_one_pixel_fps", False)):
                 client.load_by_chunk(path, None, frames_per_chunk)
                 t, count = _timed(partial(_drain, client, every_page))
@@ -343,10 +345,15 @@ def cold_first_chunk(path: str, frames_per_chunk: int) -> dict[str, float]:
         runs = (("process", _COLD_OURS, ["process"]), ("user", _COLD_OURS, ["user"]), ("user", _COLD_OURS, ["user"]),
                 ("pyav", _COLD_PYAV, []))
         for name, script, more in runs:  # the first "user" run starts that server; the second is timed
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", script, path, str(frames_per_chunk), *more], env=env, check=True,
-                           capture_output=True)
+            start = time.perf_counter()  # until its first chunk is in hand (its exit is not timed)
+            proc = subprocess.Popen([sys.executable, "-c", script, path, str(frames_per_chunk), *more], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
             out[name] = (time.perf_counter() - start) * 1e3
+            proc.communicate(timeout=60)
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"the fresh-process probe failed ({name}, exit {proc.returncode})")
         subprocess.run([sys.executable, "-c", "from asyncframes import AsyncVideo; AsyncVideo.stop_user_server()"],
                        env=env, check=True, capture_output=True)
     return out

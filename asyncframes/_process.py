@@ -140,6 +140,15 @@ class ServerProcess:
                 self.kill()
         self._cleanup()
 
+    def let_go(self) -> None:
+        """Close the lifeline (the server exits by itself, and removes its folder) without waiting."""
+        for pipe in (self.popen.stdin, self.popen.stdout):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
@@ -262,7 +271,15 @@ def stop_shared_servers() -> None:
         server.stop()
 
 
-atexit.register(stop_shared_servers)
+@atexit.register
+def _let_shared_servers_go() -> None:
+    """At exit: close each shared server's lifeline and go; the server notices, finishes, removes
+    its folder and exits by itself (waiting for it would only delay this process's exit)."""
+    with _shared_lock:
+        servers = [s for s in _shared.values() if s.owner_pid == os.getpid()]
+        _shared.clear()
+    for server in servers:
+        server.let_go()
 
 
 #: A per-user server exits after this many seconds without a client (``$ASYNCFRAMES_USER_SERVER_IDLE`` overrides).
