@@ -47,6 +47,7 @@ from .errors import (
     ServerDiedError,
     ServerError,
     ServerShutdownError,
+    UnknownClientError,
     error_from_wire,
 )
 
@@ -587,6 +588,10 @@ class ClientState:
         ):
             if message.request_id in self._awaiting:
                 self._replies[message.request_id] = message
+        elif isinstance(message, protocol.Error) and message.error == UnknownClientError.__name__ and link.greeted:
+            # Another server process answers at this endpoint (ZeroMQ reconnected to it by itself):
+            # the connection we had is lost, whatever this one says.
+            return self.connection_event(server, ConnectionEvent.LOST, busy=self.busy(server))
         elif isinstance(message, protocol.Error):
             return Actions(error=error_from_wire(message.error, message.message))
         elif isinstance(message, protocol.Shutdown):

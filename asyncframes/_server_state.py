@@ -83,7 +83,7 @@ from ._server_actions import (
     VideoFacts,
 )
 from ._video import Video
-from .errors import AsyncFramesError, ProtocolError, ServerError
+from .errors import AsyncFramesError, ProtocolError, ServerError, UnknownClientError
 
 log = logging.getLogger("asyncframes._server")
 
@@ -517,7 +517,7 @@ class ServerState:
         if isinstance(message, Ping):
             return [Send(client, Pong(request_id=message.request_id, server=self.version))]
         if not state.hello:
-            return [self._error(client, None, ProtocolError("send hello before anything else"))]
+            return [self._error(client, None, UnknownClientError("send hello before anything else"))]
         if isinstance(message, Request):
             return self._start(client, state, message, now)
         if isinstance(message, Credit):

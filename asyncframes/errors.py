@@ -65,6 +65,12 @@ class ProtocolError(ServerError):
     """A message did not follow the wire protocol (bad header, wrong version)."""
 
 
+class UnknownClientError(ProtocolError):
+    """The server does not know this connection: it must say hello first. To a client that had
+    been greeted, this means another server process now answers at the endpoint (the old one
+    was restarted); the client treats it as a lost connection."""
+
+
 class RequestTimeoutError(AsyncFramesError, TimeoutError):
     """No reply arrived within the caller's timeout."""
 
@@ -88,6 +94,7 @@ WIRE_ERRORS: dict[str, type[AsyncFramesError]] = {
         FrameIndexError,
         ServerError,
         ProtocolError,
+        UnknownClientError,
         RequestCancelledError,
     )
 }

@@ -692,3 +692,17 @@ def test_there_is_no_failing_over_with_one_server_or_none_left():
     for i in range(2):
         pair.connection_event(i, ConnectionEvent.LOST, busy=True)
     assert pair.fail_over(stream) is None
+
+
+def test_a_server_that_does_not_know_a_greeted_connection_is_a_lost_one():
+    """ZeroMQ reconnects to a restarted server at the same endpoint by itself; the new process
+    answers our next message with UnknownClientError: the connection we had is gone."""
+    state = client(servers=2)
+    rid, _ = start(state, list(range(16)), 4)
+    error = protocol.Error(None, "UnknownClientError", "send hello before anything else")
+    actions = state.received(1, error)
+    assert actions.reset == (1,) and isinstance(raised(actions), ServerDiedError)
+    assert not state.links[1].greeted and state.up() == [0]
+    fresh = client()  # not greeted yet: the error is the server's to report, as it is
+    fresh.links[0].reset()
+    assert isinstance(raised(fresh.received(0, error)), ProtocolError)

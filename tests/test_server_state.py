@@ -170,7 +170,7 @@ def test_nothing_but_ping_is_served_before_hello():
     (pong,) = h.send(A, Ping(request_id=5))
     assert pong.message == Pong(request_id=5, server="9.9")
     error = only_error(h.request(A, 1))
-    assert (error.error, error.request_id) == ("ProtocolError", None) and "hello" in error.message
+    assert (error.error, error.request_id) == ("UnknownClientError", None) and "hello" in error.message
     assert h.state.requests_of(A) == []
 
 
@@ -179,7 +179,7 @@ def test_hello_with_another_version_is_refused_naming_both_versions():
     error = only_error(h.send(A, Hello(version=PROTOCOL_VERSION + 1)))
     assert error.error == "ProtocolError"
     assert str(PROTOCOL_VERSION + 1) in error.message and str(PROTOCOL_VERSION) in error.message and "9.9" in error.message
-    assert only_error(h.request(A, 1)).error == "ProtocolError"  # still no hello
+    assert only_error(h.request(A, 1)).error == "UnknownClientError"  # still no hello (a ProtocolError)
 
 
 def test_welcome_offers_shared_memory_and_the_request_limit():
@@ -832,7 +832,7 @@ def test_frame_times_missing_from_the_drivers_facts_are_a_server_error():
 
 def test_frame_times_need_hello_and_take_a_whole_share():
     h = Harness()
-    assert only_error(h.send(A, FrameTimesRequest(1, Video("v.mp4")))).error == "ProtocolError"
+    assert only_error(h.send(A, FrameTimesRequest(1, Video("v.mp4")))).error == "UnknownClientError"
     h.hello(A)
     h.state.receive(A, parts(FrameTimesRequest(2, Video("v.mp4"))))
     h.state.receive(A, parts(Ping(3)))
