@@ -211,7 +211,11 @@ def _only_errors(replies: list[tuple[Any, Any]], error: str, request_id: Optiona
     assert len(replies) == 1, f"expected one {error} reply, got {replies}"
     (message, payload), = replies
     assert isinstance(message, protocol.Error), f"expected an error reply, got {message}"
-    assert (message.error, message.request_id) == (error, request_id), message
+    from asyncframes.errors import WIRE_ERRORS
+
+    # the error named, or one of its kinds (UnknownClientError is a ProtocolError)
+    assert issubclass(WIRE_ERRORS.get(message.error, object), WIRE_ERRORS[error]), message
+    assert message.request_id == request_id, message
     assert message.message and payload is None
 
 
