@@ -159,12 +159,7 @@ class ServerProcess:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        for pipe in (self.popen.stdin, self.popen.stdout):
-            try:
-                if pipe is not None:
-                    pipe.close()
-            except OSError:
-                pass
+        self.let_go()  # its pipes
         remove_private_dir(self._private_dir)
         self._private_dir = None
 
