@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -72,10 +73,7 @@ class IndexStore:
             log.info("index record %s is unusable (%s); indexing again", path, exc)
             _remove(path)
             return None
-        try:
-            os.utime(path)  # recently used
-        except OSError:
-            pass
+        _touch(path)  # recently used
         return index
 
     def save(self, key: str, index: FrameIndex) -> None:
@@ -90,6 +88,7 @@ class IndexStore:
                 with os.fdopen(fd, "wb") as out:
                     np.savez(out, **index_record(index))
                 os.replace(tmp, self.folder / f"{key}.npz")
+                _touch(self.folder / f"{key}.npz")
             except BaseException:
                 _remove(Path(tmp))
                 raise
@@ -111,6 +110,16 @@ class IndexStore:
                     break
                 _remove(path)
                 total -= size
+
+
+def _touch(path: Path) -> None:
+    """Mark ``path`` as used now, to the nanosecond (the file system's own clock ticks coarsely:
+    two records written or used within one tick would tie, and the wrong one could go)."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError:
+        pass
 
 
 def _remove(path: Path) -> None:
