@@ -356,18 +356,21 @@ class ClientState:
             return [0]
         if idxs is None:
             raise ValueError("dealing every frame over several servers needs the frame count: pass range(frame_count)")
-        servers, _owner = self._plan(idxs, frames_per_chunk, among)
+        servers, _owner = self._plan(idxs, frames_per_chunk, self._pool(among))
         return servers or self._pool(among)[:1]
 
     def _pool(self, among: Optional[Sequence[int]]) -> list[int]:
         return list(range(len(self.links))) if among is None else list(among)
 
-    def _plan(self, idxs: "range | np.ndarray", frames_per_chunk: int, among: Optional[Sequence[int]]) -> tuple[list[int], np.ndarray]:
-        """The servers with a share of ``idxs`` and the owner of each chunk, dealt over
-        ``among`` by the paces measured so far (equal until every one is measured)."""
-        pool = self._pool(among)
-        chunks = -(-len(idxs) // frames_per_chunk)
-        owner = np.asarray(pool, np.int64)[_deal.owners(chunks, _deal.weights_for(pool, self._paces(pool)))]
+    def _plan(
+        self, idxs: "range | np.ndarray", frames_per_chunk: int, pool: Sequence[int], weights: Optional[Sequence[float]] = None
+    ) -> tuple[list[int], np.ndarray]:
+        """The servers of ``pool`` with a share of ``idxs`` and the owner of each chunk, dealt by
+        ``weights`` (one per server of ``pool``; default: the paces measured so far, equal until
+        every one is measured)."""
+        if weights is None:
+            weights = _deal.weights_for(pool, self._paces(pool))
+        owner = np.asarray(pool, np.int64)[_deal.owners(-(-len(idxs) // frames_per_chunk), weights)]
         dealt = set(owner.tolist())
         return [j for j in pool if j in dealt], owner
 
@@ -427,23 +430,28 @@ class ClientState:
             shares: list[tuple[int, Indices]] = [(0, idxs)]
         else:
             assert idxs is not None
-            servers, owner = self._plan(idxs, frames_per_chunk, among)
+            servers, owner = self._plan(idxs, frames_per_chunk, self._pool(among))
             stream = Stream(request_id, servers, len(owner), idxs, frames_per_chunk, video, done=len(owner) == 0)
-            shares = self._deal(stream, owner)
+            shares = self._shares(idxs, frames_per_chunk, owner, servers)
+            self._assign(stream, owner)
         self.stream = self.last = stream
         too_many = self._over_limit(shares)
         if too_many is not None:
             return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
         return actions + self._ask(stream, shares, now)
 
-    def _deal(self, stream: Stream, owner: np.ndarray) -> list[tuple[int, Indices]]:
-        """Give ``stream`` the chunk owners ``owner``; each of its servers' share."""
-        assert stream.idxs is not None
+    def _shares(
+        self, idxs: "range | np.ndarray", frames_per_chunk: int, owner: np.ndarray, servers: Sequence[int]
+    ) -> list[tuple[int, Indices]]:
+        """Each of ``servers``' share of ``idxs`` when chunk *k* comes from ``owner[k]``."""
+        share_of = _deal.shares(idxs, frames_per_chunk, owner, len(self.links))
+        return [(j, share_of[j]) for j in servers]
+
+    def _assign(self, stream: Stream, owner: np.ndarray) -> None:
+        """``stream``'s chunk *k* comes from ``owner[k]``: what each server calls it, and how many each has to deliver."""
         stream.owners, stream.local = owner, _deal.local_numbers(owner)
         counts = np.bincount(owner, minlength=len(self.links))
         stream.left = {j: int(counts[j]) for j in stream.servers}
-        share_of = _deal.shares(stream.idxs, stream.frames_per_chunk, owner, len(self.links))
-        return [(j, share_of[j]) for j in stream.servers]
 
     def _over_limit(self, shares: Sequence[tuple[int, Indices]]) -> Optional[ServerError]:
         """A share naming more frames than its server's ``max_request_frames`` (its ZeroMQ would
@@ -488,18 +496,16 @@ class ClientState:
         assert stream is not None and stream.idxs is not None
         fpc = stream.frames_per_chunk
         rest = stream.idxs[stream.next_chunk * fpc :]
-        pool = list(stream.servers)
-        owner = np.asarray(pool, np.int64)[_deal.owners(-(-len(rest) // fpc), weights)]
-        shares = _deal.shares(rest, fpc, owner, len(self.links))
-        if self._over_limit([(j, shares[j]) for j in pool]) is not None:
+        servers, owner = self._plan(rest, fpc, stream.servers, weights)
+        shares = self._shares(rest, fpc, owner, servers)
+        if self._over_limit(shares) is not None:
             return None
-        withdraw = self._withdraw(stream, cancel=True)
+        withdraw = self._withdraw(stream, cancel=True)  # to the servers of the old deal
         stream.request_id = self.new_request_id()
         stream.idxs, stream.delivered_before, stream.next_chunk = rest, stream.delivered, 0
-        stream.total_chunks, stream.redeals = len(owner), stream.redeals + 1
-        dealt = set(owner.tolist())
-        stream.servers = [j for j in pool if j in dealt]
-        return withdraw + self._ask(stream, self._deal(stream, owner), now)
+        stream.total_chunks, stream.redeals, stream.servers = len(owner), stream.redeals + 1, servers
+        self._assign(stream, owner)
+        return withdraw + self._ask(stream, shares, now)
 
     def replace(self, request_id: int) -> Actions:
         """End the current request because ``request_id`` replaces it (see :meth:`cancel`)."""
