@@ -306,7 +306,7 @@ class AsyncVideo:
                         start_timeout=start_timeout, log_level=server_log_level, options=options, wait=wait
                     )
                 else:
-                    process, _new = shared_server(server_log_level, options, start_timeout)
+                    process = shared_server(server_log_level, options, start_timeout)
                     owned = False
                 if not process.endpoint and "*" in process.bind:
                     process.wait_ready()  # a port the system picks: known only once it listens

@@ -232,10 +232,10 @@ _shared_lock = threading.Lock()
 _shared: dict[tuple[str, tuple[str, ...]], ServerProcess] = {}
 
 
-def shared_server(log_level: str, options: Sequence[str], start_timeout: float) -> tuple[ServerProcess, bool]:
+def shared_server(log_level: str, options: Sequence[str], start_timeout: float) -> ServerProcess:
     """This process's private server started like this, shared by all its clients; started now
     (without waiting: see :meth:`ServerProcess.wait_ready`) if there is none yet, or if the
-    last one ended. Returns ``(server, new)``.
+    last one ended.
 
     A shared server outlives the clients that use it, so the next client of this process
     costs a connection, not a process start; it exits with this process (its lifeline).
@@ -246,14 +246,14 @@ def shared_server(log_level: str, options: Sequence[str], start_timeout: float) 
         server = _shared.get(key)
         if server is not None and server.owner_pid == os.getpid() and server.exit_code() is None:
             server.start_timeout = max(server.start_timeout, start_timeout)
-            return server, False
+            return server
         if server is not None and server.owner_pid == os.getpid():
             server.stop()  # it ended: tidy up its folder
         server = take_prestarted(log_level, options, start_timeout, wait=False) or ServerProcess(
             start_timeout=start_timeout, log_level=log_level, options=options, wait=False
         )
         _shared[key] = server
-        return server, True
+        return server
 
 
 def stop_shared_servers() -> None:
@@ -325,12 +325,12 @@ def user_server(log_level: str, options: Sequence[str], start_timeout: float) ->
     folder, name = os.path.dirname(path), os.path.basename(path)[: -len(".sock")]
     endpoint = f"ipc://{path}"
     idle = float(os.environ.get("ASYNCFRAMES_USER_SERVER_IDLE") or USER_SERVER_IDLE_S)
-    if _listening(path):
+    if listening(path):
         return endpoint
     deadline = time.monotonic() + start_timeout
     with open(os.path.join(folder, "start.lock"), "w") as lock:
         _lock(lock, deadline)
-        if _listening(path):  # another process started it meanwhile
+        if listening(path):  # another process started it meanwhile
             return endpoint
         try:
             os.unlink(path)  # a socket nobody listens on: its server is gone
@@ -343,7 +343,7 @@ def user_server(log_level: str, options: Sequence[str], start_timeout: float) ->
                  "--unconfined", "--allow-stop", "--idle-exit", f"{idle:g}", "--log-level", log_level, *options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True,
             )
-        while not _listening(path):
+        while not listening(path):
             if popen.poll() is not None:
                 raise ServerStartError(f"the per-user frame server exited with code {popen.returncode} before it was ready (see {log_path})")
             if time.monotonic() > deadline:
@@ -372,11 +372,6 @@ def user_server_path(log_level: str, options: Sequence[str]) -> str:
 
 
 def listening(path: str) -> bool:
-    """Whether a server listens on the unix socket ``path``."""
-    return _listening(path)
-
-
-def _listening(path: str) -> bool:
     """Whether a server listens on the unix socket ``path`` (a connection is accepted)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)

@@ -271,6 +271,7 @@ class VideoReader(FrameSource):
         #: Where the index came from: "given" (another reader's), "stored" (on disk, see
         #: :mod:`asyncframes._index_store`), "demuxed" or "counted".
         self.index_source = "given"
+        self._unstored: Optional[tuple[index_store.IndexStore, str]] = None  # a built index and where to keep it
         self.index = index if index is not None else self._stored_or_built_index()
         if self.index.frame_count == 0:
             self.close()
@@ -294,6 +295,7 @@ class VideoReader(FrameSource):
             np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
         )
         self.check_unchanged("being opened")
+        self._keep_index()
 
     # -- public -------------------------------------------------------------
 
@@ -498,7 +500,8 @@ class VideoReader(FrameSource):
         return container, stream
 
     def _stored_or_built_index(self) -> FrameIndex:
-        """The file's index from the on-disk store, else demuxed (or counted) and stored."""
+        """The file's index from the on-disk store, else demuxed (or counted); one built here is
+        stored by :meth:`_keep_index` once the open has checked the file did not change."""
         kept = index_store.store()
         key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
         if key is not None:
@@ -510,9 +513,16 @@ class VideoReader(FrameSource):
         if index.sequential and not index.pts:
             log.info("%s: %s; frames are found by counting", self.filename, index.reason)
             index, self.index_source = self._count_frames(index.reason), "counted"
-        if key is not None and source_identity(self.filename) == self.signature:  # unchanged while indexed
-            kept.save(key, index)  # type: ignore[union-attr]
+        if key is not None:
+            self._unstored = (kept, key)  # type: ignore[assignment]
         return index
+
+    def _keep_index(self) -> None:
+        """Store the index this reader built (the file was unchanged while it was opened)."""
+        unstored, self._unstored = self._unstored, None
+        if unstored is not None:
+            kept, key = unstored
+            kept.save(key, self.index)
 
     def _build_index(self) -> FrameIndex:
         container, stream = self._open()
