@@ -73,9 +73,15 @@ def default_videos() -> list[Path]:
 
 
 def _frame_pts(path: str) -> list[int]:
+    return _packet_pts(path)[0]
+
+
+def _packet_pts(path: str) -> tuple[list[int], list[int]]:
+    """The pts of every frame, and of every keyframe, sorted (one demux of the file)."""
     with av.open(path) as container:
         stream = container.streams.video[0]
-        return sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and p.pts is not None]
+    return sorted(pts for pts, _ in packets), sorted(pts for pts, key in packets if key)
 
 
 def touch(frames: np.ndarray) -> int:
@@ -115,11 +121,10 @@ class SeekingReader:
     from an earlier keyframe, so every frame returned is the right one."""
 
     def __init__(self, path: str) -> None:
-        self.pts = _frame_pts(path)
+        self.pts, self.keys = _packet_pts(path)
         self.container = av.open(path)
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"
-        self.keys = sorted(p.pts for p in av.open(path).demux(video=0) if p.is_keyframe and p.pts is not None)
         self._last = -2  # index of the frame the decoder presented last
         self._frames: Optional[Iterator[av.VideoFrame]] = None
 

@@ -368,22 +368,29 @@ class FrameServers:
         count = num_servers if num_servers is not None else len(nodes)
         if count < 1:
             raise ValueError(f"num_servers must be >= 1, got {count}")
-        self.name = name
         prefix = name if name is not None else f"unnamed-{uuid.uuid4().hex}"
-        self._names = [f"server-{k}" for k in range(count)]
-        self._port_keys = [f"{prefix}-{k}:port" for k in range(count)]
         actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(_FrameServerActor)
-        self._actors = []
+        actors = []
         for k in range(count):
             options: dict[str, Any] = {
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=True),
             }
             if name is not None:
                 options.update(name=f"{name}-{k}", namespace=NAMESPACE, lifetime="detached" if detached else None)
-            self._actors.append(actor.options(**options).remote(root, server_options, self._port_keys[k]))
-        self._owner = True
+            actors.append(actor.options(**options).remote(root, server_options, _port_key(prefix, k)))
+        self._attach(name, prefix, actors, owner=True, timeout=None)
+
+    def _attach(self, name: Optional[str], prefix: str, actors: list[Any], owner: bool, timeout: Optional[float]) -> None:
+        """Read from ``actors`` (named ``prefix-k``); ``owner``: :meth:`shutdown` on leaving."""
+        import ray
+
+        self.name = name
+        self._names = [f"server-{k}" for k in range(len(actors))]
+        self._port_keys = [_port_key(prefix, k) for k in range(len(actors))]
+        self._actors = actors
+        self._owner = owner
         self._clients: dict[str, Any] = {}
-        self.endpoints = ray.get([a.endpoint.remote() for a in self._actors])
+        self.endpoints = ray.get([a.endpoint.remote() for a in actors], timeout=timeout)
 
     @classmethod
     def connect(cls, name: str, timeout: float = 60.0) -> "FrameServers":
@@ -414,13 +421,7 @@ class FrameServers:
         if not actors:
             raise ValueError(f"no frame servers named {name!r} in the Ray namespace {NAMESPACE!r}")
         self = cls.__new__(cls)
-        self.name = name
-        self._names = [f"server-{k}" for k in range(len(actors))]
-        self._port_keys = [f"{name}-{k}:port" for k in range(len(actors))]
-        self._actors = actors
-        self._owner = False
-        self._clients = {}
-        self.endpoints = ray.get([a.endpoint.remote() for a in actors], timeout=timeout)
+        self._attach(name, name, actors, owner=False, timeout=timeout)
         return self
 
     def client(self, **options: Any) -> Any:
@@ -555,6 +556,11 @@ class FrameServers:
             self.shutdown()
         else:
             self.close()
+
+
+def _port_key(prefix: str, k: int) -> str:
+    """Where server ``k`` of the servers named ``prefix`` keeps its port in Ray's key-value store."""
+    return f"{prefix}-{k}:port"
 
 
 def _nodes_with(labels: Optional[dict[str, str]]) -> list[str]:
