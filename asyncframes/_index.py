@@ -243,9 +243,9 @@ def index_from_record(record: Any) -> FrameIndex:
             raise ValueError(f"record's {name} is not a 1-D array of kind {kind!r}")
     if len(missing) != len(pts) or len(dts_missing) != len(seek_dts) or len(seek_dts) not in (0, len(seek_pts)):
         raise ValueError("record's arrays differ in length")
-    if not len(pts) or np.any(np.diff(seek_pts) <= 0):
+    if not len(pts) or not _increasing(seek_pts):
         raise ValueError("record has no frames, or keyframes out of order")
-    if not sequential and (missing.any() or np.any(np.diff(pts) <= 0) or not len(seek_pts) or seek_pts[0] > pts[0]):
+    if not sequential and (missing.any() or not _increasing(pts) or not len(seek_pts) or seek_pts[0] > pts[0]):
         raise ValueError("record's timestamps do not make a packet index")
     return FrameIndex(
         pts=[None if m else int(p) for p, m in zip(pts, missing)] if sequential else pts.tolist(),
@@ -255,3 +255,8 @@ def index_from_record(record: Any) -> FrameIndex:
         seek_dts=[None if m else int(d) for d, m in zip(seek_dts, dts_missing)],
         seek_lead=lead,
     )
+
+
+def _increasing(values: np.ndarray) -> bool:
+    """Strictly increasing (neighbours compared: a difference could overflow int64)."""
+    return bool(np.all(values[1:] > values[:-1]))

@@ -101,7 +101,8 @@ class IndexStore:
     def _prune(self) -> None:
         with self._lock:
             try:
-                records = [(e.stat().st_mtime_ns, e.stat().st_size, Path(e.path)) for e in os.scandir(self.folder) if e.name.endswith(".npz")]
+                stats = [(e.stat(), Path(e.path)) for e in os.scandir(self.folder) if e.name.endswith(".npz")]
+                records = [(st.st_mtime_ns, st.st_size, path) for st, path in stats]
             except OSError:
                 return
             total = sum(size for _, size, _ in records)

@@ -33,11 +33,11 @@ def store(tmp_path, monkeypatch):
 
 
 @pytest.mark.pure
-@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=300, unique=True), st.data())
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=300, unique=True), st.data())
 def test_any_packet_index_comes_back_from_its_record(pts, data):
     pts = sorted(pts)
     seek = sorted(set([pts[0]] + data.draw(st.lists(st.sampled_from(pts), max_size=20))))
-    dts = [data.draw(st.one_of(st.none(), st.integers(-(2**40), 2**40))) for _ in seek]
+    dts = [data.draw(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))) for _ in seek]
     index = FrameIndex(pts=pts, seek_pts=seek, seek_dts=dts, seek_lead=data.draw(st.integers(0, 9)))
     assert index_from_record(index_record(index)) == index
 
