@@ -40,6 +40,11 @@ PRIVATE_SOCKET = "server.sock"
 READY_LINE = "asyncframes server ready on"
 
 
+def serve_command(*args: str) -> list[str]:
+    """``asyncframes serve ARGS`` in a fresh interpreter (``$ASYNCFRAMES_PYTHON`` if set)."""
+    return [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", *args]
+
+
 class ServerProcess:
     """A private frame server: owned by one client, or shared by every client of this process (:func:`shared_server`)."""
 
@@ -61,7 +66,7 @@ class ServerProcess:
         owned = ["--private-dir", self._private_dir] if self._private_dir else []
         try:
             self.popen = subprocess.Popen(
-                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", bind, *owned, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level, *options],
+                serve_command("--bind", bind, *owned, "--lifeline", "--allow-stop", "--unconfined", "--log-level", log_level, *options),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # the server's log lines go to our stderr
@@ -339,8 +344,7 @@ def user_server(log_level: str, options: Sequence[str], start_timeout: float) ->
         log_path = os.path.join(folder, name + ".log")
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                [os.environ.get("ASYNCFRAMES_PYTHON") or sys.executable, "-m", "asyncframes", "serve", "--bind", endpoint,
-                 "--unconfined", "--allow-stop", "--idle-exit", f"{idle:g}", "--log-level", log_level, *options],
+                serve_command("--bind", endpoint, "--unconfined", "--allow-stop", "--idle-exit", f"{idle:g}", "--log-level", log_level, *options),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True,
             )
         while not listening(path):
