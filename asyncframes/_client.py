@@ -70,6 +70,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 _DEFAULT: Any = object()
 #: Longest single wait between liveness checks.
 _SLICE_S = 0.05
+#: How long libzmq may go on sending a closed connection's last messages (its goodbye), in the
+#: background: a server that is gone or slow costs at most this at exit.
+_BYE_LINGER_MS = 100
 
 
 class FrameChunk(NamedTuple):
@@ -175,8 +178,10 @@ class _Connection:
         self.use_slots()
         self.socket = ClientSocket(self.endpoint, self._curve)
 
-    def close(self) -> None:
-        self.socket.close()
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket (``linger_ms``: time libzmq may take to send what is queued) and
+        stop the server process if it is ours."""
+        self.socket.close(linger_ms)
         self.slots.clear()  # arrays the caller still holds keep their own mapping
         if self.process is not None and self.owns_process:
             self.process.stop()
@@ -813,12 +818,14 @@ class AsyncVideo:
                 for i, conn in enumerate(conns):
                     if conn.process is not None and conn.owns_process:
                         self._send(Send(i, conn.link.generation, protocol.Stop(), must=False), None)
+                    elif conn.link.greeted:  # a server that goes on: it frees what was ours now
+                        self._send(Send(i, conn.link.generation, conn.link.bye(), must=False), None)
         finally:
             self._closed = state.closed = True
             state.stream = None
             self._conns = []
             for conn in conns:
-                conn.close()
+                conn.close(linger_ms=_BYE_LINGER_MS)
 
     def __enter__(self) -> "AsyncVideo":
         return self

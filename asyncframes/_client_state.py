@@ -177,10 +177,18 @@ class Link:
 
     def release(self) -> Optional[protocol.Release]:
         """The release of every slot freed since the last one, or None."""
-        slots = []
-        while self.freed:
-            slots.append(self.freed.popleft())
+        slots = self._take_freed()
         return protocol.Release(slots=slots) if slots else None
+
+    def bye(self) -> protocol.Bye:
+        """The last message of a connection closed on purpose, with the slots freed since the last release."""
+        return protocol.Bye(slots=self._take_freed())
+
+    def _take_freed(self) -> list[int]:
+        slots = []
+        while self.freed and len(slots) < protocol.MAX_RELEASE_SLOTS:
+            slots.append(self.freed.popleft())
+        return slots
 
 
 @attrs.define

@@ -213,6 +213,15 @@ class Release:
 
 
 @attrs.frozen
+class Bye:
+    """Client → server: this connection is closing; the caller no longer holds the chunks in
+    ``slots`` either. The server forgets the client at once (instead of at its next failed
+    ping) and keeps its free slots for the next client."""
+
+    slots: list[int] = attrs.field(factory=list, validator=[_idx_list, _v.max_len(MAX_RELEASE_SLOTS)])
+
+
+@attrs.frozen
 class InfoRequest:
     """Client → server: describe ``video``."""
 
@@ -286,7 +295,7 @@ class Shutdown:
 
 
 Message = Union[
-    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, Release, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown,
+    Hello, Welcome, Request, Chunk, Error, Cancel, Credit, Release, Bye, InfoRequest, InfoReply, Ping, Pong, Stop, Shutdown,
     FrameTimesRequest, FrameTimesReply,
 ]
 
@@ -299,6 +308,7 @@ KINDS: dict[str, type] = {
     "cancel": Cancel,
     "credit": Credit,
     "release": Release,
+    "bye": Bye,
     "info": InfoRequest,
     "info_reply": InfoReply,
     "ping": Ping,

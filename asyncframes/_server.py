@@ -34,6 +34,7 @@ from ._protocol import ShmProbe
 from ._reader import FrameCache, ReadInterrupted
 from ._server_actions import (
     Action,
+    CloseSpares,
     Decode,
     ForgetClient,
     ForgetRequest,
@@ -152,6 +153,8 @@ class FrameServer:
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         #: Per client, its shared-memory slot buffers by slot number (the core keeps the books).
         self._slots: dict[bytes, dict[int, shm.SharedBuffer]] = {}
+        #: Spare slot buffers of clients that left, by key (the core's :class:`Spares`).
+        self._spares: dict[int, shm.SharedBuffer] = {}
         #: Frame caches of requests, by (client, request id).
         self._caches: dict[tuple[bytes, int], FrameCache] = {}
         self._running = False
@@ -222,6 +225,7 @@ class FrameServer:
         self._carry_out(self.state.shutdown(self._stop_reason or "server stopped"))
         if self._probe is not None:
             self._probe.close()
+        self._close_spares(list(self._spares))
         self._pool.close()
         self._opener.close()
         self.socket.close()
@@ -243,10 +247,15 @@ class FrameServer:
             elif isinstance(action, ForgetRequest):
                 self._caches.pop((action.client, action.request_id), None)
             elif isinstance(action, ForgetClient):
-                for buf in self._slots.pop(action.client, {}).values():
+                bufs = self._slots.pop(action.client, {})
+                for slot, key in action.spares:
+                    self._spares[key] = bufs.pop(slot)
+                for buf in bufs.values():
                     buf.close()
                 for key in [key for key in self._caches if key[0] == action.client]:
                     del self._caches[key]
+            elif isinstance(action, CloseSpares):
+                self._close_spares(action.keys)
             elif isinstance(action, ForgetVideo):
                 self._opener.forget(action.video)
             elif isinstance(action, FreeBuffers):
@@ -291,6 +300,9 @@ class FrameServer:
             buf = slots.pop(slot, None)
             if buf is not None:
                 buf.close()
+        self._close_spares(decode.close_spares)
+        if decode.slot is not None and decode.slot.spare is not None:
+            slots[decode.slot.slot] = self._spares.pop(decode.slot.spare)
         if decode.slot is not None and decode.slot.new:
             try:
                 buf = shm.SharedBuffer(decode.slot.size, f"asyncframes-slot-{decode.slot.slot}")
@@ -322,6 +334,12 @@ class FrameServer:
             self._carry_out(self.state.chunk_failed(decode, exc, time.monotonic()))
             return
         self._carry_out(self.state.chunk_decoded(decode, time.monotonic()), payload=frames)
+
+    def _close_spares(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            buf = self._spares.pop(key, None)
+            if buf is not None:
+                buf.close()
 
     def _cache(self, decode: Decode) -> Optional[FrameCache]:
         use = decode.cache

@@ -62,11 +62,13 @@ class OpenVideo:
 @attrs.frozen
 class SlotUse:
     """A shared-memory slot a chunk is decoded into; ``new``: the driver makes a buffer of
-    ``size`` bytes for it first and reports its fd (:meth:`ServerState.slot_made`)."""
+    ``size`` bytes for it first and reports its fd (:meth:`ServerState.slot_made`);
+    ``spare``: the driver gives it the spare buffer kept under that key instead."""
 
     slot: int
     size: int
     new: bool
+    spare: Optional[int] = None
 
 
 @attrs.frozen
@@ -96,6 +98,8 @@ class Decode:
     cache: Optional[CacheUse] = None
     #: Slots of this client retired to make room: the driver closes their buffers.
     close_slots: tuple[int, ...] = ()
+    #: Spare buffers closed to make room for a new slot.
+    close_spares: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -127,9 +131,22 @@ class ForgetRequest:
 
 @attrs.frozen
 class ForgetClient:
-    """A client is gone: close its shared slots and drop its requests' caches."""
+    """A client is gone: close its shared slots and drop its requests' caches.
+
+    ``spares``: (slot, key) of its free slots to keep, under ``key``, as spares for the
+    next clients instead of closing them (a new slot's memory costs about 1 ms per MB
+    the first time it is written; a reused one nothing).
+    """
 
     client: bytes
+    spares: tuple[tuple[int, int], ...] = ()
+
+
+@attrs.frozen
+class CloseSpares:
+    """Close the spare buffers kept under these keys (the server has been idle)."""
+
+    keys: tuple[int, ...]
 
 
 @attrs.frozen
@@ -153,4 +170,6 @@ class Stop:
     reason: str
 
 
-Action = Union[Send, OpenVideo, Decode, ReadAround, ResizeCache, ForgetRequest, ForgetClient, ForgetVideo, FreeBuffers, Stop]
+Action = Union[
+    Send, OpenVideo, Decode, ReadAround, ResizeCache, ForgetRequest, ForgetClient, CloseSpares, ForgetVideo, FreeBuffers, Stop
+]

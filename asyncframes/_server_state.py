@@ -22,7 +22,8 @@ What it decides, each rule in one place:
   credit or room; inline chunks within the server's and the client's caps on bytes queued
   in ZeroMQ, the client's cap also its requests' windows of chunks in bytes.
 * **Shared-memory slots** (:class:`SlotBook`): which slot numbers exist, are lent, free or
-  retired, and their sizes; ``max_window + 3`` per client, ``max_shared_bytes`` overall.
+  retired, and their sizes; ``max_window + 3`` per client, ``max_shared_bytes`` overall;
+  the released slots of clients that left are spares for the next (:class:`Spares`).
 * **Cancel** (:meth:`ServerState.cancel_queued`), **cache shares** (:func:`cache_shares`),
   **read-around** (:meth:`ServerState.read_around`), **pings, idle buffers and idle exit**
   (:meth:`ServerState.tick`), **how long to sleep** (:meth:`ServerState.wait_s`),
@@ -49,6 +50,7 @@ from ._config import ServerConfig
 from ._index import check_frame_idxs
 from ._protocol import (
     PROTOCOL_VERSION,
+    Bye,
     Cancel,
     Credit,
     Error,
@@ -69,6 +71,7 @@ from ._protocol import (
 from ._server_actions import (
     Action,
     CacheUse,
+    CloseSpares,
     Decode,
     ForgetClient,
     ForgetRequest,
@@ -118,6 +121,8 @@ CLIENT_SHARE = 16
 READ_AROUND_DELAY_S = 0.02
 #: Shared slots per client beyond its window: the chunk the caller holds, and releases on their way.
 SLOTS_BEYOND_WINDOW = 3
+#: A server that has sent no chunk for this long closes its spare slots (see :class:`Spares`).
+SPARES_IDLE_S = 30.0
 
 FLOODED_MESSAGE = (
     f"this client sent more messages (over {CLIENT_QUEUE}, or over {CLIENT_QUEUE_REQUESTS} of the largest "
@@ -218,30 +223,43 @@ class SlotBook:
     def nbytes(self) -> int:
         return sum(self.free.values()) + sum(self.lent.values())
 
-    def take(self, nbytes: int, room: int) -> Optional[tuple[SlotUse, list[int]]]:
+    def take(self, nbytes: int, room: int, spares: Optional["Spares"] = None) -> Optional[tuple[SlotUse, list[int]]]:
         """A slot of at least ``nbytes`` (now lent) and the slots closed to make it, or None.
 
-        ``room``: bytes the server may still add to shared memory.
+        Its own free slot if one fits; else a spare of ``spares`` that fits (its memory has
+        been written before, so it costs nothing to fill); else a new one, for which spares
+        are closed if that makes room.
+
+        ``room``: bytes the server may still add to shared memory (spares counted as used).
         """
-        closed: list[int] = []
         fits = [(size, slot) for slot, size in self.free.items() if size >= nbytes]
         if fits:
             _, slot = min(fits)
             use = SlotUse(slot, self.free.pop(slot), new=False)
+            self.lent[use.slot] = use.size
+            return use, []
+        full = len(self.free) + len(self.lent) >= self.max_slots
+        if full and not self.free:
+            return None
+        spare = spares.fitting(nbytes) if spares is not None else None
+        size = spare[1] if spare is not None else _round_up(nbytes)
+        if spare is None and size > room and not (spares is not None and spares.close_for(size - room)):
+            return None
+        closed: list[int] = []
+        if full:
+            small = min(self.free, key=lambda s: self.free[s])  # retire the smallest free slot
+            del self.free[small]
+            self.fds.pop(small, None)
+            self.retired.append(small)
+            closed.append(small)
+        if spare is not None:
+            assert spares is not None
+            key, _, fd = spares.adopt(spare[0])
+            use = SlotUse(self._next, size, new=False, spare=key)
+            self.fds[use.slot] = fd
         else:
-            size = _round_up(nbytes)
-            if size > room:
-                return None
-            if len(self.free) + len(self.lent) >= self.max_slots:
-                if not self.free:
-                    return None
-                small = min(self.free, key=lambda s: self.free[s])  # retire the smallest free slot
-                del self.free[small]
-                self.fds.pop(small, None)
-                self.retired.append(small)
-                closed.append(small)
             use = SlotUse(self._next, size, new=True)
-            self._next += 1
+        self._next += 1
         self.lent[use.slot] = use.size
         return use, closed
 
@@ -260,6 +278,71 @@ class SlotBook:
     def take_retired(self) -> list[int]:
         out, self.retired = self.retired, []
         return out
+
+
+class Spares:
+    """Free slots of clients that left, kept for the next ones: the server-wide spare buffers.
+
+    Writing a new slot's memory the first time costs about 1 ms per MB (the kernel finds
+    and zeroes each page); a spare has been written before and costs nothing. So the free
+    slots of a client that leaves (the caller holds no array over them: it released them)
+    go here, and a client that needs a slot it does not have takes the smallest spare that
+    fits. They count against ``max_shared_bytes``, are closed first when a new slot needs
+    the room, and all of them after ``SPARES_IDLE_S`` without a chunk.
+    """
+
+    def __init__(self) -> None:
+        self._next = 1
+        #: Spare key -> (size, fd).
+        self.kept: dict[int, tuple[int, int]] = {}
+        #: Keys closed to make room since the driver was last told.
+        self.closed: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for size, _ in self.kept.values())
+
+    def keep(self, size: int, fd: int) -> int:
+        """Keep a slot of ``size`` bytes (memfd ``fd``); returns its key."""
+        key = self._next
+        self._next += 1
+        self.kept[key] = (size, fd)
+        return key
+
+    def fitting(self, nbytes: int) -> Optional[tuple[int, int]]:
+        """(key, size) of the smallest spare of at least ``nbytes``, or None."""
+        fits = [(size, key) for key, (size, _) in self.kept.items() if size >= nbytes]
+        if not fits:
+            return None
+        size, key = min(fits)
+        return key, size
+
+    def adopt(self, key: int) -> tuple[int, int, int]:
+        """Take the spare ``key`` out: (key, size, fd)."""
+        size, fd = self.kept.pop(key)
+        return key, size, fd
+
+    def close_for(self, nbytes: int) -> bool:
+        """Close the oldest spares until ``nbytes`` are freed; False (closing none) if all of
+        them would not free that much."""
+        if nbytes > self.nbytes:
+            return False
+        freed = 0
+        while freed < nbytes:
+            key = next(iter(self.kept))
+            freed += self.kept.pop(key)[0]
+            self.closed.append(key)
+        return True
+
+    def take_closed(self) -> list[int]:
+        out, self.closed = self.closed, []
+        return out
+
+    def close_all(self) -> list[int]:
+        """Every key, all closed now."""
+        keys = list(self.kept)
+        self.kept.clear()
+        return keys
 
 
 # -- the state ----------------------------------------------------------------------------------
@@ -368,6 +451,8 @@ class ServerState:
         self._resized: dict[tuple[bytes, int], int] = {}
         self._last_chunk_at = now
         self._trimmed = True
+        #: Free slots of clients that left, for the next ones.
+        self.spares = Spares()
         self._around: Optional[tuple[Video, bool, int, int, int]] = None
         self._around_at = 0.0
         self._alone_since = now  # when the last client left (or the server started)
@@ -529,6 +614,10 @@ class ServerState:
             if state.slots is not None:
                 state.slots.release(message.slots)
             return []
+        if isinstance(message, Bye):
+            if state.slots is not None:
+                state.slots.release(message.slots)
+            return self.client_gone(client, "said goodbye", now)
         if isinstance(message, Cancel):
             return self._cancel(client, state, message.request_id, now)
         if isinstance(message, InfoRequest):
@@ -701,7 +790,7 @@ class ServerState:
             chunk_bytes = req.next_chunk_bytes()
             slots = self._slots_for(req)
             if slots is not None and chunk_bytes and now >= req.shm_retry_at:
-                taken = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes())
+                taken = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes(), self.spares)
                 if taken is not None:
                     return self._begin(req, now, *taken)
                 req.shm_retry_at = now + ROOM_RETRY_S
@@ -736,8 +825,8 @@ class ServerState:
         return sum(min(r.request.window, self.config.max_window) * r.request.frames_per_chunk * r.frame_bytes for r in reqs)
 
     def _shared_bytes(self) -> int:
-        """Shared memory held for all clients' chunk slots."""
-        return sum(state.slots.nbytes for state in self._clients.values() if state.slots is not None)
+        """Shared memory held for all clients' chunk slots, and as spares."""
+        return self.spares.nbytes + sum(state.slots.nbytes for state in self._clients.values() if state.slots is not None)
 
     def _begin(self, req: _Request, now: float, slot: Optional[SlotUse], closed: list[int]) -> Decode:
         req.decoding = True
@@ -763,6 +852,7 @@ class ServerState:
             slot=slot,
             cache=cache,
             close_slots=tuple(closed),
+            close_spares=tuple(self.spares.take_closed()),
         )
 
     def _decoding(self, decode: Decode) -> Optional[_Request]:
@@ -910,6 +1000,8 @@ class ServerState:
         if now - self._last_chunk_at >= BUFFERS_IDLE_S:
             actions.append(FreeBuffers(release_memory=not self._trimmed))
             self._trimmed = True
+        if self.spares.kept and now - self._last_chunk_at >= SPARES_IDLE_S:
+            actions.append(CloseSpares(tuple(self.spares.close_all())))
         if self._clients or self._inbox:
             self._alone_since = now
         elif self.config.idle_exit and now - self._alone_since >= self.config.idle_exit and not self.stopping:
@@ -976,7 +1068,14 @@ class ServerState:
         # A request being decoded is logged as abandoned here; its outcome, when it comes, is ignored.
         for req in state.requests.values():
             self._log(req, req.last_sent if now is None else now, f"abandoned: client {why}")
-        return [ForgetClient(client)]
+        return [ForgetClient(client, spares=self._keep_spares(state.slots))]
+
+    def _keep_spares(self, slots: Optional[SlotBook]) -> tuple[tuple[int, int], ...]:
+        """(slot, spare key) of a leaving client's free slots, now spares (lent ones close:
+        the caller may still hold arrays over them)."""
+        if slots is None or self.stopping:
+            return ()
+        return tuple((slot, self.spares.keep(size, slots.fds[slot])) for slot, size in slots.free.items() if slot in slots.fds)
 
     def shutdown(self, reason: str) -> list[Action]:
         """The server is going away: tell every client that said hello or has requests."""

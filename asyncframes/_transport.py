@@ -373,15 +373,20 @@ class ClientSocket:
                 found.append(event)
         return found
 
-    def close(self) -> None:
-        """Close the socket and its monitor; queued messages are dropped. Safe to call twice."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket and its monitor. Safe to call twice.
+
+        Args:
+            linger_ms: how long libzmq may go on sending what is queued, in the background
+                (at most that long, also at exit); 0 drops it.
+        """
         if not self.socket.closed:
             try:
                 self.socket.disable_monitor()
             except zmq.ZMQError:
                 pass
             self.monitor.close(linger=0)
-            self.socket.close(linger=0)
+            self.socket.close(linger=linger_ms)
 
 
 def poll_any(sockets: Sequence[ClientSocket], timeout_ms: int) -> list[ClientSocket]:

@@ -66,6 +66,19 @@ def shared_fds(pid: int) -> set[str]:
     return found
 
 
+def shared_slots(pid: int) -> set[int]:
+    """The shared-memory slots a process holds, as the inodes of their memfds (names repeat:
+    slot numbers are per client)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "memfd:asyncframes-slot" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return found
+
+
 @needs_shm
 def test_frames_arrive_in_shared_memory_without_a_copy(make_clip):
     clip = make_clip("h264_gops.mp4")
@@ -296,3 +309,48 @@ def test_a_server_keeps_to_its_shared_memory_budget(tmp_path, make_clip):
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture
+def standalone_server(tmp_path, make_clip):
+    """A server over ``tmp_path`` that never pings (nothing but a client's goodbye frees its slots)."""
+    shutil.copy(make_clip("h264_gops.mp4"), tmp_path / "gops.mp4")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asyncframes", "serve", "--bind", "tcp://127.0.0.1:*", "--root", str(tmp_path),
+         "--ping-interval", "3600"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        yield server, server.stdout.readline().split()[-1]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@needs_shm
+def test_one_asyncvideo_per_video_reuses_the_shared_memory_of_the_last(standalone_server, make_clip):
+    """SLEAP-style code opens an AsyncVideo per video: each one's released slots go to the next
+    (writing fresh shared memory costs ~1 ms per MB), so the server holds one client's worth."""
+    server, endpoint = standalone_server
+    clip = make_clip("h264_gops.mp4")
+    for k in range(8):
+        idxs = shuffled_with_duplicates(150, 60, seed=k)
+        with AsyncVideo.from_video("gops.mp4", idxs, frames_per_chunk=8, endpoint=endpoint, window=2) as av:
+            for frame_idxs, frames in av.chunks:
+                assert_frames_exact(clip, frame_idxs, frames)
+            del frames  # nothing of this client's is held: all of its slots can go to the next
+    assert len(shared_slots(server.pid)) <= 2 + 3, "one client's window, held chunk and releases in flight"
+
+
+@needs_shm
+def test_a_chunk_kept_past_close_is_never_handed_to_the_next_client(standalone_server, make_clip):
+    server, endpoint = standalone_server
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo.from_video("gops.mp4", range(150), frames_per_chunk=8, endpoint=endpoint, window=2) as av:
+        *_, (kept_idxs, kept) = av.chunks  # the last chunk stays in our hands
+    assert type(kept.base).__name__ == "Lease"
+    for k in range(3):  # later clients stream other frames through the spare slots
+        with AsyncVideo.from_video("gops.mp4", shuffled_with_duplicates(150, 80, seed=k), 8, endpoint=endpoint) as av:
+            for frame_idxs, frames in av.chunks:
+                assert_frames_exact(clip, frame_idxs, frames)
+    assert_frames_exact(clip, kept_idxs, kept)

@@ -154,6 +154,9 @@ class Session(Exchange):
         answer = [(m, p) for m, p in replies if not self._background(m, p, expected)]
         _event(f"{type(expected).__name__}{'' if self.greeted else ' (no hello)'} -> {_summary(answer)}")
         check_answer(frames, expected, self.greeted, answer, self.streams)
+        if self.greeted and isinstance(expected, protocol.Bye):  # the server forgot us: hello again
+            self.greeted = False
+            self.streams.clear()
         if self.greeted and fresh and isinstance(answer[0][0], protocol.Chunk):
             self.streams[expected.request_id] = (expected, 0)
             for message, payload in answer:
@@ -244,7 +247,7 @@ def check_answer(
         assert "already in use" in replies[0][0].message
     elif isinstance(message, protocol.Request):
         check_request_answer(message, replies)
-    elif isinstance(message, (protocol.Credit, protocol.Release, protocol.Cancel)):
+    elif isinstance(message, (protocol.Credit, protocol.Release, protocol.Cancel, protocol.Bye)):
         assert replies == [], f"{message} needs no answer, got {replies}"
     elif isinstance(message, protocol.InfoRequest):
         assert len(replies) == 1, replies
@@ -382,6 +385,7 @@ def valid_messages(draw: st.DrawFn) -> protocol.Message:
                 protocol.Credit(request_id=rid, chunks=draw(st.integers(1, 5))),
                 protocol.Cancel(request_id=rid),
                 protocol.Release(slots=draw(st.lists(st.integers(0, 20), max_size=4))),
+                protocol.Bye(slots=draw(st.lists(st.integers(0, 20), max_size=4))),
                 protocol.InfoRequest(request_id=rid, video=video),
                 protocol.Ping(request_id=rid),
                 protocol.Stop(),
