@@ -644,6 +644,7 @@ class AsyncVideo:
         while True:
             self._check_open()
             if state.iteration_over(stream):
+                self._carry_out(state.releases())  # what the caller let go of, while it waits
                 return
             try:
                 chunk = self.next_chunk(timeout=self.timeout)

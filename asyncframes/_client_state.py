@@ -529,6 +529,20 @@ class ClientState:
             self.last = Stream(request_id, [], None, ended=reason)
         return NOTHING
 
+    def releases(self) -> Actions:
+        """Best-effort releases of the slots freed since the last one, to each greeted server.
+
+        For the end of an iteration: the caller has let go of all but its last chunk, and
+        nothing else would tell the servers until the next request, so their slots (warm
+        memory another client could take) would stay lent meanwhile.
+        """
+        sends = []
+        for server, link in enumerate(self.links):
+            release = link.release() if link.greeted and not self.closed else None
+            if release is not None:
+                sends.append(Send(server, link.generation, release, must=False))
+        return Actions(send=tuple(sends))
+
     def cancel(self, reason: str = "was cancelled by cancel()") -> Actions:
         """End the current request (``reason`` completes "request N ..."); chunks still in flight are dropped.
 

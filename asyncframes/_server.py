@@ -300,6 +300,8 @@ class FrameServer:
             buf = slots.pop(slot, None)
             if buf is not None:
                 buf.close()
+        for client, slot, key in decode.to_spares:
+            self._spares[key] = self._slots[client].pop(slot)
         self._close_spares(decode.close_spares)
         if decode.slot is not None and decode.slot.spare is not None:
             slots[decode.slot.slot] = self._spares.pop(decode.slot.spare)

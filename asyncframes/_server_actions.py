@@ -100,6 +100,9 @@ class Decode:
     close_slots: tuple[int, ...] = ()
     #: Spare buffers closed to make room for a new slot.
     close_spares: tuple[int, ...] = ()
+    #: (client, slot, key): free slots of idle clients that become spares under ``key``
+    #: first (the driver moves their buffers), one of which this chunk's slot takes.
+    to_spares: tuple[tuple[bytes, int, int], ...] = ()
 
 
 @attrs.frozen

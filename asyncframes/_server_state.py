@@ -263,6 +263,20 @@ class SlotBook:
         self.lent[use.slot] = use.size
         return use, closed
 
+    def can_add(self) -> bool:
+        """Whether a slot can be added (retiring a free one if need be)."""
+        return len(self.free) + len(self.lent) < self.max_slots or bool(self.free)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a free slot holds ``nbytes``."""
+        return any(size >= nbytes for size in self.free.values())
+
+    def give_up(self, slot: int) -> tuple[int, int]:
+        """Hand free slot ``slot`` on (it is retired here): its (size, fd)."""
+        size = self.free.pop(slot)
+        self.retired.append(slot)
+        return size, self.fds.pop(slot)
+
     def release(self, slots: "list[int]") -> None:
         """The client let go of these slots (unknown numbers are ignored)."""
         for slot in slots:
@@ -297,6 +311,8 @@ class Spares:
         self.kept: dict[int, tuple[int, int]] = {}
         #: Keys closed to make room since the driver was last told.
         self.closed: list[int] = []
+        #: (client, slot, key) of idle clients' slots made spares since the driver was last told.
+        self.moved: list[tuple[bytes, int, int]] = []
 
     @property
     def nbytes(self) -> int:
@@ -336,6 +352,10 @@ class Spares:
 
     def take_closed(self) -> list[int]:
         out, self.closed = self.closed, []
+        return out
+
+    def take_moved(self) -> list[tuple[bytes, int, int]]:
+        out, self.moved = self.moved, []
         return out
 
     def close_all(self) -> list[int]:
@@ -790,6 +810,8 @@ class ServerState:
             chunk_bytes = req.next_chunk_bytes()
             slots = self._slots_for(req)
             if slots is not None and chunk_bytes and now >= req.shm_retry_at:
+                if not slots.fits(chunk_bytes) and self.spares.fitting(chunk_bytes) is None and slots.can_add():
+                    self._borrow_idle_slot(req.client, chunk_bytes)
                 taken = slots.take(chunk_bytes, self.config.max_shared_bytes - self._shared_bytes(), self.spares)
                 if taken is not None:
                     return self._begin(req, now, *taken)
@@ -797,6 +819,22 @@ class ServerState:
             if self._inline_room(req, queued, total):
                 return self._begin(req, now, None, [])
         return None
+
+    def _borrow_idle_slot(self, client: bytes, nbytes: int) -> None:
+        """Make the smallest free slot of at least ``nbytes`` of a client with no request in
+        flight a spare (a GUI that keeps one video open while a second is streamed): warm
+        memory for ``client``, instead of a new slot. Its owner is told it is retired."""
+        found = [
+            (size, other, slot)
+            for other, state in self._clients.items()
+            if other != client and not state.requests and state.slots is not None
+            for slot, size in state.slots.free.items()
+            if size >= nbytes and slot in state.slots.fds
+        ]
+        if found:
+            _, other, slot = min(found)
+            key = self.spares.keep(*self._clients[other].slots.give_up(slot))  # type: ignore[union-attr]
+            self.spares.moved.append((other, slot, key))
 
     def _slots_for(self, req: _Request) -> Optional[SlotBook]:
         state = self._clients.get(req.client)
@@ -853,6 +891,7 @@ class ServerState:
             cache=cache,
             close_slots=tuple(closed),
             close_spares=tuple(self.spares.take_closed()),
+            to_spares=tuple(self.spares.take_moved()),
         )
 
     def _decoding(self, decode: Decode) -> Optional[_Request]:

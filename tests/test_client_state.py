@@ -364,6 +364,16 @@ def test_slots_let_go_of_are_released_before_the_next_credit():
     assert not state.links[0].freed
 
 
+def test_slots_let_go_of_by_the_end_of_an_iteration_are_released_then_and_on_goodbye():
+    state = client(shm_pid=1234)
+    state.links[0].freed.extend([4, 5])  # the caller dropped all but its last chunk
+    actions = state.releases()
+    assert sent(actions, protocol.Release) == [(0, protocol.Release(slots=[4, 5]))] and all(not s.must for s in actions.send)
+    assert state.releases().send == ()  # nothing new: nothing sent
+    state.links[0].freed.append(6)
+    assert state.links[0].bye() == protocol.Bye(slots=[6]) and not state.links[0].freed
+
+
 def test_chunks_nobody_will_look_at_have_their_slots_released():
     state = client(shm_pid=1234)
     rid, _ = start(state, list(range(4)), 1)

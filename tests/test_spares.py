@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 
 from asyncframes._config import MiB
-from asyncframes._protocol import Bye, Credit, Ping, Release
+from asyncframes._protocol import Bye, Cancel, Credit, Ping, Release
 from asyncframes._server_actions import CloseSpares, ForgetClient, Send
 from asyncframes._server_state import BUFFERS_IDLE_S, SPARES_IDLE_S, SlotBook, Spares
 
@@ -22,9 +22,10 @@ def _stream(h: Harness, client: bytes, chunks: int, fpc: int = 1, window: int = 
     """``client`` asks for a stream and takes ``chunks`` chunks; returns (decode, chunk)s."""
     h.request(client, 1, idxs=range(100), fpc=fpc, window=window, shm=True)
     got = []
-    for _ in range(chunks):
+    while len(got) < chunks:
         decode, chunk, _ = h.chunk()
-        got.append((decode, chunk))
+        if decode.client == client:  # others' chunks go out meanwhile
+            got.append((decode, chunk))
     return got
 
 
@@ -136,3 +137,29 @@ def test_credit_after_bye_is_refused_as_from_an_unknown_client():
     h.send(A, Bye())
     (error,) = h.send(A, Credit(1, 1))
     assert error.message.error == "UnknownClientError"
+
+
+def test_a_client_borrows_the_released_slot_of_a_client_with_nothing_in_flight():
+    """A GUI keeps one video open while a second streams: the second takes the first's warm slots."""
+    h = Harness(shm=True)
+    h.hello(A, B)
+    got_a = _stream(h, A, 2)
+    h.send(A, Cancel(1), Release([c.shm.slot for _, c in got_a]))  # A stays, with nothing in flight
+    (d, c), = _stream(h, B, 1)
+    assert not d.slot.new and d.slot.spare is not None
+    assert d.to_spares == ((A, got_a[0][1].shm.slot, d.slot.spare),) or d.to_spares == ((A, got_a[1][1].shm.slot, d.slot.spare),)
+    assert c.shm.fd in {ca.shm.fd for _, ca in got_a}
+    # A is told, with its next chunk, that the slot is no longer its own
+    h.send(B, Cancel(1))
+    h.request(A, 2, idxs=range(10), fpc=1, window=1, shm=True)
+    _, chunk_a, _ = h.chunk()
+    assert chunk_a.shm.retired == [d.to_spares[0][1]]
+
+
+def test_a_client_never_borrows_from_a_client_that_is_streaming():
+    h = Harness(shm=True)
+    h.hello(A, B)
+    got_a = _stream(h, A, 2)
+    h.send(A, Release([got_a[0][1].shm.slot]))  # A's request is still in flight
+    (d, _), = _stream(h, B, 1)
+    assert d.slot.new and d.to_spares == ()
