@@ -239,7 +239,7 @@ class DecoderPool:
 
 
 #: Frames read around at a time: an interruption loses at most this many.
-READ_AROUND_PIECE = 2
+READ_AROUND_PIECE = 1
 
 
 def _recent_key(video: Video, grayscale: bool, reader: VideoReader) -> RecentKey:

@@ -377,7 +377,10 @@ class VideoReader(FrameSource):
         this read decodes (it must be used with one grayscale setting only).
         ``positions``: frame ``idxs[k]`` goes to ``out[positions[k]]`` instead of ``out[k]``
         (decoder workers each fill their share of one chunk). ``interrupt`` is asked
-        between frames; when it says True the read stops with :class:`ReadInterrupted`.
+        before each frame is decoded; when it says True the read stops with
+        :class:`ReadInterrupted` (so the decoder never moves past a frame that then goes
+        unused: reading around, a step forward interrupts and finds the frame after the
+        last one kept still next in line).
         """
         gray = self.resolve_grayscale(grayscale)
         self.check_indices(idxs)
@@ -698,6 +701,8 @@ class VideoReader(FrameSource):
             if self._must_seek(target):
                 self._seek_for(target)
             while target not in done:
+                if interrupt is not None and interrupt():
+                    raise ReadInterrupted()  # before decoding: what was decoded is all handed on
                 try:
                     i, frame = self._next()
                 except _LandedLate:
@@ -725,8 +730,6 @@ class VideoReader(FrameSource):
                     sink(i, frame)
                 if i > target:
                     raise _Mismatch(f"decoder skipped frame {target}")
-                if interrupt is not None and interrupt():
-                    raise ReadInterrupted()
 
 
 def output_for(

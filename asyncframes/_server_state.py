@@ -475,6 +475,9 @@ class ServerState:
         self.spares = Spares()
         self._around: Optional[tuple[Video, bool, int, int, int]] = None
         self._around_at = 0.0
+        #: The last small request's video, grayscale and last frame, and whether it went backward.
+        self._last_small: Optional[tuple[Video, bool, int]] = None
+        self._backward = False
         self._alone_since = now  # when the last client left (or the server started)
         self._next_ping = now + config.ping_interval
 
@@ -952,7 +955,11 @@ class ServerState:
         if last:
             actions += self._finish(req, now, "done")
         if decode.recent and decode.frames:
-            self._around = (req.request.video, req.grayscale, decode.frames[-1], req.frame_count, req.frame_bytes)
+            video, i = req.request.video, decode.frames[-1]
+            last = self._last_small
+            self._backward = last is not None and last[:2] == (video, req.grayscale) and i < last[2]
+            self._last_small = (video, req.grayscale, i)
+            self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes)
             self._around_at = now + READ_AROUND_DELAY_S
         return actions
 
@@ -1053,18 +1060,23 @@ class ServerState:
         ``READ_AROUND_DELAY_S`` (call when no chunk can go): a GUI stepping back or forth
         then finds its next frame ready.
 
-        The frames after it come first, from the next one on: the decoder is already there,
-        so each costs one frame's decoding and a person stepping forward finds them ready
-        even when the next step interrupts the reading. The frames before it follow (they
-        need a seek back)."""
+        After a step or jump forward, only the frames after it, from the next one on (as
+        many as the whole span): the decoder is already there, so each costs one frame's
+        decoding, and a person stepping forward finds them ready even when the next step
+        interrupts the reading. Frames before it would need a seek back, and a step that
+        interrupts that reading finds the decoder moved away from where it steps to.
+        After a step back, the frames before it first (from the span's start, in decoding
+        order), then those after it."""
         if self._around is None or now < self._around_at:
             return None
         video, gray, i, frame_count, frame_bytes = self._around
         self._around = None
         cfg = self.config
         span = min(cfg.read_around_frames, cfg.recent_cache_bytes // 4 // max(frame_bytes, 1))
+        if not self._backward:
+            return ReadAround(video, gray, tuple(range(i + 1, min(frame_count, i + span + 1))))
         lo, hi = max(0, i - span // 2), min(frame_count, i + span // 2 + 1)
-        return ReadAround(video, gray, tuple(range(i + 1, hi)) + tuple(range(lo, i)))
+        return ReadAround(video, gray, tuple(range(lo, i)) + tuple(range(i + 1, hi)))
 
     def wait_s(self, now: float, queued: Mapping[bytes, int]) -> float:
         """How long the loop may sleep: 0 while messages wait or a chunk can go; else until

@@ -340,6 +340,26 @@ def test_reading_around_stops_quietly_and_never_raises(make_clip, pool, monkeypa
     assert pool.read_around(v, False, range(0, 20), interrupt=lambda: False) == 0
 
 
+def test_reading_around_interrupted_keeps_every_frame_it_decoded_and_the_decoder_in_line(make_clip, pool):
+    """A person stepping forward interrupts reading ahead: the frames decoded by then are all
+    kept, and the decoder has not gone past one it threw away, so the next frame costs one
+    decode, never a seek back to its keyframe."""
+    clip = make_clip("h264_gops.mp4")  # GOPs of 25 frames
+    v = Video(str(clip))
+    pool_read(pool, v, [30], recent=True)
+    reader = pool.opener.open(v)
+    for quiet in (3, 4, 5):  # the interruption comes at various points of reading
+        answers = iter([False] * quiet + [True] * 100)
+        pool.read_around(v, False, range(31, 45), interrupt=answers.__next__)
+    key = next(iter(pool.recent._frames))[0]
+    kept = [i for i in range(31, 45) if pool.recent.has(key, i)]
+    assert kept == list(range(31, 31 + len(kept))) and len(kept) >= 3
+    decoded, seeks = reader.stats.frames_decoded, reader.stats.seeks
+    following = kept[-1] + 1
+    assert_frames_exact(clip, [following], pool_read(pool, v, [following], recent=True))
+    assert reader.stats.seeks == seeks and reader.stats.frames_decoded - decoded == 1
+
+
 def test_an_interrupted_read_raises_read_interrupted(make_clip, pool):
     clip = make_clip("h264_gops.mp4")
     v = Video(str(clip))

@@ -546,7 +546,7 @@ def test_idle_requests_give_their_cache_share_to_active_ones():
 # -- read-around -------------------------------------------------------------------------------
 
 
-def test_reading_around_a_small_request_waits_for_quiet_and_spans_the_frames_around():
+def test_reading_around_a_small_request_waits_for_quiet_and_reads_ahead():
     h = Harness(read_around_frames=10)
     h.hello(A)
     h.request(A, 1, idxs=[40])
@@ -554,9 +554,19 @@ def test_reading_around_a_small_request_waits_for_quiet_and_spans_the_frames_aro
     assert h.state.read_around(h.now) is None
     assert h.state.wait_s(h.now, {}) == pytest.approx(READ_AROUND_DELAY_S)
     h.now += READ_AROUND_DELAY_S
-    # after it first (the decoder is there), then before it
-    assert h.state.read_around(h.now) == ReadAround(Video("v.mp4"), False, (*range(41, 46), *range(35, 40)))
+    # after it only (the decoder is there; reading before it would move the decoder away)
+    assert h.state.read_around(h.now) == ReadAround(Video("v.mp4"), False, tuple(range(41, 51)))
     assert h.state.read_around(h.now) is None  # once
+
+
+def test_after_a_step_back_the_frames_before_come_first_and_after_a_step_forward_only_those_after():
+    h = Harness(read_around_frames=10)
+    h.hello(A)
+    for rid, (i, frames) in enumerate([(40, range(41, 51)), (39, (*range(34, 39), *range(40, 45))), (40, range(41, 51))], 1):
+        h.request(A, rid, idxs=[i])
+        h.chunks()
+        h.now += READ_AROUND_DELAY_S
+        assert h.state.read_around(h.now).frames == tuple(frames), i
 
 
 def test_reading_around_stays_inside_the_video_and_a_quarter_of_the_recent_cache():
@@ -565,7 +575,11 @@ def test_reading_around_stays_inside_the_video_and_a_quarter_of_the_recent_cache
     h.request(A, 1, idxs=[98])
     h.chunks()
     h.now += READ_AROUND_DELAY_S
-    assert h.state.read_around(h.now).frames == (99, 95, 96, 97)  # after 98 (the last frame is 99), then before it
+    assert h.state.read_around(h.now).frames == (99,)  # after 98 (the last frame is 99)
+    h.request(A, 2, idxs=[97])
+    h.chunks()
+    h.now += READ_AROUND_DELAY_S
+    assert h.state.read_around(h.now).frames == (94, 95, 96, 98, 99)  # a step back: before it first, then after
 
 
 def test_large_requests_are_not_read_around():
