@@ -73,6 +73,9 @@ _SLICE_S = 0.05
 #: How long libzmq may go on sending a closed connection's last messages (its goodbye), in the
 #: background: a server that is gone or slow costs at most this at exit.
 _BYE_LINGER_MS = 100
+#: How long a client that finds its server's process gone waits to see the connection end
+#: (with the server's last messages, e.g. that it shut down) before calling it died.
+_LAST_WORDS_S = 0.5
 
 
 class FrameChunk(NamedTuple):
@@ -1045,6 +1048,7 @@ class AsyncVideo:
         """A slot could not be mapped: find out (within a second or two) whether the server shut down or died."""
         conn, state = self._conns[i], self._state
         deadline = time.monotonic() + _EXPLAIN_S
+        gone_at: Optional[float] = None
         while True:
             try:
                 if conn.process is not None and (error := conn.process.exit_error()) is not None:
@@ -1061,6 +1065,12 @@ class AsyncVideo:
             if not shm.process_alive(pid):
                 if conn.process is not None and (error := conn.process.wait_exit_error()) is not None:
                     return error
+                # Its last words may still be on their way through libzmq: the connection's end,
+                # seen by _check with them, says which; only its absence for a while decides.
+                gone_at = gone_at if gone_at is not None else time.monotonic()
+                if time.monotonic() - gone_at < _LAST_WORDS_S:
+                    time.sleep(0.01)
+                    continue
                 self._carry_out(state.connection_event(i, ConnectionEvent.LOST, busy=False))
                 return ServerDiedError(
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
