@@ -500,6 +500,13 @@ class AsyncVideo:
         self._check_open()
         return [fd for conn in self._conns for fd in conn.socket.fds()]
 
+    def sockets_generation(self) -> tuple[int, ...]:
+        """Changes whenever a connection's socket is replaced (after its server went away):
+        the :meth:`fds` are then new descriptors, even where the system reused their numbers,
+        and an event loop must watch them anew (a loop still watching the closed ones' numbers
+        would never wake)."""
+        return tuple(link.generation for link in self._state.links)
+
     def process_events(self) -> None:
         """Take in everything that arrived and every connection event, without waiting.
 

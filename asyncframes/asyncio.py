@@ -50,6 +50,7 @@ class AsyncVideo:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wakeup: Optional[asyncio.Event] = None
         self._fds: list[int] = []
+        self._generation: tuple[int, ...] = ()
         # A few milliseconds (the server process is spawned, nothing waits for it); validates
         # the options at once.
         self._sync = _SyncVideo(endpoint, wait=False, **options)
@@ -81,23 +82,30 @@ class AsyncVideo:
         if self._wakeup is None:
             self._loop = asyncio.get_running_loop()
             self._wakeup = asyncio.Event()
-            self._fds = self._client.fds()
+            self._fds, self._generation = self._client.fds(), self._client.sockets_generation()
             for fd in self._fds:
                 self._loop.add_reader(fd, self._wakeup.set)
         return self._wakeup
 
-    def _rewatch(self) -> None:
-        """Watch the client's descriptors again if they changed (a connection was replaced after
-        its server went away and came back: the new socket has new descriptors)."""
+    def _rewatch(self) -> bool:
+        """Watch the client's descriptors again if its sockets changed (a connection was replaced
+        after its server went away: the new socket has new descriptors, though the system may
+        have given them the old numbers); whether they did.
+
+        The new socket may have signalled (connected, greeted) before the loop watched it, and
+        its descriptor is edge-triggered: the caller must drain the client again before waiting.
+        """
         if self._wakeup is None or self._loop is None:
-            return
-        fds = self._client.fds()
-        if fds != self._fds:
-            for fd in self._fds:
-                self._loop.remove_reader(fd)
-            self._fds = fds
-            for fd in fds:
-                self._loop.add_reader(fd, self._wakeup.set)
+            return False
+        generation = self._client.sockets_generation()
+        if generation == self._generation:
+            return False
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
+        self._generation, self._fds = generation, self._client.fds()
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._wakeup.set)
+        return True
 
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -112,7 +120,8 @@ class AsyncVideo:
         while True:
             wakeup.clear()
             self._client.process_events()  # drains: the edge-triggered descriptors may fire again
-            self._rewatch()
+            if self._rewatch():
+                continue  # what the new socket signalled before it was watched: drain it now
             found = outcome()
             if found is not None:
                 return found

@@ -61,7 +61,7 @@ class QtVideo(QObject):
         super().__init__(parent)
         self._client = AsyncVideo(endpoint, wait=False, **options)
         self._notifiers: list[QSocketNotifier] = []
-        self._watched: list[int] = []
+        self._watched: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         self._watch()
         self._was_ready = False
         self._pending: Optional[tuple[Any, ...]] = None  # a request made before the server was ready
@@ -103,24 +103,27 @@ class QtVideo(QObject):
         self._pending, self._stream = None, None
         self._guarded(self._client.cancel)
 
-    def _watch(self) -> None:
-        """A notifier on each of the client's descriptors; again when they change (a connection
-        replaced after its server went away and came back has new ones)."""
-        fds = self._client.fds()
-        if fds == self._watched:
-            return
+    def _watch(self) -> bool:
+        """A notifier on each of the client's descriptors; again when its sockets change (a
+        connection replaced after its server went away has new descriptors, though the system
+        may reuse the old numbers); whether they did (then drain again: what the new socket
+        signalled before it was watched raised no notifier)."""
+        watched = (tuple(self._client.fds()), self._client.sockets_generation())
+        if watched == self._watched:
+            return False
         self._unwatch()
-        for fd in fds:
+        for fd in watched[0]:
             notifier = QSocketNotifier(fd, _READ, self)
             notifier.activated.connect(self._on_activity)
             self._notifiers.append(notifier)
-        self._watched = fds
+        self._watched = watched
+        return True
 
     def _unwatch(self) -> None:
         for notifier in self._notifiers:
             notifier.setEnabled(False)
             notifier.deleteLater()
-        self._notifiers, self._watched = [], []
+        self._notifiers, self._watched = [], ((), ())
 
     def close(self) -> None:
         """Stop watching and close the client, in a background thread (with ``server="own"``,
@@ -151,7 +154,8 @@ class QtVideo(QObject):
         """Take in everything, deliver what is due; drained again after every send (edge-triggered)."""
         client = self._client
         client.process_events()
-        self._watch()
+        while self._watch():
+            client.process_events()
         if client.ready and (not self._was_ready or self._pending is not None or self._early_infos):
             if not self._was_ready:
                 self._was_ready = True
