@@ -202,10 +202,16 @@ def per_video(frame_idxs: Any, videos: int) -> list[Any]:
 RECORD_VERSION = 1
 
 
-def index_record(index: FrameIndex) -> dict[str, np.ndarray]:
+#: How a record stores whether the first frame is gray (see :func:`record_grayscale`).
+_GRAY_UNKNOWN, _GRAY_NO, _GRAY_YES = -1, 0, 1
+
+
+def index_record(index: FrameIndex, grayscale: Optional[bool] = None) -> dict[str, np.ndarray]:
     """``index`` as named arrays, for storing (``numpy.savez``; nothing needs pickle).
 
     Missing timestamps (``None``, possible only in a sequential index) are kept as a mask.
+    ``grayscale``: whether the first frame showed gray content (None: not known yet), so a
+    new reader of the file need not decode it again to tell.
     """
     pts = np.array([0 if p is None else p for p in index.pts], dtype=np.int64)
     dts = np.array([0 if d is None else d for d in index.seek_dts], dtype=np.int64)
@@ -219,7 +225,23 @@ def index_record(index: FrameIndex) -> dict[str, np.ndarray]:
         "sequential": np.array(index.sequential),
         "reason": np.array(index.reason, dtype=str),
         "seek_lead": np.array(index.seek_lead, dtype=np.int64),
+        "grayscale": np.array(_GRAY_UNKNOWN if grayscale is None else _GRAY_YES if grayscale else _GRAY_NO, dtype=np.int8),
     }
+
+
+def record_grayscale(record: Any) -> Optional[bool]:
+    """Whether a stored record says the first frame is gray (None: it does not know; records
+    written before this was kept have no such entry, and say nothing).
+
+    Raises:
+        ValueError: the entry is there but is not one of the values :func:`index_record` writes.
+    """
+    if "grayscale" not in record:
+        return None
+    value = record["grayscale"]
+    if value.ndim != 0 or value.dtype.kind != "i" or int(value) not in (_GRAY_UNKNOWN, _GRAY_NO, _GRAY_YES):
+        raise ValueError(f"record's grayscale is {value!r}, expected one of -1, 0, 1")
+    return None if int(value) == _GRAY_UNKNOWN else int(value) == _GRAY_YES
 
 
 def index_from_record(record: Any) -> FrameIndex:

@@ -164,12 +164,17 @@ def changed_error(filename: str, doing: str = "being read") -> VideoChangedError
     )
 
 
+def is_gray(rgb: np.ndarray) -> bool:
+    """Whether an ``(h, w, 3)`` RGB picture has all three channels equal (gray content)."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
 class FrameSource:
     """What every reader says about its frames, from its size and what its first frame showed:
     the grayscale option as served, frame shapes after transforms, the checks of indices and
     its :class:`VideoInfo`. A reader sets ``filename``, ``width``, ``height``, ``fps``,
-    ``codec``, ``pix_fmt``, ``container_format``, ``duration``, ``detected_grayscale`` and
-    ``frame_count``."""
+    ``codec``, ``pix_fmt``, ``container_format``, ``duration`` and ``frame_count``, and
+    either ``_gray`` or :meth:`_detect_grayscale`."""
 
     filename: str
     width: int
@@ -179,14 +184,31 @@ class FrameSource:
     pix_fmt: str
     container_format: str
     duration: Optional[float]
+    #: Whether the first frame is gray, once known (None: not found out yet).
+    _gray: Optional[bool] = None
 
     @property
     def frame_count(self) -> int:
         raise NotImplementedError
 
+    @property
+    def detected_grayscale(self) -> bool:
+        """Whether the first frame is gray (all channels equal): what ``grayscale=None`` serves.
+
+        Found out the first time it is asked (a video decodes its first frame then), and kept.
+        """
+        if self._gray is None:
+            self._gray = self._detect_grayscale()
+        return self._gray
+
+    def _detect_grayscale(self) -> bool:
+        """Find out whether the first frame is gray (called once, when first needed)."""
+        raise NotImplementedError
+
     def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
-        """The grayscale option as served: None means what the first frame showed."""
-        return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+        """The grayscale option as served: None means what the first frame showed (found out
+        now if nobody asked before); True or False is served as given, nothing decoded."""
+        return self.detected_grayscale if grayscale is None else grayscale
 
     def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
         """Metadata, with channels resolved for the given grayscale option (and the size after
@@ -271,11 +293,11 @@ class VideoReader(FrameSource):
         #: Where the index came from: "given" (another reader's), "stored" (on disk, see
         #: :mod:`asyncframes._index_store`), "demuxed" or "counted".
         self.index_source = "given"
-        self._unstored: Optional[tuple[index_store.IndexStore, str]] = None  # a built index and where to keep it
-        self.index = index if index is not None else self._stored_or_built_index()
-        if self.index.frame_count == 0:
-            self.close()
-            raise VideoOpenError(f"{filename}: the video stream has no frames")
+        #: Where this file's record is kept (None: nowhere), and what it holds of ours so far.
+        self._record: Optional[tuple[index_store.IndexStore, str]] = None
+        self._stored: Optional[index_store.Stored] = None
+        # The file is opened once here: its metadata, then (unless the index is given or
+        # stored) its packets; the first read reuses the container if nothing was demuxed.
         container, vstream = self._ensure_open()
         ctx = vstream.codec_context
         self.width = int(ctx.width)
@@ -290,10 +312,10 @@ class VideoReader(FrameSource):
         self.average_rate = vstream.average_rate or vstream.guessed_rate
         #: The frame count the container's header states (None: none stated).
         self.frames_from_header: Optional[int] = int(vstream.frames) or None
-        first = self.read([0], grayscale=False)[0]
-        self.detected_grayscale = bool(
-            np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
-        )
+        self.index = index if index is not None else self._stored_or_built_index()
+        if self.index.frame_count == 0:
+            self.close()
+            raise VideoOpenError(f"{filename}: the video stream has no frames")
         self.check_unchanged("being opened")
         self._keep_index()
 
@@ -345,6 +367,7 @@ class VideoReader(FrameSource):
             reader.close()
             raise changed_error(self.filename)
         reader._seek_by_dts = self._seek_by_dts  # what this reader learnt about the demuxer's seeks
+        reader._gray = self._gray  # what this reader found out about the first frame, if it did
         return reader
 
     def is_stale(self) -> bool:
@@ -500,32 +523,52 @@ class VideoReader(FrameSource):
         return container, stream
 
     def _stored_or_built_index(self) -> FrameIndex:
-        """The file's index from the on-disk store, else demuxed (or counted); one built here is
-        stored by :meth:`_keep_index` once the open has checked the file did not change."""
+        """The file's index from the on-disk store (with whether its first frame is gray, if
+        the record knows), else demuxed (or counted); one built here is stored by
+        :meth:`_keep_index` once the open has checked the file did not change."""
         kept = index_store.store()
         key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
-        if key is not None:
-            found = kept.load(key)  # type: ignore[union-attr]
+        if kept is not None and key is not None:
+            self._record = (kept, key)
+            found = kept.load(key)
             if found is not None:
-                self.index_source = "stored"
-                return found
+                self.index_source, self._stored, self._gray = "stored", found, found.grayscale
+                return found.index
         index, self.index_source = self._build_index(), "demuxed"
         if index.sequential and not index.pts:
             log.info("%s: %s; frames are found by counting", self.filename, index.reason)
             index, self.index_source = self._count_frames(index.reason), "counted"
-        if key is not None:
-            self._unstored = (kept, key)  # type: ignore[assignment]
         return index
 
     def _keep_index(self) -> None:
         """Store the index this reader built (the file was unchanged while it was opened)."""
-        unstored, self._unstored = self._unstored, None
-        if unstored is not None:
-            kept, key = unstored
-            kept.save(key, self.index)
+        if self._record is not None and self._stored is None:
+            kept, key = self._record
+            kept.save(key, self.index, self._gray)
+            self._stored = index_store.Stored(self.index, self._gray)
+
+    def _detect_grayscale(self) -> bool:
+        """Decode the first frame and see whether it is gray; the store's record learns the
+        answer too (if it holds this reader's index and did not know), so no other reader of
+        this file has to decode it again.
+
+        Raises:
+            VideoChangedError: the file changed since it was opened (the answer could be the
+                new file's: it is not kept).
+        """
+        gray = is_gray(self.read([0], grayscale=False)[0])
+        self.check_unchanged("being read")
+        stored = self._stored
+        if self._record is not None and stored is not None and stored.grayscale is None and stored.index is self.index:
+            kept, key = self._record
+            kept.save(key, self.index, gray)
+            self._stored = index_store.Stored(self.index, gray)
+        return gray
 
     def _build_index(self) -> FrameIndex:
-        container, stream = self._open()
+        """Demux the open container's packets into an index; the container is closed after
+        (the first read opens the file afresh, as a sequential decode starts)."""
+        container, stream = self._ensure_open()
         try:
             packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard), p.dts) for p in container.demux(stream) if p.size]
         except av.FFmpegError as exc:
@@ -533,7 +576,7 @@ class VideoReader(FrameSource):
                 f"{self.filename}: cannot read packets ({exc})"
             ) from exc
         finally:
-            container.close()
+            self.close()
         return index_from_packets(packets)
 
     def _count_frames(self, reason: str) -> FrameIndex:

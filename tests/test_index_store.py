@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from asyncframes import AsyncVideo
 from asyncframes import _index_store as index_store
-from asyncframes._index import FrameIndex, index_from_record, index_record
+from asyncframes._index import FrameIndex, index_from_record, index_record, record_grayscale
 from asyncframes._reader import VideoReader
 from asyncframes._sample import write_clip
 
-from .conftest import reference_frames
+from .conftest import assert_frames_exact, reference_frames
 from .test_standalone_server import Server
 
 
@@ -40,6 +40,30 @@ def test_any_packet_index_comes_back_from_its_record(pts, data):
     dts = [data.draw(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))) for _ in seek]
     index = FrameIndex(pts=pts, seek_pts=seek, seek_dts=dts, seek_lead=data.draw(st.integers(0, 9)))
     assert index_from_record(index_record(index)) == index
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("gray", [None, False, True])
+def test_what_the_first_frame_showed_comes_back_from_the_record(gray):
+    record = index_record(FrameIndex(pts=[0, 10], seek_pts=[0]), gray)
+    assert record_grayscale(record) is gray
+
+
+@pytest.mark.pure
+def test_a_record_from_before_grayscale_was_kept_is_an_index_that_does_not_know():
+    index = FrameIndex(pts=[0, 10, 20], seek_pts=[0], seek_dts=[-10])
+    record = index_record(index, True)
+    del record["grayscale"]
+    assert index_from_record(record) == index and record_grayscale(record) is None
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("value", [np.array(2, dtype=np.int8), np.array([1], dtype=np.int8), np.array(1.0), np.array("yes")])
+def test_a_record_whose_grayscale_is_not_one_we_write_is_refused(value):
+    record = index_record(FrameIndex(pts=[0, 10], seek_pts=[0]), True)
+    record["grayscale"] = value
+    with pytest.raises(ValueError):
+        record_grayscale(record)
 
 
 @pytest.mark.pure
@@ -80,6 +104,39 @@ def test_a_second_reader_takes_the_index_from_disk_and_reads_exact_frames(store,
         assert second.index_source == "stored" and second.index == built
         idxs = [149, 3, 77, 3, 120]
         assert all(np.array_equal(f, reference_frames(path)[i]) for i, f in zip(idxs, second.read(idxs)))
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_a_second_reader_knows_whether_the_first_frame_is_gray_without_decoding_it(store, tmp_path, gray):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, frames=90, gop=30, grayscale=gray)
+    with VideoReader(str(path)) as first:
+        assert first.index_source == "demuxed" and first.stats.frames_decoded == 0
+        assert first.detected_grayscale is gray and first.stats.frames_decoded == 1  # the record learns it too
+    with VideoReader(str(path)) as second:
+        assert second.index_source == "stored"
+        assert second.detected_grayscale is gray and second.stats.frames_decoded == 0
+        frames = second.read([7, 0])
+        assert frames.shape[-1] == (1 if gray else 3)
+        if gray:
+            assert_frames_exact(path, [7, 0], frames)
+        else:
+            assert all(np.array_equal(f, reference_frames(path)[i]) for i, f in zip([7, 0], frames))
+
+
+def test_a_record_from_before_grayscale_was_kept_is_used_and_learns_it(store, tmp_path):
+    path = tmp_path / "gray.mp4"
+    write_clip(path, frames=90, gop=30, grayscale=True)
+    VideoReader(str(path)).close()
+    (kept,) = store.folder.glob("*.npz")
+    with np.load(kept, allow_pickle=False) as arrays:
+        old = {name: arrays[name] for name in arrays.files if name != "grayscale"}
+    np.savez(kept, **old)  # as written before records kept grayscale
+    with VideoReader(str(path)) as reader:
+        assert reader.index_source == "stored" and reader.stats.frames_decoded == 0
+        assert reader.detected_grayscale and reader.stats.frames_decoded == 1  # did not know: decoded
+    with VideoReader(str(path)) as reader:
+        assert reader.index_source == "stored" and reader.detected_grayscale and reader.stats.frames_decoded == 0
 
 
 def test_a_file_that_changed_is_indexed_again(store, tmp_path):

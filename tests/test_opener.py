@@ -51,6 +51,14 @@ def is_closed(reader) -> bool:
     return reader._container is None
 
 
+def open_and_read(opener: VideoOpener, v: Video):
+    """The opener's reader of ``v``, with its decoder running (an open may leave the file
+    closed until the first read, when it only demuxed it)."""
+    reader = opener.open(v)
+    reader.read([0], grayscale=False)
+    return reader
+
+
 # -- the opener -----------------------------------------------------------------------
 
 
@@ -62,10 +70,10 @@ def test_the_same_video_is_opened_once_and_grayscale_does_not_matter(clips, open
 
 
 def test_at_most_max_open_files_stay_open_and_the_least_recently_used_goes(clips, opener):
-    a = opener.open(video(clips, "a.y4m"))
-    b = opener.open(video(clips, "b.y4m"))
+    a = open_and_read(opener, video(clips, "a.y4m"))
+    b = open_and_read(opener, video(clips, "b.y4m"))
     opener.open(video(clips, "a.y4m"))  # a is now the most recently used
-    c = opener.open(video(clips, "c.y4m"))
+    c = open_and_read(opener, video(clips, "c.y4m"))
     assert len(opener) == 2
     assert is_closed(b) and not is_closed(a) and not is_closed(c)
     assert opener.opened(video(clips, "b.y4m")) is None  # never opens
@@ -75,7 +83,7 @@ def test_at_most_max_open_files_stay_open_and_the_least_recently_used_goes(clips
 @pytest.mark.parametrize("change", ["replace", "rewrite_in_place"])
 def test_a_file_that_changed_on_disk_is_closed_and_reopened(clips, opener, change):
     v = video(clips, "a.y4m")
-    old = opener.open(v)
+    old = open_and_read(opener, v)
     if change == "replace":
         replace(clips / "a.y4m", y4m_bytes(12, seed=9, size=(W + 16, H + 16)))
     else:
@@ -89,7 +97,7 @@ def test_a_file_that_changed_on_disk_is_closed_and_reopened(clips, opener, chang
 
 def test_forget_closes_the_reader_so_the_next_open_is_afresh(clips, opener):
     v = video(clips, "a.y4m")
-    old = opener.open(v)
+    old = open_and_read(opener, v)
     worker = opener.worker_reader(0, v)
     opener.forget(v)
     assert is_closed(old) and is_closed(worker) and len(opener) == 0
@@ -189,7 +197,7 @@ def test_each_worker_keeps_at_most_max_open_files(clips, opener):
 @pytest.mark.parametrize("change", ["replace", "rewrite_in_place"])
 def test_a_workers_reader_of_a_file_changed_since_it_was_indexed_is_refused(clips, opener, change):
     v = video(clips, "a.y4m")
-    main = opener.open(v)
+    main = open_and_read(opener, v)
     if change == "replace":
         replace(clips / "a.y4m", y4m_bytes(12, seed=9))  # same size, new content
     else:
