@@ -31,7 +31,7 @@ import numpy as np
 from . import _index_store as index_store
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
-from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing
+from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
 from .errors import (
@@ -296,23 +296,23 @@ class VideoReader(FrameSource):
         #: Where this file's record is kept (None: nowhere), and what it holds of ours so far.
         self._record: Optional[tuple[index_store.IndexStore, str]] = None
         self._stored: Optional[index_store.Stored] = None
-        # The file is opened once here: its metadata, then (unless the index is given or
+        # The file is opened at most once here: not at all when its record describes it (the
+        # first read opens it), else for its metadata and then (unless the index is given or
         # stored) its packets; the first read reuses the container if nothing was demuxed.
-        container, vstream = self._ensure_open()
-        ctx = vstream.codec_context
-        self.width = int(ctx.width)
-        self.height = int(ctx.height)
-        self.codec = ctx.name
-        self.pix_fmt = ctx.pix_fmt or ""
-        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
-        self.fps = float(rate) if rate else 0.0
-        self.container_format = container.format.name
-        self.duration = float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None
-        self.time_base = vstream.time_base
-        self.average_rate = vstream.average_rate or vstream.guessed_rate
+        found = self._load_record() if index is None else None
+        facts = found.facts if found is not None else None
+        if facts is None:
+            facts = self._open_facts()
+        self._facts = facts
+        self.width, self.height = facts.width, facts.height
+        self.codec, self.pix_fmt, self.container_format = facts.codec, facts.pix_fmt, facts.container_format
+        self.fps, self.duration = facts.fps, facts.duration
+        self.time_base, self.average_rate = facts.time_base, facts.average_rate
         #: The frame count the container's header states (None: none stated).
-        self.frames_from_header: Optional[int] = int(vstream.frames) or None
-        self.index = index if index is not None else self._stored_or_built_index()
+        self.frames_from_header: Optional[int] = facts.frames_from_header
+        if index is None:
+            index = found.index if found is not None else self._built_index()
+        self.index = index
         if self.index.frame_count == 0:
             self.close()
             raise VideoOpenError(f"{filename}: the video stream has no frames")
@@ -522,18 +522,39 @@ class VideoReader(FrameSource):
             stream.thread_type = self.thread_type
         return container, stream
 
-    def _stored_or_built_index(self) -> FrameIndex:
-        """The file's index from the on-disk store (with whether its first frame is gray, if
-        the record knows), else demuxed (or counted); one built here is stored by
-        :meth:`_keep_index` once the open has checked the file did not change."""
+    def _open_facts(self) -> StreamFacts:
+        """Open the file (kept open for the first read) and read its stream's metadata."""
+        container, vstream = self._ensure_open()
+        ctx = vstream.codec_context
+        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
+        return StreamFacts(
+            width=int(ctx.width),
+            height=int(ctx.height),
+            codec=ctx.name,
+            pix_fmt=ctx.pix_fmt or "",
+            container_format=container.format.name,
+            fps=float(rate) if rate else 0.0,
+            duration=float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None,
+            time_base=vstream.time_base,
+            average_rate=vstream.average_rate or vstream.guessed_rate,
+            frames_from_header=int(vstream.frames) or None,
+        )
+
+    def _load_record(self) -> Optional[index_store.Stored]:
+        """This file's record in the on-disk store (None: no store, no record, or not one plain
+        file); remembers where the record is kept, for :meth:`_keep_index`."""
         kept = index_store.store()
         key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
-        if kept is not None and key is not None:
-            self._record = (kept, key)
-            found = kept.load(key)
-            if found is not None:
-                self.index_source, self._stored, self._gray = "stored", found, found.grayscale
-                return found.index
+        if kept is None or key is None:
+            return None
+        self._record = (kept, key)
+        found = kept.load(key)
+        if found is not None:
+            self.index_source, self._stored, self._gray = "stored", found, found.grayscale
+        return found
+
+    def _built_index(self) -> FrameIndex:
+        """The file's index, demuxed (or counted when packets cannot tell the frames apart)."""
         index, self.index_source = self._build_index(), "demuxed"
         if index.sequential and not index.pts:
             log.info("%s: %s; frames are found by counting", self.filename, index.reason)
@@ -541,11 +562,18 @@ class VideoReader(FrameSource):
         return index
 
     def _keep_index(self) -> None:
-        """Store the index this reader built (the file was unchanged while it was opened)."""
-        if self._record is not None and self._stored is None:
-            kept, key = self._record
-            kept.save(key, self.index, self._gray)
-            self._stored = index_store.Stored(self.index, self._gray)
+        """Store the index this reader built (the file was unchanged while it was opened), or
+        the stream's facts a record from before they were kept lacks."""
+        stored = self._stored
+        if self._record is not None and (stored is None or stored.facts is None):
+            self._save_record(self._gray)
+
+    def _save_record(self, gray: Optional[bool]) -> None:
+        """Write this reader's index, ``gray`` and its stream's facts to its record."""
+        assert self._record is not None
+        kept, key = self._record
+        kept.save(key, self.index, gray, self._facts)
+        self._stored = index_store.Stored(self.index, gray, self._facts)
 
     def _detect_grayscale(self) -> bool:
         """Decode the first frame and see whether it is gray; the store's record learns the
@@ -560,9 +588,7 @@ class VideoReader(FrameSource):
         self.check_unchanged("being read")
         stored = self._stored
         if self._record is not None and stored is not None and stored.grayscale is None and stored.index is self.index:
-            kept, key = self._record
-            kept.save(key, self.index, gray)
-            self._stored = index_store.Stored(self.index, gray)
+            self._save_record(gray)
         return gray
 
     def _build_index(self) -> FrameIndex:
