@@ -205,6 +205,9 @@ class FrameSource:
         """Find out whether the first frame is gray (called once, when first needed)."""
         raise NotImplementedError
 
+    def write_record(self) -> None:
+        """Write what this reader learnt to its file's index record (nothing, for readers without one)."""
+
     def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
         """The grayscale option as served: None means what the first frame showed (found out
         now if nobody asked before); True or False is served as given, nothing decoded."""
@@ -268,6 +271,7 @@ class VideoReader(FrameSource):
         thread_type: Optional[str] = "AUTO",
         container_options: Optional[dict[str, str]] = None,
         index: Optional[FrameIndex] = None,
+        write_record_later: bool = False,
     ) -> None:
         """``thread_type``: the decoder's threading ("AUTO" adds frame threads; None keeps
         PyAV's default). Valid streams decode bit-identically either way. On damaged data
@@ -275,7 +279,10 @@ class VideoReader(FrameSource):
         first frame flagged corrupt switches this reader to PyAV's default threading (what
         a plain sequential decode uses), which brings it closer, but a concealed frame's
         pixels are not promised, only its identity. ``index``: one already built for
-        this file (another reader's), to skip demuxing it again."""
+        this file (another reader's), to skip demuxing it again. ``write_record_later``:
+        what this reader learns that the file's index record lacks (its index, its stream's
+        facts, whether the first frame is gray) is written by :meth:`write_record`, not at
+        once (a server answers first, and writes after)."""
         self.filename = filename
         self.stream_index = stream
         self.thread_type = thread_type
@@ -293,9 +300,14 @@ class VideoReader(FrameSource):
         #: Where the index came from: "given" (another reader's), "stored" (on disk, see
         #: :mod:`asyncframes._index_store`), "demuxed" or "counted".
         self.index_source = "given"
-        #: Where this file's record is kept (None: nowhere), and what it holds of ours so far.
+        #: Where this file's record is kept (None: nowhere), and the index it is made of.
         self._record: Optional[tuple[index_store.IndexStore, str]] = None
-        self._stored: Optional[index_store.Stored] = None
+        self._record_index: Optional[FrameIndex] = None
+        self._write_later = write_record_later
+        #: What the record lacks that this reader knows: written by :meth:`write_record`.
+        self._record_behind = False
+        #: Whether the record says if the first frame is gray.
+        self._record_knows_gray = False
         # The file is opened at most once here: not at all when its record describes it (the
         # first read opens it), else for its metadata and then (unless the index is given or
         # stored) its packets; the first read reuses the container if nothing was demuxed.
@@ -317,7 +329,10 @@ class VideoReader(FrameSource):
             self.close()
             raise VideoOpenError(f"{filename}: the video stream has no frames")
         self.check_unchanged("being opened")
-        self._keep_index()
+        if self._record is not None:
+            self._record_index = self.index
+            if found is None or found.facts is None:  # built here, or a record from before facts were kept
+                self._record_learnt()
 
     # -- public -------------------------------------------------------------
 
@@ -542,7 +557,7 @@ class VideoReader(FrameSource):
 
     def _load_record(self) -> Optional[index_store.Stored]:
         """This file's record in the on-disk store (None: no store, no record, or not one plain
-        file); remembers where the record is kept, for :meth:`_keep_index`."""
+        file); remembers where the record is kept, for :meth:`write_record`."""
         kept = index_store.store()
         key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
         if kept is None or key is None:
@@ -550,7 +565,8 @@ class VideoReader(FrameSource):
         self._record = (kept, key)
         found = kept.load(key)
         if found is not None:
-            self.index_source, self._stored, self._gray = "stored", found, found.grayscale
+            self.index_source, self._gray = "stored", found.grayscale
+            self._record_knows_gray = found.grayscale is not None
         return found
 
     def _built_index(self) -> FrameIndex:
@@ -561,24 +577,27 @@ class VideoReader(FrameSource):
             index, self.index_source = self._count_frames(index.reason), "counted"
         return index
 
-    def _keep_index(self) -> None:
-        """Store the index this reader built (the file was unchanged while it was opened), or
-        the stream's facts a record from before they were kept lacks."""
-        stored = self._stored
-        if self._record is not None and (stored is None or stored.facts is None):
-            self._save_record(self._gray)
-
-    def _save_record(self, gray: Optional[bool]) -> None:
-        """Write this reader's index, ``gray`` and its stream's facts to its record."""
-        assert self._record is not None
+    def write_record(self) -> None:
+        """Write what this file's index record lacks that this reader knows (its index as
+        opened, its stream's facts, whether the first frame is gray); nothing when the record
+        is up to date or there is no store. Never raises (a store that cannot write turns
+        itself off)."""
+        if self._record is None or self._record_index is None or not self._record_behind:
+            return
         kept, key = self._record
-        kept.save(key, self.index, gray, self._facts)
-        self._stored = index_store.Stored(self.index, gray, self._facts)
+        self._record_behind = False
+        self._record_knows_gray = self._gray is not None
+        kept.save(key, self._record_index, self._gray, self._facts)
+
+    def _record_learnt(self) -> None:
+        """The record lacks something this reader knows: written now, or by :meth:`write_record`."""
+        self._record_behind = True
+        if not self._write_later:
+            self.write_record()
 
     def _detect_grayscale(self) -> bool:
         """Decode the first frame and see whether it is gray; the store's record learns the
-        answer too (if it holds this reader's index and did not know), so no other reader of
-        this file has to decode it again.
+        answer too (if it did not know), so no other reader of this file has to decode it again.
 
         Raises:
             VideoChangedError: the file changed since it was opened (the answer could be the
@@ -586,9 +605,9 @@ class VideoReader(FrameSource):
         """
         gray = is_gray(self.read([0], grayscale=False)[0])
         self.check_unchanged("being read")
-        stored = self._stored
-        if self._record is not None and stored is not None and stored.grayscale is None and stored.index is self.index:
-            self._save_record(gray)
+        self._gray = gray  # (the record is written with it)
+        if self._record is not None and not self._record_knows_gray:
+            self._record_learnt()
         return gray
 
     def _build_index(self) -> FrameIndex:

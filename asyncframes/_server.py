@@ -147,7 +147,7 @@ class FrameServer:
         )
         if config.index_cache is not None:
             index_store.configure(config.index_cache)
-        self._opener = VideoOpener(config.root, config.max_open_files)
+        self._opener = VideoOpener(config.root, config.max_open_files, write_records_later=True)
         self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         #: Per client, its shared-memory slot buffers by slot number (the core keeps the books).
@@ -236,6 +236,7 @@ class FrameServer:
                 self._send(action, payload if action.payload else None)
             elif isinstance(action, OpenVideo):
                 self._carry_out(self.state.video_opened(action.ticket, self._open(action), time.monotonic()))
+                self._opener.write_records()  # what the open learnt goes to the index store after the answer
             elif isinstance(action, ResizeCache):
                 cache = self._caches.get((action.client, action.request_id))
                 if cache is not None and cache.max_bytes != action.max_bytes:

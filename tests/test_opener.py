@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from asyncframes import ServerError, VideoAccessError, VideoChangedError
+from asyncframes import _index_store as index_store
 from asyncframes._opener import VideoOpener
 from asyncframes._pool import DecoderPool, RecentFrames
-from asyncframes._reader import FrameCache, ReadInterrupted
+from asyncframes._reader import FrameCache, ReadInterrupted, VideoReader
+from asyncframes._sample import write_clip
 from asyncframes._video import Video
 
 from .conftest import assert_frames_exact, shared_video, shuffled_with_duplicates
@@ -387,3 +389,42 @@ def test_recent_frames_keep_to_their_budget():
         recent.put("k", i, frame)
     assert len(recent) == 3 and recent.nbytes == 3 * frame.nbytes
     assert not recent.has("k", 0) and recent.has("k", 4)
+
+
+# -- index records ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> index_store.IndexStore:
+    """This test's own index store (the process-wide one restored after)."""
+    monkeypatch.setattr(index_store, "_store", index_store.IndexStore(tmp_path / "indexes"))
+    monkeypatch.setattr(index_store, "_configured", True)
+    kept = index_store.store()
+    assert kept is not None
+    return kept
+
+
+def test_an_opener_that_writes_records_later_writes_them_when_told_or_when_a_reader_goes(store, tmp_path):
+    paths = [tmp_path / "gray.mp4", tmp_path / "colour.mp4"]
+    write_clip(paths[0], frames=90, gop=30, grayscale=True)
+    write_clip(paths[1], frames=90, gop=30)
+    opener = VideoOpener(write_records_later=True)
+    try:
+        reader = opener.open(Video(str(paths[0]), grayscale=False))
+        assert not list(store.folder.glob("*.npz")) and reader.stats.frames_decoded == 0
+        opener.write_records()
+        key = store.key(reader.signature, 0)
+        assert key is not None
+        stored = store.load(key)
+        assert stored is not None and stored.index == reader.index and stored.grayscale is None
+        assert reader.detected_grayscale  # grayscale=None asked for: found out now, written when told
+        assert store.load(key).grayscale is None
+        opener.write_records()
+        assert store.load(key).grayscale is True
+        other = opener.open(Video(str(paths[1])))
+        assert not other.detected_grayscale
+    finally:
+        opener.close()  # the readers go: what they learnt is written
+    with VideoReader(str(paths[1])) as again:
+        assert again.index_source == "stored" and again.detected_grayscale is False
+        assert again.stats.opens == 0 and again.stats.frames_decoded == 0
