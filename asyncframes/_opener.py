@@ -47,7 +47,7 @@ class VideoOpener:
                 the least recently used is closed beyond it.
             write_records_later: what opening (or grayscale detection) learns that a file's
                 index record lacks is written by :meth:`write_records` (or when its reader
-                is closed), not while opening: a server answers first.
+                is closed), not while opening: a server answers first, and writes when idle.
         """
         if max_open_files < 1:
             raise ValueError("max_open_files must be at least 1")
@@ -158,6 +158,10 @@ class VideoOpener:
                 readers.popitem(last=False)[1].close()
         readers.move_to_end(key)
         return reader
+
+    def records_behind(self) -> bool:
+        """Whether an open reader learnt something its file's index record lacks."""
+        return any(reader.record_behind for reader in self._readers.values())
 
     def write_records(self) -> None:
         """Write what the open readers learnt that their files' index records lack (see

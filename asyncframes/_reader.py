@@ -205,6 +205,11 @@ class FrameSource:
         """Find out whether the first frame is gray (called once, when first needed)."""
         raise NotImplementedError
 
+    @property
+    def record_behind(self) -> bool:
+        """Whether this reader learnt something its file's index record lacks (see :meth:`write_record`)."""
+        return False
+
     def write_record(self) -> None:
         """Write what this reader learnt to its file's index record (nothing, for readers without one)."""
 
@@ -576,6 +581,11 @@ class VideoReader(FrameSource):
             log.info("%s: %s; frames are found by counting", self.filename, index.reason)
             index, self.index_source = self._count_frames(index.reason), "counted"
         return index
+
+    @property
+    def record_behind(self) -> bool:
+        """Whether this reader learnt something its file's index record lacks (see :meth:`write_record`)."""
+        return self._record_behind and self._record is not None
 
     def write_record(self) -> None:
         """Write what this file's index record lacks that this reader knows (its index as
