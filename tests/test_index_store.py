@@ -20,7 +20,7 @@ from asyncframes._index import FrameIndex, StreamFacts, index_from_record, index
 from asyncframes._reader import VideoReader
 from asyncframes._sample import write_clip
 
-from .conftest import assert_frames_exact, reference_frames
+from .conftest import assert_frames_exact, reference_frames, wait_until
 from .test_standalone_server import Server
 
 
@@ -301,3 +301,27 @@ def test_a_new_server_opens_a_video_an_earlier_one_indexed(tmp_path, make_clip):
         finally:
             server.stop()
         assert len(list(indexes.glob("*.npz"))) == 1  # written by the first, read by the second
+
+
+def test_a_running_server_writes_what_opening_learnt_once_it_is_idle(tmp_path):
+    root, indexes = tmp_path / "root", tmp_path / "indexes"
+    root.mkdir()
+    write_clip(root / "gray.mp4", frames=90, gop=30, grayscale=True)
+
+    def record() -> "tuple[object, object] | None":
+        for kept in indexes.glob("*.npz"):
+            with np.load(kept, allow_pickle=False) as arrays:
+                return record_grayscale(arrays), record_facts(arrays)
+        return None
+
+    server = Server(tmp_path, "--root", str(root), "--index-cache", str(indexes))
+    try:
+        with AsyncVideo(server.endpoint) as av:
+            info = av.info("gray.mp4")  # grayscale=None: the server finds out
+            assert info.grayscale and info.channels == 1
+            wait_until(lambda: record() is not None and record()[0] is True, within=30, what="the record, written while idle")
+            grayscale, facts = record()
+            assert facts is not None and (facts.width, facts.height) == (info.width, info.height)
+            server.assert_alive()
+    finally:
+        server.stop()
