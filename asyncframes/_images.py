@@ -17,7 +17,7 @@ import numpy as np
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex
-from ._reader import FrameCache, FrameSource, ReadInterrupted, changed_error, output_for
+from ._reader import FrameCache, FrameSource, ReadInterrupted, changed_error, is_gray, output_for
 from ._times import FrameTimes
 from ._video import Video
 from .errors import VideoDecodeError, VideoNotFoundError, VideoOpenError
@@ -56,8 +56,7 @@ class ImageListReader(FrameSource):
         self.fps = 0.0
         self.container_format = "images"
         self.duration = None
-        rgb = self._convert.rgb(first)
-        self.detected_grayscale = bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+        self._gray = is_gray(self._convert.rgb(first))  # the first image is at hand: no decode saved by waiting
 
     # -- the VideoReader interface ---------------------------------------------------------------
 

@@ -24,6 +24,8 @@ and ts. When timestamps are missing or ambiguous the index says so
 from __future__ import annotations
 
 import bisect
+import json
+from fractions import Fraction
 from typing import Any, Optional, Sequence, Union
 
 import attrs
@@ -202,10 +204,96 @@ def per_video(frame_idxs: Any, videos: int) -> list[Any]:
 RECORD_VERSION = 1
 
 
-def index_record(index: FrameIndex) -> dict[str, np.ndarray]:
+@attrs.frozen
+class StreamFacts:
+    """What opening a file tells about its video stream (PyAV's container and stream headers),
+    kept in a record so a reader of an indexed file answers without opening it."""
+
+    width: int
+    height: int
+    codec: str
+    pix_fmt: str
+    #: The container's format name ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", ...).
+    container_format: str
+    fps: float
+    #: The stream's duration in seconds (None: not stated).
+    duration: Optional[float]
+    time_base: Optional[Fraction]
+    #: The average (or guessed) frame rate (None: neither known).
+    average_rate: Optional[Fraction]
+    #: The frame count the container's header states (None: none stated).
+    frames_from_header: Optional[int]
+
+
+def _fraction(value: Optional[Fraction]) -> Optional[list[int]]:
+    return None if value is None else [value.numerator, value.denominator]
+
+
+def facts_entry(facts: StreamFacts) -> np.ndarray:
+    """``facts`` as one record entry (JSON in a 0-d string array: floats and fractions exact)."""
+    return np.array(json.dumps({
+        "width": facts.width, "height": facts.height, "codec": facts.codec, "pix_fmt": facts.pix_fmt,
+        "container": facts.container_format, "fps": facts.fps, "duration": facts.duration,
+        "time_base": _fraction(facts.time_base), "average_rate": _fraction(facts.average_rate),
+        "frames": facts.frames_from_header,
+    }), dtype=str)
+
+
+def record_facts(record: Any) -> Optional[StreamFacts]:
+    """The stream facts a record keeps (None: it keeps none, as records written before they were kept).
+
+    Raises:
+        ValueError: the entry is there but does not hold facts as :func:`facts_entry` writes them.
+    """
+    if "facts" not in record:
+        return None
+    entry = record["facts"]
+    if entry.ndim != 0 or entry.dtype.kind != "U":
+        raise ValueError("record's facts are not one string")
+    try:
+        d = json.loads(str(entry))
+    except ValueError as exc:
+        raise ValueError(f"record's facts are not JSON ({exc})") from None
+    keys = {"width", "height", "codec", "pix_fmt", "container", "fps", "duration", "time_base", "average_rate", "frames"}
+    if not isinstance(d, dict) or set(d) != keys:
+        raise ValueError("record's facts do not name what a stream's facts are")
+
+    def whole(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    def fraction(value: Any) -> Optional[Fraction]:
+        if value is None:
+            return None
+        if not (isinstance(value, list) and len(value) == 2 and whole(value[0], -(2**63)) and whole(value[1], 1)):
+            raise ValueError(f"record's facts hold {value!r} for a fraction")
+        return Fraction(value[0], value[1])
+
+    if not (whole(d["width"], 1) and whole(d["height"], 1) and (d["frames"] is None or whole(d["frames"], 1))):
+        raise ValueError("record's facts hold a size or frame count that is not a positive integer")
+    if not all(isinstance(d[k], str) for k in ("codec", "pix_fmt", "container")):
+        raise ValueError("record's facts hold a codec, pixel format or container that is not a string")
+    if not isinstance(d["fps"], float) or not (d["duration"] is None or isinstance(d["duration"], float)):
+        raise ValueError("record's facts hold a frame rate or duration that is not a number")
+    return StreamFacts(
+        width=d["width"], height=d["height"], codec=d["codec"], pix_fmt=d["pix_fmt"], container_format=d["container"],
+        fps=d["fps"], duration=d["duration"], time_base=fraction(d["time_base"]),
+        average_rate=fraction(d["average_rate"]), frames_from_header=d["frames"],
+    )
+
+
+#: How a record stores whether the first frame is gray (see :func:`record_grayscale`).
+_GRAY_UNKNOWN, _GRAY_NO, _GRAY_YES = -1, 0, 1
+
+
+def index_record(
+    index: FrameIndex, grayscale: Optional[bool] = None, facts: Optional[StreamFacts] = None
+) -> dict[str, np.ndarray]:
     """``index`` as named arrays, for storing (``numpy.savez``; nothing needs pickle).
 
     Missing timestamps (``None``, possible only in a sequential index) are kept as a mask.
+    ``grayscale``: whether the first frame showed gray content (None: not known yet), so a
+    new reader of the file need not decode it again to tell. ``facts``: the stream's
+    metadata, so a new reader need not open the file to describe it (None: not kept).
     """
     pts = np.array([0 if p is None else p for p in index.pts], dtype=np.int64)
     dts = np.array([0 if d is None else d for d in index.seek_dts], dtype=np.int64)
@@ -219,7 +307,24 @@ def index_record(index: FrameIndex) -> dict[str, np.ndarray]:
         "sequential": np.array(index.sequential),
         "reason": np.array(index.reason, dtype=str),
         "seek_lead": np.array(index.seek_lead, dtype=np.int64),
+        "grayscale": np.array(_GRAY_UNKNOWN if grayscale is None else _GRAY_YES if grayscale else _GRAY_NO, dtype=np.int8),
+        **({} if facts is None else {"facts": facts_entry(facts)}),
     }
+
+
+def record_grayscale(record: Any) -> Optional[bool]:
+    """Whether a stored record says the first frame is gray (None: it does not know; records
+    written before this was kept have no such entry, and say nothing).
+
+    Raises:
+        ValueError: the entry is there but is not one of the values :func:`index_record` writes.
+    """
+    if "grayscale" not in record:
+        return None
+    value = record["grayscale"]
+    if value.ndim != 0 or value.dtype.kind != "i" or int(value) not in (_GRAY_UNKNOWN, _GRAY_NO, _GRAY_YES):
+        raise ValueError(f"record's grayscale is {value!r}, expected one of -1, 0, 1")
+    return None if int(value) == _GRAY_UNKNOWN else int(value) == _GRAY_YES
 
 
 def index_from_record(record: Any) -> FrameIndex:

@@ -8,6 +8,10 @@ plain arrays (:func:`asyncframes._index.index_record`; never pickle), written to
 temporary file in the same folder and renamed into place, so a reader sees a whole
 record or none, whatever other servers write at the same time. A record that does not
 load or check (:func:`asyncframes._index.index_from_record`) is a miss, and is removed.
+A record also keeps the stream's metadata (:class:`asyncframes._index.StreamFacts`), so a
+reader of an indexed file is described without opening it, and whether the file's first
+frame is gray once a reader had to find out (grayscale detection), so another server need
+not decode it again; records without those entries are still valid, and simply do not know.
 
 The folder (``$ASYNCFRAMES_INDEX_CACHE``, else ``$XDG_CACHE_HOME/asyncframes/index``,
 else ``~/.cache/asyncframes/index``; ``asyncframes serve --index-cache DIR``, ``off`` to
@@ -27,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import attrs
 import av
 import numpy as np
 
 from ._files import SourceIdentity
-from ._index import FrameIndex, index_from_record, index_record
+from ._index import FrameIndex, StreamFacts, index_from_record, index_record, record_facts, record_grayscale
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,16 @@ MAX_BYTES = 256 * 1024 * 1024
 MIN_FRAMES = 64
 #: What ``--index-cache`` and ``$ASYNCFRAMES_INDEX_CACHE`` take to turn the store off.
 OFF = ("", "off", "none", "0")
+
+
+@attrs.frozen
+class Stored:
+    """What a record holds: the file's index, whether its first frame is gray (None: not
+    known) and its stream's facts (None: not kept)."""
+
+    index: FrameIndex
+    grayscale: Optional[bool] = None
+    facts: Optional[StreamFacts] = None
 
 
 class IndexStore:
@@ -61,12 +76,12 @@ class IndexStore:
         parts = (f.dev, f.ino, f.size, f.mtime_ns, stream, sorted((options or {}).items()), av.__version__, av.library_versions.get("libavformat"))
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
-    def load(self, key: str) -> Optional[FrameIndex]:
-        """The index stored under ``key``, or None (none, or one that does not load: removed)."""
+    def load(self, key: str) -> Optional[Stored]:
+        """The record stored under ``key``, or None (none, or one that does not load: removed)."""
         path = self.folder / f"{key}.npz"
         try:
             with np.load(path, allow_pickle=False) as record:
-                index = index_from_record(record)
+                stored = Stored(index_from_record(record), record_grayscale(record), record_facts(record))
         except FileNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001  (truncated, corrupt, foreign: a miss, never trusted)
@@ -74,10 +89,13 @@ class IndexStore:
             _remove(path)
             return None
         _touch(path)  # recently used
-        return index
+        return stored
 
-    def save(self, key: str, index: FrameIndex) -> None:
-        """Store ``index`` under ``key`` (atomically), then keep the folder under its cap.
+    def save(
+        self, key: str, index: FrameIndex, grayscale: Optional[bool] = None, facts: Optional[StreamFacts] = None
+    ) -> None:
+        """Store ``index`` under ``key`` (atomically), with whether the first frame is gray and
+        the stream's facts (None: not known), then keep the folder under its cap.
         Never raises: a store that cannot write turns itself off."""
         if self._broken or index.frame_count < MIN_FRAMES:
             return
@@ -86,7 +104,7 @@ class IndexStore:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out:
-                    np.savez(out, **index_record(index))
+                    np.savez(out, **index_record(index, grayscale, facts))
                 os.replace(tmp, self.folder / f"{key}.npz")
                 _touch(self.folder / f"{key}.npz")
             except BaseException:

@@ -5,7 +5,8 @@ demuxers a confined server allows (the rules are :mod:`asyncframes._files`'), a 
 checked again once opened, an LRU of open readers, a file that changed on disk closed
 and reopened, and decoder workers' own readers of a file, which share its index.
 It opens files and stats them (through :mod:`asyncframes._reader` and
-:mod:`asyncframes._files`) and nothing else: no sockets, no clock, no threads of its own.
+:mod:`asyncframes._files`), and has readers write their index records, and nothing else:
+no sockets, no clock, no threads of its own.
 
 Threads: :meth:`VideoOpener.open`, :meth:`~VideoOpener.opened`, :meth:`~VideoOpener.forget`
 and :meth:`~VideoOpener.close` belong to one thread (the server's);
@@ -37,13 +38,16 @@ class VideoOpener:
     """Opens the videos requests name: confined under the root (if any), allowed demuxers only,
     an LRU of open readers, a file that changed on disk reopened."""
 
-    def __init__(self, root: Optional[str] = None, max_open_files: int = 8) -> None:
+    def __init__(self, root: Optional[str] = None, max_open_files: int = 8, write_records_later: bool = False) -> None:
         """
         Args:
             root: requests name files under this folder (see :func:`files.confine`); None
                 opens any path this process can read, with FFmpeg's default options.
             max_open_files: readers kept open by the opening thread, and by each worker;
                 the least recently used is closed beyond it.
+            write_records_later: what opening (or grayscale detection) learns that a file's
+                index record lacks is written by :meth:`write_records` (or when its reader
+                is closed), not while opening: a server answers first, and writes when idle.
         """
         if max_open_files < 1:
             raise ValueError("max_open_files must be at least 1")
@@ -51,6 +55,7 @@ class VideoOpener:
         self.max_open_files = max_open_files
         #: The FFmpeg options every reader is opened with.
         self.container_options = files.container_options(confined=root is not None)
+        self.write_records_later = write_records_later
         self._readers: "OrderedDict[ReaderKey, VideoReader]" = OrderedDict()
         #: Per worker, its own readers (each a sibling of the reader in ``_readers``).
         self._worker_readers: dict[int, "OrderedDict[ReaderKey, VideoReader]"] = {}
@@ -96,7 +101,12 @@ class VideoOpener:
             if images is not None:
                 reader: "VideoReader | ImageListReader" = ImageListReader(video.filename, images, stream=video.stream)
             else:
-                reader = VideoReader(self.resolve(video.filename), stream=video.stream, container_options=self.container_options)
+                reader = VideoReader(
+                    self.resolve(video.filename),
+                    stream=video.stream,
+                    container_options=self.container_options,
+                    write_record_later=self.write_records_later,
+                )
             if self.root is not None:
                 try:
                     # What was opened is still there, unchanged, and passes the check.
@@ -149,6 +159,16 @@ class VideoOpener:
         readers.move_to_end(key)
         return reader
 
+    def records_behind(self) -> bool:
+        """Whether an open reader learnt something its file's index record lacks."""
+        return any(reader.record_behind for reader in self._readers.values())
+
+    def write_records(self) -> None:
+        """Write what the open readers learnt that their files' index records lack (see
+        ``write_records_later``); cheap when there is nothing to write."""
+        for reader in self._readers.values():
+            reader.write_record()
+
     def forget(self, video: Video) -> None:
         """Close and drop the readers of ``video`` (after an internal error, so the next
         request opens it afresh)."""
@@ -171,6 +191,7 @@ class VideoOpener:
         """Close the reader kept under ``key`` and the workers' siblings of it (they share its index)."""
         reader = self._readers.pop(key, None)
         if reader is not None:
+            reader.write_record()
             reader.close()
         for readers in self._worker_readers.values():
             old = readers.pop(key, None)

@@ -31,7 +31,7 @@ import numpy as np
 from . import _index_store as index_store
 from ._convert import Converter, shaped
 from ._files import SourceIdentity, resource_error, source_identity
-from ._index import FrameIndex, check_frame_idxs, index_from_packets, landing
+from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
 from .errors import (
@@ -164,12 +164,17 @@ def changed_error(filename: str, doing: str = "being read") -> VideoChangedError
     )
 
 
+def is_gray(rgb: np.ndarray) -> bool:
+    """Whether an ``(h, w, 3)`` RGB picture has all three channels equal (gray content)."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
 class FrameSource:
     """What every reader says about its frames, from its size and what its first frame showed:
     the grayscale option as served, frame shapes after transforms, the checks of indices and
     its :class:`VideoInfo`. A reader sets ``filename``, ``width``, ``height``, ``fps``,
-    ``codec``, ``pix_fmt``, ``container_format``, ``duration``, ``detected_grayscale`` and
-    ``frame_count``."""
+    ``codec``, ``pix_fmt``, ``container_format``, ``duration`` and ``frame_count``, and
+    either ``_gray`` or :meth:`_detect_grayscale`."""
 
     filename: str
     width: int
@@ -179,14 +184,39 @@ class FrameSource:
     pix_fmt: str
     container_format: str
     duration: Optional[float]
+    #: Whether the first frame is gray, once known (None: not found out yet).
+    _gray: Optional[bool] = None
 
     @property
     def frame_count(self) -> int:
         raise NotImplementedError
 
+    @property
+    def detected_grayscale(self) -> bool:
+        """Whether the first frame is gray (all channels equal): what ``grayscale=None`` serves.
+
+        Found out the first time it is asked (a video decodes its first frame then), and kept.
+        """
+        if self._gray is None:
+            self._gray = self._detect_grayscale()
+        return self._gray
+
+    def _detect_grayscale(self) -> bool:
+        """Find out whether the first frame is gray (called once, when first needed)."""
+        raise NotImplementedError
+
+    @property
+    def record_behind(self) -> bool:
+        """Whether this reader learnt something its file's index record lacks (see :meth:`write_record`)."""
+        return False
+
+    def write_record(self) -> None:
+        """Write what this reader learnt to its file's index record (nothing, for readers without one)."""
+
     def resolve_grayscale(self, grayscale: Optional[bool]) -> bool:
-        """The grayscale option as served: None means what the first frame showed."""
-        return getattr(self, "detected_grayscale", False) if grayscale is None else grayscale
+        """The grayscale option as served: None means what the first frame showed (found out
+        now if nobody asked before); True or False is served as given, nothing decoded."""
+        return self.detected_grayscale if grayscale is None else grayscale
 
     def info(self, grayscale: Optional[bool] = None, video: Optional[Video] = None) -> VideoInfo:
         """Metadata, with channels resolved for the given grayscale option (and the size after
@@ -246,6 +276,7 @@ class VideoReader(FrameSource):
         thread_type: Optional[str] = "AUTO",
         container_options: Optional[dict[str, str]] = None,
         index: Optional[FrameIndex] = None,
+        write_record_later: bool = False,
     ) -> None:
         """``thread_type``: the decoder's threading ("AUTO" adds frame threads; None keeps
         PyAV's default). Valid streams decode bit-identically either way. On damaged data
@@ -253,7 +284,10 @@ class VideoReader(FrameSource):
         first frame flagged corrupt switches this reader to PyAV's default threading (what
         a plain sequential decode uses), which brings it closer, but a concealed frame's
         pixels are not promised, only its identity. ``index``: one already built for
-        this file (another reader's), to skip demuxing it again."""
+        this file (another reader's), to skip demuxing it again. ``write_record_later``:
+        what this reader learns that the file's index record lacks (its index, its stream's
+        facts, whether the first frame is gray) is written by :meth:`write_record`, not at
+        once (a server answers first, and writes after)."""
         self.filename = filename
         self.stream_index = stream
         self.thread_type = thread_type
@@ -271,31 +305,39 @@ class VideoReader(FrameSource):
         #: Where the index came from: "given" (another reader's), "stored" (on disk, see
         #: :mod:`asyncframes._index_store`), "demuxed" or "counted".
         self.index_source = "given"
-        self._unstored: Optional[tuple[index_store.IndexStore, str]] = None  # a built index and where to keep it
-        self.index = index if index is not None else self._stored_or_built_index()
+        #: Where this file's record is kept (None: nowhere), and the index it is made of.
+        self._record: Optional[tuple[index_store.IndexStore, str]] = None
+        self._record_index: Optional[FrameIndex] = None
+        self._write_later = write_record_later
+        #: What the record lacks that this reader knows: written by :meth:`write_record`.
+        self._record_behind = False
+        #: Whether the record says if the first frame is gray.
+        self._record_knows_gray = False
+        # The file is opened at most once here: not at all when its record describes it (the
+        # first read opens it), else for its metadata and then (unless the index is given or
+        # stored) its packets; the first read reuses the container if nothing was demuxed.
+        found = self._load_record() if index is None else None
+        facts = found.facts if found is not None else None
+        if facts is None:
+            facts = self._open_facts()
+        self._facts = facts
+        self.width, self.height = facts.width, facts.height
+        self.codec, self.pix_fmt, self.container_format = facts.codec, facts.pix_fmt, facts.container_format
+        self.fps, self.duration = facts.fps, facts.duration
+        self.time_base, self.average_rate = facts.time_base, facts.average_rate
+        #: The frame count the container's header states (None: none stated).
+        self.frames_from_header: Optional[int] = facts.frames_from_header
+        if index is None:
+            index = found.index if found is not None else self._built_index()
+        self.index = index
         if self.index.frame_count == 0:
             self.close()
             raise VideoOpenError(f"{filename}: the video stream has no frames")
-        container, vstream = self._ensure_open()
-        ctx = vstream.codec_context
-        self.width = int(ctx.width)
-        self.height = int(ctx.height)
-        self.codec = ctx.name
-        self.pix_fmt = ctx.pix_fmt or ""
-        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
-        self.fps = float(rate) if rate else 0.0
-        self.container_format = container.format.name
-        self.duration = float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None
-        self.time_base = vstream.time_base
-        self.average_rate = vstream.average_rate or vstream.guessed_rate
-        #: The frame count the container's header states (None: none stated).
-        self.frames_from_header: Optional[int] = int(vstream.frames) or None
-        first = self.read([0], grayscale=False)[0]
-        self.detected_grayscale = bool(
-            np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 0], first[..., 2])
-        )
         self.check_unchanged("being opened")
-        self._keep_index()
+        if self._record is not None:
+            self._record_index = self.index
+            if found is None or found.facts is None:  # built here, or a record from before facts were kept
+                self._record_learnt()
 
     # -- public -------------------------------------------------------------
 
@@ -345,6 +387,7 @@ class VideoReader(FrameSource):
             reader.close()
             raise changed_error(self.filename)
         reader._seek_by_dts = self._seek_by_dts  # what this reader learnt about the demuxer's seeks
+        reader._gray = self._gray  # what this reader found out about the first frame, if it did
         return reader
 
     def is_stale(self) -> bool:
@@ -502,33 +545,88 @@ class VideoReader(FrameSource):
             stream.thread_type = self.thread_type
         return container, stream
 
-    def _stored_or_built_index(self) -> FrameIndex:
-        """The file's index from the on-disk store, else demuxed (or counted); one built here is
-        stored by :meth:`_keep_index` once the open has checked the file did not change."""
+    def _open_facts(self) -> StreamFacts:
+        """Open the file (kept open for the first read) and read its stream's metadata."""
+        container, vstream = self._ensure_open()
+        ctx = vstream.codec_context
+        rate = vstream.average_rate or vstream.guessed_rate or vstream.base_rate
+        return StreamFacts(
+            width=int(ctx.width),
+            height=int(ctx.height),
+            codec=ctx.name,
+            pix_fmt=ctx.pix_fmt or "",
+            container_format=container.format.name,
+            fps=float(rate) if rate else 0.0,
+            duration=float(vstream.duration * vstream.time_base) if vstream.duration and vstream.time_base else None,
+            time_base=vstream.time_base,
+            average_rate=vstream.average_rate or vstream.guessed_rate,
+            frames_from_header=int(vstream.frames) or None,
+        )
+
+    def _load_record(self) -> Optional[index_store.Stored]:
+        """This file's record in the on-disk store (None: no store, no record, or not one plain
+        file); remembers where the record is kept, for :meth:`write_record`."""
         kept = index_store.store()
         key = kept.key(self.signature, self.stream_index, self.container_options) if kept is not None else None
-        if key is not None:
-            found = kept.load(key)  # type: ignore[union-attr]
-            if found is not None:
-                self.index_source = "stored"
-                return found
+        if kept is None or key is None:
+            return None
+        self._record = (kept, key)
+        found = kept.load(key)
+        if found is not None:
+            self.index_source, self._gray = "stored", found.grayscale
+            self._record_knows_gray = found.grayscale is not None
+        return found
+
+    def _built_index(self) -> FrameIndex:
+        """The file's index, demuxed (or counted when packets cannot tell the frames apart)."""
         index, self.index_source = self._build_index(), "demuxed"
         if index.sequential and not index.pts:
             log.info("%s: %s; frames are found by counting", self.filename, index.reason)
             index, self.index_source = self._count_frames(index.reason), "counted"
-        if key is not None:
-            self._unstored = (kept, key)  # type: ignore[assignment]
         return index
 
-    def _keep_index(self) -> None:
-        """Store the index this reader built (the file was unchanged while it was opened)."""
-        unstored, self._unstored = self._unstored, None
-        if unstored is not None:
-            kept, key = unstored
-            kept.save(key, self.index)
+    @property
+    def record_behind(self) -> bool:
+        """Whether this reader learnt something its file's index record lacks (see :meth:`write_record`)."""
+        return self._record_behind and self._record is not None
+
+    def write_record(self) -> None:
+        """Write what this file's index record lacks that this reader knows (its index as
+        opened, its stream's facts, whether the first frame is gray); nothing when the record
+        is up to date or there is no store. Never raises (a store that cannot write turns
+        itself off)."""
+        if self._record is None or self._record_index is None or not self._record_behind:
+            return
+        kept, key = self._record
+        self._record_behind = False
+        self._record_knows_gray = self._gray is not None
+        kept.save(key, self._record_index, self._gray, self._facts)
+
+    def _record_learnt(self) -> None:
+        """The record lacks something this reader knows: written now, or by :meth:`write_record`."""
+        self._record_behind = True
+        if not self._write_later:
+            self.write_record()
+
+    def _detect_grayscale(self) -> bool:
+        """Decode the first frame and see whether it is gray; the store's record learns the
+        answer too (if it did not know), so no other reader of this file has to decode it again.
+
+        Raises:
+            VideoChangedError: the file changed since it was opened (the answer could be the
+                new file's: it is not kept).
+        """
+        gray = is_gray(self.read([0], grayscale=False)[0])
+        self.check_unchanged("being read")
+        self._gray = gray  # (the record is written with it)
+        if self._record is not None and not self._record_knows_gray:
+            self._record_learnt()
+        return gray
 
     def _build_index(self) -> FrameIndex:
-        container, stream = self._open()
+        """Demux the open container's packets into an index; the container is closed after
+        (the first read opens the file afresh, as a sequential decode starts)."""
+        container, stream = self._ensure_open()
         try:
             packets = [(p.pts, bool(p.is_keyframe), bool(p.is_discard), p.dts) for p in container.demux(stream) if p.size]
         except av.FFmpegError as exc:
@@ -536,7 +634,7 @@ class VideoReader(FrameSource):
                 f"{self.filename}: cannot read packets ({exc})"
             ) from exc
         finally:
-            container.close()
+            self.close()
         return index_from_packets(packets)
 
     def _count_frames(self, reason: str) -> FrameIndex:

@@ -64,6 +64,10 @@ INTERRUPT_READ_BATCH = 128
 #: flooding) connections send, in the loop and in a cancel check: reading keeps up with a
 #: flood without letting it take the loop from the clients being served.
 SILENCED_DRAIN_S = 0.02
+#: Idle this long (no message, nothing to decode), a server writes what opening videos learnt
+#: to their index records: a client that opens a video and then asks for frames is not kept
+#: waiting while it writes.
+RECORDS_IDLE_S = 0.05
 INTERRUPT_SILENCED_DRAIN_S = 0.002
 
 
@@ -148,7 +152,7 @@ class FrameServer:
         )
         if config.index_cache is not None:
             index_store.configure(config.index_cache)
-        self._opener = VideoOpener(config.root, config.max_open_files)
+        self._opener = VideoOpener(config.root, config.max_open_files, write_records_later=True)
         self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         #: Per client, its shared-memory slot buffers by slot number (the core keeps the books).
@@ -169,11 +173,14 @@ class FrameServer:
         self._running = True
         try:
             while self._running:
-                ready = wait(self.state.wait_s(time.monotonic(), self._buffers.queued_by_client()))
+                idle_s = self.state.wait_s(time.monotonic(), self._buffers.queued_by_client())
+                records = idle_s > 0 and self._opener.records_behind()
+                ready = wait(min(idle_s, RECORDS_IDLE_S) if records else idle_s)
                 if lifeline and (ready or os.getppid() != self._parent_pid):
                     self.stop("client process is gone")
                     break
-                self._receive(READ_BATCH)
+                if not self._receive(READ_BATCH) and records:
+                    self._opener.write_records()  # idle: what opening learnt goes to the index store
                 self._carry_out(self.state.handle_round(time.monotonic()))
                 if not self._running:
                     break

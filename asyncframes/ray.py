@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
+import attrs
 import numpy as np
 import ray.data
 from ray.data.block import BlockAccessor, BlockMetadata
@@ -121,6 +122,8 @@ class FramesDatasource(Datasource):
         spec = as_video(video)
         given = spec.filename if isinstance(video, Video) else os.fspath(video)
         with VideoReader(spec.filename, stream=spec.stream) as reader:
+            # The grayscale option as served, resolved once here: no read task decodes frame 0 to find out.
+            spec = attrs.evolve(spec, grayscale=reader.resolve_grayscale(spec.grayscale))
             return _Planned(given, spec, reader.index, reader.signature, reader.frame_times().pts_seconds,
                             reader.frame_shape(spec.grayscale, spec))
 

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from asyncframes import ServerError, VideoAccessError, VideoChangedError
+from asyncframes import _index_store as index_store
 from asyncframes._opener import VideoOpener
 from asyncframes._pool import DecoderPool, RecentFrames
-from asyncframes._reader import FrameCache, ReadInterrupted
+from asyncframes._reader import FrameCache, ReadInterrupted, VideoReader
+from asyncframes._sample import write_clip
 from asyncframes._video import Video
 
 from .conftest import assert_frames_exact, shared_video, shuffled_with_duplicates
@@ -51,6 +53,14 @@ def is_closed(reader) -> bool:
     return reader._container is None
 
 
+def open_and_read(opener: VideoOpener, v: Video):
+    """The opener's reader of ``v``, with its decoder running (an open may leave the file
+    closed until the first read, when it only demuxed it)."""
+    reader = opener.open(v)
+    reader.read([0], grayscale=False)
+    return reader
+
+
 # -- the opener -----------------------------------------------------------------------
 
 
@@ -62,10 +72,10 @@ def test_the_same_video_is_opened_once_and_grayscale_does_not_matter(clips, open
 
 
 def test_at_most_max_open_files_stay_open_and_the_least_recently_used_goes(clips, opener):
-    a = opener.open(video(clips, "a.y4m"))
-    b = opener.open(video(clips, "b.y4m"))
+    a = open_and_read(opener, video(clips, "a.y4m"))
+    b = open_and_read(opener, video(clips, "b.y4m"))
     opener.open(video(clips, "a.y4m"))  # a is now the most recently used
-    c = opener.open(video(clips, "c.y4m"))
+    c = open_and_read(opener, video(clips, "c.y4m"))
     assert len(opener) == 2
     assert is_closed(b) and not is_closed(a) and not is_closed(c)
     assert opener.opened(video(clips, "b.y4m")) is None  # never opens
@@ -75,7 +85,7 @@ def test_at_most_max_open_files_stay_open_and_the_least_recently_used_goes(clips
 @pytest.mark.parametrize("change", ["replace", "rewrite_in_place"])
 def test_a_file_that_changed_on_disk_is_closed_and_reopened(clips, opener, change):
     v = video(clips, "a.y4m")
-    old = opener.open(v)
+    old = open_and_read(opener, v)
     if change == "replace":
         replace(clips / "a.y4m", y4m_bytes(12, seed=9, size=(W + 16, H + 16)))
     else:
@@ -89,7 +99,7 @@ def test_a_file_that_changed_on_disk_is_closed_and_reopened(clips, opener, chang
 
 def test_forget_closes_the_reader_so_the_next_open_is_afresh(clips, opener):
     v = video(clips, "a.y4m")
-    old = opener.open(v)
+    old = open_and_read(opener, v)
     worker = opener.worker_reader(0, v)
     opener.forget(v)
     assert is_closed(old) and is_closed(worker) and len(opener) == 0
@@ -189,7 +199,7 @@ def test_each_worker_keeps_at_most_max_open_files(clips, opener):
 @pytest.mark.parametrize("change", ["replace", "rewrite_in_place"])
 def test_a_workers_reader_of_a_file_changed_since_it_was_indexed_is_refused(clips, opener, change):
     v = video(clips, "a.y4m")
-    main = opener.open(v)
+    main = open_and_read(opener, v)
     if change == "replace":
         replace(clips / "a.y4m", y4m_bytes(12, seed=9))  # same size, new content
     else:
@@ -399,3 +409,42 @@ def test_recent_frames_keep_to_their_budget():
         recent.put("k", i, frame)
     assert len(recent) == 3 and recent.nbytes == 3 * frame.nbytes
     assert not recent.has("k", 0) and recent.has("k", 4)
+
+
+# -- index records ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> index_store.IndexStore:
+    """This test's own index store (the process-wide one restored after)."""
+    monkeypatch.setattr(index_store, "_store", index_store.IndexStore(tmp_path / "indexes"))
+    monkeypatch.setattr(index_store, "_configured", True)
+    kept = index_store.store()
+    assert kept is not None
+    return kept
+
+
+def test_an_opener_that_writes_records_later_writes_them_when_told_or_when_a_reader_goes(store, tmp_path):
+    paths = [tmp_path / "gray.mp4", tmp_path / "colour.mp4"]
+    write_clip(paths[0], frames=90, gop=30, grayscale=True)
+    write_clip(paths[1], frames=90, gop=30)
+    opener = VideoOpener(write_records_later=True)
+    try:
+        reader = opener.open(Video(str(paths[0]), grayscale=False))
+        assert not list(store.folder.glob("*.npz")) and reader.stats.frames_decoded == 0
+        opener.write_records()
+        key = store.key(reader.signature, 0)
+        assert key is not None
+        stored = store.load(key)
+        assert stored is not None and stored.index == reader.index and stored.grayscale is None
+        assert reader.detected_grayscale  # grayscale=None asked for: found out now, written when told
+        assert store.load(key).grayscale is None
+        opener.write_records()
+        assert store.load(key).grayscale is True
+        other = opener.open(Video(str(paths[1])))
+        assert not other.detected_grayscale
+    finally:
+        opener.close()  # the readers go: what they learnt is written
+    with VideoReader(str(paths[1])) as again:
+        assert again.index_source == "stored" and again.detected_grayscale is False
+        assert again.stats.opens == 0 and again.stats.frames_decoded == 0

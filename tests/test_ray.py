@@ -73,6 +73,13 @@ def test_a_real_recording_with_b_frames_and_an_edit_list(runtime):
     check_rows(rows, {path: asked})
 
 
+def test_the_driver_resolves_grayscale_so_read_tasks_need_not_detect_it(paths):
+    gray = FramesDatasource._plan(str(shared_video("centered_pair_small.mp4")))
+    colour = FramesDatasource._plan(paths[0])
+    assert gray.video.grayscale is True and gray.shape == (384, 384, 1)
+    assert colour.video.grayscale is False and colour.shape[-1] == 3
+
+
 def test_clips_come_whole_one_row_each(runtime, paths):
     clips = [(0, [10, 11, 12, 13]), (paths[1], [70, 72, 74, 76]), (0, [149, 0, 75, 75]), (2, list(range(20, 28)))]
     rows = sorted(read_frames(paths, clips=clips, override_num_blocks=3).take_all(), key=lambda r: r["clip"])

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncframes import FrameIndexError, VideoNotFoundError, VideoOpenError
+from asyncframes import _index_store as index_store
 from asyncframes._convert import luma
 from asyncframes._index import FrameIndex, index_from_packets
 from asyncframes._reader import FrameCache, VideoReader
@@ -238,6 +239,36 @@ def test_grayscale_is_detected_and_served_as_one_channel(make_clip):
         frames = reader.read([5, 1])
         assert frames.shape == (2, 96, 128, 1)
         assert_frames_exact(path, [5, 1], frames)
+
+
+@pytest.mark.parametrize("name, gray", [("gray.mp4", True), ("h264_gops.mp4", False)])
+def test_opening_decodes_nothing_and_only_grayscale_none_decodes_the_first_frame_once(make_clip, monkeypatch, name, gray):
+    monkeypatch.setattr(index_store, "_store", None)  # no stored record that already knows the answer
+    monkeypatch.setattr(index_store, "_configured", True)
+    path = make_clip(name)
+    with VideoReader(str(path)) as reader:
+        assert reader.stats.frames_decoded == 0  # opened: metadata and index only
+        for given in (False, True):  # a caller's choice is served as given: nothing to find out
+            assert reader.info(given).channels == (1 if given else 3)
+            assert reader.frame_shape(given) == (96, 128, 1 if given else 3)
+        assert reader.stats.frames_decoded == 0
+        assert reader.info().grayscale is gray and reader.info().channels == (1 if gray else 3)
+        assert reader.stats.frames_decoded == 1  # the first frame, once
+        frames = reader.read([5, 0])
+        assert frames.shape == (2, 96, 128, 1 if gray else 3)
+        if gray:
+            assert_frames_exact(path, [5, 0], frames)
+        else:
+            np.testing.assert_array_equal(frames, np.stack([reference_frames(path)[i] for i in (5, 0)]))
+        assert reader.detected_grayscale is gray and reader.stats.frames_decoded == 1 + 6  # kept: not decoded again
+
+
+def test_a_siblings_reader_knows_what_the_first_frame_showed(make_clip):
+    path = make_clip("gray.mp4")
+    with VideoReader(str(path)) as reader:
+        assert reader.detected_grayscale
+        with reader.sibling() as sibling:
+            assert sibling.detected_grayscale and sibling.stats.frames_decoded == 0
 
 
 def test_forcing_grayscale_on_colour_gives_luma(make_clip):
