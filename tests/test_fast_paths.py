@@ -356,3 +356,22 @@ def test_a_chunk_kept_past_close_is_never_handed_to_the_next_client(standalone_s
             for frame_idxs, frames in av.chunks:
                 assert_frames_exact(clip, frame_idxs, frames)
     assert_frames_exact(clip, kept_idxs, kept)
+
+
+@needs_shm
+def test_a_slot_handed_to_another_client_of_this_process_is_mapped_once(standalone_server, make_clip):
+    """A GUI keeps one video open while a second streams: the second borrows the first's
+    released slots, and this process reuses its mapping of them (no new page faults)."""
+    server, endpoint = standalone_server
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo(endpoint, window=2) as first:
+        first.load_by_chunk("gops.mp4", range(150), frames_per_chunk=8)
+        for frame_idxs, frames in first.chunks:
+            assert_frames_exact(clip, frame_idxs, frames)
+        del frames
+        with AsyncVideo.from_video("gops.mp4", range(150), 8, endpoint=endpoint, window=2) as second:
+            for frame_idxs, frames in second.chunks:
+                assert_frames_exact(clip, frame_idxs, frames)
+            del frames
+            inodes = [line.split()[4] for line in shared_mappings()]
+    assert inodes and len(inodes) == len(set(inodes)), "each slot mapped once in this process"
