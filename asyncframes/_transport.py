@@ -38,6 +38,8 @@ from .errors import AsyncFramesError, AuthenticationError, ServerStartError
 #: ZMTP heartbeats: a peer that stops answering is disconnected within seconds.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+#: How often a client looks again for a unix socket that is not there yet (or gone), in ms.
+IPC_RECONNECT_IVL_MS = 5
 
 #: Largest frame a server accepts by default (what a request for 10 million explicit frame
 #: indices needs, see :func:`protocol.max_header_bytes`); ZeroMQ drops a peer that sends a
@@ -300,9 +302,12 @@ class ClientSocket:
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
         if endpoint.startswith("ipc://"):
-            # A private server's socket appears a moment after we connect: look again soon.
-            self.socket.setsockopt(zmq.RECONNECT_IVL, 10)
-            self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            # A private server's socket appears a few hundred milliseconds after we connect: look
+            # again every few milliseconds, without backing off (ZeroMQ's backoff doubled the wait,
+            # so the first greeting came up to half the start time after the server listened); a
+            # missing unix socket costs one failed connect() per attempt.
+            self.socket.setsockopt(zmq.RECONNECT_IVL, IPC_RECONNECT_IVL_MS)
+            self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
         self.monitor = self.socket.get_monitor_socket(functools.reduce(operator.or_, CLIENT_EVENTS))
         try:
             self.socket.connect(endpoint)
