@@ -16,11 +16,9 @@ import functools
 import math
 import operator
 import os
-import shutil
 import socket
 import struct
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -139,6 +137,8 @@ def private_endpoint() -> tuple[str, Optional[str]]:
     """
     if sys.platform.startswith("win") or not zmq.has("ipc"):
         return "tcp://127.0.0.1:*", None
+    import tempfile  # here: a client of a given or per-user server never needs it (nor shutil below)
+
     directory = tempfile.mkdtemp(prefix="asyncframes-")
     path = f"{directory}/server.sock"
     if len(path.encode()) > _MAX_IPC_PATH:  # a long TMPDIR: unix socket paths are short
@@ -150,6 +150,8 @@ def private_endpoint() -> tuple[str, Optional[str]]:
 def remove_private_dir(directory: Optional[str]) -> None:
     """Delete a directory made by :func:`private_endpoint`."""
     if directory:
+        import shutil
+
         shutil.rmtree(directory, ignore_errors=True)
 
 
