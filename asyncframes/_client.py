@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import attrs
 import numpy as np
@@ -45,7 +45,6 @@ from ._process import (
     user_server_path,
 )
 from ._protocol import ConnectionEvent
-from ._times import FrameTimes
 from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
 from ._video import Video, VideoInfo, as_video
 from .errors import (
@@ -58,6 +57,9 @@ from .errors import (
     ServerStartError,
     error_from_wire,
 )
+
+if TYPE_CHECKING:
+    from ._times import FrameTimes
 
 log = logging.getLogger(__name__)
 
@@ -747,6 +749,8 @@ class AsyncVideo:
             ServerDiedError: the server went away.
             AsyncFramesError: this AsyncVideo is closed, or used across ``fork``.
         """
+        from ._times import FrameTimes  # here: its Fraction arithmetic (fractions, decimal) is not needed before
+
         reply = self._ask_about(video, protocol.FrameTimesRequest, protocol.FrameTimesReply, timeout)
         return FrameTimes(
             protocol.times_array(reply.pts_seconds),

@@ -22,7 +22,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import IO, Optional, Sequence
@@ -297,9 +296,12 @@ def user_runtime_dir() -> str:
     folder = os.environ.get("ASYNCFRAMES_RUNTIME_DIR")
     if not folder:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        folder = os.path.join(xdg, "asyncframes") if xdg and os.path.isdir(xdg) else os.path.join(
-            tempfile.gettempdir(), f"asyncframes-{os.getuid()}"
-        )
+        if xdg and os.path.isdir(xdg):
+            folder = os.path.join(xdg, "asyncframes")
+        else:
+            import tempfile  # here: with a runtime folder set, a client never needs it
+
+            folder = os.path.join(tempfile.gettempdir(), f"asyncframes-{os.getuid()}")
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         info = os.lstat(folder)

@@ -20,9 +20,9 @@ server's driver makes and closes the :class:`SharedBuffer` each slot names.
 
 from __future__ import annotations
 
+import hmac
 import mmap
 import os
-import secrets
 import sys
 import weakref
 from collections import deque
@@ -70,7 +70,7 @@ class Probe:
     """The server's proof of reach: a small shared buffer holding a random token."""
 
     def __init__(self) -> None:
-        self.token = secrets.token_bytes(_TOKEN_BYTES)
+        self.token = os.urandom(_TOKEN_BYTES)  # secrets.token_bytes is os.urandom
         self.buffer = SharedBuffer(_TOKEN_BYTES, "asyncframes-probe")
         self.buffer.array[:] = np.frombuffer(self.token, np.uint8)
 
@@ -120,7 +120,7 @@ def can_reach(pid: int, fd: int, token: bytes) -> bool:
     except (OSError, ValueError):
         return False
     try:
-        return secrets.compare_digest(bytes(mapped[:_TOKEN_BYTES]), token)
+        return hmac.compare_digest(bytes(mapped[:_TOKEN_BYTES]), token)
     finally:
         mapped.close()
 

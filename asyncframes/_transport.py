@@ -16,11 +16,9 @@ import functools
 import math
 import operator
 import os
-import shutil
 import socket
 import struct
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -38,6 +36,8 @@ from .errors import AsyncFramesError, AuthenticationError, ServerStartError
 #: ZMTP heartbeats: a peer that stops answering is disconnected within seconds.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+#: How often a client looks again for a unix socket that is not there yet (or gone), in ms.
+IPC_RECONNECT_IVL_MS = 5
 
 #: Largest frame a server accepts by default (what a request for 10 million explicit frame
 #: indices needs, see :func:`protocol.max_header_bytes`); ZeroMQ drops a peer that sends a
@@ -137,6 +137,8 @@ def private_endpoint() -> tuple[str, Optional[str]]:
     """
     if sys.platform.startswith("win") or not zmq.has("ipc"):
         return "tcp://127.0.0.1:*", None
+    import tempfile  # here: a client of a given or per-user server never needs it (nor shutil below)
+
     directory = tempfile.mkdtemp(prefix="asyncframes-")
     path = f"{directory}/server.sock"
     if len(path.encode()) > _MAX_IPC_PATH:  # a long TMPDIR: unix socket paths are short
@@ -148,6 +150,8 @@ def private_endpoint() -> tuple[str, Optional[str]]:
 def remove_private_dir(directory: Optional[str]) -> None:
     """Delete a directory made by :func:`private_endpoint`."""
     if directory:
+        import shutil
+
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -300,9 +304,12 @@ class ClientSocket:
             self.socket.curve_secretkey = curve.secret
             self.socket.curve_serverkey = curve.server_public
         if endpoint.startswith("ipc://"):
-            # A private server's socket appears a moment after we connect: look again soon.
-            self.socket.setsockopt(zmq.RECONNECT_IVL, 10)
-            self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            # A private server's socket appears a few hundred milliseconds after we connect: look
+            # again every few milliseconds, without backing off (ZeroMQ's backoff doubled the wait,
+            # so the first greeting came up to half the start time after the server listened); a
+            # missing unix socket costs one failed connect() per attempt.
+            self.socket.setsockopt(zmq.RECONNECT_IVL, IPC_RECONNECT_IVL_MS)
+            self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
         self.monitor = self.socket.get_monitor_socket(functools.reduce(operator.or_, CLIENT_EVENTS))
         try:
             self.socket.connect(endpoint)
