@@ -7,6 +7,9 @@ through its own reader of the file (:meth:`VideoOpener.worker_reader`, sharing t
 file's index, so nothing is demuxed twice). PyAV releases the GIL while decoding and
 converting, so the threads run in parallel. With one worker, a chunk within one GOP,
 or a small request, the opener's own reader does the work in the caller's thread.
+With worker processes (``serve --worker-processes N``), a chunk of several GOPs that goes
+to a shared slot is split the same way over N processes instead, each writing straight
+into the slot (:mod:`asyncframes._procpool`); inline chunks stay with the threads.
 
 Small requests (a GUI showing one frame at a time) go through the recent-frames cache,
 which the server fills further while idle (:meth:`DecoderPool.read_around`). Its
@@ -208,6 +211,11 @@ class DecoderPool:
                 self.recent.put(key, j, frame)
             kept += len(piece)
         return kept
+
+    def tidy(self) -> None:
+        """Have worker processes let go of shared memory and caches the server dropped (when idle)."""
+        if self.processes is not None:
+            self.processes.tidy()
 
     def close(self) -> None:
         """Stop the workers (after the chunk they are on) and drop the recent frames."""

@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from typing import Any, Callable, Optional
 
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 EXIT_GRACE_S = 2.0
 #: Seconds between asking ``interrupt`` while shares decode.
 WAIT_STEP_S = 0.005
+#: Seconds a worker may take to stop after a cancel (or another share's failure) before it
+#: is killed and replaced: a reader asks for a cancel before every frame, so only a worker
+#: stuck inside one frame takes this long.
+STOP_GRACE_S = 10.0
 
 
 class _Process:
@@ -165,22 +170,28 @@ class ProcessWorkers:
         number = self._jobs = self._jobs + 1
         failure: Optional[BaseException] = None
         for worker, share in shares.items():
+            proc = None
             try:
                 proc = self._process(worker)
                 self._send(proc, number, main, video, [idxs[p] for p in share], share, grayscale, out.shape, shared, identity, cache_spec)
             except Exception as exc:  # noqa: BLE001  (a worker that cannot take its share fails the chunk)
-                failure = failure or self._failed(worker, exc)
+                if proc is not None and proc.proc.poll() is None and not isinstance(exc, ConnectionError):
+                    failure = ServerError(f"could not hand frames to decoder worker process {proc.pid}: {exc}")
+                else:
+                    failure = self._failed(worker, exc, video)
                 break
             busy[worker] = proc
         if failure is not None:
             for proc in busy.values():
                 proc.cancel[0] = number
         interrupted = False
+        stopping_since: Optional[float] = time.monotonic() if failure is not None else None
+        killed: set[int] = set()
         with selectors.DefaultSelector() as sel:
             for worker, proc in busy.items():
                 sel.register(proc.sock, selectors.EVENT_READ, worker)
             while busy:
-                for key, _ in sel.select(WAIT_STEP_S if interrupt is not None else None):
+                for key, _ in sel.select(WAIT_STEP_S):
                     worker = key.data
                     proc = busy[worker]
                     reply = self._receive(proc, number)
@@ -192,20 +203,60 @@ class ProcessWorkers:
                     if kind == "error":
                         failure = failure or reply[2]
                     elif kind == "dead":
-                        failure = failure or self._failed(worker, reply[1], video)
+                        error = self._failed(worker, reply[1], video, quiet=worker in killed)
+                        if worker not in killed:
+                            failure = failure or error
                     elif kind == "interrupted":
                         interrupted = True
-                    if kind != "done":
+                    if kind != "done" and stopping_since is None:
+                        stopping_since = time.monotonic()
                         for other in busy.values():
                             other.cancel[0] = number
-                if busy and not interrupted and failure is None and interrupt is not None and interrupt():
+                if not busy:
+                    break
+                if stopping_since is None and interrupt is not None and interrupt():
                     interrupted = True
+                    stopping_since = time.monotonic()
                     for proc in busy.values():
                         proc.cancel[0] = number
+                if stopping_since is not None and time.monotonic() - stopping_since > STOP_GRACE_S:
+                    for worker, proc in busy.items():  # stuck inside one frame: a new one takes its place
+                        if worker not in killed:
+                            log.error("decoder worker process %d did not stop within %g s; killing it", proc.pid, STOP_GRACE_S)
+                            proc.proc.kill()
+                            killed.add(worker)
         if failure is not None:
             raise failure
         if interrupted:
             raise ReadInterrupted()
+
+    def tidy(self) -> None:
+        """Have idle workers unmap the shared buffers the server closed and drop the request
+        caches it forgot (a job does this too; call it when the server goes idle)."""
+        while self._dead_tokens:
+            self._forgotten_caches.add(self._dead_tokens.popleft())
+        for worker, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            forget = [s for s in proc.mapped if _closed(self._buffers.get(s))]
+            forget_caches = [t for t in self._forgotten_caches if t in proc.caches]
+            if not forget and not forget_caches:
+                continue
+            number = self._jobs = self._jobs + 1
+            try:
+                proc.sock.sendall(pickle.dumps({"job": number, "forget_buffers": forget, "forget_caches": forget_caches}))
+                while True:
+                    reply = self._receive(proc, number)
+                    if reply is not None:
+                        break
+            except OSError as exc:
+                reply = ("dead", exc)
+            if reply[0] == "dead":
+                self._failed(worker, reply[1])
+                continue
+            proc.mapped.difference_update(forget)
+            proc.caches.difference_update(forget_caches)
+        self._prune()
 
     def close(self) -> None:
         """Stop every worker (each after its job) and reap it."""
@@ -234,7 +285,7 @@ class ProcessWorkers:
             log.info("decoder worker process %d started (worker %d)", proc.pid, worker)
         return proc
 
-    def _failed(self, worker: int, exc: BaseException, video: Optional[Video] = None) -> BaseException:
+    def _failed(self, worker: int, exc: Any, video: Optional[Video] = None, quiet: bool = False) -> BaseException:
         """Worker ``worker`` is gone: reap it, forget it (a new one starts for the next chunk)."""
         proc = self._procs[worker]
         self._procs[worker] = None
@@ -247,7 +298,7 @@ class ProcessWorkers:
             pass
         what = f" while decoding {video.filename}" if video is not None else ""
         pid = proc.pid if proc is not None else "?"
-        log.error("decoder worker process %s %s%s (%s); it is replaced", pid, how, what, exc)
+        (log.info if quiet else log.error)("decoder worker process %s %s%s (%s); it is replaced", pid, how, what, exc)
         return ServerError(f"a decoder worker process (pid {pid}) {how}{what}; the request failed, the server goes on with a new worker")
 
     def _send(

@@ -265,6 +265,7 @@ class FrameServer:
             elif isinstance(action, ForgetVideo):
                 self._opener.forget(action.video)
             elif isinstance(action, FreeBuffers):
+                self._pool.tidy()
                 if self._buffers.trim() or action.release_memory:
                     _release_free_memory()
             elif isinstance(action, Stop):
