@@ -251,3 +251,36 @@ def test_request_caches_live_in_the_workers_and_stay_exact(make_clip):
             assert_frames_exact(clip2, chunk, read(pool, opener, clip2, chunk, cache=cache))
         del cache
         assert_frames_exact(clip, order[:40], read(pool, opener, clip, order[:40]))
+
+
+def test_a_confined_server_s_workers_open_only_what_it_resolved(tmp_path, make_clip):
+    import shutil
+    import subprocess
+
+    from asyncframes._process import READY_LINE, serve_command
+    from asyncframes.errors import VideoAccessError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    clip = shutil.copy(make_clip("h264_gops.mp4"), root / "clip.mp4")
+    proc = subprocess.Popen(
+        serve_command("--bind", f"ipc://{tmp_path}/s", "--root", str(root), "--log-level", "WARNING", *OPTIONS),
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(READY_LINE), line
+        with AsyncVideo(line.split()[-1]) as client:
+            idxs = shuffled_with_duplicates(150, 30, seed=10)
+            got, frames = stream(client, Video("clip.mp4", grayscale=False), idxs, 48)
+            with pytest.raises(VideoAccessError):
+                client.info(Video(str(make_clip("hevc.mp4"))))
+        assert_frames_exact(clip, got, frames)
+        workers = children(proc.pid)
+        assert len(workers) == 2 and all(has_open(pid, str(clip)) for pid in workers)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert proc.returncode == 0
+    assert all(exits_within(pid, 10) for pid in workers)
