@@ -434,7 +434,9 @@ def bench_workers(
     streams the whole video once, so the figures are of a running server.
 
     Returns:
-        ``{"in_order"|"shuffled": {"threads k"|"processes k": [frames/s per round]}}``.
+        ``{"in_order"|"shuffled": {"threads k"|"processes k": [frames/s per round]}}``, and
+        under ``"in_order_cpu_ms"``/``"shuffled_cpu_ms"`` the CPU time the server and its
+        worker processes spent per frame (less noisy than frames/s on a shared machine).
     """
     from ._process import ServerProcess
 
@@ -442,7 +444,8 @@ def bench_workers(
     order = [int(i) for i in np.random.default_rng(3).permutation(n)]
     cpus = sorted(os.sched_getaffinity(0))
     rows = [(mode, k) for k in counts for mode in modes if mode == "threads" or k > 1]
-    out: dict[str, dict[str, list[float]]] = {name: {f"{mode} {k}": [] for mode, k in rows} for name in ("in_order", "shuffled")}
+    names = ("in_order", "shuffled", "in_order_cpu_ms", "shuffled_cpu_ms")
+    out: dict[str, dict[str, list[float]]] = {name: {f"{mode} {k}": [] for mode, k in rows} for name in names}
     for _ in range(rounds):
         for mode, k in rows:
             options = ["--workers", str(k)] if mode == "threads" else ["--workers", "1", "--worker-processes", str(k)]
@@ -454,11 +457,33 @@ def bench_workers(
                     _drain(client)
                     for name, idxs in (("in_order", None), ("shuffled", order)):
                         client.load_by_chunk(Video(path, grayscale=False), idxs, frames_per_chunk)
+                        cpu = _tree_cpu_s(server.pid)
                         t, count = _timed(partial(_drain, client))
                         out[name][f"{mode} {k}"].append(count / t)
+                        out[f"{name}_cpu_ms"][f"{mode} {k}"].append(1000 * (_tree_cpu_s(server.pid) - cpu) / count)
             finally:
                 server.stop()
     return out
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` and its children have used so far."""
+    total = 0.0
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @contextlib.contextmanager
@@ -749,14 +774,16 @@ def run(args: argparse.Namespace) -> int:
         for target in [v for v in videos if "1080p" in v.name or "384x384.mp4" in v.name] or videos[:1]:
             scaling = bench_workers(str(target), args.rounds, counts, fpc)
             print(f"\nworkers: every frame of {target.name} ({fpc}-frame chunks), on a running server pinned to k CPUs, "
-                  f"k threads or k worker processes; frames/s, medians (min-max) of {args.rounds} alternating rounds")
+                  f"k threads or k worker processes; frames/s, medians (min-max) of {args.rounds} alternating rounds, "
+                  "and the CPU time of the server and its workers per frame")
             print("                      in order                   shuffled")
             base = {name: statistics.median(next(iter(values.values()))) for name, values in scaling.items()}
             for label in scaling["in_order"]:
                 cells = []
                 for name in ("in_order", "shuffled"):
-                    v = scaling[name][label]
-                    cells.append(f"{statistics.median(v):6.0f} ({min(v):4.0f}-{max(v):4.0f}) x{statistics.median(v) / base[name]:4.2f}")
+                    v, cpu = scaling[name][label], statistics.median(scaling[f"{name}_cpu_ms"][label])
+                    cells.append(f"{statistics.median(v):6.0f} ({min(v):4.0f}-{max(v):4.0f}) x{statistics.median(v) / base[name]:4.2f}, "
+                                 f"CPU {cpu:5.1f} ms/frame")
                 print(f"  {label:13s} {cells[0]}   {cells[1]}")
             report.setdefault("workers", {})[target.name] = {
                 name: {label: {"median": statistics.median(v), "samples": v} for label, v in values.items()}
