@@ -244,6 +244,7 @@ class ProcessWorkers:
                 continue
             number = self._jobs = self._jobs + 1
             try:
+                proc.sock.settimeout(STOP_GRACE_S)  # an idle worker answers at once
                 proc.sock.sendall(pickle.dumps({"job": number, "forget_buffers": forget, "forget_caches": forget_caches}))
                 while True:
                     reply = self._receive(proc, number)
@@ -251,6 +252,8 @@ class ProcessWorkers:
                         break
             except OSError as exc:
                 reply = ("dead", exc)
+            finally:
+                proc.sock.settimeout(None)
             if reply[0] == "dead":
                 self._failed(worker, reply[1])
                 continue

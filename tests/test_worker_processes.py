@@ -284,3 +284,26 @@ def test_a_confined_server_s_workers_open_only_what_it_resolved(tmp_path, make_c
         proc.wait()
     assert proc.returncode == 0
     assert all(exits_within(pid, 10) for pid in workers)
+
+
+def maps_memfd(pid: int, name: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return f"/memfd:{name}" in f.read()
+
+
+def test_workers_let_go_of_a_closed_slot_when_tidied(make_clip):
+    clip = make_clip("h264_gops.mp4")
+    idxs = shuffled_with_duplicates(150, 30, seed=11)
+    with pool_of(2) as (pool, opener):
+        video = Video(str(clip), grayscale=False)
+        main = opener.open(video)
+        shape = (len(idxs), *main.frame_shape(False, video))
+        buf = SharedBuffer(int(np.prod(shape)), "asyncframes-tidy-test")
+        pool.read(video, idxs, False, buf.view(shape), identity=main.signature, shared=buf)
+        assert_frames_exact(clip, idxs, buf.view(shape).copy())
+        workers = pool.processes.pids()
+        assert all(maps_memfd(pid, "asyncframes-tidy-test") for pid in workers)
+        buf.close()
+        pool.tidy()
+        assert not any(maps_memfd(pid, "asyncframes-tidy-test") for pid in workers)
+        assert pool.processes.pids() == workers
