@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import pickle
 import selectors
 import signal
 import socket
@@ -42,6 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import _procwire as procwire
 from . import _shm as shm
 from ._procworker import MAX_MESSAGE
 from ._reader import FrameCache, ReadInterrupted, VideoReader
@@ -245,7 +245,7 @@ class ProcessWorkers:
             number = self._jobs = self._jobs + 1
             try:
                 proc.sock.settimeout(STOP_GRACE_S)  # an idle worker answers at once
-                proc.sock.sendall(pickle.dumps({"job": number, "forget_buffers": forget, "forget_caches": forget_caches}))
+                proc.sock.sendall(procwire.pack_job({"job": number, "forget_buffers": forget, "forget_caches": forget_caches}))
                 while True:
                     reply = self._receive(proc, number)
                     if reply is not None:
@@ -322,7 +322,7 @@ class ProcessWorkers:
             "idxs": idxs, "positions": positions, "shape": shape, "serial": shared.serial, "cache": cache_spec,
             "forget_buffers": forget, "forget_caches": forget_caches,
         }
-        data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        data = procwire.pack_job(job)
         fds = [] if shared.serial in proc.mapped else [shared.fd]
         socket.send_fds(proc.sock, [data], fds)
         proc.mapped.add(shared.serial)
@@ -337,7 +337,7 @@ class ProcessWorkers:
             return ("dead", exc)
         if not data:
             return ("dead", "its socket closed")
-        reply = pickle.loads(data)
+        reply = procwire.unpack_answer(data)
         if reply[0] == "ready":
             proc.ready = True
             return None

@@ -27,7 +27,6 @@ import ctypes
 import logging
 import mmap
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -35,6 +34,8 @@ from collections import OrderedDict
 from typing import Any, Optional
 
 import numpy as np
+
+from . import _procwire as procwire
 
 #: Largest message either way (a job holds a chunk's indices and a request cache's wish list).
 MAX_MESSAGE = 4 << 20
@@ -82,7 +83,7 @@ class Worker:
 
     def run(self) -> None:
         sock = self.sock
-        sock.sendall(pickle.dumps(("ready", os.getpid())))
+        sock.sendall(procwire.pack_answer("ready", os.getpid()))
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
@@ -90,13 +91,13 @@ class Worker:
                 break
             if not data:
                 break  # the server closed its end, or is gone
-            job = pickle.loads(data)
+            job = procwire.unpack_job(data)
             try:
                 reply: tuple = self.job(job, fds)
             except BaseException as exc:  # noqa: BLE001  (every failure is the request's, reported)
-                reply = ("error", job["job"], _portable(exc))
+                reply = ("error", job["job"], exc)
             try:
-                sock.sendall(pickle.dumps(reply))
+                sock.sendall(procwire.pack_answer(*reply))
             except (ConnectionError, OSError):
                 break
         self.close()
@@ -180,17 +181,6 @@ class Worker:
             reader.close()
         self.readers.clear()
         self.sock.close()
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling, else a ServerError saying what it was."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        from .errors import ServerError
-
-        return ServerError(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -307,3 +307,20 @@ def test_workers_let_go_of_a_closed_slot_when_tidied(make_clip):
         pool.tidy()
         assert not any(maps_memfd(pid, "asyncframes-tidy-test") for pid in workers)
         assert pool.processes.pids() == workers
+
+
+def test_jobs_and_answers_cross_as_msgpack_never_pickle():
+    from asyncframes import _procwire as procwire
+    from asyncframes._files import FileIdentity
+    from asyncframes.errors import ServerError, VideoDecodeError
+
+    video = Video("clip.mp4", grayscale=False, crop=(0, 0, 8, 8))
+    identity = (FileIdentity(1, 2, 3, 4, 5),)
+    job = {"job": 7, "video": video, "identity": identity, "idxs": [3, 1], "shape": (2, 8, 8, 3), "options": {"a": "b"}}
+    back = procwire.unpack_job(procwire.pack_job(job))
+    assert back["video"] == video and back["identity"] == identity and back["idxs"] == [3, 1] and back["shape"] == [2, 8, 8, 3]
+    assert procwire.unpack_answer(procwire.pack_answer("done", 7)) == ["done", 7]
+    _, number, error = procwire.unpack_answer(procwire.pack_answer("error", 7, VideoDecodeError("frame 3 is damaged")))
+    assert number == 7 and type(error) is VideoDecodeError and str(error) == "frame 3 is damaged"
+    _, _, error = procwire.unpack_answer(procwire.pack_answer("error", 7, KeyError("x")))
+    assert type(error) is ServerError and "KeyError" in str(error)
