@@ -10,6 +10,7 @@ See ``docs/performance.md`` for how to read the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -426,24 +427,80 @@ def bench_memory(path: str, total: int, frames_per_chunk: int, delay: float, win
     return json.loads(out.stdout)
 
 
-def bench_workers(path: str, rounds: int, counts: Sequence[int], frames_per_chunk: int) -> dict[str, dict[int, list[float]]]:
-    """Frames/s of large requests (every frame in order; every frame shuffled) with 1, 2 and N decoder workers.
+def bench_workers(
+    path: str, rounds: int, counts: Sequence[int], frames_per_chunk: int, modes: Sequence[str] = ("threads", "processes")
+) -> dict[str, dict[str, list[float]]]:
+    """Frames/s of large requests (every frame in order; every frame shuffled) on a server with
+    ``k`` CPUs for each ``k`` in ``counts`` (pinned to the first ``k`` of ours; all of them
+    beyond), decoding with ``k`` threads (``--workers k``) or ``k`` worker processes
+    (``--worker-processes k``; with one CPU the server's own thread decodes either way, so
+    only threads are measured).
 
-    Each server first streams the whole video once, so the figures are of a running server.
+    Rows alternate within each round, so a busy machine slows them alike. Each server first
+    streams the whole video once, so the figures are of a running server.
+
+    Returns:
+        ``{"in_order"|"shuffled": {"threads k"|"processes k": [frames/s per round]}}``, and
+        under ``"in_order_cpu_ms"``/``"shuffled_cpu_ms"`` the CPU time the server and its
+        worker processes spent per frame (less noisy than frames/s on a shared machine).
     """
+    from ._process import ServerProcess
+
     n = len(_frame_pts(path))
     order = [int(i) for i in np.random.default_rng(3).permutation(n)]
-    out: dict[str, dict[int, list[float]]] = {"in_order": {k: [] for k in counts}, "shuffled": {k: [] for k in counts}}
+    cpus = sorted(os.sched_getaffinity(0))
+    rows = [(mode, k) for k in counts for mode in modes if mode == "threads" or k > 1]
+    names = ("in_order", "shuffled", "in_order_cpu_ms", "shuffled_cpu_ms")
+    out: dict[str, dict[str, list[float]]] = {name: {f"{mode} {k}": [] for mode, k in rows} for name in names}
     for _ in range(rounds):
-        for k in counts:
-            with AsyncVideo(workers=k) as client:
-                client.load_by_chunk(path, None, frames_per_chunk)
-                _drain(client)
-                for name, idxs in (("in_order", None), ("shuffled", order)):
-                    client.load_by_chunk(path, idxs, frames_per_chunk)
-                    t, count = _timed(partial(_drain, client))
-                    out[name][k].append(count / t)
+        for mode, k in rows:
+            options = ["--workers", str(k)] if mode == "threads" else ["--workers", "1", "--worker-processes", str(k)]
+            with _affinity(set(cpus[: max(1, k)])):
+                server = ServerProcess(options=options)
+            try:
+                with AsyncVideo(server.endpoint) as client:
+                    client.load_by_chunk(Video(path, grayscale=False), None, frames_per_chunk)
+                    _drain(client)
+                    for name, idxs in (("in_order", None), ("shuffled", order)):
+                        client.load_by_chunk(Video(path, grayscale=False), idxs, frames_per_chunk)
+                        cpu = _tree_cpu_s(server.pid)
+                        t, count = _timed(partial(_drain, client))
+                        out[name][f"{mode} {k}"].append(count / t)
+                        out[f"{name}_cpu_ms"][f"{mode} {k}"].append(1000 * (_tree_cpu_s(server.pid) - cpu) / count)
+            finally:
+                server.stop()
     return out
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` and its children have used so far."""
+    total = 0.0
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@contextlib.contextmanager
+def _affinity(cpus: set[int]) -> Iterator[None]:
+    """This process on ``cpus`` meanwhile (what it starts keeps them)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def bench_scale_out(rounds: int, frames_per_chunk: int = 32) -> dict[int, list[float]]:
@@ -718,20 +775,26 @@ def run(args: argparse.Namespace) -> int:
               f"{mem['consumer_fps']:.0f} frames/s: resident memory grew {mem['growth_mb']:.1f} MB; window "
               f"(2 x {mem['chunk_mb']:.1f} MB chunks) {mem['window_mb']:.1f} MB; "
               f"target <= window + 100 = {mem['window_mb'] + 100:.1f} MB")
-    counts = args.workers if args.workers is not None else sorted({1, 2, os.cpu_count() or 1})
+    counts = args.workers if args.workers is not None else sorted({1, 2, len(os.sched_getaffinity(0))})
     if counts:
-        target = next((v for v in videos if "1080p" in v.name), videos[0])
-        scaling = bench_workers(str(target), args.rounds, counts, fpc)
-        print(f"\nworkers: every frame of {target.name}, on a running server; frames/s, medians of {args.rounds} rounds")
-        print("              in order         shuffled")
-        first = {name: statistics.median(values[counts[0]]) for name, values in scaling.items()}
-        for k in counts:
-            row = [statistics.median(scaling[name][k]) for name in ("in_order", "shuffled")]
-            print(f"  {k} worker(s) {row[0]:7.0f} (x{row[0] / first['in_order']:4.2f})  {row[1]:7.0f} (x{row[1] / first['shuffled']:4.2f})")
-        report["workers"] = {
-            "video": target.name,
-            **{name: {str(k): {"median": statistics.median(v), "samples": v} for k, v in values.items()} for name, values in scaling.items()},
-        }
+        for target in [v for v in videos if "1080p" in v.name or "384x384.mp4" in v.name] or videos[:1]:
+            scaling = bench_workers(str(target), args.rounds, counts, fpc)
+            print(f"\nworkers: every frame of {target.name} ({fpc}-frame chunks), on a running server pinned to k CPUs, "
+                  f"k threads or k worker processes; frames/s, medians (min-max) of {args.rounds} alternating rounds, "
+                  "and the CPU time of the server and its workers per frame")
+            print("                      in order                   shuffled")
+            base = {name: statistics.median(next(iter(values.values()))) for name, values in scaling.items()}
+            for label in scaling["in_order"]:
+                cells = []
+                for name in ("in_order", "shuffled"):
+                    v, cpu = scaling[name][label], statistics.median(scaling[f"{name}_cpu_ms"][label])
+                    cells.append(f"{statistics.median(v):6.0f} ({min(v):4.0f}-{max(v):4.0f}) x{statistics.median(v) / base[name]:4.2f}, "
+                                 f"CPU {cpu:5.1f} ms/frame")
+                print(f"  {label:13s} {cells[0]}   {cells[1]}")
+            report.setdefault("workers", {})[target.name] = {
+                name: {label: {"median": statistics.median(v), "samples": v} for label, v in values.items()}
+                for name, values in scaling.items()
+            }
     if args.scale_out:
         spread = bench_scale_out(args.rounds)
         base = statistics.median(spread[1])

@@ -60,6 +60,10 @@ class ServerConfig:
     max_shared_bytes: int = 4 * 1024 * 1024 * 1024
     #: Decoder threads that share each chunk, split by GOP (0: one per two CPUs).
     workers: int = 0
+    #: Decoder worker processes that share each chunk going to shared memory, split by GOP
+    #: and written straight into the slot (0: off, threads decode everything); see
+    #: :mod:`asyncframes._procpool`. Off by default: on a 2-CPU machine it does not pay.
+    worker_processes: int = 0
     #: Exit after this many seconds without a client (0: never); a per-user server's way out.
     idle_exit: float = 0.0
     #: Folder of frame indexes kept on disk ("off": none; None: ``$ASYNCFRAMES_INDEX_CACHE``
@@ -101,6 +105,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--cache-mb", "total_cache_bytes", "decoded frames kept by all requests together (MiB)", "mb", zero=True),
     Option("--recent-cache-mb", "recent_cache_bytes", "frames of recent small requests kept for scrubbing (0: off)", "mb", zero=True),
     Option("--workers", "workers", "decoder threads sharing each chunk, split by GOP (0: one per 2 CPUs)", zero=True),
+    Option("--worker-processes", "worker_processes", "decoder processes sharing each shared-memory chunk, split by GOP (0: off, threads)", zero=True),
     Option("--max-shared-mb", "max_shared_bytes", "shared memory for chunks, all clients together (beyond: inline)", "mb", zero=True),
     Option("--ping-interval", "ping_interval", "seconds between liveness pings of clients", "seconds"),
     Option("--idle-exit", "idle_exit", "exit after this many seconds without a client (0: never)", "seconds", zero=True),

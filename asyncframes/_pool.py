@@ -7,6 +7,9 @@ through its own reader of the file (:meth:`VideoOpener.worker_reader`, sharing t
 file's index, so nothing is demuxed twice). PyAV releases the GIL while decoding and
 converting, so the threads run in parallel. With one worker, a chunk within one GOP,
 or a small request, the opener's own reader does the work in the caller's thread.
+With worker processes (``serve --worker-processes N``), a chunk of several GOPs that goes
+to a shared slot is split the same way over N processes instead, each writing straight
+into the slot (:mod:`asyncframes._procpool`); inline chunks stay with the threads.
 
 Small requests (a GUI showing one frame at a time) go through the recent-frames cache,
 which the server fills further while idle (:meth:`DecoderPool.read_around`). Its
@@ -21,14 +24,18 @@ import logging
 import os
 from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from . import _files as files
 from ._opener import VideoOpener
 from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
+from ._shm import SharedBuffer
 from ._video import Video
+
+if TYPE_CHECKING:
+    from ._procpool import ProcessWorkers
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +89,31 @@ class RecentFrames:
 class DecoderPool:
     """``workers`` decoder threads and the recent-frames cache; :meth:`read` fills one chunk."""
 
-    def __init__(self, opener: VideoOpener, workers: int, recent_cache_bytes: int) -> None:
+    def __init__(
+        self, opener: VideoOpener, workers: int, recent_cache_bytes: int, processes: int = 0, index_cache: Optional[str] = None
+    ) -> None:
         """
         Args:
             opener: opens the videos (the caller closes it, after this pool).
             workers: decoder threads (1: the caller's thread decodes).
             recent_cache_bytes: bytes of frames kept from small requests and reading around.
+            processes: decoder worker processes for chunks that go to shared memory (0: none,
+                threads decode every chunk; see :mod:`asyncframes._procpool`).
+            index_cache: the index store folder the processes use (None: the default).
         """
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if processes < 0:
+            raise ValueError("processes must be 0 or more")
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
+        self.processes: Optional[ProcessWorkers] = None
+        if processes:
+            from ._procpool import ProcessWorkers
+
+            self.processes = ProcessWorkers(processes, index_cache)
 
     def read(
         self,
@@ -107,6 +126,7 @@ class DecoderPool:
         cache: Optional[FrameCache] = None,
         recent: bool = False,
         interrupt: Optional[Callable[[], bool]] = None,
+        shared: Optional[SharedBuffer] = None,
     ) -> None:
         """Frames ``idxs`` of ``video`` into ``out``.
 
@@ -120,7 +140,10 @@ class DecoderPool:
             recent: a small request: frames come from, and go to, the recent-frames cache,
                 and the caller's thread decodes. Otherwise the frames are split by GOP
                 over the workers.
-            interrupt: asked between frames in the caller's thread; True stops the read.
+            interrupt: asked between frames in the caller's thread (between the worker
+                processes' frames too); True stops the read.
+            shared: the shared buffer ``out`` is a view of: with worker processes, a chunk
+                of several GOPs is decoded by them, straight into it.
 
         Raises:
             VideoChangedError: the file's identity is not ``identity`` before or after decoding.
@@ -133,7 +156,13 @@ class DecoderPool:
         if recent:
             self._read_recent(main, video, idxs, grayscale, out, cache, interrupt)
             return
-        shares = self._split(main, idxs)
+        if self.processes is not None and shared is not None and isinstance(main, VideoReader) and not video.files:
+            shares = self._split(main, idxs, self.processes.count)
+            if len(shares) > 1:
+                self.processes.read(main, video, shares, idxs, grayscale, out, shared, identity, cache, interrupt)
+                main.check_unchanged()
+                return
+        shares = self._split(main, idxs, self.workers)
         if self._executor is None or len(shares) < 2:
             main.read(idxs, grayscale=grayscale, out=out, cache=cache, interrupt=interrupt, video=video)
         else:
@@ -183,11 +212,19 @@ class DecoderPool:
             kept += len(piece)
         return kept
 
+    def tidy(self) -> None:
+        """Have worker processes let go of shared memory and caches the server dropped (when idle)."""
+        if self.processes is not None:
+            self.processes.tidy()
+
     def close(self) -> None:
         """Stop the workers (after the chunk they are on) and drop the recent frames."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self.processes is not None:
+            self.processes.close()
+            self.processes = None
         self.recent = RecentFrames(self.recent.max_bytes)
 
     def _read_recent(
@@ -213,15 +250,15 @@ class DecoderPool:
         for pos, frame in enumerate(kept):
             out[pos] = frame
 
-    def _split(self, main: VideoReader, idxs: Sequence[int]) -> dict[int, list[int]]:
-        """Positions in ``idxs`` per worker, by the GOP each frame decodes from."""
+    def _split(self, main: VideoReader, idxs: Sequence[int], workers: int) -> dict[int, list[int]]:
+        """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from."""
         index = main.index
-        if self.workers == 1 or index.sequential or len(idxs) < 2:
+        if workers == 1 or index.sequential or len(idxs) < 2:
             return {0: list(range(len(idxs)))}
         shares: dict[int, list[int]] = defaultdict(list)
         for pos, i in enumerate(idxs):
             gop = bisect.bisect_left(index.seek_pts, index.keyframe_for(i))
-            shares[gop % self.workers].append(pos)
+            shares[gop % workers].append(pos)
         return shares
 
     def _read_share(

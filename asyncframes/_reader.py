@@ -67,6 +67,10 @@ class FrameCache:
         self.nbytes = 0
         self._frames: dict[int, np.ndarray] = {}
         self.wanted: frozenset[int] = frozenset()
+        #: What the last :meth:`want` said: the frames later chunks ask for, in their order, and
+        #: the frames of the chunk being read (decoder worker processes keep caches of their own).
+        self.later: list[int] = []
+        self.now: list[int] = []
         #: When each kept frame is needed: its place in ``later`` (-1: by the chunk being read now).
         self._rank: dict[int, int] = {}
         self._lock = threading.Lock()  # decoder workers share a request's cache
@@ -76,8 +80,9 @@ class FrameCache:
         being read ``now`` needs stay if already kept; everything else is released."""
         with self._lock:
             order = list(later)
+            self.later, self.now = order, list(now)
             self.wanted = frozenset(order)
-            self._rank = {i: -1 for i in now}
+            self._rank = {i: -1 for i in self.now}
             for pos, i in enumerate(order):
                 self._rank.setdefault(i, pos)
             for i in [i for i in self._frames if i not in self._rank]:

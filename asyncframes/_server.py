@@ -153,7 +153,13 @@ class FrameServer:
         if config.index_cache is not None:
             index_store.configure(config.index_cache)
         self._opener = VideoOpener(config.root, config.max_open_files, write_records_later=True)
-        self._pool = DecoderPool(self._opener, config.workers or default_workers(), config.recent_cache_bytes)
+        self._pool = DecoderPool(
+            self._opener,
+            config.workers or default_workers(),
+            config.recent_cache_bytes,
+            processes=config.worker_processes if shm.AVAILABLE and config.shared_memory else 0,
+            index_cache=config.index_cache,
+        )
         self._buffers = _BufferPool(config.buffer_pool_bytes)
         #: Per client, its shared-memory slot buffers by slot number (the core keeps the books).
         self._slots: dict[bytes, dict[int, shm.SharedBuffer]] = {}
@@ -266,6 +272,7 @@ class FrameServer:
             elif isinstance(action, ForgetVideo):
                 self._opener.forget(action.video)
             elif isinstance(action, FreeBuffers):
+                self._pool.tidy()
                 if self._buffers.trim() or action.release_memory:
                     _release_free_memory()
             elif isinstance(action, Stop):
@@ -335,6 +342,7 @@ class FrameServer:
                 cache=cache,
                 recent=decode.recent,
                 interrupt=self._interrupter(decode),
+                shared=slots[decode.slot.slot] if decode.slot is not None else None,
             )
         except ReadInterrupted:  # its client cancelled it (or flooded): handled on its turn
             self._carry_out(self.state.chunk_interrupted(decode, time.monotonic()))

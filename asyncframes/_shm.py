@@ -21,6 +21,7 @@ server's driver makes and closes the :class:`SharedBuffer` each slot names.
 from __future__ import annotations
 
 import hmac
+import itertools
 import mmap
 import os
 import sys
@@ -39,7 +40,11 @@ _TOKEN_BYTES = 16
 class SharedBuffer:
     """A memfd of ``size`` bytes mapped into this process."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, size: int, name: str = "asyncframes") -> None:
+        #: Unique in this process (decoder worker processes keep their mappings by it).
+        self.serial = next(SharedBuffer._serials)
         self.size = max(int(size), 1)
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)  # type: ignore[attr-defined]
         try:

@@ -245,7 +245,10 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
         assert figures[name]["median"] > 0
     assert report["clips"]["asyncframes"]["median"] > 0
     assert report["memory"]["frames"] == 300
-    assert set(report["workers"]["in_order"]) == set(report["workers"]["shuffled"]) == {"1", "2"}
+    scaling = report["workers"]["h264_gops.mp4"]
+    assert set(scaling["in_order"]) == set(scaling["shuffled"]) == {"threads 1", "threads 2", "processes 2"}
+    assert all(v["median"] > 0 for name in ("in_order", "shuffled") for v in scaling[name].values())
+    assert set(scaling["in_order_cpu_ms"]) == set(scaling["in_order"])
 
 
 def test_a_gui_that_jumps_elsewhere_mid_chunk_gets_the_frame_it_jumped_to(centered_pair):
