@@ -192,7 +192,9 @@ class DecoderPool:
         if reader is None:
             return 0
         key = _recent_key(video, grayscale, reader)
-        wanted = [j for j in frames if 0 <= j < reader.frame_count and not self.recent.has(key, j)]
+        # Frames of the span already kept count as just used: kept from an older request, they
+        # would otherwise be the first to go while the span is read, just before they are asked for.
+        wanted = [j for j in frames if 0 <= j < reader.frame_count and self.recent.get(key, j) is None]
         kept = 0
         for start in range(0, len(wanted), READ_AROUND_PIECE):
             piece = sorted(wanted[start : start + READ_AROUND_PIECE])

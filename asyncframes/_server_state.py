@@ -121,6 +121,9 @@ CLIENT_SHARE = 16
 READ_AROUND_DELAY_S = 0.02
 #: Shared slots per client beyond its window: the chunk the caller holds, and releases on their way.
 SLOTS_BEYOND_WINDOW = 3
+#: A small request this many frames or fewer before the last one is a step back (reading
+#: around then goes behind first); further back it is a jump, read around like one forward.
+STEP_BACK_FRAMES = 2
 #: A server that has sent no chunk for this long closes its spare slots (see :class:`Spares`).
 SPARES_IDLE_S = 30.0
 
@@ -957,7 +960,7 @@ class ServerState:
         if decode.recent and decode.frames:
             video, i = req.request.video, decode.frames[-1]
             last = self._last_small
-            self._backward = last is not None and last[:2] == (video, req.grayscale) and i < last[2]
+            self._backward = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES
             self._last_small = (video, req.grayscale, i)
             self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes)
             self._around_at = now + READ_AROUND_DELAY_S
@@ -1065,8 +1068,9 @@ class ServerState:
         decoding, and a person stepping forward finds them ready even when the next step
         interrupts the reading. Frames before it would need a seek back, and a step that
         interrupts that reading finds the decoder moved away from where it steps to.
-        After a step back, the frames before it first (from the span's start, in decoding
-        order), then those after it."""
+        After a step back (``STEP_BACK_FRAMES`` or fewer), the frames before it first (from
+        the span's start, in decoding order), then those after it; a jump back is read
+        around like a jump forward."""
         if self._around is None or now < self._around_at:
             return None
         video, gray, i, frame_count, frame_bytes = self._around

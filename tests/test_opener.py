@@ -370,6 +370,24 @@ def test_reading_around_interrupted_keeps_every_frame_it_decoded_and_the_decoder
     assert reader.stats.seeks == seeks and reader.stats.frames_decoded - decoded == 1
 
 
+def test_frames_of_the_span_kept_from_before_are_not_the_first_to_go_while_it_is_read(make_clip, opener):
+    """A frame kept long ago that lies just ahead must still be there when the person steps
+    to it: reading the span around counts it as used."""
+    clip = make_clip("h264_gops.mp4")  # 96x128: 36,864 bytes a frame
+    v = Video(str(clip))
+    pool = DecoderPool(opener, workers=1, recent_cache_bytes=6 * 96 * 128 * 3)  # six frames
+    try:
+        pool_read(pool, v, [33], recent=True)  # kept first: the oldest
+        for i in (60, 70, 80, 90):
+            pool_read(pool, v, [i], recent=True)
+        pool_read(pool, v, [30], recent=True)  # six kept now; 33 is the oldest
+        assert pool.read_around(v, False, range(31, 35), interrupt=lambda: False) == 3  # 31, 32, 34
+        key = next(iter(pool.recent._frames))[0]
+        assert all(pool.recent.has(key, i) for i in (30, 31, 32, 33, 34))
+    finally:
+        pool.close()
+
+
 def test_an_interrupted_read_raises_read_interrupted(make_clip, pool):
     clip = make_clip("h264_gops.mp4")
     v = Video(str(clip))

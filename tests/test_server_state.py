@@ -569,6 +569,17 @@ def test_after_a_step_back_the_frames_before_come_first_and_after_a_step_forward
         assert h.state.read_around(h.now).frames == tuple(frames), i
 
 
+def test_a_jump_back_is_read_around_like_a_jump_forward():
+    """Reading behind a jump would move the decoder away from the frames a person steps to next."""
+    h = Harness(read_around_frames=10)
+    h.hello(A)
+    for rid, (i, frames) in enumerate([(80, range(81, 91)), (40, range(41, 51)), (38, (*range(33, 38), *range(39, 44)))], 1):
+        h.request(A, rid, idxs=[i])
+        h.chunks()
+        h.now += READ_AROUND_DELAY_S
+        assert h.state.read_around(h.now).frames == tuple(frames), i
+
+
 def test_reading_around_stays_inside_the_video_and_a_quarter_of_the_recent_cache():
     h = Harness(read_around_frames=24, recent_cache_bytes=4 * 6 * FRAME_BYTES)
     h.hello(A)
