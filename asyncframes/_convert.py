@@ -50,10 +50,16 @@ def rgb24(frame: av.VideoFrame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", **_SWSCALE)
 
 
+def is_gray(rgb: np.ndarray) -> bool:
+    """Whether an ``(..., 3)`` RGB array has all three channels equal (gray content)."""
+    r = rgb[..., 0]
+    return bool(np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2]))
+
+
 def luma(rgb: np.ndarray) -> np.ndarray:
     """BT.601 luma of an ``(..., 3)`` uint8 RGB array (8-bit weights 77/150/29); exactly R when R == G == B."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    if np.array_equal(r, g) and np.array_equal(r, b):
+    if is_gray(rgb):
         return r  # gray content: skip the arithmetic
     acc = r.astype(np.uint16) * 77
     acc += g.astype(np.uint16) * 150
@@ -86,8 +92,7 @@ class Converter:
         if self._trials is None or not _neutral_chroma(frame):
             return luma(rgb)[..., None]
         if self._trials > 0:
-            r = rgb[..., 0]
-            if not (np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2])):
+            if not is_gray(rgb):
                 log.info("%s: neutral chroma without equal RGB channels; comparing channels from now on", self.name)
                 self._trials = None
                 return luma(rgb)[..., None]
@@ -123,8 +128,7 @@ def shaped(frame: av.VideoFrame, gray: bool, video: Video, convert: Converter) -
                     width=w, height=h, format="rgb24", interpolation=video.interpolation.upper()
                 ).to_ndarray()
         if gray:
-            r = rgb[..., 0]
-            image = rgb[..., :1] if np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2]) else luma(rgb)[..., None]
+            image = rgb[..., :1] if is_gray(rgb) else luma(rgb)[..., None]
         else:
             image = rgb
     return image.transpose(2, 0, 1) if video.layout == "CHW" else image

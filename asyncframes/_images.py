@@ -14,10 +14,10 @@ from typing import Callable, Optional, Sequence
 import av
 import numpy as np
 
-from ._convert import Converter, shaped
+from ._convert import Converter, is_gray, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex
-from ._reader import FrameCache, FrameSource, ReadInterrupted, changed_error, is_gray, output_for
+from ._reader import FrameCache, FrameSource, ReadInterrupted, changed_error, output_for
 from ._times import FrameTimes
 from ._video import Video
 from .errors import VideoDecodeError, VideoNotFoundError, VideoOpenError

@@ -29,7 +29,7 @@ import av
 import numpy as np
 
 from . import _index_store as index_store
-from ._convert import Converter, shaped
+from ._convert import Converter, is_gray, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
 from ._times import FrameTimes, frame_times
@@ -167,11 +167,6 @@ def changed_error(filename: str, doing: str = "being read") -> VideoChangedError
         f"{filename}: the file changed while {doing} (replaced or rewritten); "
         "frames of two versions are never mixed: ask again to read the new version"
     )
-
-
-def is_gray(rgb: np.ndarray) -> bool:
-    """Whether an ``(h, w, 3)`` RGB picture has all three channels equal (gray content)."""
-    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
 
 
 class FrameSource:
