@@ -241,9 +241,9 @@ class SlotBook:
             use = SlotUse(slot, self.free.pop(slot), new=False)
             self.lent[use.slot] = use.size
             return use, []
-        full = len(self.free) + len(self.lent) >= self.max_slots
-        if full and not self.free:
+        if not self.can_add():
             return None
+        full = len(self.free) + len(self.lent) >= self.max_slots
         spare = spares.fitting(nbytes) if spares is not None else None
         size = spare[1] if spare is not None else _round_up(nbytes)
         if spare is None and size > room and not (spares is not None and spares.close_for(size - room)):
@@ -257,9 +257,9 @@ class SlotBook:
             closed.append(small)
         if spare is not None:
             assert spares is not None
-            key, _, fd = spares.adopt(spare[0])
+            key = spare[0]
             use = SlotUse(self._next, size, new=False, spare=key)
-            self.fds[use.slot] = fd
+            self.fds[use.slot] = spares.adopt(key)
         else:
             use = SlotUse(self._next, size, new=True)
         self._next += 1
@@ -336,10 +336,9 @@ class Spares:
         size, key = min(fits)
         return key, size
 
-    def adopt(self, key: int) -> tuple[int, int, int]:
-        """Take the spare ``key`` out: (key, size, fd)."""
-        size, fd = self.kept.pop(key)
-        return key, size, fd
+    def adopt(self, key: int) -> int:
+        """Take the spare ``key`` out: its fd."""
+        return self.kept.pop(key)[1]
 
     def close_for(self, nbytes: int) -> bool:
         """Close the oldest spares until ``nbytes`` are freed; False (closing none) if all of
@@ -476,11 +475,12 @@ class ServerState:
         self._trimmed = True
         #: Free slots of clients that left, for the next ones.
         self.spares = Spares()
-        self._around: Optional[tuple[Video, bool, int, int, int]] = None
+        #: What to read around: video, grayscale, frame, frame count, frame bytes, and whether it
+        #: was a step back.
+        self._around: Optional[tuple[Video, bool, int, int, int, bool]] = None
         self._around_at = 0.0
-        #: The last small request's video, grayscale and last frame, and whether it went backward.
+        #: The last small request's video, grayscale and last frame.
         self._last_small: Optional[tuple[Video, bool, int]] = None
-        self._backward = False
         self._alone_since = now  # when the last client left (or the server started)
         self._next_ping = now + config.ping_interval
 
@@ -960,9 +960,9 @@ class ServerState:
         if decode.recent and decode.frames:
             video, i = req.request.video, decode.frames[-1]
             last = self._last_small
-            self._backward = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES
+            back = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES
             self._last_small = (video, req.grayscale, i)
-            self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes)
+            self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes, back)
             self._around_at = now + READ_AROUND_DELAY_S
         return actions
 
@@ -1073,11 +1073,11 @@ class ServerState:
         around like a jump forward."""
         if self._around is None or now < self._around_at:
             return None
-        video, gray, i, frame_count, frame_bytes = self._around
+        video, gray, i, frame_count, frame_bytes, back = self._around
         self._around = None
         cfg = self.config
         span = min(cfg.read_around_frames, cfg.recent_cache_bytes // 4 // max(frame_bytes, 1))
-        if not self._backward:
+        if not back:
             return ReadAround(video, gray, tuple(range(i + 1, min(frame_count, i + span + 1))))
         lo, hi = max(0, i - span // 2), min(frame_count, i + span // 2 + 1)
         return ReadAround(video, gray, tuple(range(lo, i)) + tuple(range(i + 1, hi)))
