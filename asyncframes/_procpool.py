@@ -94,11 +94,7 @@ class _Process:
 
     def how_it_ended(self) -> str:
         """Reap the process (killing it if it lingers) and say how it ended."""
-        try:
-            code = self.proc.wait(EXIT_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = self._reap()
         if code < 0:
             try:
                 return f"killed by {signal.Signals(-code).name}"
@@ -111,12 +107,16 @@ class _Process:
         try:
             self.sock.close()
         finally:
-            try:
-                self.proc.wait(EXIT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self._reap()
             self.ctl.close()
+
+    def _reap(self) -> int:
+        """Wait up to ``EXIT_GRACE_S`` for the process to end, then kill it; its exit code."""
+        try:
+            return self.proc.wait(EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
 
 
 class ProcessWorkers:
