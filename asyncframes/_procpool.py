@@ -110,6 +110,14 @@ class _Process:
             self._reap()
             self.ctl.close()
 
+    def let_go(self) -> None:
+        """Close our end of its socket and its control word (the process has ended)."""
+        try:
+            self.sock.close()
+            self.ctl.close()
+        except OSError:
+            pass
+
     def _reap(self) -> int:
         """Wait up to ``EXIT_GRACE_S`` for the process to end, then kill it; its exit code."""
         try:
@@ -233,8 +241,7 @@ class ProcessWorkers:
     def tidy(self) -> None:
         """Have idle workers unmap the shared buffers the server closed and drop the request
         caches it forgot (a job does this too; call it when the server goes idle)."""
-        while self._dead_tokens:
-            self._forgotten_caches.add(self._dead_tokens.popleft())
+        self._note_dead_caches()
         for worker, proc in enumerate(self._procs):
             if proc is None:
                 continue
@@ -280,8 +287,7 @@ class ProcessWorkers:
         proc = self._procs[worker]
         if proc is not None and proc.proc.poll() is not None:  # died while idle: not a request's fault
             log.warning("decoder worker process %d %s while idle; it is replaced", proc.pid, proc.how_it_ended())
-            proc.sock.close()
-            proc.ctl.close()
+            proc.let_go()
             proc = self._procs[worker] = None
         if proc is None:
             proc = self._procs[worker] = _Process(self._index_cache)
@@ -293,12 +299,8 @@ class ProcessWorkers:
         proc = self._procs[worker]
         self._procs[worker] = None
         how = proc.how_it_ended() if proc is not None else "not running"
-        try:
-            if proc is not None:
-                proc.sock.close()
-                proc.ctl.close()
-        except OSError:
-            pass
+        if proc is not None:
+            proc.let_go()
         what = f" while decoding {video.filename}" if video is not None else ""
         pid = proc.pid if proc is not None else "?"
         (log.info if quiet else log.error)("decoder worker process %s %s%s (%s); it is replaced", pid, how, what, exc)
@@ -310,8 +312,7 @@ class ProcessWorkers:
     ) -> None:
         forget = [s for s in proc.mapped if s != shared.serial and _closed(self._buffers.get(s))]
         proc.mapped.difference_update(forget)
-        while self._dead_tokens:
-            self._forgotten_caches.add(self._dead_tokens.popleft())
+        self._note_dead_caches()
         forget_caches = [t for t in self._forgotten_caches if t in proc.caches]
         proc.caches.difference_update(forget_caches)
         if cache_spec is not None:
@@ -363,9 +364,14 @@ class ProcessWorkers:
         for serial in [s for s in self._buffers if s not in held]:
             del self._buffers[serial]
         cached = set().union(*(p.caches for p in self._procs if p is not None)) if any(self._procs) else set()
+        self._note_dead_caches()
+        self._forgotten_caches &= cached
+
+
+    def _note_dead_caches(self) -> None:
+        """Move the tokens of request caches garbage collection dropped to the forgotten ones."""
         while self._dead_tokens:
             self._forgotten_caches.add(self._dead_tokens.popleft())
-        self._forgotten_caches &= cached
 
 
 def _closed(ref: "Optional[weakref.ref[shm.SharedBuffer]]") -> bool:
