@@ -46,6 +46,7 @@ from ._process import (
 )
 from ._protocol import ConnectionEvent
 from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
+from ._version import __version__
 from ._video import Video, VideoInfo, as_video
 from .errors import (
     AsyncFramesError,
@@ -75,6 +76,9 @@ _SLICE_S = 0.05
 #: How long libzmq may go on sending a closed connection's last messages (its goodbye), in the
 #: background: a server that is gone or slow costs at most this at exit.
 _BYE_LINGER_MS = 100
+#: How far a request for one frame reads ahead (``read_ahead``): steps forward this many
+#: frames are taken from it; the server sends a window of them at a time, on credit.
+READ_AHEAD_FRAMES = 32
 #: How long a client that finds its server's process gone waits to see the connection end
 #: (with the server's last messages, e.g. that it shut down) before calling it died.
 _LAST_WORDS_S = 0.5
@@ -110,6 +114,8 @@ def normalize_frame_idxs(frame_idxs: FrameIdxs) -> "Optional[Union[range, np.nda
     """
     if frame_idxs is None:
         return None
+    if type(frame_idxs) is list and len(frame_idxs) == 1 and type(frame_idxs[0]) is int and 0 <= frame_idxs[0] <= protocol.MAX_FRAME_INDEX:
+        return range(frame_idxs[0], frame_idxs[0] + 1)  # one frame (a GUI's step): no array to build
     if isinstance(frame_idxs, (str, bytes, bytearray, memoryview)):
         raise TypeError(
             f"frame_idxs must be frame numbers (a list, range or 1-D integer array) or None, "
@@ -260,6 +266,12 @@ class AsyncVideo:
             server that fails to start is reported by the first call that needs it),
             True for given endpoints (one round trip: a wrong address or CURVE setting
             is reported here).
+        read_ahead: after a request for one frame, have the server also send the frames
+            after it, a window's worth at a time, while the caller looks at that one: a
+            person stepping forward then gets each next frame without a round trip (the
+            next request for the next frame takes it). Costs the server a window of
+            frames' decoding per single-frame request; False for callers that ask for
+            single frames at random (a training loop).
 
     Raises:
         ValueError: ``window`` or ``workers`` is not a positive integer, or only one
@@ -286,12 +298,15 @@ class AsyncVideo:
         shared_memory: bool = True,
         server: Optional[str] = None,
         wait: Optional[bool] = None,
+        read_ahead: bool = True,
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
         #: Per server, the connection generation our Hello was queued on, and when.
         self._hello_sent: dict[int, int] = {}
         self._hello_at: dict[int, float] = {}
+        #: The last path given and the working directory then, with its spec.
+        self._last_spec: tuple[str, str, Optional[Video]] = ("", "", None)
         self._pid = os.getpid()
         _check_window(window)
         if (curve_secret is None) != (curve_server_key is None):
@@ -321,7 +336,7 @@ class AsyncVideo:
                 if not process.endpoint and "*" in process.bind:
                     process.wait_ready()  # a port the system picks: known only once it listens
                 endpoints = [process.endpoint or process.bind]
-            self._state = ClientState(endpoints, int(window), shared_memory)
+            self._state = ClientState(endpoints, int(window), shared_memory, READ_AHEAD_FRAMES if read_ahead else 0, __version__)
             if process is not None:
                 self._conns.append(_Connection(self._state.links[0], None, process, owns_process=owned))
             else:
@@ -437,6 +452,15 @@ class AsyncVideo:
         self._state.window = int(window)
 
     @property
+    def read_ahead(self) -> bool:
+        """Whether a request for one frame also has the frames after it sent (see the constructor)."""
+        return self._state.read_ahead > 0
+
+    @read_ahead.setter
+    def read_ahead(self, read_ahead: bool) -> None:
+        self._state.read_ahead = READ_AHEAD_FRAMES if read_ahead else 0
+
+    @property
     def shared_memory(self) -> bool:
         """Whether the next request may take frames through shared memory (when the server is in reach)."""
         return self._state.shared_memory
@@ -474,6 +498,8 @@ class AsyncVideo:
             raise ValueError(f"frames_per_chunk must be a positive integer, got {frames_per_chunk!r}")
         fpc = int(frames_per_chunk)
         state = self._state
+        if state.continues(spec, idxs, fpc):
+            return  # the next frame of a request reading ahead: it is here, or on its way
         rid = state.new_request_id()
         self._carry_out(state.replace(rid))
         deadline = self._deadline(self.timeout)
@@ -1093,10 +1119,16 @@ class AsyncVideo:
     # -- internals ---------------------------------------------------------------
 
     def _spec(self, video: VideoLike) -> Video:
+        if isinstance(video, str):  # the same path again (a GUI stepping through a video): the same spec
+            cwd = os.getcwd()
+            if self._last_spec[:2] == (video, cwd):
+                return self._last_spec[2]
         spec = as_video(video)
         if self._conns and self._conns[0].process is not None and "://" not in spec.filename:
             # Our own server shares our filesystem; make the path independent of its cwd.
             spec = attrs.evolve(spec, filename=os.path.abspath(spec.filename))
+        if isinstance(video, str):
+            self._last_spec = (video, cwd, spec)
         return spec
 
     def _check_open(self) -> None:

@@ -219,6 +219,9 @@ class Stream:
     left: dict = attrs.field(factory=dict)  # chunks each server has still to deliver
     delivered_before: int = 0  # chunks taken under earlier deals of this request
     redeals: int = 0  # how often the rest of it was dealt again
+    shown: Optional[int] = None  # chunks the caller asked for; the rest are read ahead (None: none are)
+    finished: bool = False  # its last chunk was taken
+    generation: int = 0  # its server's connection (read ahead, it goes on only on the same one)
 
     @property
     def delivered(self) -> int:
@@ -228,7 +231,7 @@ class Stream:
     def chunks_left(self, frame_count: Optional[int] = None) -> Optional[int]:
         """Chunks the caller has still to take; None if that needs the video's ``frame_count``
         (a request of every frame from one server) and it was not given."""
-        total = self.total_chunks
+        total = self.total_chunks if self.shown is None else self.shown
         if total is None:
             count = len(self.idxs) if self.idxs is not None else frame_count
             if count is None:
@@ -266,7 +269,9 @@ class Stream:
                 raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
         elif self.total_chunks is None:
             chunks = max(1, -(-len(self.idxs) // fpc))
-            if message.last_chunk != (k >= chunks - 1):
+            # Frames read ahead past the video's end are dropped: the request may end after those asked for.
+            early = message.last_chunk and self.shown is not None and k >= self.shown - 1
+            if message.last_chunk != (k >= chunks - 1) and not early:
                 raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {chunks}")
         if message.dtype != np.dtype(np.uint8).str:
             raise ProtocolError(f"{where} sent frames of dtype {message.dtype!r}, expected uint8 ('|u1')")
@@ -313,10 +318,16 @@ class ClientState:
     Not thread-safe, like the :class:`~asyncframes.AsyncVideo` driving it.
     """
 
-    def __init__(self, endpoints: Sequence[str], window: int = 2, shared_memory: bool = True) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], window: int = 2, shared_memory: bool = True, read_ahead: int = 0, version: str = ""
+    ) -> None:
         self.links = [Link(endpoint) for endpoint in endpoints]
         self.window = window
         self.shared_memory = shared_memory
+        #: Frames to read ahead after a request for one frame (0: none; see :meth:`start_request`),
+        #: from a server of our ``version`` (older ones refuse the field).
+        self.read_ahead = read_ahead
+        self.version = version
         self.stream: Optional[Stream] = None  # the request being delivered
         self.last: Optional[Stream] = None  # the latest request, even once it is over
         self.closed = False
@@ -433,9 +444,15 @@ class ClientState:
                 then ended as not sent.
         """
         actions = self.replace(request_id)
-        if len(self.links) == 1:
+        if self._reads_ahead(idxs):
+            assert idxs is not None
+            i = int(idxs[0])  # chunks of one frame: this one, then those after it, read ahead
+            ahead = range(i, i + 1 + self.read_ahead)
+            stream = Stream(request_id, [0], None, ahead, 1, video, shown=1, generation=self.links[0].generation)
+            shares: list[tuple[int, Indices]] = [(0, ahead)]
+        elif len(self.links) == 1:
             stream = Stream(request_id, [0], None, idxs, frames_per_chunk, video)
-            shares: list[tuple[int, Indices]] = [(0, idxs)]
+            shares = [(0, idxs)]
         else:
             assert idxs is not None
             servers, owner = self._plan(idxs, frames_per_chunk, self._pool(among))
@@ -447,6 +464,33 @@ class ClientState:
         if too_many is not None:
             return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
         return actions + self._ask(stream, shares, now)
+
+    def _reads_ahead(self, idxs: Indices) -> bool:
+        """Whether a request for ``idxs`` also reads ahead: one frame, from one server of our version."""
+        link = self.links[0]
+        return (
+            self.read_ahead > 0 and len(self.links) == 1 and idxs is not None and len(idxs) == 1
+            and bool(self.version) and link.server_version == self.version
+        )
+
+    def continues(self, video: Video, idxs: Indices, frames_per_chunk: int) -> bool:
+        """Is a request for ``idxs`` of ``video`` the next chunk the current request reads
+        ahead (a person stepping forward)? If so, that chunk becomes the caller's, as if it
+        had been asked for now: nothing needs to be sent.
+
+        The current request must have delivered what the caller asked for, not have ended
+        otherwise, and still be on the same connection.
+        """
+        stream = self.stream
+        if stream is None or stream.shown is None or not stream.done or stream.finished or stream.spec != video:
+            return False
+        if idxs is None or frames_per_chunk < len(idxs) or self.links[0].generation != stream.generation:
+            return False
+        if list(idxs) != stream.expected_idxs(stream.next_chunk, 1):
+            return False
+        stream.shown += 1
+        stream.done = stream.end_seen = False
+        return True
 
     def _shares(
         self, idxs: "range | np.ndarray", frames_per_chunk: int, owner: np.ndarray, servers: Sequence[int]
@@ -482,7 +526,8 @@ class ClientState:
                 sends.append(Send(server, link.generation, release))
             shm = self.shared_memory and link.shm_pid is not None
             selection = protocol.frame_selection(share)
-            request = protocol.Request(stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm)
+            ahead = len(share) - stream.shown if stream.shown is not None and share is not None else 0
+            request = protocol.Request(stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm, ahead)
             sends.append(Send(server, link.generation, request))
             if now is not None:
                 link.pace.dealt(now, self.window)
@@ -555,7 +600,8 @@ class ClientState:
             return NOTHING
         if not stream.done:
             stream.ended = reason
-        return self._withdraw(stream, cancel=not stream.done)
+        reading_ahead = stream.shown is not None and not stream.finished
+        return self._withdraw(stream, cancel=not stream.done or reading_ahead)
 
     def _withdraw(self, stream: Stream, cancel: bool) -> Actions:
         """Drop what ``stream``'s servers sent that was not taken; best-effort, to each greeted
@@ -738,7 +784,10 @@ class ClientState:
         link.chunks_received += 1
         if arrival.server in stream.left:
             stream.left[arrival.server] -= 1
-        if stream.total_chunks is None:
+        stream.finished = message.last_chunk
+        if stream.shown is not None:
+            stream.done = stream.finished or stream.next_chunk >= stream.shown
+        elif stream.total_chunks is None:
             stream.done = message.last_chunk
         else:
             stream.done = stream.next_chunk >= stream.total_chunks

@@ -138,6 +138,12 @@ class Request:
     ``window`` is the number of chunks the server may send before the client
     returns :class:`Credit`; it bounds memory on both sides. ``shm``: the client
     reached the server's probe, so chunks may come in shared memory.
+
+    ``ahead``: the last ``ahead`` frames of ``frame_idxs`` are read ahead, not asked
+    for: frames the client expects to ask for next (a person stepping forward), sent
+    while it looks at the others. The server drops those past the video's end (the
+    request then ends sooner) and treats the request by the frames asked for (a small
+    one is served from, and kept in, the recent-frames cache, and read around).
     """
 
     request_id: int = attrs.field(validator=_nonneg)
@@ -149,6 +155,7 @@ class Request:
     frames_per_chunk: int = attrs.field(default=64, validator=_positive)
     window: int = attrs.field(default=2, validator=_positive)
     shm: bool = attrs.field(default=False, validator=_v.instance_of(bool))
+    ahead: int = attrs.field(default=0, validator=_nonneg)
 
 
 @attrs.frozen
@@ -343,8 +350,9 @@ converter.register_structure_hook(str, _strict((str,), "a string"))
 converter.register_structure_hook(float, _strict((int, float), "a number", float))
 converter.register_structure_hook(bool, _strict((bool,), "a boolean"))
 converter.register_structure_hook(bytes, _strict((bytes,), "bytes"))
-# A Video's image files and transforms travel only when set, and a VideoInfo's source size
-# only when it differs: peers that predate them (forbid_extra_keys) keep accepting the rest.
+# A Video's image files and transforms travel only when set, a VideoInfo's source size only
+# when it differs, and a Request's frames read ahead only when there are some: peers that
+# predate them (forbid_extra_keys) keep accepting the rest.
 converter.register_unstructure_hook(
     Video,
     make_dict_unstructure_fn(
@@ -352,6 +360,9 @@ converter.register_unstructure_hook(
         resize=override(omit_if_default=True), interpolation=override(omit_if_default=True),
         layout=override(omit_if_default=True),
     ),
+)
+converter.register_unstructure_hook(
+    Request, make_dict_unstructure_fn(Request, converter, ahead=override(omit_if_default=True))
 )
 converter.register_unstructure_hook(
     VideoInfo,

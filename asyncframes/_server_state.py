@@ -47,7 +47,7 @@ import numpy as np
 
 from . import _protocol as protocol
 from ._config import ServerConfig
-from ._index import check_frame_idxs
+from ._index import check_frame_idxs, first_outside
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -138,6 +138,19 @@ Frames = Union[range, np.ndarray]
 
 
 # -- pure rules ---------------------------------------------------------------------------------
+
+
+def _within(idxs: Frames, asked: int, frame_count: int) -> Frames:
+    """``idxs`` without the frames read ahead (after the first ``asked``) past the video's end."""
+    if isinstance(idxs, range):
+        outside = first_outside(idxs[asked:], frame_count)
+        return idxs if outside is None else idxs[: asked + idxs[asked:].index(outside)]
+    ahead = idxs[asked:]
+    if not len(ahead) or int(ahead.max()) < frame_count:
+        return idxs
+    kept = np.concatenate([idxs[:asked], ahead[ahead < frame_count]])
+    kept.flags.writeable = False
+    return kept
 
 
 def cache_shares(total: int, per_request: int, active: int, idle: int) -> tuple[int, int]:
@@ -394,6 +407,8 @@ class _Request:
     shm_retry_at: float = 0.0
     #: A chunk of it is being decoded.
     decoding: bool = False
+    #: Frames asked for: the first of ``frame_idxs``; the rest are read ahead (see ``Request.ahead``).
+    asked: int = 0
 
     @property
     def rid(self) -> int:
@@ -696,6 +711,10 @@ class ServerState:
             count = protocol.selection_count(request.frame_idxs)
             if count is not None:  # counted before anything is opened or built
                 self._check_count(count)
+            if request.ahead and (count is None or request.ahead >= count):
+                raise ProtocolError(
+                    f"ahead={request.ahead} must leave at least one frame asked for, of the {count or 'all'} frames named"
+                )
         except AsyncFramesError as exc:
             return self._refuse(client, request, exc)
         action = self._open(client, request, now)
@@ -763,7 +782,10 @@ class ServerState:
         cfg = self.config
         idxs = protocol.selection_indices(request.frame_idxs, facts.frame_count)
         self._check_count(len(idxs))
-        check_frame_idxs(idxs, facts.frame_count, request.video.filename)
+        asked = len(idxs) - request.ahead
+        check_frame_idxs(idxs[:asked], facts.frame_count, request.video.filename)
+        if request.ahead:
+            idxs = _within(idxs, asked, facts.frame_count)
         frame_bytes = math.prod(facts.frame_shape)
         chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
         limit = min(cfg.max_chunk_bytes, cfg.client_inline_bytes, cfg.max_inline_bytes)
@@ -786,6 +808,7 @@ class ServerState:
             last_sent=now,
             cache=cache,
             cache_bytes=min(cfg.request_cache_bytes, cfg.total_cache_bytes) if cache is not None else 0,
+            asked=asked,
         )
 
     def _check_count(self, count: int) -> None:
@@ -892,7 +915,7 @@ class ServerState:
             frames=frames,
             shape=(len(frames), *req.frame_shape),
             identity=req.identity,
-            recent=len(req.frame_idxs) <= self.config.recent_request_frames,
+            recent=req.asked <= self.config.recent_request_frames,
             slot=slot,
             cache=cache,
             close_slots=tuple(closed),
@@ -960,7 +983,9 @@ class ServerState:
         if decode.recent and decode.frames:
             video, i = req.request.video, decode.frames[-1]
             last = self._last_small
-            back = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES
+            # The client may be up to a window of chunks behind what was read ahead for it.
+            behind = req.request.window * req.request.frames_per_chunk if req.request.ahead else 0
+            back = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES + behind
             self._last_small = (video, req.grayscale, i)
             self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes, back)
             self._around_at = now + READ_AROUND_DELAY_S

@@ -84,7 +84,8 @@ class _Frames:
     def client(self) -> AsyncVideo:
         """This process's client, made on first use (a forked copy makes its own)."""
         if self._client is None or self._client_pid != os.getpid():
-            self._client = AsyncVideo(**self.client_options)
+            # Items are read at random: frames after one are not the next item's (no reading ahead).
+            self._client = AsyncVideo(**{"read_ahead": False, **self.client_options})
             self._client_pid = os.getpid()
         return self._client
 

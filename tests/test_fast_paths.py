@@ -20,12 +20,12 @@ import time
 import numpy as np
 import pytest
 
-from asyncframes import AsyncVideo, ServerDiedError, Video
+from asyncframes import AsyncVideo, FrameIndexError, ServerDiedError, Video
 from asyncframes import _shm as shm
 from asyncframes._cli import main as cli_main
 from asyncframes._sample import write_clip
 
-from .conftest import assert_frames_exact, shuffled_with_duplicates, wait_until
+from .conftest import assert_frames_exact, reference_frames, shuffled_with_duplicates, wait_until
 
 needs_shm = pytest.mark.skipif(not shm.AVAILABLE, reason="shared memory needs Linux memfd")
 
@@ -289,6 +289,32 @@ def test_stepping_back_and_forth_from_a_frame_is_exact(make_clip):
             av.load_by_chunk(clip, [i], 1)
             (idxs, frames), = av.chunks
             assert_frames_exact(clip, idxs, frames)
+
+
+def test_a_person_stepping_forward_gets_the_frames_read_ahead_exact_to_the_end(make_clip):
+    """Each step forward continues one request: the next frame was read ahead while the last
+    was shown. A step back, a jump or the end of the video asks again; a step past the last
+    frame is refused. Every frame exact. (The rules are ClientState.continues and the server's
+    Request.ahead handling, tested purely in test_read_ahead.py.)"""
+    clip = make_clip("h264_gops.mp4")
+    n = len(reference_frames(clip))
+    with AsyncVideo() as av:
+        ids = []
+        for i in [10, 11, 12, 13, 12, 40, 41, n - 3, n - 2, n - 1]:
+            av.load_by_chunk(clip, [i], 1)
+            (idxs, frames), = av.chunks
+            assert idxs == [i]
+            assert_frames_exact(clip, idxs, frames)
+            ids.append(av._state.last.request_id)
+        assert [ids.index(r) for r in ids] == [0, 0, 0, 0, 4, 5, 5, 7, 7, 7]
+        av.load_by_chunk(clip, [n], 1)
+        with pytest.raises(FrameIndexError):
+            next(iter(av.chunks))
+        av.read_ahead = False
+        for i in (20, 21):
+            av.load_by_chunk(clip, [i], 1)
+            assert_frames_exact(clip, *next(iter(av.chunks)))
+        assert av._state.last.request_id > ids[-1] + 2
 
 
 @needs_shm
