@@ -306,7 +306,7 @@ class AsyncVideo:
         self._hello_sent: dict[int, int] = {}
         self._hello_at: dict[int, float] = {}
         #: The last path given and the working directory then, with its spec.
-        self._last_spec: tuple[str, str, Optional[Video]] = ("", "", None)
+        self._last_spec: tuple[Any, str, Optional[Video]] = (None, "", None)
         self._pid = os.getpid()
         _check_window(window)
         if (curve_secret is None) != (curve_server_key is None):
@@ -1119,7 +1119,8 @@ class AsyncVideo:
     # -- internals ---------------------------------------------------------------
 
     def _spec(self, video: VideoLike) -> Video:
-        if isinstance(video, str):  # the same path again (a GUI stepping through a video): the same spec
+        same = isinstance(video, (str, Video))  # the same one again (a GUI stepping through it): the same spec
+        if same:
             cwd = os.getcwd()
             if self._last_spec[:2] == (video, cwd):
                 return self._last_spec[2]
@@ -1127,7 +1128,7 @@ class AsyncVideo:
         if self._conns and self._conns[0].process is not None and "://" not in spec.filename:
             # Our own server shares our filesystem; make the path independent of its cwd.
             spec = attrs.evolve(spec, filename=os.path.abspath(spec.filename))
-        if isinstance(video, str):
+        if same:
             self._last_spec = (video, cwd, spec)
         return spec
 
