@@ -288,7 +288,7 @@ _GRAY_UNKNOWN, _GRAY_NO, _GRAY_YES = -1, 0, 1
 def index_record(
     index: FrameIndex, grayscale: Optional[bool] = None, facts: Optional[StreamFacts] = None
 ) -> dict[str, np.ndarray]:
-    """``index`` as named arrays, for storing (``numpy.savez``; nothing needs pickle).
+    """``index`` as named arrays, for storing (:func:`asyncframes._index_store.write_arrays`; nothing needs pickle).
 
     Missing timestamps (``None``, possible only in a sequential index) are kept as a mask.
     ``grayscale``: whether the first frame showed gray content (None: not known yet), so a

@@ -3,9 +3,9 @@
 A record is stored under a key made of the file's identity (device, inode, size and
 modification time in nanoseconds), the stream, the container options and the PyAV and
 FFmpeg versions (a demuxer upgrade may index differently): a file that changes gets a new
-key, so a stale record is never used, it just ages out. Records are ``.npz`` files of
-plain arrays (:func:`asyncframes._index.index_record`; never pickle), written to a
-temporary file in the same folder and renamed into place, so a reader sees a whole
+key, so a stale record is never used, it just ages out. A record is one file of plain
+arrays (:func:`asyncframes._index.index_record`; never pickle, see :func:`write_arrays`),
+written to a temporary file in the same folder and renamed into place, so a reader sees a whole
 record or none, whatever other servers write at the same time. A record that does not
 load or check (:func:`asyncframes._index.index_from_record`) is a miss, and is removed.
 A record also keeps the stream's metadata (:class:`asyncframes._index.StreamFacts`), so a
@@ -29,10 +29,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import attrs
 import av
+import msgpack
 import numpy as np
 
 from ._files import SourceIdentity
@@ -46,6 +47,53 @@ MAX_BYTES = 256 * 1024 * 1024
 MIN_FRAMES = 64
 #: What ``--index-cache`` and ``$ASYNCFRAMES_INDEX_CACHE`` take to turn the store off.
 OFF = ("", "off", "none", "0")
+#: A record's file name ends so; records of earlier versions (``.npz``) age out with the rest.
+SUFFIX = ".idx"
+_OLD_SUFFIXES = (".npz",)
+#: The array kinds a record may hold: booleans, integers, floats and strings (never objects).
+_KINDS = frozenset("biufU")
+
+
+def write_arrays(out: "BinaryIO", arrays: dict[str, np.ndarray]) -> None:
+    """Write named arrays as one msgpack map ``{"arrays": {name: [dtype, shape, bytes]}}``.
+
+    One read and no parsing per array to load (an ``.npz``, a zip of ``.npy`` files with a
+    header to parse per array, took longer to load than opening a small video in-process).
+    """
+    body = {name: [a.dtype.str, list(a.shape), np.ascontiguousarray(a).tobytes()] for name, a in arrays.items()}
+    out.write(msgpack.packb({"arrays": body}, use_bin_type=True))
+
+
+def read_arrays(path: "str | os.PathLike[str]") -> dict[str, np.ndarray]:
+    """The named arrays :func:`write_arrays` wrote to the file ``path`` (see :func:`arrays_from`).
+
+    Raises:
+        OSError: the file cannot be read (FileNotFoundError: there is none).
+        ValueError: it is not such a record.
+    """
+    with open(path, "rb") as f:
+        return arrays_from(f.read())
+
+
+def arrays_from(data: bytes) -> dict[str, np.ndarray]:
+    """The named arrays (read-only views of ``data``) that :func:`write_arrays` wrote.
+
+    Raises:
+        ValueError: ``data`` is not such a record (malformed, or an array of a kind never written).
+    """
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_map_len=64, max_array_len=64, max_ext_len=0)
+        arrays = {}
+        for name, (dtype, shape, raw) in body["arrays"].items():
+            dt = np.dtype(dtype)
+            if dt.kind not in _KINDS or not isinstance(raw, bytes) or not all(isinstance(n, int) for n in shape):
+                raise ValueError(f"array {name!r} of {dtype} is not one a record holds")
+            arrays[name] = np.frombuffer(raw, dtype=dt).reshape(shape)
+        return arrays
+    except ValueError:
+        raise
+    except Exception as exc:  # msgpack's and unpacking's many error types: not a record
+        raise ValueError(f"not an index record ({type(exc).__name__}: {exc})") from exc
 
 
 @attrs.frozen
@@ -78,10 +126,10 @@ class IndexStore:
 
     def load(self, key: str) -> Optional[Stored]:
         """The record stored under ``key``, or None (none, or one that does not load: removed)."""
-        path = self.folder / f"{key}.npz"
+        path = self.folder / f"{key}{SUFFIX}"
         try:
-            with np.load(path, allow_pickle=False) as record:
-                stored = Stored(index_from_record(record), record_grayscale(record), record_facts(record))
+            record = read_arrays(path)
+            stored = Stored(index_from_record(record), record_grayscale(record), record_facts(record))
         except FileNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001  (truncated, corrupt, foreign: a miss, never trusted)
@@ -104,9 +152,9 @@ class IndexStore:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out:
-                    np.savez(out, **index_record(index, grayscale, facts))
-                os.replace(tmp, self.folder / f"{key}.npz")
-                _touch(self.folder / f"{key}.npz")
+                    write_arrays(out, index_record(index, grayscale, facts))
+                os.replace(tmp, self.folder / f"{key}{SUFFIX}")
+                _touch(self.folder / f"{key}{SUFFIX}")
             except BaseException:
                 _remove(Path(tmp))
                 raise
@@ -119,7 +167,7 @@ class IndexStore:
     def _prune(self) -> None:
         with self._lock:
             try:
-                stats = [(e.stat(), Path(e.path)) for e in os.scandir(self.folder) if e.name.endswith(".npz")]
+                stats = [(e.stat(), Path(e.path)) for e in os.scandir(self.folder) if e.name.endswith((SUFFIX, *_OLD_SUFFIXES))]
                 records = [(st.st_mtime_ns, st.st_size, path) for st, path in stats]
             except OSError:
                 return

@@ -3,12 +3,14 @@ or damaged file is indexed again, writers never leave half a record, the folder 
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import shutil
 from fractions import Fraction
 
 import attrs
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given
@@ -43,6 +45,33 @@ def test_any_packet_index_comes_back_from_its_record(pts, data):
     dts = [data.draw(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))) for _ in seek]
     index = FrameIndex(pts=pts, seek_pts=seek, seek_dts=dts, seek_lead=data.draw(st.integers(0, 9)))
     assert index_from_record(index_record(index)) == index
+
+
+@pytest.mark.pure
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=300, unique=True), st.sampled_from([None, False, True]))
+def test_a_record_comes_back_whole_from_its_bytes(pts, gray):
+    index = FrameIndex(pts=sorted(pts), seek_pts=[min(pts)], seek_dts=[None], seek_lead=1)
+    out = io.BytesIO()
+    index_store.write_arrays(out, index_record(index, gray, FACTS))
+    arrays = index_store.arrays_from(out.getvalue())
+    assert index_from_record(arrays) == index and record_grayscale(arrays) is gray and record_facts(arrays) == FACTS
+
+
+@pytest.mark.pure
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_record_or_a_value_error(data):
+    try:
+        index_store.arrays_from(data)
+    except ValueError:
+        pass
+
+
+@pytest.mark.pure
+def test_a_record_holding_anything_but_plain_numbers_and_strings_is_refused():
+    for dtype in ("|O", "|V8", "<M8[s]"):
+        data = msgpack.packb({"arrays": {"pts": [dtype, [1], bytes(8)]}})
+        with pytest.raises(ValueError):
+            index_store.arrays_from(data)
 
 
 @pytest.mark.pure
@@ -146,7 +175,7 @@ def test_a_second_reader_takes_the_index_from_disk_and_reads_exact_frames(store,
     with VideoReader(path) as first:
         assert first.index_source == "demuxed"
         built = first.index
-    assert len(list(store.folder.glob("*.npz"))) == 1
+    assert len(list(store.folder.glob("*" + index_store.SUFFIX))) == 1
     with VideoReader(path) as second:
         assert second.index_source == "stored" and second.index == built
         idxs = [149, 3, 77, 3, 120]
@@ -189,10 +218,10 @@ def test_a_second_reader_describes_a_stored_file_without_opening_it(store, make_
 def test_a_record_from_before_facts_were_kept_is_used_and_learns_them(store, make_clip):
     path = str(make_clip("h264_gops.mp4"))
     VideoReader(path).close()
-    (kept,) = store.folder.glob("*.npz")
-    with np.load(kept, allow_pickle=False) as arrays:
-        old = {name: arrays[name] for name in arrays.files if name != "facts"}
-    np.savez(kept, **old)
+    (kept,) = store.folder.glob("*" + index_store.SUFFIX)
+    old = {name: a for name, a in index_store.read_arrays(kept).items() if name != "facts"}
+    with open(kept, "wb") as out:
+        index_store.write_arrays(out, old)
     with VideoReader(path) as reader:
         assert reader.index_source == "stored" and reader.stats.opens == 1  # opened to read its facts
     with VideoReader(path) as reader:
@@ -203,10 +232,10 @@ def test_a_record_from_before_grayscale_was_kept_is_used_and_learns_it(store, tm
     path = tmp_path / "gray.mp4"
     write_clip(path, frames=90, gop=30, grayscale=True)
     VideoReader(str(path)).close()
-    (kept,) = store.folder.glob("*.npz")
-    with np.load(kept, allow_pickle=False) as arrays:
-        old = {name: arrays[name] for name in arrays.files if name != "grayscale"}
-    np.savez(kept, **old)  # as written before records kept grayscale
+    (kept,) = store.folder.glob("*" + index_store.SUFFIX)
+    old = {name: a for name, a in index_store.read_arrays(kept).items() if name != "grayscale"}
+    with open(kept, "wb") as out:  # as written before records kept grayscale
+        index_store.write_arrays(out, old)
     with VideoReader(str(path)) as reader:
         assert reader.index_source == "stored" and reader.stats.frames_decoded == 0
         assert reader.detected_grayscale and reader.stats.frames_decoded == 1  # did not know: decoded
@@ -229,7 +258,7 @@ def test_a_file_that_changed_is_indexed_again(store, tmp_path):
 def test_a_damaged_record_is_a_miss_and_is_replaced(store, make_clip):
     path = str(make_clip("h264_gops.mp4"))
     VideoReader(path).close()
-    (record,) = store.folder.glob("*.npz")
+    (record,) = store.folder.glob("*" + index_store.SUFFIX)
     record.write_bytes(record.read_bytes()[:100])  # truncated, as by a crash mid-write elsewhere
     with VideoReader(path) as reader:
         assert reader.index_source == "demuxed" and reader.frame_count == 150
@@ -243,7 +272,7 @@ def test_the_folder_is_kept_under_its_cap_least_recently_used_first(store, tmp_p
         paths.append(tmp_path / f"clip{k}.mp4")
         write_clip(paths[-1], frames=90 + 10 * k, gop=30)
     VideoReader(str(paths[0])).close()
-    one = sum(p.stat().st_size for p in store.folder.glob("*.npz"))
+    one = sum(p.stat().st_size for p in store.folder.glob("*" + index_store.SUFFIX))
     store.max_bytes = int(one * 2.5)  # room for two records
     VideoReader(str(paths[1])).close()
     VideoReader(str(paths[0])).close()  # a hit: clip0 becomes the most recently used
@@ -271,10 +300,9 @@ def test_writers_at_the_same_time_never_leave_half_a_record(store, make_clip):
         w.start()
     seen = 0
     while any(w.is_alive() for w in writers):  # read while they write: always whole or absent
-        for record in store.folder.glob("*.npz"):
+        for record in store.folder.glob("*" + index_store.SUFFIX):
             try:
-                with np.load(record, allow_pickle=False) as arrays:
-                    index_from_record(arrays)
+                index_from_record(index_store.read_arrays(record))
                 seen += 1
             except FileNotFoundError:
                 pass  # replaced between listing and opening
@@ -300,7 +328,7 @@ def test_a_new_server_opens_a_video_an_earlier_one_indexed(tmp_path, make_clip):
                 assert all(np.array_equal(f, ref[i]) for i, f in zip(idxs, frames))
         finally:
             server.stop()
-        assert len(list(indexes.glob("*.npz"))) == 1  # written by the first, read by the second
+        assert len(list(indexes.glob("*" + index_store.SUFFIX))) == 1  # written by the first, read by the second
 
 
 def test_a_running_server_writes_what_opening_learnt_once_it_is_idle(tmp_path):
@@ -309,9 +337,9 @@ def test_a_running_server_writes_what_opening_learnt_once_it_is_idle(tmp_path):
     write_clip(root / "gray.mp4", frames=90, gop=30, grayscale=True)
 
     def record() -> "tuple[object, object] | None":
-        for kept in indexes.glob("*.npz"):
-            with np.load(kept, allow_pickle=False) as arrays:
-                return record_grayscale(arrays), record_facts(arrays)
+        for kept in indexes.glob("*" + index_store.SUFFIX):
+            arrays = index_store.read_arrays(kept)
+            return record_grayscale(arrays), record_facts(arrays)
         return None
 
     server = Server(tmp_path, "--root", str(root), "--index-cache", str(indexes))

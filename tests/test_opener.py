@@ -449,7 +449,7 @@ def test_an_opener_that_writes_records_later_writes_them_when_told_or_when_a_rea
     opener = VideoOpener(write_records_later=True)
     try:
         reader = opener.open(Video(str(paths[0]), grayscale=False))
-        assert not list(store.folder.glob("*.npz")) and reader.stats.frames_decoded == 0
+        assert not list(store.folder.glob("*" + index_store.SUFFIX)) and reader.stats.frames_decoded == 0
         opener.write_records()
         key = store.key(reader.signature, 0)
         assert key is not None
