@@ -1022,7 +1022,9 @@ class AsyncVideo:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))
-            ready = poll_any([conn.socket for conn in self._conns], int(wait * 1000))
+            # What is already waiting needs no poller (a GUI's step finds its chunk here).
+            ready = [conn.socket for conn in self._conns if conn.socket.has_message()]
+            ready = ready or poll_any([conn.socket for conn in self._conns], int(wait * 1000))
             if ready:
                 for i, conn in enumerate(self._conns):
                     if conn.socket in ready:

@@ -119,6 +119,11 @@ CLIENT_SHARE = 16
 #: Quiet time after a small request before the server reads around it: a client that asks
 #: again at once (the same frame, the next one) is answered before any of that starts.
 READ_AROUND_DELAY_S = 0.02
+#: Quiet time after a request's chunk goes (or its client's credit comes) before the frames it
+#: reads ahead are decoded (see ``Request.ahead``): a client that asks again at once (the same
+#: frame, a frame elsewhere) does not wait for a frame nobody may want; a person stepping,
+#: tens of milliseconds apart, still finds the next one there.
+READ_AHEAD_DELAY_S = 0.005
 #: Shared slots per client beyond its window: the chunk the caller holds, and releases on their way.
 SLOTS_BEYOND_WINDOW = 3
 #: A small request this many frames or fewer before the last one is a step back (reading
@@ -409,6 +414,12 @@ class _Request:
     decoding: bool = False
     #: Frames asked for: the first of ``frame_idxs``; the rest are read ahead (see ``Request.ahead``).
     asked: int = 0
+    #: Chunks of frames read ahead wait until this time (see READ_AHEAD_DELAY_S).
+    ahead_at: float = 0.0
+
+    def held_back(self, now: float) -> bool:
+        """Whether its next chunk holds frames read ahead that must wait for quiet (see READ_AHEAD_DELAY_S)."""
+        return now < self.ahead_at and self.next_chunk * self.request.frames_per_chunk >= self.asked
 
     @property
     def rid(self) -> int:
@@ -650,6 +661,7 @@ class ServerState:
             req = state.requests.get(message.request_id)
             if req is not None:
                 req.credit = min(req.credit + message.chunks, self.config.max_window)
+                req.ahead_at = now + READ_AHEAD_DELAY_S if req.request.ahead else 0.0
             return []
         if isinstance(message, Release):
             if state.slots is not None:
@@ -834,7 +846,7 @@ class ServerState:
         for _ in range(len(self._round)):
             req = self._round[0]
             self._round.rotate(-1)
-            if req.credit <= 0 or req.decoding or not self._may_send(req, now, queued, total):
+            if req.credit <= 0 or req.decoding or req.held_back(now) or not self._may_send(req, now, queued, total):
                 continue
             chunk_bytes = req.next_chunk_bytes()
             slots = self._slots_for(req)
@@ -977,6 +989,8 @@ class ServerState:
         chunk = protocol.chunk_header(req.rid, req.next_chunk, last, decode.frames, decode.shape, shm=where)
         req.next_chunk += 1
         req.credit -= 1
+        if req.request.ahead:
+            req.ahead_at = now + READ_AHEAD_DELAY_S
         actions: list[Action] = [Send(decode.client, chunk, payload=where is None)]
         if last:
             actions += self._finish(req, now, "done")
@@ -1113,10 +1127,11 @@ class ServerState:
         if self._inbox:
             return 0.0
         total = sum(queued.values())
-        if any(r.credit > 0 and not r.decoding and self._may_send(r, now, queued, total) for r in self._round):
+        waiting = [r for r in self._round if r.credit > 0 and not r.decoding]
+        if any(not r.held_back(now) and self._may_send(r, now, queued, total) for r in waiting):
             return 0.0
         longest = ROOM_RETRY_S if any(r.credit > 0 for r in self._round) else IDLE_WAIT_S
-        due = [longest, self._next_ping - now]
+        due = [longest, self._next_ping - now] + [r.ahead_at - now for r in waiting if r.held_back(now)]
         if self._around is not None:
             due.append(self._around_at - now)
         return max(0.0, min(due))

@@ -15,7 +15,7 @@ import pytest
 from asyncframes import _protocol as protocol
 from asyncframes._client_state import Actions, ClientState, ConnectionEvent
 from asyncframes._protocol import Credit, Request
-from asyncframes._server_state import READ_AROUND_DELAY_S
+from asyncframes._server_state import READ_AHEAD_DELAY_S, READ_AROUND_DELAY_S
 from asyncframes._video import Video
 from asyncframes.errors import AsyncFramesError, FrameIndexError, ProtocolError
 
@@ -200,10 +200,11 @@ def ahead_request(h: Harness, rid: int, idxs, ahead: int, window: int = 2) -> li
 def test_frames_read_ahead_past_the_end_are_dropped(idxs):
     h = Harness()  # 100 frames
     h.hello(A)
-    assert ahead_request(h, 1, idxs, ahead=5) == []
-    chunks = [chunk for _client, chunk in h.chunks()]  # a window's worth
-    h.send(A, Credit(1, 5))
-    chunks += [chunk for _client, chunk in h.chunks()]
+    assert ahead_request(h, 1, idxs, ahead=5, window=5) == []
+    chunks = []
+    while (got := h.chunk()) is not None or h.state.wait_s(h.now, {}) == pytest.approx(READ_AHEAD_DELAY_S):
+        chunks += [got[1]] if got is not None else []
+        h.now += READ_AHEAD_DELAY_S
     assert [c.frame_idxs for c in chunks] == [[97], [98], [99]]
     assert chunks[-1].last_chunk
 
@@ -221,8 +222,30 @@ def test_a_request_reading_ahead_is_small_by_the_frames_asked_for():
     h = Harness(recent_request_frames=8)
     h.hello(A)
     ahead_request(h, 1, range(10, 43), ahead=32)
-    decodes = [h.chunk()[0] for _ in range(2)]
+    decodes = [h.chunk()[0]]
+    h.now += READ_AHEAD_DELAY_S
+    decodes.append(h.chunk()[0])
     assert all(d.recent for d in decodes) and [d.frames for d in decodes] == [[10], [11]]
+
+
+def test_frames_read_ahead_wait_for_a_quiet_moment_after_each_chunk_and_credit():
+    """A client that asks again at once (the same frame, another one) is not kept waiting
+    behind a frame read ahead; one stepping tens of milliseconds apart finds it there."""
+    h = Harness()
+    h.hello(A)
+    ahead_request(h, 1, range(10, 20), ahead=9, window=2)
+    assert h.chunk()[1].frame_idxs == [10]  # asked for: at once
+    assert h.chunk() is None and h.state.wait_s(h.now, {}) == pytest.approx(READ_AHEAD_DELAY_S)
+    h.now += READ_AHEAD_DELAY_S
+    assert h.chunk()[1].frame_idxs == [11]
+    assert h.chunk() is None  # each chunk read ahead waits again
+    h.send(A, Credit(1, 1))
+    h.now += READ_AHEAD_DELAY_S / 2
+    assert h.chunk() is None  # credit is the client speaking: quiet again from there
+    h.now += READ_AHEAD_DELAY_S / 2
+    assert h.chunk()[1].frame_idxs == [12]
+    h.request(A, 2, idxs=range(30, 33), fpc=1, window=3)  # an ordinary request never waits
+    assert [h.chunk()[1].frame_idxs for _ in range(3)] == [[30], [31], [32]]
 
 
 def test_a_step_back_behind_what_was_read_ahead_reads_behind_first():
@@ -231,7 +254,9 @@ def test_a_step_back_behind_what_was_read_ahead_reads_behind_first():
     h = Harness(read_around_frames=10)
     h.hello(A)
     ahead_request(h, 1, range(40, 73), ahead=32)
-    h.chunks(limit=3)  # 40 for the caller, 41 and 42 read ahead
+    for _ in range(2):  # 40 for the caller, 41 and 42 read ahead
+        h.chunk()
+        h.now += READ_AHEAD_DELAY_S
     h.send(A, protocol.Cancel(1))
     h.request(A, 2, idxs=[39], fpc=1)  # a person at 40 steps back
     h.chunks()
