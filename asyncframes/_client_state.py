@@ -255,7 +255,7 @@ class Stream:
     def check(self, link: Link, message: protocol.Chunk, payload: Optional[memoryview]) -> None:
         """Raise ProtocolError unless ``message`` is the chunk we asked for next: number, indices, dtype, shape, pixels."""
         k = self.next_chunk
-        where = f"{link.endpoint} (request {self.request_id}, chunk {k})"
+        where = _Where(link.endpoint, self.request_id, k)  # formatted only for an error
         local = k if self.local is None else int(self.local[k])
         if message.chunk != local:
             raise ProtocolError(f"expected chunk {local} from {link.endpoint}, it sent chunk {message.chunk}")
@@ -287,16 +287,31 @@ class Stream:
             raise ProtocolError(f"{where} sent a payload of {size} bytes, its header says {list(shape)} uint8 ({nbytes} bytes)")
         if not got:
             return
-        channels = {None: (1, 3), True: (1,), False: (3,)}[self.spec.grayscale if self.spec is not None else None]
+        channels = _CHANNELS[self.spec.grayscale if self.spec is not None else None]
         chw = self.spec is not None and self.spec.layout == "CHW"
         c, hw = (shape[1], shape[2:4]) if chw else (shape[3], shape[1:3])
-        expected = f"({' or '.join(map(str, channels))}, height, width)" if chw else f"(height, width, {' or '.join(map(str, channels))})"
         if c not in channels or min(hw) < 1 or (self.spec is not None and self.spec.resize is not None and tuple(hw) != self.spec.resize):
-            raise ProtocolError(
-                f"{where} sent frames of shape {list(shape[1:])}, expected {expected}"
-            )
+            some = " or ".join(map(str, channels))
+            expected = f"({some}, height, width)" if chw else f"(height, width, {some})"
+            raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, expected {expected}")
         if self.frame_shape is not None and shape[1:] != self.frame_shape:
             raise ProtocolError(f"{where} sent frames of shape {list(shape[1:])}, earlier chunks had {list(self.frame_shape)}")
+
+
+#: The channels a frame may have, by the request's grayscale option.
+_CHANNELS = {None: (1, 3), True: (1,), False: (3,)}
+
+
+@attrs.frozen
+class _Where:
+    """Which chunk an error is about, formatted only when one is raised."""
+
+    endpoint: str
+    request_id: int
+    chunk: int
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} (request {self.request_id}, chunk {self.chunk})"
 
 
 def deal(idxs: "range | np.ndarray", frames_per_chunk: int, servers: int) -> list[np.ndarray]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import math
 import mmap
 import os
 import sys
@@ -147,12 +148,12 @@ class Lease:
     ``base``, as do all views of them.
     """
 
-    def __init__(self, base: np.ndarray, shape: tuple[int, ...], dtype: str, slot: int, freed: "deque[int]") -> None:
-        self._base = base  # keeps the mapping alive
+    def __init__(self, base: np.ndarray, address: int, shape: tuple[int, ...], dtype: str, slot: int, freed: "deque[int]") -> None:
+        self._base = base  # keeps the mapping alive (``address`` is its first byte)
         self._slot = slot
         self._freed = freed
         self.__array_interface__: dict[str, Any] = {
-            "data": (base.ctypes.data, False),
+            "data": (address, False),
             "shape": tuple(shape),
             "typestr": dtype,
             "version": 3,
@@ -167,18 +168,21 @@ class ClientSlots:
     """The client's side of one server's slots: mappings, and slots freed since last told."""
 
     def __init__(self) -> None:
-        self._maps: dict[int, np.ndarray] = {}
+        #: Per slot, its mapping and the mapping's address.
+        self._maps: dict[int, tuple[np.ndarray, int]] = {}
         self.freed: deque[int] = deque()
 
     def array(self, pid: int, fd: int, slot: int, size: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """An array over slot ``slot`` of the server ``pid``, mapping it the first time."""
-        base = self._maps.get(slot)
-        if base is None or base.nbytes != size:
-            base = self._maps[slot] = mapped(pid, fd, size)
-        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        found = self._maps.get(slot)
+        if found is None or found[0].nbytes != size:
+            base = mapped(pid, fd, size)
+            found = self._maps[slot] = (base, base.ctypes.data)
+        base, address = found
+        need = math.prod(shape) * np.dtype(dtype).itemsize
         if need > base.nbytes:
             raise ValueError(f"chunk of {need} bytes does not fit slot {slot} of {base.nbytes} bytes")
-        return np.asarray(Lease(base, shape, dtype, slot, self.freed))
+        return np.asarray(Lease(base, address, shape, dtype, slot, self.freed))
 
     def forget(self, slots: "list[int]") -> None:
         """The server retired these slots: drop our mappings (arrays still using one keep it)."""
