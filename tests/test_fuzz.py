@@ -381,6 +381,7 @@ def valid_messages(draw: st.DrawFn) -> protocol.Message:
                     frame_idxs=protocol.frame_selection(draw(st.one_of(st.none(), small_idxs))),
                     frames_per_chunk=draw(st.integers(1, 8)),
                     window=draw(st.integers(1, 3)),
+                    ahead=draw(st.sampled_from([0, 0, 1, 3])),
                 ),
                 protocol.Credit(request_id=rid, chunks=draw(st.integers(1, 5))),
                 protocol.Cancel(request_id=rid),
@@ -429,7 +430,8 @@ def odd_requests(draw: st.DrawFn, request_id: int) -> protocol.Request:
     )
     fpc = draw(st.one_of(st.integers(1, 200), positive_ints))
     window = draw(st.one_of(st.integers(1, 10), positive_ints))
-    return protocol.Request(request_id, video, idxs, frames_per_chunk=fpc, window=window, shm=draw(st.booleans()))
+    ahead = draw(st.one_of(st.just(0), st.just(0), st.integers(0, 200), nonneg_ints))  # frames read ahead
+    return protocol.Request(request_id, video, idxs, frames_per_chunk=fpc, window=window, shm=draw(st.booleans()), ahead=ahead)
 
 
 @st.composite
