@@ -1001,8 +1001,9 @@ class ServerState:
             behind = req.request.window * req.request.frames_per_chunk if req.request.ahead else 0
             back = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES + behind
             self._last_small = (video, req.grayscale, i)
-            self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes, back)
-            self._around_at = now + READ_AROUND_DELAY_S
+            if back or not req.request.ahead:  # the frames after it are already read ahead
+                self._around = (video, req.grayscale, i, req.frame_count, req.frame_bytes, back)
+                self._around_at = now + READ_AROUND_DELAY_S
         return actions
 
     def chunk_failed(self, decode: Decode, exc: BaseException, now: float) -> list[Action]:

@@ -248,6 +248,22 @@ def test_frames_read_ahead_wait_for_a_quiet_moment_after_each_chunk_and_credit()
     assert [h.chunk()[1].frame_idxs for _ in range(3)] == [[30], [31], [32]]
 
 
+def test_a_request_reading_ahead_is_not_read_around_unless_it_stepped_back():
+    """Reading ahead already brings the frames after it; reading around them too would only
+    keep the decoder busy while the person steps."""
+    h = Harness(read_around_frames=10)
+    h.hello(A)
+    ahead_request(h, 1, range(40, 73), ahead=32)
+    h.chunk()
+    h.now += READ_AROUND_DELAY_S
+    assert h.state.read_around(h.now) is None
+    h.send(A, protocol.Cancel(1))
+    ahead_request(h, 2, range(39, 72), ahead=32)  # a step back: the frames before it are read around
+    h.chunk()
+    h.now += READ_AROUND_DELAY_S
+    assert h.state.read_around(h.now).frames[:5] == (34, 35, 36, 37, 38)
+
+
 def test_a_step_back_behind_what_was_read_ahead_reads_behind_first():
     """The server read two frames ahead of the caller: a step back from where the caller
     is, not from where the server got to, is still a step back."""
