@@ -17,7 +17,8 @@ Three things are kept here:
   servers (by :mod:`asyncframes._deal`: chunk *k* from server *k mod n* while the
   servers keep the same pace, in proportion to their paces otherwise, dealt again
   when a slow one would hold the caller up), what each chunk must hold, and why it
-  ended;
+  ended; a request for one frame also reads the frames after it ahead, and the
+  caller's next request for the next frame takes that chunk (:meth:`ClientState.continues`);
 * the :class:`ClientState` holding them, which matches replies to requests,
   files what arrives, hands chunks back in order and says what is due:
   a :class:`~protocol.Credit` per chunk taken, a :class:`~protocol.Release` for
@@ -437,6 +438,11 @@ class ClientState:
         now: Optional[float] = None,
     ) -> Actions:
         """Make ``request_id`` the current request (ending any other, as replaced) and say what to send.
+
+        A request for one frame ``i`` to one server of our version also reads ahead (with
+        :attr:`read_ahead` set): it asks for ``i`` and the ``read_ahead`` frames after it,
+        in chunks of one (``Request.ahead``), and the caller is handed the first; see
+        :meth:`continues` for the rest.
 
         Args:
             request_id: from :meth:`new_request_id`.
