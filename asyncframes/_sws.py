@@ -51,9 +51,9 @@ FORMATS_ANY_SIZE = frozenset(
     {"yuv444p", "yuvj444p", "yuv444p10le", "gray", "gray10le", "gbrp10le", "bgr0", "bgra"}
 )
 #: Subsampled, which swscale converts with its special unscaled converter (blind to chroma
-#: siting) when the height is even. Its x86 SIMD version converts whole groups of 8 pixels
-#: and leaves a row's last ``width % 8`` pixels unwritten when the destination rows have no
-#: padding (ours have none), so the width must be a multiple of 8.
+#: siting) when the height is even. Its x86 SIMD version converts whole groups of pixels (16
+#: with AVX2, 8 before) and leaves a row's last ``width % 16`` pixels unwritten when the
+#: destination rows have no padding (ours have none), so the width must be a multiple of 16.
 FORMATS_EVEN_SIZE = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p"})
 #: sws_scale_frame's source chroma position options for an untagged frame (the centre) of
 #: each subsampled format we convert; -513 where a direction is not subsampled.
@@ -163,7 +163,7 @@ def _settings(frame: av.VideoFrame) -> Optional[tuple[str, int, int, int, int]]:
     """(format, width, height, source full range, source colour space) for a frame we may convert, else None."""
     name = frame.format.name
     h = frame.height
-    if name not in FORMATS_ANY_SIZE and (name not in FORMATS_EVEN_SIZE or h & 1 or frame.width & 7):
+    if name not in FORMATS_ANY_SIZE and (name not in FORMATS_EVEN_SIZE or h & 1 or frame.width & 15):
         return None
     if frame.interlaced_frame:
         return None  # swscale's frame API converts each field on its own

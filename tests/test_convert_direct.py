@@ -32,6 +32,9 @@ SPECS = {
     "h264_bt709_full_64x96.mp4": (dict(codec="libx264", size=(64, 96), options=_709_FULL), True),
     "h264_yuvj420p_64x96.mp4": (dict(codec="libx264", size=(64, 96), pix_fmt="yuvj420p"), True),
     "h264_yuv422p_48x64.mp4": (dict(codec="libx264", size=(48, 64), pix_fmt="yuv422p"), True),
+    "h264_yuv422p_50x112.mp4": (dict(codec="libx264", size=(50, 112), pix_fmt="yuv422p"), True),
+    "h264_86x208.mp4": (dict(codec="libx264", size=(86, 208)), True),
+    "mjpeg_yuvj420p_70x272.avi": (dict(codec="mjpeg", size=(70, 272), bframes=0), True),
     "h264_yuv444p_61x97.mp4": (dict(codec="libx264", size=(61, 97), pix_fmt="yuv444p"), True),
     "hevc_64x96.mp4": (dict(codec="libx265", size=(64, 96)), True),
     "vp9_64x96.webm": (dict(codec="libvpx-vp9", size=(64, 96), bframes=0), True),
@@ -50,6 +53,8 @@ SPECS = {
     # Not served directly: the usual path, still exact.
     "ffv1_yuv420p_61x97.mkv": (dict(codec="ffv1", size=(61, 97), bframes=0, pix_fmt="yuv420p"), False),  # odd sizes
     "h264_62x100.mp4": (dict(codec="libx264", size=(62, 100)), False),  # width not a multiple of 8
+    "h264_64x104.mp4": (dict(codec="libx264", size=(64, 104)), False),  # nor of 16
+    "vp9_64x200.webm": (dict(codec="libvpx-vp9", size=(64, 200), bframes=0), False),
     "mpeg4_61x96.avi": (dict(codec="mpeg4", size=(61, 96), bframes=0), False),  # odd height: chroma siting counts
     "h264_yuv420p10le_64x96.mp4": (dict(codec="libx264", size=(64, 96), pix_fmt="yuv420p10le"), False),
     "ffv1_yuv420p10le_64x96.mkv": (dict(codec="ffv1", size=(64, 96), bframes=0, pix_fmt="yuv420p10le"), False),
