@@ -13,8 +13,8 @@ What ``sws_scale_frame`` does for a plain conversion to ``rgb24`` (FFmpeg 8, ``g
 one legacy context with PyAV's flags (bilinear) and threads, the source range full for
 ``yuvj*``, gray and RGB formats or a frame tagged full range, the destination full range, the
 source chroma siting from the frame (PyAV does not show it: only conversions that do not
-depend on it are allowed, see :data:`FORMATS_ANY_SIZE` and :data:`FORMATS_EVEN_SIZE`), and the colour matrix from
-the frame's colour space. Interlaced frames are converted field by field there; they are left
+depend on it are allowed, see :data:`FORMATS_ANY_SIZE` and :data:`FORMATS_EVEN_SIZE`), and
+the colour matrix from the frame's colour space. Interlaced frames are converted field by field there; they are left
 to PyAV here.
 
 Loading is lazy (the client never imports this) and any failure (no bundled library, a
@@ -270,7 +270,8 @@ class DirectRGB:
         return True
 
     def convert(self, frame: av.VideoFrame, out: np.ndarray, key: tuple[str, int, int, int, int]) -> bool:
-        """Write ``frame`` as rgb24 into ``out``; False if it could not (``out`` untouched then)."""
+        """Write ``frame`` as rgb24 into ``out``; False if it could not (then ``out`` may be partly
+        written: the caller converts the usual way)."""
         _, w, h, _, _ = key
         if not (
             out.dtype == np.uint8
