@@ -6,9 +6,11 @@ of it. The shortcuts below only ever return those same pixels:
 
 * swscale runs single-threaded (about 2.5x faster than its default on small frames);
 * a frame whose chroma planes are neutral (128 everywhere) is gray content, which
-  costs a look at the small chroma planes instead of comparing three channels.
+  costs a look at the small chroma planes instead of comparing three channels;
+* :meth:`Converter.rgb_into` has swscale write RGB straight into the output (see
+  :mod:`._sws`), which saves copying PyAV's array there.
 
-Each converter checks that shortcut against the RGB channels on its first
+Each converter checks each shortcut against PyAV's conversion on its first
 frames and turns it off for good at the first disagreement. (A table from Y to
 R would skip the RGB conversion, but gathering through it costs more than
 swscale's conversion.)
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 
 #: Frames whose RGB channels confirm the neutral-chroma shortcut before it is trusted alone.
 TRIALS = 32
+#: Frames converted both straight into the output and by PyAV (and compared) before the
+#: direct conversion is trusted alone, for each kind of frame (format, size, range, colour space).
+DIRECT_TRIALS = 8
+#: Bytes after a trial's scratch image that swscale must leave alone.
+_CANARY_BYTES = 4096
 #: Planar 8-bit YUV formats: plane 0 is Y, planes 1 and 2 are chroma, where 128 is neutral.
 YUV_8BIT = frozenset(
     {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p", "yuv411p", "yuv410p"}
@@ -82,9 +89,65 @@ class Converter:
     def __init__(self, name: str = "") -> None:
         self.name = name
         self._trials: Optional[int] = TRIALS  # None: the neutral-chroma shortcut is off
+        #: The direct conversion (made on first use); None with ``_direct_off``: off for good.
+        self._direct: Optional[Any] = None
+        self._direct_off = False
+        self._direct_trials: dict[tuple[Any, ...], int] = {}
 
     def rgb(self, frame: av.VideoFrame) -> np.ndarray:
         return rgb24(frame)
+
+    def rgb_into(self, frame: av.VideoFrame, out: np.ndarray) -> None:
+        """Write :meth:`rgb` of ``frame`` into ``out`` (``(h, w, 3)`` uint8), by swscale
+        straight into ``out`` where that is known to give the same pixels."""
+        if self._direct_off or not self._into(frame, out):
+            out[...] = rgb24(frame)
+
+    def _into(self, frame: av.VideoFrame, out: np.ndarray) -> bool:
+        """Whether ``out`` now holds ``frame``'s RGB (False: nothing written, convert as usual)."""
+        direct = self._direct
+        if direct is None:
+            from . import _sws  # the server side only: the client never loads ctypes wrappers of FFmpeg
+
+            lib = _sws.library()
+            if lib is None:
+                self._direct_off = True
+                return False
+            direct = self._direct = _sws.DirectRGB(lib)
+        key = direct.key(frame)
+        if key is None:
+            return False
+        left = self._direct_trials.get(key, DIRECT_TRIALS)
+        if left <= 0:
+            return bool(direct.convert(frame, out, key))
+        # A trial: into a scratch image followed by canary bytes (its value changes from one
+        # trial to the next), which must come out as PyAV's conversion with the canary intact.
+        canary = 0xA5 if left & 1 else 0x5A
+        n = out.nbytes
+        scratch = np.full(n + _CANARY_BYTES, canary, dtype=np.uint8)
+        image = scratch[:n].reshape(out.shape)
+        expected = rgb24(frame)
+        if not direct.convert(frame, image, key):
+            return False  # not for this output (e.g. not contiguous): the usual path
+        if not (np.array_equal(image, expected) and bool((scratch[n:] == canary).all())):
+            log.info(
+                "%s: swscale writing %s frames straight into the output disagrees with PyAV's conversion; "
+                "converting through PyAV from now on",
+                self.name,
+                key[0],
+            )
+            self.close()
+            self._direct_off = True
+        else:
+            self._direct_trials[key] = left - 1
+        out[...] = expected
+        return True
+
+    def close(self) -> None:
+        """Free the direct conversion's swscale context (it is also freed when dropped)."""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
 
     def gray(self, frame: av.VideoFrame) -> np.ndarray:
         """An ``(h, w, 1)`` uint8 array: R of the RGB conversion for gray content, else its luma."""

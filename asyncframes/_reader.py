@@ -449,12 +449,20 @@ class VideoReader(FrameSource):
                     f"{self.filename}: frame {i} is {frame.width}x{frame.height}, "
                     f"but the video starts at {self.width}x{self.height}; size changes are not supported"
                 )
+            where = places.get(i)
+            if not shape_it and not gray and where is not None and len(where) == 1:
+                # Converted straight into its place (no copy); the cache copies what it keeps,
+                # so it never holds a view of ``out``, whose slot serves other chunks later.
+                image = out[where[0]]
+                self._convert.rgb_into(frame, image)
+                if cache is not None:
+                    cache.offer(i, image)
+                return
             if shape_it:
                 image = shaped(frame, gray, video, self._convert)  # type: ignore[arg-type]
             else:
                 image = self._convert.gray(frame) if gray else self._convert.rgb(frame)
-            if i in places:
-                where = places[i]
+            if where is not None:
                 if len(where) == 1:
                     out[where[0]] = image  # plain indexing copies faster than a list index
                 else:

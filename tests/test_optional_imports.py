@@ -24,3 +24,10 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in set(sys.arg
 def test_importing_asyncframes_imports_no_optional_framework():
     out = subprocess.run([sys.executable, "-c", PROBE, *OPTIONAL], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout) == [], f"import asyncframes loaded {out.stdout.strip()}"
+
+
+def test_the_client_side_never_loads_the_swscale_wrapper():
+    """``asyncframes._sws`` (ctypes into PyAV's bundled swscale) is loaded by a server's first RGB frame only."""
+    probe = PROBE.replace("print(", "import asyncframes._reader\nprint(")
+    out = subprocess.run([sys.executable, "-c", probe, "asyncframes"], capture_output=True, text=True, timeout=60, check=True)
+    assert "asyncframes._sws" not in json.loads(out.stdout)
