@@ -103,12 +103,15 @@ while True:  # as fast as it can, reading answers only to keep its connection
         except zmq.Again:
             break
         k += 1
+        if k == 20000:
+            print("flooding", flush=True)
     while s.poll(0):
         s.recv_multipart()
 """
 
 
 def test_a_flooding_client_does_not_stall_another_clients_stream(server):
+    import select
     import subprocess
     import sys
 
@@ -123,8 +126,11 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server):
         with AsyncVideo(server.endpoint, timeout=20) as av:
             stream(av)
             quiet = min(stream(av) for _ in range(2))
-            flooder = subprocess.Popen([sys.executable, "-c", FLOODER, server.endpoint])
-            server.wait_for_log("without waiting for answers", within=30)  # the flood is on, and was noticed
+            flooder = subprocess.Popen([sys.executable, "-c", FLOODER, server.endpoint], stdout=subprocess.PIPE, text=True)
+            # The flood is on once 20,000 messages went out. Whether the server's queue outgrew
+            # its bound (and it said so) depends on how the processes share the cores: the server
+            # may keep up. That rule is ServerState's, tested purely in test_server_state.py.
+            assert select.select([flooder.stdout], [], [], 30)[0] and flooder.stdout.readline() == "flooding\n"
             flooded = stream(av)
             assert flooder.poll() is None  # the flood lasted the whole stream
         # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
