@@ -485,8 +485,8 @@ def decode(header: bytes, max_bin_len: int = MAX_BIN_BYTES, max_values: int = MA
     without unpacking), no bytes value over ``max_bin_len``, no string over
     :data:`MAX_STR_BYTES`, no list over :data:`MAX_LIST_LEN`.
     """
-    try:  # every value takes a byte at least: a header no longer than the limit needs no count
-        values = count_values(header, max_values) if len(header) > max_values else 0
+    try:
+        values = count_values(header, max_values)
     except (ValueError, struct.error) as exc:
         raise ProtocolError(f"header is not msgpack ({exc or 'truncated'})") from exc
     if values > max_values:
