@@ -10,8 +10,10 @@ atomically replaced by another clip. The checks are on outcomes:
   gets frames of one version only (the new one if it started after the
   replacement), or a clear error if it started before;
 * every good client completes at least :data:`MIN_REQUESTS` requests;
-* the server's RSS stays under :data:`RSS_BOUND` and does not keep growing: its peak in
-  the last third of the run is within :data:`RSS_GROWTH_MARGIN` of its peak in the middle third;
+* the server's RSS stays under :data:`RSS_BOUND` and does not keep growing: its median in
+  the last third of the run is within :data:`RSS_GROWTH_MARGIN` of its median in the middle
+  third (a leak raises the level the server comes back to; a burst a faulty client causes
+  and the server frees again, which may fall in either third, does not);
 * afterwards the server serves a fresh client exactly and exits cleanly on SIGTERM.
 
 A client that credits chunks it never reads has its own test below: while the server
@@ -29,6 +31,7 @@ import os
 import selectors
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -374,17 +377,18 @@ def test_many_clients_with_faults(tmp_path: Path, soak_root: Path, server: Serve
 
 
 def check_memory(samples: list[tuple[float, int]]) -> None:
-    """RSS under the bound throughout; no growth beyond the margin from the middle third to the last."""
+    """RSS under the bound throughout; no growth beyond the margin from the middle third's
+    median to the last third's (the level the server comes back to between bursts)."""
     assert len(samples) >= 8, f"too few RSS samples: {samples}"
     peak = max(rss for _, rss in samples)
     assert peak < RSS_BOUND, f"server RSS reached {peak / 2**20:.0f} MiB (bound {RSS_BOUND / 2**20:.0f} MiB)"
     end = samples[-1][0]
-    middle = [rss for t, rss in samples if end / 3 <= t < 2 * end / 3]
-    last = [rss for t, rss in samples if t >= 2 * end / 3]
-    growth = max(last) - max(middle)
+    middle = statistics.median(rss for t, rss in samples if end / 3 <= t < 2 * end / 3)
+    last = statistics.median(rss for t, rss in samples if t >= 2 * end / 3)
+    growth = last - middle
     assert growth <= RSS_GROWTH_MARGIN, (
-        f"server RSS kept growing: {growth / 2**20:.0f} MiB above the middle third's peak in the last third "
-        f"({max(middle) / 2**20:.0f} -> {max(last) / 2**20:.0f} MiB)"
+        f"server RSS kept growing: its median rose {growth / 2**20:.0f} MiB from the middle third to the last "
+        f"({middle / 2**20:.0f} -> {last / 2**20:.0f} MiB)"
     )
 
 
