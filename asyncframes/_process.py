@@ -28,7 +28,7 @@ from typing import IO, Optional, Sequence
 
 from ._transport import private_endpoint, remove_private_dir
 from ._version import __version__
-from .errors import ServerDiedError, ServerStartError
+from .errors import ServerDiedError, ServerStartError, process_ended
 
 #: What a private server's folder is called (by :func:`asyncframes._transport.private_endpoint`).
 PRIVATE_DIR_PREFIX = "asyncframes-"
@@ -115,12 +115,11 @@ class ServerProcess:
         return self.popen.poll()
 
     def exit_error(self) -> Optional[ServerDiedError]:
-        """How the server ended, as the error to raise (e.g. "killed by signal 9"); None while it runs."""
+        """How the server ended, as the error to raise (e.g. "ended: killed by SIGKILL (signal 9)"); None while it runs."""
         code = self.popen.poll()
         if code is None:
             return None
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return ServerDiedError(f"the frame server (pid {self.pid}) {how}")
+        return ServerDiedError(f"the frame server (pid {self.pid}) ended: {process_ended(code)}")
 
     def wait_exit_error(self, within: float = 1.0) -> Optional[ServerDiedError]:
         """:meth:`exit_error` once the process has ended, waiting up to ``within`` seconds for it; None if it runs on."""

@@ -31,7 +31,6 @@ import collections
 import logging
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from . import _shm as shm
 from ._procworker import MAX_MESSAGE
 from ._reader import FrameCache, ReadInterrupted, VideoReader
 from ._video import Video
-from .errors import ServerError
+from .errors import ServerError, process_ended
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,7 @@ class _Process:
 
     def how_it_ended(self) -> str:
         """Reap the process (killing it if it lingers) and say how it ended."""
-        code = self._reap()
-        if code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exited with code {code}"
+        return process_ended(self._reap())
 
     def close(self) -> None:
         """Close the socket (the worker exits after its job) and reap it."""

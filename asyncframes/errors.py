@@ -104,3 +104,16 @@ def error_from_wire(kind: str, message: str) -> AsyncFramesError:
     """Rebuild the exception a server reported, falling back to :class:`ServerError`."""
     cls = WIRE_ERRORS.get(kind, ServerError)
     return cls(message)
+
+
+def process_ended(code: int) -> str:
+    """How a child process ended, in the words every error about one uses: ``"exited with
+    code 1"``, or for a negative ``code`` (``Popen.returncode``) ``"killed by SIGKILL (signal 9)"``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    import signal  # loaded by the interpreter already; imported here to keep this module bare
+
+    try:
+        return f"killed by {signal.Signals(-code).name} (signal {-code})"
+    except ValueError:
+        return f"killed by signal {-code}"

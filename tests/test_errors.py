@@ -134,3 +134,15 @@ def test_a_closed_client_says_so(make_clip):
     av.close()  # twice is fine
     with pytest.raises(AsyncFramesError, match="closed"):
         av.load_by_chunk(make_clip("gray.mp4"))
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(0, "exited with code 0"), (3, "exited with code 3"), (-9, "killed by SIGKILL (signal 9)"),
+     (-15, "killed by SIGTERM (signal 15)"), (-200, "killed by signal 200")],
+)
+def test_how_a_process_ended_is_said_one_way(code, words):
+    """The server's death (client side) and a decoder worker's (server side) use the same words."""
+    from asyncframes.errors import process_ended
+
+    assert process_ended(code) == words
