@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import attrs
@@ -73,6 +75,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 _DEFAULT: Any = object()
 #: Longest single wait between liveness checks.
 _SLICE_S = 0.05
+#: This process's AsyncVideos (see AsyncVideo._release_for_neighbours).
+_CLIENTS: "weakref.WeakSet[AsyncVideo]" = weakref.WeakSet()
 #: How long libzmq may go on sending a closed connection's last messages (its goodbye), in the
 #: background: a server that is gone or slow costs at most this at exit.
 _BYE_LINGER_MS = 100
@@ -302,6 +306,8 @@ class AsyncVideo:
     ) -> None:
         self._closed = True  # until fully open, so __del__ of a half-made object is harmless
         self._conns: list[_Connection] = []
+        #: The thread that last used our sockets (see _release_for_neighbours).
+        self._thread = threading.get_ident()
         #: Per server, the connection generation our Hello was queued on, and when.
         self._hello_sent: dict[int, int] = {}
         self._hello_at: dict[int, float] = {}
@@ -348,6 +354,7 @@ class AsyncVideo:
                     self._greet(i, deadline, start_timeout)
                 else:  # queued now, answered when the server is up: see process_events
                     self._say_hello(i, time.monotonic())
+            _CLIENTS.add(self)
         except BaseException:
             if process is not None and owned and not self._conns:
                 process.stop()
@@ -500,6 +507,7 @@ class AsyncVideo:
         state = self._state
         if state.continues(spec, idxs, fpc):
             return  # the next frame of a request reading ahead: it is here, or on its way
+        self._release_for_neighbours()
         rid = state.new_request_id()
         self._carry_out(state.replace(rid))
         deadline = self._deadline(self.timeout)
@@ -882,8 +890,28 @@ class AsyncVideo:
 
     # -- the driver: carrying out what the core decides --------------------------
 
+    def _release_for_neighbours(self) -> None:
+        """Send the releases of this thread's other open AsyncVideos (best effort).
+
+        A loop holds its last chunk in its loop variable until it ends, so that chunk's slot
+        is let go of only after the iteration, and its server hears of it at that
+        AsyncVideo's next call. A GUI that keeps one video open while another streams
+        would meanwhile make the new stream's server write a fresh slot (~1 ms per MB)
+        instead of lending it that warm one. Only AsyncVideos whose sockets were last used
+        in this thread are touched: one AsyncVideo belongs to one thread at a time.
+        """
+        me = threading.get_ident()
+        try:
+            others = [c for c in _CLIENTS if c is not self and c._thread == me]
+        except RuntimeError:  # another thread made or dropped one meanwhile: next time
+            return
+        for other in others:
+            if not other._closed and other._pid == self._pid and any(link.freed for link in other._state.links):
+                _quietly(other._carry_out, other._state.releases())
+
     def _carry_out(self, actions: Actions, deadline: Optional[float] = None) -> None:
         """Do what the core said: replace sockets, send messages (by ``deadline``), raise its error."""
+        self._thread = threading.get_ident()
         for i in actions.reset:
             self._conns[i].replace_socket()
         for send in actions.send:

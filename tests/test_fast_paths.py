@@ -404,3 +404,25 @@ def test_a_slot_handed_to_another_client_of_this_process_is_mapped_once(standalo
             del frames
             inodes = [line.split()[4] for line in shared_mappings()]
     assert inodes and len(inodes) == len(set(inodes)), "each slot mapped once in this process"
+
+
+@needs_shm
+def test_the_last_chunk_of_a_video_kept_open_goes_back_when_another_video_starts(standalone_server, make_clip):
+    """A GUI keeps one video open while a second streams. The first's loop held its last chunk
+    until it ended, so that slot stayed lent after it; the second's request sends the first's
+    release along, and the second borrows that warm slot too: the server writes no new one."""
+    server, endpoint = standalone_server
+    clip = make_clip("h264_gops.mp4")
+    with AsyncVideo(endpoint, window=2) as first:
+        first.load_by_chunk("gops.mp4", range(150), frames_per_chunk=8)
+        for frame_idxs, frames in first.chunks:
+            assert_frames_exact(clip, frame_idxs, frames)
+        del frames  # let go after the loop: only a call can tell the server
+        made = len(shared_slots(server.pid))
+        with AsyncVideo.from_video("gops.mp4", range(150), 8, endpoint=endpoint, window=2) as second:
+            for frame_idxs, frames in second.chunks:
+                assert_frames_exact(clip, frame_idxs, frames)
+            del frames
+            assert len(shared_slots(server.pid)) == made, "the second stream ran in the first's slots"
+        first.load_by_chunk("gops.mp4", [5], frames_per_chunk=1)  # the first still works
+        assert [idxs for idxs, _ in first.chunks] == [[5]]
