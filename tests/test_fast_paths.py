@@ -388,29 +388,12 @@ def test_a_chunk_kept_past_close_is_never_handed_to_the_next_client(standalone_s
 
 
 @needs_shm
-def test_a_slot_handed_to_another_client_of_this_process_is_mapped_once(standalone_server, make_clip):
+def test_a_gui_keeping_one_video_open_streams_a_second_in_the_first_ones_slots(standalone_server, make_clip):
     """A GUI keeps one video open while a second streams: the second borrows the first's
-    released slots, and this process reuses its mapping of them (no new page faults)."""
-    server, endpoint = standalone_server
-    clip = make_clip("h264_gops.mp4")
-    with AsyncVideo(endpoint, window=2) as first:
-        first.load_by_chunk("gops.mp4", range(150), frames_per_chunk=8)
-        for frame_idxs, frames in first.chunks:
-            assert_frames_exact(clip, frame_idxs, frames)
-        del frames
-        with AsyncVideo.from_video("gops.mp4", range(150), 8, endpoint=endpoint, window=2) as second:
-            for frame_idxs, frames in second.chunks:
-                assert_frames_exact(clip, frame_idxs, frames)
-            del frames
-            inodes = [line.split()[4] for line in shared_mappings()]
-    assert inodes and len(inodes) == len(set(inodes)), "each slot mapped once in this process"
-
-
-@needs_shm
-def test_the_last_chunk_of_a_video_kept_open_goes_back_when_another_video_starts(standalone_server, make_clip):
-    """A GUI keeps one video open while a second streams. The first's loop held its last chunk
-    until it ended, so that slot stayed lent after it; the second's request sends the first's
-    release along, and the second borrows that warm slot too: the server writes no new one."""
+    released slots, and this process reuses its mapping of them (no new page faults). The
+    first's loop held its last chunk until it ended, so that slot stayed lent after it; the
+    second's request sends the first's release along, and borrows that one too: the server
+    writes no new slot."""
     server, endpoint = standalone_server
     clip = make_clip("h264_gops.mp4")
     with AsyncVideo(endpoint, window=2) as first:
@@ -424,5 +407,7 @@ def test_the_last_chunk_of_a_video_kept_open_goes_back_when_another_video_starts
                 assert_frames_exact(clip, frame_idxs, frames)
             del frames
             assert len(shared_slots(server.pid)) == made, "the second stream ran in the first's slots"
+            inodes = [line.split()[4] for line in shared_mappings()]
+        assert inodes and len(inodes) == len(set(inodes)), "each slot mapped once in this process"
         first.load_by_chunk("gops.mp4", [5], frames_per_chunk=1)  # the first still works
         assert [idxs for idxs, _ in first.chunks] == [[5]]
