@@ -38,8 +38,9 @@ ORDER = [
 #: Modules with no I/O at all: no sockets, files, processes, decoders, threads or clock.
 PURE = ["errors", "_version", "_video", "_config", "_index", "_times", "_protocol", "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard"]
 IO_MODULES = {"zmq", "av", "os", "time", "threading", "socket", "subprocess", "select", "mmap", "signal", "ctypes", "shutil", "tempfile", "io", "pathlib"}
-#: The one use of ``os`` a pure module may make: spelling paths (``Video("clip.mp4")`` takes a PathLike).
-PATH_SPELLING = {"fspath", "PathLike"}
+#: What a pure module may use of an I/O module: spelling paths (``Video("clip.mp4")`` takes a
+#: PathLike), naming signals (how a process ended, in words).
+HARMLESS_USES = {"os": {"fspath", "PathLike"}, "signal": {"Signals"}}
 #: What a server process loads must not include the client side.
 SERVER_SIDE = "_server"
 CLIENT_SIDE = {"_client", "_client_state", "_process"}
@@ -83,19 +84,18 @@ def test_imports_point_down(module: str) -> None:
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_do_no_io(module: str) -> None:
     ours, theirs = _imports(module)
-    io = theirs & IO_MODULES
-    if io == {"os"} and _os_uses(module) <= PATH_SPELLING:
-        io = set()
+    io = {m for m in theirs & IO_MODULES if not (m in HARMLESS_USES and _uses(module, m) <= HARMLESS_USES[m])}
     assert not io, f"{module} imports {sorted(io)}"
     assert ours <= set(PURE), f"{module} imports {sorted(ours - set(PURE))}, which are not pure"
 
 
-def _os_uses(module: str) -> set[str]:
+def _uses(module: str, name: str) -> set[str]:
+    """The attributes of ``name`` (an imported module) that ``module`` uses."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     return {
         node.attr
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == name
     }
 
 
