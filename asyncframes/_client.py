@@ -898,7 +898,9 @@ class AsyncVideo:
         AsyncVideo's next call. A GUI that keeps one video open while another streams
         would meanwhile make the new stream's server write a fresh slot (~1 ms per MB)
         instead of lending it that warm one. Only AsyncVideos whose sockets were last used
-        in this thread are touched: one AsyncVideo belongs to one thread at a time.
+        in this thread are touched (one AsyncVideo belongs to one thread at a time), and only
+        those with nothing in flight: a send can use up the edge of a ZeroMQ socket's
+        descriptor, and an event loop driving one (asyncio, Qt) would then miss its chunks.
         """
         me = threading.get_ident()
         try:
@@ -906,8 +908,9 @@ class AsyncVideo:
         except RuntimeError:  # another thread made or dropped one meanwhile: next time
             return
         for other in others:
-            if not other._closed and other._pid == self._pid and any(link.freed for link in other._state.links):
-                _quietly(other._carry_out, other._state.releases())
+            state = other._state if not other._closed and other._pid == self._pid else None
+            if state is not None and not state.in_flight and any(link.freed for link in state.links):
+                _quietly(other._carry_out, state.releases())
 
     def _carry_out(self, actions: Actions, deadline: Optional[float] = None) -> None:
         """Do what the core said: replace sockets, send messages (by ``deadline``), raise its error."""

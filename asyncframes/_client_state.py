@@ -616,13 +616,19 @@ class ClientState:
             Best-effort sends to each greeted server of the request: a cancel (unless it was
             complete) and a release of the slots freed.
         """
+        in_flight = self.in_flight
         stream, self.stream = self.stream, None
         if stream is None:
             return NOTHING
         if not stream.done:
             stream.ended = reason
-        reading_ahead = stream.shown is not None and not stream.finished
-        return self._withdraw(stream, cancel=not stream.done or reading_ahead)
+        return self._withdraw(stream, cancel=in_flight)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether chunks may still come: the current request is not complete, or it reads ahead."""
+        stream = self.stream
+        return stream is not None and (not stream.done or (stream.shown is not None and not stream.finished))
 
     def _withdraw(self, stream: Stream, cancel: bool) -> Actions:
         """Drop what ``stream``'s servers sent that was not taken; best-effort, to each greeted

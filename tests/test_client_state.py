@@ -342,6 +342,21 @@ def test_one_credit_per_chunk_taken_and_none_after_the_last():
     assert all(s.must for a in actions for s in a.send if isinstance(s.message, protocol.Credit))
 
 
+def test_a_request_is_in_flight_until_its_last_chunk_is_taken_or_it_is_cancelled():
+    """What another AsyncVideo of the thread asks before it sends this one's releases."""
+    state = client()
+    assert not state.in_flight
+    rid, _ = start(state, list(range(3)), 2)
+    assert state.in_flight
+    for message, payload in [chunk_of(rid, 0, [0, 1], False), chunk_of(rid, 1, [2], True)]:
+        state.received(0, message, payload)
+    assert state.in_flight  # arrived, not taken
+    take_all(state)
+    assert not state.in_flight
+    start(state, list(range(3)), 2)
+    assert state.in_flight and sent(state.cancel(), protocol.Cancel) and not state.in_flight
+
+
 def test_credit_goes_to_the_server_that_sent_the_chunk():
     state = client(servers=2)
     rid, _ = start(state, list(range(8)), 2)  # server 0: chunks 0, 2; server 1: chunks 1, 3

@@ -91,6 +91,7 @@ def test_stepping_forward_takes_the_chunks_read_ahead_without_asking_again():
         arrive(state, rid, k, 10 + k)
     assert take(state)[0] == [10]
     assert state.next_ready() is None and state.stream.done  # the caller has what it asked for
+    assert state.in_flight  # and the frames after it still come
     for i in [11, 12]:
         assert step(state, i) is None  # nothing to send: the chunk is here
         got, actions = take(state)
