@@ -201,14 +201,17 @@ def test_fifty_cycles_leave_no_process_socket_or_directory_behind(own_tmpdir, ma
     with AsyncVideo.from_video(path, [0]) as av:  # warm up the shared ZeroMQ context
         list(av.chunks)
     kids, fds = child_pids(), open_fds()
-    assert private_dirs(own_tmpdir) == set()
+    dirs = private_dirs(own_tmpdir)  # the process's shared server's, if the warm-up started it
+    assert len(dirs) <= 1
     for cycle in range(50):
         av = AsyncVideo.from_video(path, [cycle % 40, 0], frames_per_chunk=1)
         assert [idxs for idxs, _ in av.chunks] == [[cycle % 40], [0]]
         av.close()
     wait_until(lambda: not child_pids() - kids, 5, "the servers of the closed clients to exit")
-    assert open_fds() <= fds
-    assert private_dirs(own_tmpdir) == set()
+    # ZeroMQ closes a closed socket's connection in its own threads, a moment later (one CI
+    # run counted 26 descriptors against 24 right after the loop): a leak stays, that goes.
+    wait_until(lambda: open_fds() <= fds, 5, f"the descriptors to be back to {fds} (now {open_fds()})")
+    assert private_dirs(own_tmpdir) == dirs
 
 
 def test_a_prestarted_server_is_taken_by_the_next_client_and_stopped_with_it(make_clip):
