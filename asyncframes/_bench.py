@@ -128,11 +128,14 @@ class SeekingReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.pts, self.keys = _packet_pts(path)
-        self.container = av.open(path)
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
+        self._open()
         self._last = -2  # index of the frame the decoder presented last
         self._frames: Optional[Iterator[av.VideoFrame]] = None
+
+    def _open(self) -> None:
+        self.container = av.open(self.path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
 
     def read(self, i: int) -> np.ndarray:
         target = self.pts[i]
@@ -148,9 +151,7 @@ class SeekingReader:
             k = np.searchsorted(self.keys, target, side="right") - 1 - back
             if k < 0 or not self.keys:  # no keyframe left to seek to: decode from the start
                 self.container.close()
-                self.container = av.open(self.path)
-                self.stream = self.container.streams.video[0]
-                self.stream.thread_type = "AUTO"
+                self._open()
             else:
                 self.container.seek(self.keys[k], stream=self.stream, backward=True)
             self._frames = self.container.decode(self.stream)
@@ -833,10 +834,10 @@ def run(args: argparse.Namespace) -> int:
         report["videos"][video.name] = {"path": path, **res.as_dict()}
     if args.clips:
         # By container: MPEG-TS seeks by decode time and needs its own care (in-process too).
-        groups = {"": [v for v in videos if v.suffix != ".ts"], ", MPEG-TS": [v for v in videos if v.suffix == ".ts"]}
-        for title, group in groups.items():
+        groups = {"clips": ("", [v for v in videos if v.suffix != ".ts"]),
+                  "clips_ts": (", MPEG-TS", [v for v in videos if v.suffix == ".ts"])}
+        for key, (title, group) in groups.items():
             if group:
-                key = "clips" if not title else "clips_ts"
                 report[key] = clips_row(title, [str(v) for v in group], args.rounds, args.clips)
     if args.memory_frames:
         target = next((v for v in videos if "384x384" in v.name), videos[0])

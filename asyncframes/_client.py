@@ -908,14 +908,13 @@ class AsyncVideo:
         except RuntimeError:  # another thread made or dropped one meanwhile: next time
             return
         for other in others:
-            state = other._state if not other._closed and other._pid == self._pid else None
-            if state is None or state.in_flight or not any(link.freed for link in state.links):
+            if other._closed or other._pid != self._pid or other._state.in_flight:
                 continue
-            for send in state.releases().send:
-                # One non-blocking try, nothing more: no waiting, and no look at the other's
-                # connection events (that is its own calls' business: it may replace sockets).
-                if state.admit(send) is Admit.SEND:
-                    _quietly(other._conns[send.server].socket.send, send.message, time.monotonic(), _nothing)
+            # releases() names greeted connections of the current generation only. One
+            # non-blocking try each, nothing more: no waiting, and no look at the other's
+            # connection events (that is its own calls' business: they may replace sockets).
+            for send in other._state.releases().send:
+                _quietly(other._conns[send.server].socket.send, send.message, time.monotonic(), _nothing)
 
     def _carry_out(self, actions: Actions, deadline: Optional[float] = None) -> None:
         """Do what the core said: replace sockets, send messages (by ``deadline``), raise its error."""
