@@ -460,7 +460,8 @@ def bench_workers(
     ``k`` CPUs for each ``k`` in ``counts`` (pinned to the first ``k`` of ours; all of them
     beyond), decoding with ``k`` threads (``--workers k``) or ``k`` worker processes
     (``--worker-processes k``; with one CPU the server's own thread decodes either way, so
-    only threads are measured).
+    only threads are measured); and with one thread on all our CPUs (``one thread on k``),
+    against which the ``threads k`` row on the same CPUs shows what more decoders gain there.
 
     Rows alternate within each round, so a busy machine slows them alike. Each server first
     streams the whole video once, so the figures are of a running server.
@@ -476,11 +477,14 @@ def bench_workers(
     order = [int(i) for i in np.random.default_rng(3).permutation(n)]
     cpus = sorted(os.sched_getaffinity(0))
     rows = [(mode, k) for k in counts for mode in modes if mode == "threads" or k > 1]
+    # One decoder on every CPU: what k threads on every CPU gain over it (the default's choice).
+    rows += [("one thread on", k) for k in counts if k == len(cpus) > 1]
     names = ("in_order", "shuffled", "in_order_cpu_ms", "shuffled_cpu_ms")
     out: dict[str, dict[str, list[float]]] = {name: {f"{mode} {k}": [] for mode, k in rows} for name in names}
     for _ in range(rounds):
         for mode, k in rows:
-            options = ["--workers", str(k)] if mode == "threads" else ["--workers", "1", "--worker-processes", str(k)]
+            options = {"threads": ["--workers", str(k)], "one thread on": ["--workers", "1"]}.get(
+                mode, ["--workers", "1", "--worker-processes", str(k)])
             with _affinity(set(cpus[: max(1, k)])):
                 server = ServerProcess(options=options)
             try:
@@ -854,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nworkers: every frame of {target.name} ({fpc}-frame chunks), on a running server pinned to k CPUs, "
                   f"k threads or k worker processes; frames/s, medians (min-max) of {args.rounds} alternating rounds, "
                   "and the CPU time of the server and its workers per frame")
-            print("                      in order                   shuffled")
+            print("                          in order                   shuffled")
             base = {name: statistics.median(next(iter(values.values()))) for name, values in scaling.items()}
             for label in scaling["in_order"]:
                 cells = []
@@ -862,7 +866,7 @@ def run(args: argparse.Namespace) -> int:
                     v, cpu = scaling[name][label], statistics.median(scaling[f"{name}_cpu_ms"][label])
                     cells.append(f"{statistics.median(v):6.0f} ({min(v):4.0f}-{max(v):4.0f}) x{statistics.median(v) / base[name]:4.2f}, "
                                  f"CPU {cpu:5.1f} ms/frame")
-                print(f"  {label:13s} {cells[0]}   {cells[1]}")
+                print(f"  {label:17s} {cells[0]}   {cells[1]}")
             report.setdefault("workers", {})[target.name] = {
                 name: {label: {"median": statistics.median(v), "samples": v} for label, v in values.items()}
                 for name, values in scaling.items()

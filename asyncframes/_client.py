@@ -249,7 +249,7 @@ class AsyncVideo:
             CURVE authentication (with ``curve_server_key``).
         curve_server_key: the server's ``.key`` file.
         server_log_level: log level of a private server (DEBUG, INFO, WARNING, ERROR).
-        workers: decoder threads of a private server (None: one per 2 CPUs).
+        workers: decoder threads of a private server (None: one per 2 CPUs, at least 2 from 2 CPUs on).
         shared_memory: take frames through shared memory when the server is on this
             machine (no copy at all); False always receives them inline.
         server: with ``endpoint=None``, which server: ``"process"`` (the default, or
@@ -1224,7 +1224,7 @@ def _check_workers(workers: Any) -> None:
     if workers is None:
         return
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive number of decoder threads, or None for one per 2 CPUs; got {workers!r}")
+        raise ValueError(f"workers must be a positive number of decoder threads, or None for the default (one per 2 CPUs, at least 2); got {workers!r}")
 
 
 def _check_window(window: Any) -> None:

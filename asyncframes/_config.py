@@ -58,7 +58,8 @@ class ServerConfig:
     shared_memory: bool = True
     #: Shared memory for chunk slots, all clients together; beyond it chunks go inline.
     max_shared_bytes: int = 4 * 1024 * 1024 * 1024
-    #: Decoder threads that share each chunk, split by GOP (0: one per two CPUs).
+    #: Decoder threads that share each chunk that splits evenly by GOP (0: one per two CPUs,
+    #: at least two from two CPUs on; see :func:`asyncframes._pool.default_workers`).
     workers: int = 0
     #: Decoder worker processes that share each chunk going to shared memory, split by GOP
     #: and written straight into the slot (0: off, threads decode everything); see
@@ -104,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--request-cache-mb", "request_cache_bytes", "decoded frames kept per request for its later chunks (0: off)", "mb", zero=True),
     Option("--cache-mb", "total_cache_bytes", "decoded frames kept by all requests together (MiB)", "mb", zero=True),
     Option("--recent-cache-mb", "recent_cache_bytes", "frames of recent small requests kept for scrubbing (0: off)", "mb", zero=True),
-    Option("--workers", "workers", "decoder threads sharing each chunk, split by GOP (0: one per 2 CPUs)", zero=True),
+    Option("--workers", "workers", "decoder threads sharing each chunk that splits evenly by GOP (0: one per 2 CPUs, at least 2)", zero=True),
     Option("--worker-processes", "worker_processes", "decoder processes sharing each shared-memory chunk, split by GOP (0: off, threads)", zero=True),
     Option("--max-shared-mb", "max_shared_bytes", "shared memory for chunks, all clients together (beyond: inline)", "mb", zero=True),
     Option("--ping-interval", "ping_interval", "seconds between liveness pings of clients", "seconds"),

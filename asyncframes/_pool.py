@@ -1,12 +1,14 @@
 """Decoder workers and the recent-frames cache: every frame the server sends is decoded here.
 
-A chunk's frames are grouped by the keyframe they decode from, and GOP *g* always
-goes to worker *g mod n*, so in a sequential stream a worker that had the end of a
-GOP in one chunk carries on with it in the next without seeking. Each worker reads
-through its own reader of the file (:meth:`VideoOpener.worker_reader`, sharing the
-file's index, so nothing is demuxed twice). PyAV releases the GIL while decoding and
-converting, so the threads run in parallel. With one worker, a chunk within one GOP,
-or a small request, the opener's own reader does the work in the caller's thread.
+A chunk's frames are grouped by the keyframe they decode from, and GOP *g* goes to worker
+*g mod n*, but only when that splits the chunk's decoding evenly
+(:func:`asyncframes._split.chunk_shares`): frames from all over a video (random and shuffled
+requests) do; a chunk of an in-order stream is mostly one GOP, and one decoder reads it
+faster than two competing for the same CPUs. Each worker reads through its own reader of
+the file (:meth:`VideoOpener.worker_reader`, sharing the file's index, so nothing is
+demuxed twice). PyAV releases the GIL while decoding and converting, so the threads run
+in parallel. With one worker, a chunk that stays whole, or a small request, the opener's
+own reader does the work in the caller's thread.
 With worker processes (``serve --worker-processes N``), a chunk of several GOPs that goes
 to a shared slot is split the same way over N processes instead, each writing straight
 into the slot (:mod:`asyncframes._procpool`); inline chunks stay with the threads.
@@ -19,10 +21,9 @@ served from it: the old version's frames just age out.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -32,6 +33,7 @@ from . import _files as files
 from ._opener import VideoOpener
 from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
+from ._split import chunk_shares, gop_starts
 from ._video import Video
 
 if TYPE_CHECKING:
@@ -44,12 +46,16 @@ RecentKey = tuple[str, int, bool, tuple, files.SourceIdentity]
 
 
 def default_workers() -> int:
-    """One worker per two CPUs: each decoder already runs frame threads of its own."""
+    """Decoder workers for this machine: one per two CPUs (each decoder runs frame threads of
+    its own), and two from two CPUs on. A second decoder is used only for chunks that split
+    evenly by GOP (frames from all over a video: random and shuffled requests), where two
+    decoders on 2 CPUs ran 1.1-1.6x one (their frame threads alone leave a quarter of the
+    CPUs idle); an in-order chunk stays with one (:func:`asyncframes._split.chunk_shares`)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    return 1 if cpus < 2 else max(2, cpus // 2)
 
 
 class RecentFrames:
@@ -108,6 +114,8 @@ class DecoderPool:
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
+        #: Where the GOPs of recently read indexes start, by ``id`` of the index (kept with it).
+        self._starts: "OrderedDict[int, tuple[Any, list[int]]]" = OrderedDict()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
         self.processes: Optional[ProcessWorkers] = None
         if processes:
@@ -253,15 +261,17 @@ class DecoderPool:
             out[pos] = frame
 
     def _split(self, main: VideoReader, idxs: Sequence[int], workers: int) -> dict[int, list[int]]:
-        """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from."""
-        index = main.index
-        if workers == 1 or index.sequential or len(idxs) < 2:
+        """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from
+        (:func:`asyncframes._split.chunk_shares`: a chunk that would split unevenly stays whole)."""
+        if workers == 1 or len(idxs) < 2:
             return {0: list(range(len(idxs)))}
-        shares: dict[int, list[int]] = defaultdict(list)
-        for pos, i in enumerate(idxs):
-            gop = bisect.bisect_left(index.seek_pts, index.keyframe_for(i))
-            shares[gop % workers].append(pos)
-        return shares
+        index = main.index
+        known = self._starts.get(id(index))
+        if known is None or known[0] is not index:
+            known = self._starts[id(index)] = (index, gop_starts(index))
+            while len(self._starts) > MAX_INDEXES_KEPT:
+                self._starts.pop(next(iter(self._starts)))
+        return chunk_shares(idxs, known[1], workers)
 
     def _read_share(
         self,
@@ -276,6 +286,9 @@ class DecoderPool:
         reader = self.opener.worker_reader(worker, video)
         reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions, video=video)
 
+
+#: Indexes whose GOP starts are kept (one per open file is plenty; see ``max_open_files``).
+MAX_INDEXES_KEPT = 64
 
 #: Frames read around at a time: an interruption loses at most this many.
 READ_AROUND_PIECE = 1

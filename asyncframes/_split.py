@@ -97,6 +97,54 @@ def split(
     return out
 
 
+#: A chunk is spread over the server's decoder workers only when none of them would have more
+#: than this share of its decoding. A chunk of frames from all over a video (random, shuffled)
+#: splits evenly, and two decoders on 2 CPUs read it 1.1-1.6x as fast as one.
+BALANCED_SHARE = 0.75
+
+
+def chunk_shares(idxs: Sequence[int], starts: Sequence[int], workers: int, balanced: float = BALANCED_SHARE) -> dict[int, list[int]]:
+    """Which positions of one chunk's ``idxs`` each of ``workers`` decoder workers reads.
+
+    Args:
+        idxs: the chunk's frame indices (any order, duplicates allowed).
+        starts: where the video's GOPs start (:func:`gop_starts`).
+        workers: decoder workers (1: the chunk is not split).
+        balanced: the largest share of the decoding one worker may have for the chunk to be
+            split (see :data:`BALANCED_SHARE`).
+
+    Returns:
+        ``{worker: positions in idxs}``. GOP *g* always goes to worker *g mod workers*, so in
+        a stream a worker that read the start of a GOP in one chunk goes on with it in the
+        next without seeking. A worker's decoding is counted from each of its GOPs' start to
+        the last frame it needs there. A chunk that would not split evenly enough stays
+        whole, with worker 0, and so does a chunk of consecutive frames (an in-order
+        stream): the decoder that read the chunk before goes on without seeking, where a
+        split makes another one seek back to a GOP's start (on 2 CPUs, in-order streams
+        split by GOP ran 0.92-0.96x of one decoder).
+    """
+    whole = {0: list(range(len(idxs)))}
+    if workers < 2 or len(idxs) < 2 or len(starts) < 2:
+        return whole
+    first = int(idxs[0])
+    if all(int(i) == first + k for k, i in enumerate(idxs)):
+        return whole
+    begins = np.asarray(starts, dtype=np.int64)
+    gops = np.searchsorted(begins, np.asarray(idxs, dtype=np.int64), side="right") - 1
+    last: dict[int, int] = {}
+    for gop, i in zip(gops.tolist(), idxs):
+        last[gop] = max(last.get(gop, -1), int(i))
+    load = [0] * workers
+    for gop, end in last.items():
+        load[gop % workers] += end - int(begins[max(gop, 0)]) + 1
+    if max(load) > balanced * sum(load):
+        return whole
+    shares: dict[int, list[int]] = {}
+    for pos, gop in enumerate(gops.tolist()):
+        shares.setdefault(gop % workers, []).append(pos)
+    return shares
+
+
 def split_clips(clips: Sequence[tuple[int, np.ndarray]], starts: Sequence[Sequence[int]], tasks: int) -> list[list[int]]:
     """Split clips into at most about ``tasks`` tasks, each clip whole in one task.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -112,7 +113,7 @@ while True:  # as fast as it can, reading answers only to keep its connection
 """
 
 
-def test_a_flooding_client_does_not_stall_another_clients_stream(server):
+def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_path):
     import select
     import subprocess
     import sys
@@ -132,6 +133,7 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server):
         return last - start
 
     flooder = None
+    stacks = tmp_path / "client-stacks.txt"
     try:
         with AsyncVideo(server.endpoint, timeout=20) as av:
             stream(av)
@@ -141,12 +143,21 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server):
             # its bound (and it said so) depends on how the processes share the cores: the server
             # may keep up. That rule is ServerState's, tested purely in test_server_state.py.
             assert select.select([flooder.stdout], [], [], 30)[0] and flooder.stdout.readline() == "flooding\n"
-            flooded = stream(av)
+            # A stream still going after 3 s has failed already: both sides then write their stacks,
+            # so a failure says where each was (the server writes its own to its log on SIGUSR1).
+            with open(stacks, "w") as out:
+                watchdog = threading.Timer(3.0, lambda: (faulthandler.dump_traceback(out), os.kill(server.proc.pid, signal.SIGUSR1)))
+                watchdog.start()
+                try:
+                    flooded = stream(av)
+                finally:
+                    watchdog.cancel()
             assert flooder.poll() is None  # the flood lasted the whole stream
         # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
         # before, the loop handled every waiting message before each chunk (~50x slower here).
         assert flooded < max(10 * quiet, 3.0), (
-            f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without; between chunks: {gaps}\n{server.log[-4000:]}"
+            f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without; between chunks: {gaps}\n"
+            f"the client's stacks at 3 s:\n{stacks.read_text()}\nthe server's log (its stacks at 3 s in it):\n{server.log[-12000:]}"
         )
     finally:
         if flooder is not None:

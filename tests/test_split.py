@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncframes._index import FrameIndex
-from asyncframes._split import Piece, gop_starts, split
+from asyncframes._split import BALANCED_SHARE, Piece, chunk_shares, gop_starts, split
 
 pytestmark = pytest.mark.pure
 
@@ -94,3 +94,60 @@ def test_every_clip_goes_whole_to_exactly_one_task(data, videos, tasks):
     for task in out:  # a task's decoder moves forward: its clips by video, then first frame
         keys = [(clips[k][0], int(clips[k][1].min())) for k in task]
         assert keys == sorted(keys)
+
+
+# -- one chunk over the server's decoder workers (chunk_shares) ---------------------------
+
+GOP60 = list(range(0, 900, 60))
+
+
+def test_a_chunk_of_an_in_order_stream_stays_with_one_decoder():
+    # 64 frames of 60-frame GOPs, wherever the GOP boundary falls: the decoder that read the
+    # chunk before goes on; a split would make the other seek back to a GOP's start
+    for start in (0, 448, 832):
+        assert chunk_shares(list(range(start, start + 64)), GOP60, workers=2) == {0: list(range(64))}
+
+
+def test_a_chunk_from_all_over_the_video_is_split_by_gop():
+    idxs = [700, 10, 130, 65, 250, 11, 700, 190]  # GOPs 11, 0, 2, 1, 4, 0, 11, 3
+    shares = chunk_shares(idxs, GOP60, workers=2)
+    assert shares == {1: [0, 3, 6, 7], 0: [1, 2, 4, 5]}  # GOP g to worker g mod 2; duplicates together
+
+
+def test_a_chunk_mostly_in_one_gop_stays_whole():
+    # worker 0 would decode 60 of the 62 frames: a second decoder only competes for the CPUs
+    idxs = [59, 58, 57, 56, 61] + list(range(0, 56))[::-1]
+    assert chunk_shares(idxs, GOP60, workers=2) == {0: list(range(len(idxs)))}
+    # counted from each GOP's start: frame 59 alone costs 60 frames of decoding, 62 costs 3
+    assert chunk_shares([59, 62, 61, 60], GOP60, workers=2) == {0: [0, 1, 2, 3]}
+    assert chunk_shares([59, 119], GOP60, workers=2) == {0: [0], 1: [1]}
+
+
+def test_one_worker_one_frame_or_one_gop_is_never_split():
+    assert chunk_shares([700, 10, 130], GOP60, workers=1) == {0: [0, 1, 2]}
+    assert chunk_shares([700], GOP60, workers=4) == {0: [0]}
+    assert chunk_shares([700, 10, 130], [0], workers=4) == {0: [0, 1, 2]}  # a video read by counting: one start
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), workers=st.integers(1, 5))
+def test_every_position_goes_to_one_worker_and_a_gop_never_to_two(data, workers):
+    n = data.draw(st.integers(1, 500))
+    starts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=12)) if n > 1 else []) | {0})
+    idxs = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=80))
+    shares = chunk_shares(idxs, starts, workers)
+    assert sorted(p for share in shares.values() for p in share) == list(range(len(idxs)))
+    assert set(shares) <= set(range(workers))
+    for worker, share in shares.items():
+        if len(shares) > 1:
+            gops = {int(np.searchsorted(starts, idxs[p], side="right")) - 1 for p in share}
+            assert all(g % workers == worker for g in gops)
+    if len(shares) > 1:  # split: evenly enough, counted from each GOP's start to its last frame needed
+        load = Counter()
+        last: dict[int, int] = {}
+        for i in idxs:
+            g = int(np.searchsorted(starts, i, side="right")) - 1
+            last[g] = max(last.get(g, -1), i)
+        for g, end in last.items():
+            load[g % workers] += end - starts[g] + 1
+        assert max(load.values()) <= BALANCED_SHARE * sum(load.values())
