@@ -10,7 +10,7 @@ demuxed twice). PyAV releases the GIL while decoding and converting, so the thre
 in parallel. With one worker, a chunk that stays whole, or a small request, the opener's
 own reader does the work in the caller's thread.
 With worker processes (``serve --worker-processes N``), a chunk of several GOPs that goes
-to a shared slot is split the same way over N processes instead, each writing straight
+to a shared slot, in order or not, is split by GOP over N processes instead, each writing straight
 into the slot (:mod:`asyncframes._procpool`); inline chunks stay with the threads.
 
 Small requests (a GUI showing one frame at a time) go through the recent-frames cache,
@@ -33,7 +33,7 @@ from . import _files as files
 from ._opener import VideoOpener
 from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
-from ._split import chunk_shares, gop_starts
+from ._split import BALANCED_SHARE, chunk_shares, gop_starts
 from ._video import Video
 
 if TYPE_CHECKING:
@@ -165,7 +165,9 @@ class DecoderPool:
             self._read_recent(main, video, idxs, grayscale, out, cache, interrupt)
             return
         if self.processes is not None and shared is not None and isinstance(main, VideoReader) and not video.files:
-            shares = self._split(main, idxs, self.processes.count)
+            # Processes split every chunk of several GOPs (opt-in, for machines with CPUs to spare:
+            # measured on 2 CPUs, no better than threads, in order or not).
+            shares = self._split(main, idxs, self.processes.count, evenly=False)
             if len(shares) > 1:
                 self.processes.read(main, video, shares, idxs, grayscale, out, shared, identity, cache, interrupt)
                 main.check_unchanged()
@@ -260,9 +262,10 @@ class DecoderPool:
         for pos, frame in enumerate(kept):
             out[pos] = frame
 
-    def _split(self, main: VideoReader, idxs: Sequence[int], workers: int) -> dict[int, list[int]]:
+    def _split(self, main: VideoReader, idxs: Sequence[int], workers: int, evenly: bool = True) -> dict[int, list[int]]:
         """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from
-        (:func:`asyncframes._split.chunk_shares`: a chunk that would split unevenly stays whole)."""
+        (:func:`asyncframes._split.chunk_shares`; ``evenly``: a chunk that would split unevenly,
+        or an in-order one, stays whole)."""
         if workers == 1 or len(idxs) < 2:
             return {0: list(range(len(idxs)))}
         index = main.index
@@ -271,7 +274,7 @@ class DecoderPool:
             known = self._starts[id(index)] = (index, gop_starts(index))
             while len(self._starts) > MAX_INDEXES_KEPT:
                 self._starts.pop(next(iter(self._starts)))
-        return chunk_shares(idxs, known[1], workers)
+        return chunk_shares(idxs, known[1], workers, BALANCED_SHARE if evenly else None)
 
     def _read_share(
         self,

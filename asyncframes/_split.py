@@ -9,7 +9,7 @@ of work back. :mod:`asyncframes.ray` turns them into Ray Data read tasks.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import attrs
 import numpy as np
@@ -103,7 +103,9 @@ def split(
 BALANCED_SHARE = 0.75
 
 
-def chunk_shares(idxs: Sequence[int], starts: Sequence[int], workers: int, balanced: float = BALANCED_SHARE) -> dict[int, list[int]]:
+def chunk_shares(
+    idxs: Sequence[int], starts: Sequence[int], workers: int, balanced: Optional[float] = BALANCED_SHARE
+) -> dict[int, list[int]]:
     """Which positions of one chunk's ``idxs`` each of ``workers`` decoder workers reads.
 
     Args:
@@ -111,7 +113,8 @@ def chunk_shares(idxs: Sequence[int], starts: Sequence[int], workers: int, balan
         starts: where the video's GOPs start (:func:`gop_starts`).
         workers: decoder workers (1: the chunk is not split).
         balanced: the largest share of the decoding one worker may have for the chunk to be
-            split (see :data:`BALANCED_SHARE`).
+            split (see :data:`BALANCED_SHARE`); None: split every chunk of several GOPs,
+            in-order ones too (what the opt-in worker processes do).
 
     Returns:
         ``{worker: positions in idxs}``. GOP *g* always goes to worker *g mod workers*, so in
@@ -127,7 +130,7 @@ def chunk_shares(idxs: Sequence[int], starts: Sequence[int], workers: int, balan
     if workers < 2 or len(idxs) < 2 or len(starts) < 2:
         return whole
     first = int(idxs[0])
-    if all(int(i) == first + k for k, i in enumerate(idxs)):
+    if balanced is not None and all(int(i) == first + k for k, i in enumerate(idxs)):
         return whole
     begins = np.asarray(starts, dtype=np.int64)
     gops = np.searchsorted(begins, np.asarray(idxs, dtype=np.int64), side="right") - 1
@@ -137,7 +140,7 @@ def chunk_shares(idxs: Sequence[int], starts: Sequence[int], workers: int, balan
     load = [0] * workers
     for gop, end in last.items():
         load[gop % workers] += end - int(begins[max(gop, 0)]) + 1
-    if max(load) > balanced * sum(load):
+    if balanced is not None and max(load) > balanced * sum(load):
         return whole
     shares: dict[int, list[int]] = {}
     for pos, gop in enumerate(gops.tolist()):

@@ -151,3 +151,9 @@ def test_every_position_goes_to_one_worker_and_a_gop_never_to_two(data, workers)
         for g, end in last.items():
             load[g % workers] += end - starts[g] + 1
         assert max(load.values()) <= BALANCED_SHARE * sum(load.values())
+
+
+def test_worker_processes_split_every_chunk_of_several_gops():
+    # balanced=None: in order or lopsided, by GOP all the same (the opt-in processes' way)
+    assert chunk_shares(list(range(448, 512)), GOP60, workers=2, balanced=None) == {1: list(range(32)), 0: list(range(32, 64))}
+    assert chunk_shares([59, 62, 61, 60], GOP60, workers=2, balanced=None) == {0: [0], 1: [1, 2, 3]}
