@@ -338,7 +338,7 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
 
 #: Forward stepping: a person stepping through frames one by one, pausing between steps.
 STEP_PAUSE_S = 0.04
-STEPS = 30
+STEPS = 100
 
 
 def _steps(rng: np.random.Generator, n: int) -> list[int]:
