@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -114,8 +115,9 @@ class DecoderPool:
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
-        #: Where the GOPs of recently read indexes start, by ``id`` of the index (kept with it).
-        self._starts: "OrderedDict[int, tuple[Any, list[int]]]" = OrderedDict()
+        #: Where the GOPs of recently read indexes start, by ``id`` of the index (with a weak
+        #: reference to it: an index the opener dropped is not kept alive here).
+        self._starts: "OrderedDict[int, tuple[weakref.ref[Any], list[int]]]" = OrderedDict()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
         self.processes: Optional[ProcessWorkers] = None
         if processes:
@@ -270,10 +272,11 @@ class DecoderPool:
             return {0: list(range(len(idxs)))}
         index = main.index
         known = self._starts.get(id(index))
-        if known is None or known[0] is not index:
-            known = self._starts[id(index)] = (index, gop_starts(index))
+        if known is None or known[0]() is not index:  # (a dead index's id may be a new one's)
+            known = self._starts[id(index)] = (weakref.ref(index), gop_starts(index))
             while len(self._starts) > MAX_INDEXES_KEPT:
-                self._starts.pop(next(iter(self._starts)))
+                self._starts.popitem(last=False)
+        self._starts.move_to_end(id(index))
         return chunk_shares(idxs, known[1], workers, BALANCED_SHARE if evenly else None)
 
     def _read_share(
@@ -290,7 +293,8 @@ class DecoderPool:
         reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions, video=video)
 
 
-#: Indexes whose GOP starts are kept (one per open file is plenty; see ``max_open_files``).
+#: Indexes whose GOP starts are kept, least recently used out first (a 100,000-frame video
+#: with 60-frame GOPs has 1,667 starts, ~2 ms to find again per chunk).
 MAX_INDEXES_KEPT = 64
 
 #: Frames read around at a time: an interruption loses at most this many.

@@ -117,9 +117,8 @@ def chunk_shares(
             in-order ones too (what the opt-in worker processes do).
 
     Returns:
-        ``{worker: positions in idxs}``. GOP *g* always goes to worker *g mod workers*, so in
-        a stream a worker that read the start of a GOP in one chunk goes on with it in the
-        next without seeking. A worker's decoding is counted from each of its GOPs' start to
+        ``{worker: positions in idxs}``. GOP *g* always goes to worker *g mod workers*, so
+        a GOP whose frames come in several chunks stays with one decoder. A worker's decoding is counted from each of its GOPs' start to
         the last frame it needs there. A chunk that would not split evenly enough stays
         whole, with worker 0, and so does a chunk of consecutive frames (an in-order
         stream): the decoder that read the chunk before goes on without seeking, where a
