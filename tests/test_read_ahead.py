@@ -99,6 +99,20 @@ def test_stepping_forward_takes_the_chunks_read_ahead_without_asking_again():
     assert state.stream.done and state.stream.delivered == 3
 
 
+def test_a_person_stepping_through_a_hundred_frames_asks_once():
+    # At 32 frames read ahead, every 33rd step asked again and waited for the decoder (3.5 ms).
+    from asyncframes._client import READ_AHEAD_FRAMES
+
+    state = client(read_ahead=READ_AHEAD_FRAMES)
+    (request,) = requests(step(state, 10))
+    arrive(state, request.request_id, 0, 10)
+    assert take(state)[0] == [10]
+    for k, i in enumerate(range(11, 111), start=1):
+        arrive(state, request.request_id, k, i)
+        assert step(state, i) is None, f"step {k} (to frame {i}) asked the server again"
+        assert take(state)[0] == [i]
+
+
 def test_a_step_back_a_jump_or_another_video_asks_again_and_cancels_what_is_read_ahead():
     for i, video in [(10, VIDEO), (12, VIDEO), (40, VIDEO), (11, Video("other.mp4")), (11, Video("clip.mp4", grayscale=True))]:
         state = client()
