@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -34,7 +33,7 @@ from . import _files as files
 from ._opener import VideoOpener
 from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
-from ._split import BALANCED_SHARE, chunk_shares, gop_starts
+from ._split import BALANCED_SHARE, chunk_shares
 from ._video import Video
 
 if TYPE_CHECKING:
@@ -50,8 +49,9 @@ def default_workers() -> int:
     """Decoder workers for this machine: one per two CPUs (each decoder runs frame threads of
     its own), and two from two CPUs on. A second decoder is used only for chunks that split
     evenly by GOP (frames from all over a video: random and shuffled requests), where two
-    decoders on 2 CPUs ran 1.1-1.6x one (their frame threads alone leave a quarter of the
-    CPUs idle); an in-order chunk stays with one (:func:`asyncframes._split.chunk_shares`)."""
+    decoders on 2 CPUs ran 1.04-1.36x one (random) and 1.07-1.27x (shuffled): one decoder's
+    frame threads leave a quarter of the CPUs idle. An in-order chunk stays with one
+    (:func:`asyncframes._split.chunk_shares`)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -115,9 +115,6 @@ class DecoderPool:
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
-        #: Where the GOPs of recently read indexes start, by ``id`` of the index (with a weak
-        #: reference to it: an index the opener dropped is not kept alive here).
-        self._starts: "OrderedDict[int, tuple[weakref.ref[Any], list[int]]]" = OrderedDict()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
         self.processes: Optional[ProcessWorkers] = None
         if processes:
@@ -270,14 +267,7 @@ class DecoderPool:
         or an in-order one, stays whole)."""
         if workers == 1 or len(idxs) < 2:
             return {0: list(range(len(idxs)))}
-        index = main.index
-        known = self._starts.get(id(index))
-        if known is None or known[0]() is not index:  # (a dead index's id may be a new one's)
-            known = self._starts[id(index)] = (weakref.ref(index), gop_starts(index))
-            while len(self._starts) > MAX_INDEXES_KEPT:
-                self._starts.popitem(last=False)
-        self._starts.move_to_end(id(index))
-        return chunk_shares(idxs, known[1], workers, BALANCED_SHARE if evenly else None)
+        return chunk_shares(idxs, main.gop_starts(), workers, BALANCED_SHARE if evenly else None)
 
     def _read_share(
         self,
@@ -292,10 +282,6 @@ class DecoderPool:
         reader = self.opener.worker_reader(worker, video)
         reader.read(idxs, grayscale=grayscale, out=out, cache=cache, positions=positions, video=video)
 
-
-#: Indexes whose GOP starts are kept, least recently used out first (a 100,000-frame video
-#: with 60-frame GOPs has 1,667 starts, ~2 ms to find again per chunk).
-MAX_INDEXES_KEPT = 64
 
 #: Frames read around at a time: an interruption loses at most this many.
 READ_AROUND_PIECE = 1
