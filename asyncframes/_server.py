@@ -63,13 +63,13 @@ INTERRUPT_CHECK_S = 0.001
 READ_BATCH = 1024
 #: ... and per check for a cancel while a chunk decodes (every INTERRUPT_CHECK_S).
 INTERRUPT_READ_BATCH = 128
-#: Seconds one read of the socket may spend throwing away what silenced (dropped for
-#: flooding) connections send, in the loop and in a cancel check: reading keeps up with a
-#: flood without letting it take the loop from the clients being served.
+#: Seconds one read of the socket in the loop may spend throwing away what silenced (dropped
+#: for flooding) connections send: reading keeps up with a flood without letting it take the
+#: loop from the clients being served.
 SILENCED_DRAIN_S = 0.02
-#: ... and in a cancel check: 0.4 ms of every INTERRUPT_CHECK_S, so a chunk being decoded gives at
-#: most 40% of its time to throwing a flood away (as 2 ms of every 5 did when checks were 5 ms apart).
-INTERRUPT_SILENCED_DRAIN_S = 0.0004
+#: ... and in a cancel check: 40% of INTERRUPT_CHECK_S, so a chunk being decoded gives at most
+#: 40% of its time to throwing a flood away (as 2 ms of every 5 did when checks were 5 ms apart).
+INTERRUPT_SILENCED_DRAIN_S = 0.4 * INTERRUPT_CHECK_S
 #: Idle this long (no message, nothing to decode), a server writes what opening videos learnt
 #: to their index records: a client that opens a video and then asks for frames is not kept
 #: waiting while it writes.
