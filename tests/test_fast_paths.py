@@ -414,4 +414,3 @@ def test_a_gui_keeping_one_video_open_streams_a_second_in_the_first_ones_slots(s
         assert inodes and len(inodes) == len(set(inodes)), "each slot mapped once in this process"
         first.load_by_chunk("gops.mp4", [5], frames_per_chunk=1)  # the first still works
         assert [idxs for idxs, _ in first.chunks] == [[5]]
-

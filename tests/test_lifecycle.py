@@ -210,7 +210,7 @@ def test_fifty_cycles_leave_no_process_socket_or_directory_behind(own_tmpdir, ma
     wait_until(lambda: not child_pids() - kids, 5, "the servers of the closed clients to exit")
     # ZeroMQ closes a closed socket's connection in its own threads, a moment later (one CI
     # run counted 26 descriptors against 24 right after the loop): a leak stays, that goes.
-    wait_until(lambda: open_fds() <= fds, 5, f"the descriptors to be back to {fds} (now {open_fds()})")
+    wait_until(lambda: open_fds() <= fds, 5, f"the descriptors to be back to {fds} ({open_fds()} right after the loop)")
     assert private_dirs(own_tmpdir) == dirs
 
 
