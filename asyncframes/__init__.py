@@ -9,7 +9,6 @@
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from ._video import Video, VideoInfo
 from .errors import (
     AsyncFramesError,
     AuthenticationError,
@@ -33,10 +32,14 @@ if TYPE_CHECKING:
     from ._client import AsyncVideo, FrameChunk
     from ._frame_reader import Frame, FrameBatch, FrameReader, VideoMetadata
     from ._frame_reader import open_video as open  # noqa: F401 (asyncframes.open, not in __all__: a star import must not shadow the builtin)
+    from ._video import Video, VideoInfo
 
 #: Names imported on first use: the client side (ZeroMQ, the process helpers and their
-#: exit hook) is not loaded by a server, nor by anything that imports only a submodule.
-_LAZY = {"AsyncVideo": "_client", "FrameChunk": "_client"}
+#: exit hook) is not loaded by a server, nor by anything that imports only a submodule;
+#: nor NumPy and attrs (``Video``), so that ``from asyncframes import AsyncVideo`` costs a
+#: few milliseconds and a client's first ``AsyncVideo()`` starts its server before it
+#: loads them (the two then overlap).
+_LAZY = {"AsyncVideo": "_client", "FrameChunk": "_client", "Video": "_video", "VideoInfo": "_video"}
 #: The reader facade, also on first use (``open`` is :func:`asyncframes._frame_reader.open_video`;
 #: it is never bound inside the package's modules, where ``open`` stays the builtin).
 _LAZY.update({name: "_frame_reader" for name in ("Frame", "FrameBatch", "FrameReader", "VideoMetadata")})

@@ -23,6 +23,7 @@ and chunks are handed back in order.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 import threading
@@ -30,12 +31,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
-import attrs
-import numpy as np
-
-from . import _protocol as protocol
-from . import _shm as shm
-from ._client_state import Actions, Admit, Arrival, ClientState, Health, Link, Send
+from ._deferred import load_in_background, on_first_use
 from ._process import (
     ServerProcess,
     listening,
@@ -46,10 +42,7 @@ from ._process import (
     user_server,
     user_server_path,
 )
-from ._protocol import ConnectionEvent
-from ._transport import ENDPOINT_FORMS, ClientCurve, ClientSocket, poll_any
 from ._version import __version__
-from ._video import Video, VideoInfo, as_video
 from .errors import (
     AsyncFramesError,
     FrameIndexError,
@@ -62,14 +55,33 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    import attrs
+    import numpy as np
+
+    from . import _client_state, _transport, _video
+    from . import _protocol as protocol
+    from . import _shm as shm
+    from ._client_state import Actions, Arrival, ClientState, Link, Send
     from ._times import FrameTimes
+    from ._transport import ClientCurve
+    from ._video import Video, VideoInfo
+else:  # imported on first use: a private server starts first (see AsyncVideo.__init__), and they load while it does
+    np = on_first_use("numpy", globals(), "np")
+    attrs = on_first_use("attrs", globals(), "attrs")
+    protocol = on_first_use("asyncframes._protocol", globals(), "protocol")
+    shm = on_first_use("asyncframes._shm", globals(), "shm")
+    _client_state = on_first_use("asyncframes._client_state", globals(), "_client_state")
+    _transport = on_first_use("asyncframes._transport", globals(), "_transport")
+    _video = on_first_use("asyncframes._video", globals(), "_video")
+    load_in_background(["numpy", "attrs", "asyncframes._video", "asyncframes._protocol", "asyncframes._client_state",
+                        "asyncframes._shm", "asyncframes._transport"])
 
 log = logging.getLogger(__name__)
 
 #: What names a video: a Video, a path (file, image folder, glob, numbered pattern), a list of
 #: image paths, or a sleap_io.Video (see :func:`asyncframes._video.as_video`).
-VideoLike = Union[Video, str, "os.PathLike[str]", Sequence[str], Any]
-FrameIdxs = Optional[Union[Sequence[int], range, np.ndarray, Iterable[int]]]
+VideoLike = Union["Video", str, "os.PathLike[str]", Sequence[str], Any]
+FrameIdxs = Optional[Union[Sequence[int], range, "np.ndarray", Iterable[int]]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _DEFAULT: Any = object()
@@ -174,7 +186,7 @@ class _Connection:
         self.process = process
         self.owns_process = owns_process  # False: the process's shared server, left running by close
         self._curve = curve
-        self.socket = ClientSocket(link.endpoint, curve)
+        self.socket = _transport.ClientSocket(link.endpoint, curve)
         self.slots = shm.ClientSlots()
         self.use_slots()
 
@@ -193,7 +205,7 @@ class _Connection:
         """A fresh socket (fresh queues) for the link's new generation."""
         self.socket.close()
         self.use_slots()
-        self.socket = ClientSocket(self.endpoint, self._curve)
+        self.socket = _transport.ClientSocket(self.endpoint, self._curve)
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket (``linger_ms``: time libzmq may take to send what is queued) and
@@ -324,7 +336,7 @@ class AsyncVideo:
         endpoints = None if endpoint is None else _check_endpoints(endpoint)
         self.timeout = timeout
         self.start_timeout = start_timeout
-        curve = ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
+        curve = _transport.ClientCurve.load(curve_secret, curve_server_key) if curve_secret and curve_server_key else None
         self._closed = False
         try:
             process, owned = None, True
@@ -344,7 +356,7 @@ class AsyncVideo:
                 if not process.endpoint and "*" in process.bind:
                     process.wait_ready()  # a port the system picks: known only once it listens
                 endpoints = [process.endpoint or process.bind]
-            self._state = ClientState(endpoints, int(window), shared_memory, READ_AHEAD_FRAMES if read_ahead else 0, __version__)
+            self._state = _client_state.ClientState(endpoints, int(window), shared_memory, READ_AHEAD_FRAMES if read_ahead else 0, __version__)
             if process is not None:
                 self._conns.append(_Connection(self._state.links[0], None, process, owns_process=owned))
             else:
@@ -400,7 +412,7 @@ class AsyncVideo:
             return False
         deadline = time.monotonic() + timeout
         with AsyncVideo(f"ipc://{path}", timeout=timeout, start_timeout=timeout) as client:
-            client._carry_out(Actions(send=(Send(0, client._state.links[0].generation, protocol.Stop()),)), deadline)
+            client._carry_out(_client_state.Actions(send=(_client_state.Send(0, client._state.links[0].generation, protocol.Stop()),)), deadline)
             while listening(path):
                 if time.monotonic() > deadline:
                     raise RequestTimeoutError(f"the per-user frame server at {path} did not stop within {timeout:g} s")
@@ -598,7 +610,7 @@ class AsyncVideo:
         state = self._state
         rid = state.new_request_id()
         state.expect(rid)
-        self._carry_out(Actions(send=(Send(0, state.links[0].generation, protocol.InfoRequest(rid, spec)),)), time.monotonic() + 1.0)
+        self._carry_out(_client_state.Actions(send=(_client_state.Send(0, state.links[0].generation, protocol.InfoRequest(rid, spec)),)), time.monotonic() + 1.0)
         return rid
 
     def info_reply(self, request_id: int) -> Optional[VideoInfo]:
@@ -868,9 +880,9 @@ class AsyncVideo:
                 self.cancel(reason="was cancelled by close()")
                 for i, conn in enumerate(conns):
                     if conn.process is not None and conn.owns_process:
-                        self._send(Send(i, conn.link.generation, protocol.Stop(), must=False), None)
+                        self._send(_client_state.Send(i, conn.link.generation, protocol.Stop(), must=False), None)
                     elif conn.link.greeted:  # a server that goes on: it frees what was ours now
-                        self._send(Send(i, conn.link.generation, conn.link.bye(), must=False), None)
+                        self._send(_client_state.Send(i, conn.link.generation, conn.link.bye(), must=False), None)
         finally:
             self._closed = state.closed = True
             state.stream = None
@@ -931,14 +943,14 @@ class AsyncVideo:
     def _send(self, send: Send, deadline: Optional[float]) -> None:
         """Send one message the core asked for, greeting first if its connection is new."""
         admit = self._state.admit(send)
-        if admit is Admit.DROP:
+        if admit is _client_state.Admit.DROP:
             if send.must:  # it belonged to a connection that is gone
                 self._died(ServerDiedError(f"lost the connection to the frame server at {self._conns[send.server].endpoint}"))
             return
         if not send.must:
             _quietly(self._transmit, send.server, send.message, time.monotonic() + _SLICE_S)
             return
-        if admit is Admit.GREET_FIRST:
+        if admit is _client_state.Admit.GREET_FIRST:
             self._greet(send.server, deadline, None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not self._transmit(send.server, send.message, deadline):
             raise RequestTimeoutError(f"could not send to the frame server at {self._conns[send.server].endpoint} in time")
@@ -979,7 +991,7 @@ class AsyncVideo:
             if error is not None:
                 self._died(error)
         for event in conn.socket.events():
-            leftovers = conn.socket.leftovers() if event is ConnectionEvent.LOST else ()
+            leftovers = conn.socket.leftovers() if event is protocol.ConnectionEvent.LOST else ()
             actions = state.connection_event(i, event, busy, leftovers)
             error = actions.error
             if conn.process is not None and type(error) is ServerDiedError:  # our own server: how it ended
@@ -1004,7 +1016,7 @@ class AsyncVideo:
                 continue
             self._check(i, busy=False)
             within = "" if timeout is None else f" within {_seconds(timeout)} s"
-            if link.health is Health.NEW:
+            if link.health is _client_state.Health.NEW:
                 raise ServerStartError(
                     f"could not reach a frame server at {conn.endpoint}{within} (is it running, and is the endpoint right?)"
                 )
@@ -1043,7 +1055,7 @@ class AsyncVideo:
         state.expect(rid)
         try:
             self._open(0, deadline)
-            self._carry_out(Actions(send=(Send(0, state.links[0].generation, message(rid)),)), deadline)
+            self._carry_out(_client_state.Actions(send=(_client_state.Send(0, state.links[0].generation, message(rid)),)), deadline)
             while (reply := state.reply(rid)) is None:
                 if not self._pump(deadline):
                     raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
@@ -1061,7 +1073,7 @@ class AsyncVideo:
             wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))
             # What is already waiting needs no poller (a GUI's step finds its chunk here).
             ready = [conn.socket for conn in self._conns if conn.socket.has_message()]
-            ready = ready or poll_any([conn.socket for conn in self._conns], int(wait * 1000))
+            ready = ready or _transport.poll_any([conn.socket for conn in self._conns], int(wait * 1000))
             if ready:
                 for i, conn in enumerate(self._conns):
                     if conn.socket in ready:
@@ -1147,7 +1159,7 @@ class AsyncVideo:
                 if time.monotonic() - gone_at < _LAST_WORDS_S:
                     time.sleep(0.01)
                     continue
-                self._carry_out(state.connection_event(i, ConnectionEvent.LOST, busy=False))
+                self._carry_out(state.connection_event(i, protocol.ConnectionEvent.LOST, busy=False))
                 return ServerDiedError(
                     f"lost the connection to the frame server at {conn.endpoint}: its process (pid {pid}) is gone"
                 )
@@ -1158,12 +1170,12 @@ class AsyncVideo:
     # -- internals ---------------------------------------------------------------
 
     def _spec(self, video: VideoLike) -> Video:
-        same = isinstance(video, (str, Video))  # the same one again (a GUI stepping through it): the same spec
+        same = isinstance(video, (str, _video.Video))  # the same one again (a GUI stepping through it): the same spec
         if same:
             cwd = os.getcwd()
             if self._last_spec[:2] == (video, cwd):
                 return self._last_spec[2]
-        spec = as_video(video)
+        spec = _video.as_video(video)
         if self._conns and self._conns[0].process is not None and "://" not in spec.filename:
             # Our own server shares our filesystem; make the path independent of its cwd.
             spec = attrs.evolve(spec, filename=os.path.abspath(spec.filename))
@@ -1199,16 +1211,16 @@ def _check_endpoints(endpoint: Union[str, Sequence[str]]) -> list[str]:
     """The endpoints as a list, each checked to be ``tcp://host:port`` or ``ipc://path``."""
     endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint) if isinstance(endpoint, Sequence) else None
     if endpoints is None:
-        raise TypeError(f"endpoint must be a string or a list of strings ({ENDPOINT_FORMS}), got {type(endpoint).__name__}")
+        raise TypeError(f"endpoint must be a string or a list of strings ({_transport.ENDPOINT_FORMS}), got {type(endpoint).__name__}")
     if not endpoints:
-        raise ValueError(f"no endpoint given: pass one or more of {ENDPOINT_FORMS}, or None for a private server")
+        raise ValueError(f"no endpoint given: pass one or more of {_transport.ENDPOINT_FORMS}, or None for a private server")
     for e in endpoints:
         if not isinstance(e, str):
-            raise TypeError(f"an endpoint must be a string ({ENDPOINT_FORMS}), got {type(e).__name__} {e!r}")
+            raise TypeError(f"an endpoint must be a string ({_transport.ENDPOINT_FORMS}), got {type(e).__name__} {e!r}")
         match = _ENDPOINT.match(e)
         if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
             hint = f"; did you mean 'tcp://{e}'?" if "://" not in e and ":" in e else ""
-            raise ServerStartError(f"{e!r} is not a frame server endpoint: use {ENDPOINT_FORMS}{hint}")
+            raise ServerStartError(f"{e!r} is not a frame server endpoint: use {_transport.ENDPOINT_FORMS}{hint}")
     return endpoints
 
 
@@ -1225,12 +1237,12 @@ def _check_server(server: str) -> str:
 def _check_workers(workers: Any) -> None:
     if workers is None:
         return
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers must be a positive number of decoder threads, or None for the default (one per 2 CPUs, at least 2); got {workers!r}")
 
 
 def _check_window(window: Any) -> None:
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be a positive number of chunks (1, 2, ...; the default is 2), got {window!r}")
 
 

@@ -26,17 +26,46 @@ import threading
 import time
 from typing import IO, Optional, Sequence
 
-from ._transport import private_endpoint, remove_private_dir
 from ._version import __version__
 from .errors import ServerDiedError, ServerStartError, process_ended
 
-#: What a private server's folder is called (by :func:`asyncframes._transport.private_endpoint`).
+#: What a private server's folder is called (by :func:`private_endpoint`).
 PRIVATE_DIR_PREFIX = "asyncframes-"
 #: The one thing a private server's folder holds.
 PRIVATE_SOCKET = "server.sock"
 
 #: Printed (with the endpoints) on stdout by ``asyncframes serve`` once it accepts connections.
 READY_LINE = "asyncframes server ready on"
+#: Longest unix socket path (sun_path holds 108 bytes on Linux, 104 on macOS, with a NUL).
+_MAX_IPC_PATH = 103
+
+
+def private_endpoint() -> tuple[str, Optional[str]]:
+    """An endpoint only this user can reach: ipc in a fresh 0700 temp dir, or loopback tcp.
+
+    Returns the bind address and the directory to delete afterwards (None for tcp,
+    whose ``*`` port is chosen by the server when it binds). It needs no ZeroMQ: a
+    client starts its server before loading it (every libzmq that pyzmq ships for a
+    POSIX system has ipc).
+    """
+    if sys.platform.startswith("win"):
+        return "tcp://127.0.0.1:*", None
+    import tempfile  # here: a client of a given or per-user server never needs it (nor shutil below)
+
+    directory = tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIX)
+    path = f"{directory}/{PRIVATE_SOCKET}"
+    if len(path.encode()) > _MAX_IPC_PATH:  # a long TMPDIR: unix socket paths are short
+        remove_private_dir(directory)
+        return "tcp://127.0.0.1:*", None
+    return f"ipc://{path}", directory
+
+
+def remove_private_dir(directory: Optional[str]) -> None:
+    """Delete a directory made by :func:`private_endpoint`."""
+    if directory:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def serve_command(*args: str) -> list[str]:

@@ -18,7 +18,6 @@ import operator
 import os
 import socket
 import struct
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -123,36 +122,6 @@ def create_keys(directory: "str | os.PathLike[str]", name: str) -> tuple[str, st
     public_file, secret_file = zmq.auth.create_certificates(os.fspath(directory), name)
     os.chmod(secret_file, 0o600)
     return public_file, secret_file
-
-
-#: Longest unix socket path (sun_path holds 108 bytes on Linux, 104 on macOS, with a NUL).
-_MAX_IPC_PATH = 103
-
-
-def private_endpoint() -> tuple[str, Optional[str]]:
-    """An endpoint only this user can reach: ipc in a fresh 0700 temp dir, or loopback tcp.
-
-    Returns the bind address and the directory to delete afterwards (None for tcp,
-    whose ``*`` port is chosen by the server when it binds).
-    """
-    if sys.platform.startswith("win") or not zmq.has("ipc"):
-        return "tcp://127.0.0.1:*", None
-    import tempfile  # here: a client of a given or per-user server never needs it (nor shutil below)
-
-    directory = tempfile.mkdtemp(prefix="asyncframes-")
-    path = f"{directory}/server.sock"
-    if len(path.encode()) > _MAX_IPC_PATH:  # a long TMPDIR: unix socket paths are short
-        remove_private_dir(directory)
-        return "tcp://127.0.0.1:*", None
-    return f"ipc://{path}", directory
-
-
-def remove_private_dir(directory: Optional[str]) -> None:
-    """Delete a directory made by :func:`private_endpoint`."""
-    if directory:
-        import shutil
-
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _context() -> zmq.Context:
