@@ -13,6 +13,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncframes import _convert, _sws
 from asyncframes._reader import FrameCache, VideoReader
@@ -215,3 +217,75 @@ def test_the_bundled_library_is_the_one_pyav_uses():
     if lib is None:
         pytest.skip("this PyAV has no bundled FFmpeg libraries")
     assert lib.pix_fmt("yuv420p") == 0 and lib.rgb24 == 2
+
+
+# -- gray content: R from the planar conversion ------------------------------------------------
+
+_KINDS = st.tuples(
+    st.sampled_from(["yuv420p", "yuvj420p", "yuv422p", "yuv444p"]),
+    st.integers(2, 40).map(lambda n: 2 * n),  # even sizes: every 4:2:0 frame has them
+    st.integers(1, 20).map(lambda n: 2 * n),
+    st.sampled_from([1, 2]),  # limited, full range
+    st.sampled_from([1, 2, 5, 6]),  # BT.709, unspecified, BT.470BG, SMPTE 170M
+)
+
+
+def _gray_frame(kind: tuple, luma_values: np.ndarray) -> av.VideoFrame:
+    fmt, width, height, color_range, colorspace = kind
+    frame = av.VideoFrame(width, height, fmt)
+    frame.color_range, frame.colorspace = color_range, colorspace
+    _convert._plane(frame, 0)[...] = luma_values[: height * width].reshape(height, width)
+    for k in (1, 2):
+        _convert._plane(frame, k)[...] = 128
+    return frame
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=_KINDS, seed=st.integers(0, 2**32 - 1))
+def test_gray_content_is_r_of_the_rgb_conversion_whichever_way_it_is_taken(kind, seed):
+    """Past the trials, gray() takes R from the planar conversion where it is proven for the
+    kind of frame, else from RGB: either way, exactly R of ``to_ndarray(format="rgb24")``."""
+    frame = _gray_frame(kind, np.random.default_rng(seed).integers(0, 256, kind[1] * kind[2], dtype=np.uint8))
+    convert = _convert.Converter("test")
+    convert._trials, convert._served = 0, _convert.PLANAR_AFTER  # past the trials: the shortcuts alone
+    np.testing.assert_array_equal(convert.gray(frame), frame.to_ndarray(format="rgb24")[..., :1])
+
+
+def test_the_planar_r_serves_the_common_kinds():
+    """Gray videos as cameras record them (4:2:0, limited or full range, widths of 16s)."""
+    for kind in [("yuv420p", 384, 384, 1, 2), ("yuv420p", 1024, 1024, 1, 1), ("yuvj420p", 640, 480, 2, 5), ("yuv420p", 96, 64, 1, 6)]:
+        assert _convert.planar_r_is_r.__wrapped__(*kind), kind
+
+
+def test_a_kind_whose_planar_r_disagrees_takes_r_from_rgb(monkeypatch, caplog):
+    kind = ("yuv420p", 64, 32, 1, 2)
+    frame = _gray_frame(kind, np.arange(64 * 32, dtype=np.uint8))
+    expected = frame.to_ndarray(format="rgb24")[..., :1]
+    real = _convert.rgb24
+
+    def off_by_one_at_200(f: av.VideoFrame) -> np.ndarray:
+        rgb = real(f).copy()
+        rgb[rgb == 200] = 201  # what a swscale whose two paths rounded differently would give
+        return rgb
+
+    check = _convert.planar_r_is_r.__wrapped__  # not the process's cached answers
+    monkeypatch.setattr(_convert, "rgb24", off_by_one_at_200)
+    assert not check(*kind)
+    monkeypatch.setattr(_convert, "rgb24", real)
+    assert check(*kind)
+    convert = _convert.Converter("test")
+    convert._trials, convert._served = 0, _convert.PLANAR_AFTER
+    monkeypatch.setattr(_convert, "planar_r_is_r", lambda *kind: False)
+    with caplog.at_level(logging.INFO, logger="asyncframes._convert"):
+        np.testing.assert_array_equal(convert.gray(frame), expected)
+    assert convert._planar == {kind: False} and "taking R from RGB" in caplog.text
+
+
+def test_a_gray_video_read_past_the_trials_is_served_from_the_planar_r_exactly():
+    path = shared_video("centered_pair_small.mp4")
+    with VideoReader(str(path)) as reader:
+        idxs = list(range(400))
+        frames = reader.read(idxs)
+        assert frames.shape[-1] == 1, "centered_pair_small is gray content"
+        assert_frames_exact(path, idxs, frames)
+        assert True in reader._convert._planar.values(), "the planar R was never used"
