@@ -35,6 +35,17 @@ class Piece:
         return sum(self.repeats)
 
 
+def _gop_numbers(begins: np.ndarray, frames: "np.ndarray | int") -> np.ndarray:
+    """The GOP holding each of ``frames``, numbered as ``begins`` (GOP start frames, sorted)
+    counts them; -1 for a frame before the first start."""
+    return np.searchsorted(begins, frames, side="right") - 1
+
+
+def _gop_start(begins: np.ndarray, frame: int) -> int:
+    """Where the GOP holding ``frame`` starts (the first start, for a frame before it)."""
+    return int(begins[max(int(_gop_numbers(begins, frame)), 0)])
+
+
 def gop_starts(index: FrameIndex) -> list[int]:
     """The frame indices where a decoder can start (one per keyframe), ``[0]`` first.
 
@@ -75,10 +86,10 @@ def split(
         if not len(frames):
             continue
         begins = np.asarray(gop, dtype=np.int64)
-        which = np.searchsorted(begins, frames, side="right") - 1
+        which = _gop_numbers(begins, frames)
         cuts = np.flatnonzero(np.diff(which)) + 1
         for part, counts in zip(np.split(frames, cuts), np.split(repeats, cuts)):
-            begin = int(begins[max(int(np.searchsorted(begins, part[0], side="right")) - 1, 0)])
+            begin = _gop_start(begins, int(part[0]))
             units.append((v, part, counts, int(part[-1]) - begin + 1))
     if not units:
         return []
@@ -133,7 +144,7 @@ def chunk_shares(
     if balanced is not None and all(int(i) == first + k for k, i in enumerate(idxs)):
         return whole
     begins = np.asarray(starts, dtype=np.int64)
-    gops = np.searchsorted(begins, np.asarray(idxs, dtype=np.int64), side="right") - 1
+    gops = _gop_numbers(begins, np.asarray(idxs, dtype=np.int64))
     last: dict[int, int] = {}
     for gop, i in zip(gops.tolist(), idxs):
         last[gop] = max(last.get(gop, -1), int(i))
@@ -170,7 +181,7 @@ def split_clips(clips: Sequence[tuple[int, np.ndarray]], starts: Sequence[Sequen
             continue
         begins = np.asarray(starts[v], dtype=np.int64)
         first, last = int(np.min(idxs)), int(np.max(idxs))
-        begin = int(begins[max(int(np.searchsorted(begins, first, side="right")) - 1, 0)])
+        begin = _gop_start(begins, first)
         costs[k] = last - begin + 1
     if not order:
         return []
