@@ -48,6 +48,8 @@ CLIPS: dict[str, dict[str, Any]] = {
     "h264_384x384_longgop.mp4": dict(frames=1200, size=(384, 384), gop=600, bframes=3),
     # MPEG-TS, the container most cameras record: its demuxer seeks by decode time.
     "h264_384x384.ts": dict(frames=900, size=(384, 384), gop=60, bframes=3),
+    # A gray recording at the size of many pose-tracking arenas: served as one channel.
+    "h264_gray_1024x1024.mp4": dict(frames=300, size=(1024, 1024), gop=60, bframes=3, grayscale=True),
 }
 
 
