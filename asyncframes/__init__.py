@@ -56,6 +56,12 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
+def __dir__() -> list[str]:
+    """What the package holds, including the names it imports on first use."""
+    return sorted(set(globals()) | set(_LAZY) | set(_RENAMED))
+
+
 __all__ = [
     "AsyncFramesError",
     "AuthenticationError",

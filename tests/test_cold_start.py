@@ -129,3 +129,13 @@ def test_a_fork_waits_for_the_background_imports(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "0", "the child saw the module half loaded (or not at all)"
+
+
+def test_dir_lists_the_names_imported_on_first_use_without_importing_them() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import asyncframes, json, sys; print(json.dumps([dir(asyncframes), 'numpy' in sys.modules]))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    names, numpy_loaded = json.loads(out.stdout)
+    assert {"AsyncVideo", "Video", "VideoInfo", "FrameReader", "open"} <= set(names)
+    assert not numpy_loaded
