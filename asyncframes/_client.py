@@ -412,7 +412,7 @@ class AsyncVideo:
             return False
         deadline = time.monotonic() + timeout
         with AsyncVideo(f"ipc://{path}", timeout=timeout, start_timeout=timeout) as client:
-            client._carry_out(_client_state.Actions(send=(_client_state.Send(0, client._state.links[0].generation, protocol.Stop()),)), deadline)
+            client._send_first(protocol.Stop(), deadline)
             while listening(path):
                 if time.monotonic() > deadline:
                     raise RequestTimeoutError(f"the per-user frame server at {path} did not stop within {timeout:g} s")
@@ -610,7 +610,7 @@ class AsyncVideo:
         state = self._state
         rid = state.new_request_id()
         state.expect(rid)
-        self._carry_out(_client_state.Actions(send=(_client_state.Send(0, state.links[0].generation, protocol.InfoRequest(rid, spec)),)), time.monotonic() + 1.0)
+        self._send_first(protocol.InfoRequest(rid, spec), time.monotonic() + 1.0)
         return rid
 
     def info_reply(self, request_id: int) -> Optional[VideoInfo]:
@@ -940,6 +940,10 @@ class AsyncVideo:
         if actions.error is not None:
             raise actions.error
 
+    def _send_first(self, message: protocol.Message, deadline: Optional[float]) -> None:
+        """Send ``message`` to the first server, on its current connection."""
+        self._carry_out(_client_state.Actions(send=(_client_state.Send(0, self._state.links[0].generation, message),)), deadline)
+
     def _send(self, send: Send, deadline: Optional[float]) -> None:
         """Send one message the core asked for, greeting first if its connection is new."""
         admit = self._state.admit(send)
@@ -1055,7 +1059,7 @@ class AsyncVideo:
         state.expect(rid)
         try:
             self._open(0, deadline)
-            self._carry_out(_client_state.Actions(send=(_client_state.Send(0, state.links[0].generation, message(rid)),)), deadline)
+            self._send_first(message(rid), deadline)
             while (reply := state.reply(rid)) is None:
                 if not self._pump(deadline):
                     raise RequestTimeoutError(f"the frame server did not answer within {timeout:g} s")
