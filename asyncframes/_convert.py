@@ -186,7 +186,7 @@ class Converter:
         None where that is not known to be the same for this kind of frame."""
         if frame.interlaced_frame:
             return None  # converted field by field: left to the usual path
-        key = (frame.format.name, frame.width, frame.height, frame.color_range, frame.colorspace)
+        key = (frame.format.name, frame.width, frame.height, getattr(frame, "color_range", None), getattr(frame, "colorspace", None))
         same = self._planar.get(key)
         if same is None:
             same = self._planar[key] = planar_r_is_r(*key)
@@ -198,7 +198,7 @@ class Converter:
 
 
 @functools.lru_cache(maxsize=64)
-def planar_r_is_r(fmt: str, width: int, height: int, color_range: int, colorspace: int) -> bool:
+def planar_r_is_r(fmt: str, width: int, height: int, color_range: Optional[int], colorspace: Optional[int]) -> bool:
     """Whether, for gray content (neutral chroma) in frames of this kind, the R plane of the
     planar RGB conversion (``gbrp``) is exactly R of :func:`rgb24`.
 
@@ -206,9 +206,10 @@ def planar_r_is_r(fmt: str, width: int, height: int, color_range: int, colorspac
     every column and every row of each band of eight (the period of swscale's ordered
     dither), in ``ceil(256 / (height // 8))`` frames: with neutral chroma, each pixel's R
     is a function of its luma (and at most its place) in both conversions, so the pattern
-    covers every case. Worked out once per kind in a process (2-10 ms).
+    covers every case. Worked out once per kind in a process (see :data:`PLANAR_AFTER`).
+    A PyAV that does not show a frame's range or colour space (None) gets False.
     """
-    if fmt not in YUV_8BIT or height < 8:
+    if fmt not in YUV_8BIT or height < 8 or color_range is None or colorspace is None:
         return False  # (frames under 8 rows gain nothing worth 256 test frames)
     bands = height // 8  # each band of 8 rows holds one value per column
     pattern = ((np.arange(height)[:, None] // 8 + np.arange(width)[None, :]) % 256).astype(np.uint8)
