@@ -296,8 +296,10 @@ def _serve(args: argparse.Namespace) -> int:
         where = binds[0] if len(binds) == 1 else "one of " + ", ".join(binds)
         args.parser.error(f"argument --bind: cannot listen on {where}: {exc.strerror} (allowed: a free port, or * for any)")
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
-    # `kill -USR1 <pid>` writes every thread's stack to the log: what a server that seems stuck is doing.
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    # `kill -USR1 <pid>` writes every thread's stack to the log at once, and what the server
+    # holds and waits for when its loop next runs: what a server that seems stuck is doing.
+    signal.signal(signal.SIGUSR1, lambda *_: server.log_state())
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=True)
     if not args.lifeline:
         signal.signal(signal.SIGINT, lambda *_: server.stop("interrupted"))
     exposed = [e for e in server.endpoints if not _is_loopback(e)]

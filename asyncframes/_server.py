@@ -208,6 +208,11 @@ class FrameServer:
             self._shutdown()
         return self._stop_reason
 
+    def log_state(self) -> None:
+        """Log what the core holds and why the loop waits (``kill -USR1``, with the stacks)."""
+        lines = self.state.describe(time.monotonic(), self._buffers.queued_by_client())
+        log.warning("state (kill -USR1):\n  %s", "\n  ".join(lines))
+
     def stop(self, reason: str) -> None:
         """Ask the loop to end after the current chunk (safe from a signal handler)."""
         self._stop_reason = self._stop_reason or reason

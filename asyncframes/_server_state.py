@@ -1122,6 +1122,43 @@ class ServerState:
         lo, hi = max(0, i - span // 2), min(frame_count, i + span // 2 + 1)
         return ReadAround(video, gray, tuple(range(lo, i)) + tuple(range(i + 1, hi)))
 
+    def describe(self, now: float, queued: Mapping[bytes, int]) -> list[str]:
+        """What the server is holding and why it waits, one line per item: for a server that
+        seems stuck (``kill -USR1``), beside its stacks.
+
+        Args:
+            now: the time.
+            queued: inline chunk bytes still queued in ZeroMQ, per client.
+
+        Returns:
+            Lines: the loop's wait and totals, then each client (greeted, messages and bytes
+            waiting, silenced), each request (chunk, credit, decoding, held back, shared-memory
+            retry, whether its next chunk may go now) and each connection silenced for flooding.
+        """
+        total = sum(queued.values())
+        lines = [
+            f"wait {self.wait_s(now, queued):.3f} s; {len(self._round)} requests in the round; "
+            f"inline bytes queued {total}; shared bytes {self._shared_bytes()}; next ping in {self._next_ping - now:.1f} s"
+        ]
+        for client in sorted(set(self._clients) | set(self._inbox)):
+            state = self._clients.get(client)
+            lines.append(
+                f"client {client.hex()}: hello={state is not None and state.hello} inbox={self.queued_messages(client)} "
+                f"messages/{self.queued_bytes(client)} bytes queued_inline={queued.get(client, 0)}"
+                + (f" silenced={self._silenced[client]}" if client in self._silenced else "")
+            )
+            for req in (state.requests.values() if state is not None else ()):
+                lines.append(
+                    f"  request {req.rid} {req.request.video.filename}: chunk {req.next_chunk} credit={req.credit} "
+                    f"decoding={req.decoding} held_back={req.held_back(now)} shm_retry_in={req.shm_retry_at - now:.3f} s "
+                    f"next_chunk_bytes={req.next_chunk_bytes()} may_send={self._may_send(req, now, queued, total)} "
+                    f"in_round={req in self._round} age={now - req.started:.1f} s"
+                )
+        gone = [c.hex() for c in self._silenced if c not in self._clients and c not in self._inbox]
+        if gone:
+            lines.append(f"silenced connections no longer known: {len(gone)} (last {', '.join(gone[-3:])})")
+        return lines
+
     def wait_s(self, now: float, queued: Mapping[bytes, int]) -> float:
         """How long the loop may sleep: 0 while messages wait or a chunk can go; else until
         reading around, a ping or a look for room is due, at most ``IDLE_WAIT_S``."""

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import IO
 
 import msgpack
 import numpy as np
@@ -144,20 +145,32 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
             # may keep up. That rule is ServerState's, tested purely in test_server_state.py.
             assert select.select([flooder.stdout], [], [], 30)[0] and flooder.stdout.readline() == "flooding\n"
             # A stream still going after 3 s has failed already: both sides then write their stacks,
-            # so a failure says where each was (the server writes its own to its log on SIGUSR1).
+            # and what each holds, so a failure says where each was (the server logs its own on SIGUSR1).
+            def dump(out: "IO[str]") -> None:  # the client's stacks and what its core waits for; the server's own
+                faulthandler.dump_traceback(out)
+                stream, link = av._state.stream, av._state.links[0]
+                print(f"client stream: request {getattr(stream, 'request_id', None)} next_chunk "
+                      f"{getattr(stream, 'next_chunk', None)} done {getattr(stream, 'done', None)}; link health "
+                      f"{link.health} generation {link.generation} arrivals waiting {len(link.inbox)}", file=out, flush=True)
+                os.kill(server.proc.pid, signal.SIGUSR1)
+
             with open(stacks, "w") as out:
-                watchdog = threading.Timer(3.0, lambda: (faulthandler.dump_traceback(out), os.kill(server.proc.pid, signal.SIGUSR1)))
-                watchdog.start()
+                # Again after the client's 20 s timeout: a stream that is still going then has
+                # also failed to raise RequestTimeoutError (one did, in a full run: 270 s).
+                watchdogs = [threading.Timer(delay, dump, args=(out,)) for delay in (3.0, 25.0)]
+                for watchdog in watchdogs:
+                    watchdog.start()
                 try:
                     flooded = stream(av)
                 finally:
-                    watchdog.cancel()
+                    for watchdog in watchdogs:
+                        watchdog.cancel()
             assert flooder.poll() is None  # the flood lasted the whole stream
         # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
         # before, the loop handled every waiting message before each chunk (~50x slower here).
         assert flooded < max(10 * quiet, 3.0), (
             f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without; between chunks: {gaps}\n"
-            f"the client's stacks at 3 s:\n{stacks.read_text()}\nthe server's log (its stacks at 3 s in it):\n{server.log[-12000:]}"
+            f"the client's stacks at 3 s and 25 s:\n{stacks.read_text()}\nthe server's log (its stacks and state in it):\n{server.log[-12000:]}"
         )
     finally:
         if flooder is not None:

@@ -863,3 +863,22 @@ def test_frame_times_need_hello_and_take_a_whole_share():
     h.state.receive(A, parts(Ping(3)))
     first = h.carry(h.state.handle_round(0.0))
     assert [type(a.message) for a in first] == [FrameTimesReply]  # the ping waits for the next round
+
+
+def test_describe_names_what_each_request_waits_for_and_who_is_silenced():
+    """What ``kill -USR1`` logs beside the stacks: enough to tell why a stream does not move."""
+    h = Harness()
+    h.hello(A, B)
+    h.request(A, 1, idxs=range(20), fpc=2, window=2)
+    h.chunks()  # its window of two chunks went: no credit left
+    for _ in range(CLIENT_QUEUE + 1):
+        h.state.receive(B, parts(Ping()))
+    h.state.handle_round(h.now)  # B is dropped and silenced
+    h.state.receive(B, parts(Ping()))
+    lines = h.state.describe(h.now, {A: 96})
+    assert lines[0].startswith("wait ") and "1 requests in the round" in lines[0] and "inline bytes queued 96" in lines[0]
+    client_a = next(line for line in lines if line.startswith(f"client {A.hex()}"))
+    assert "hello=True" in client_a and "queued_inline=96" in client_a
+    request = next(line for line in lines if line.startswith("  request 1 "))
+    assert "chunk 2 credit=0 decoding=False" in request and "in_round=True" in request
+    assert lines[-1] == f"silenced connections no longer known: 1 (last {B.hex()})"

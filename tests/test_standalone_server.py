@@ -141,6 +141,21 @@ def test_clients_connect_to_a_running_server(server, video_root):
     assert "done" in log
 
 
+def test_sigusr1_logs_the_stacks_and_what_the_server_holds_and_it_goes_on_serving(server, video_root):
+    with AsyncVideo(server.endpoint) as av:
+        av.load_by_chunk("gops.mp4", range(40), frames_per_chunk=8)
+        first = av.next_chunk()  # a request under way, its window sent
+        server.proc.send_signal(signal.SIGUSR1)
+        log = server.wait_for_log("state (kill -USR1)")
+        assert "Current thread" in log or "Thread 0x" in log, "no stacks in the log"
+        state = log[log.index("state (kill -USR1)") :]
+        assert "requests in the round" in state and "gops.mp4: chunk" in state and "credit=" in state
+        assert first is not None and first.frame_idxs == list(range(8))
+        rest = [idxs for idxs, _ in av.chunks]
+    assert rest == [list(range(k, k + 8)) for k in range(8, 40, 8)]
+    assert server.proc.poll() is None
+
+
 def test_ping_and_info_from_the_command_line(server):
     def run(*a):
         return subprocess.run([sys.executable, "-m", "asyncframes", *a], capture_output=True, text=True, timeout=60)
