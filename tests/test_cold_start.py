@@ -107,20 +107,28 @@ def test_a_module_named_on_first_use_is_imported_then_bound_in_its_place(tmp_pat
 
 
 def test_a_fork_waits_for_the_background_imports(tmp_path: Path) -> None:
-    """A child forked while a module loads in the background gets it whole, never half loaded."""
+    """A child forked while a module loads in the background gets it whole, never half loaded.
+
+    The module waits, half loaded, until the fork has begun: a hook registered after
+    ``load_in_background``'s runs before it and lets the module go on. Without the wait,
+    the child would find the module's lock held by a thread it does not have (it then
+    stops at its alarm)."""
+    (tmp_path / "af_fork_gate.py").write_text("import threading\nLOADING = threading.Event()\nRELEASE = threading.Event()\n")
     (tmp_path / "af_slow_module.py").write_text(
-        "import threading\nLOADING = threading.Event()\nLOADING.set()\n"
-        "import time\ntime.sleep(0.5)\nDONE = True\n"
+        "import af_fork_gate\naf_fork_gate.LOADING.set()\n"
+        "if not af_fork_gate.RELEASE.wait(30):\n    raise RuntimeError('the fork never began')\nDONE = True\n"
     )
     script = textwrap.dedent("""
-        import os, sys, time
+        import os, signal, sys
         sys.path.insert(0, sys.argv[1])
+        import af_fork_gate
         from asyncframes._deferred import load_in_background
-        thread = load_in_background(["af_slow_module"])
-        while "af_slow_module" not in sys.modules or not hasattr(sys.modules["af_slow_module"], "LOADING"):
-            time.sleep(0.001)  # until it is half loaded
+        load_in_background(["af_slow_module"])
+        assert af_fork_gate.LOADING.wait(30), "the module never began to load"
+        os.register_at_fork(before=af_fork_gate.RELEASE.set)  # runs first: hooks run last-registered first
         pid = os.fork()
         if pid == 0:
+            signal.alarm(20)
             import af_slow_module
             os._exit(0 if getattr(af_slow_module, "DONE", False) else 3)
         _, status = os.waitpid(pid, 0)
@@ -128,7 +136,7 @@ def test_a_fork_waits_for_the_background_imports(tmp_path: Path) -> None:
     """)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "0", "the child saw the module half loaded (or not at all)"
+    assert out.stdout.strip() == "0", f"the child saw the module half loaded (exit {out.stdout.strip()}; -14: stuck on its lock)"
 
 
 def test_dir_lists_the_names_imported_on_first_use_without_importing_them() -> None:
