@@ -66,15 +66,18 @@ if TYPE_CHECKING:
     from ._transport import ClientCurve
     from ._video import Video, VideoInfo
 else:  # imported on first use: a private server starts first (see AsyncVideo.__init__), and they load while it does
-    np = on_first_use("numpy", globals(), "np")
-    attrs = on_first_use("attrs", globals(), "attrs")
-    protocol = on_first_use("asyncframes._protocol", globals(), "protocol")
-    shm = on_first_use("asyncframes._shm", globals(), "shm")
-    _client_state = on_first_use("asyncframes._client_state", globals(), "_client_state")
-    _transport = on_first_use("asyncframes._transport", globals(), "_transport")
-    _video = on_first_use("asyncframes._video", globals(), "_video")
-    load_in_background(["numpy", "attrs", "asyncframes._video", "asyncframes._protocol", "asyncframes._client_state",
-                        "asyncframes._shm", "asyncframes._transport"])
+    #: Each deferred module's name here, and the module, in the order they load in the background.
+    _DEFERRED = {
+        "np": "numpy",
+        "attrs": "attrs",
+        "_video": "asyncframes._video",
+        "protocol": "asyncframes._protocol",
+        "_client_state": "asyncframes._client_state",
+        "shm": "asyncframes._shm",
+        "_transport": "asyncframes._transport",
+    }
+    globals().update({alias: on_first_use(name, globals(), alias) for alias, name in _DEFERRED.items()})
+    load_in_background(list(_DEFERRED.values()))
 
 log = logging.getLogger(__name__)
 
