@@ -297,7 +297,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --bind: cannot listen on {where}: {exc.strerror} (allowed: a free port, or * for any)")
     signal.signal(signal.SIGTERM, lambda *_: server.stop("terminated"))
     # `kill -USR1 <pid>` writes every thread's stack to the log at once, and what the server
-    # holds and waits for when its loop next runs: what a server that seems stuck is doing.
+    # holds and waits for as soon as its main thread runs Python again (between two bytecodes,
+    # or when a wait returns): what a server that seems stuck is doing.
     signal.signal(signal.SIGUSR1, lambda *_: server.log_state())
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=True)
     if not args.lifeline:

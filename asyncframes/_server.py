@@ -209,8 +209,15 @@ class FrameServer:
         return self._stop_reason
 
     def log_state(self) -> None:
-        """Log what the core holds and why the loop waits (``kill -USR1``, with the stacks)."""
-        lines = self.state.describe(time.monotonic(), self._buffers.queued_by_client())
+        """Log what the core holds and why the loop waits (``kill -USR1``, with the stacks).
+
+        Run by the signal handler, between two bytecodes of whatever the main thread is
+        doing: a failure to describe is logged, never raised into that code."""
+        try:
+            lines = self.state.describe(time.monotonic(), self._buffers.queued_by_client())
+        except Exception:  # a diagnostic must not break the loop it interrupts
+            log.exception("could not describe the server's state")
+            return
         log.warning("state (kill -USR1):\n  %s", "\n  ".join(lines))
 
     def stop(self, reason: str) -> None:
