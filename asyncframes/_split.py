@@ -130,12 +130,12 @@ def chunk_shares(
 
     Returns:
         ``{worker: positions in idxs}``. GOP *g* always goes to worker *g mod workers*, so
-        a GOP whose frames come in several chunks stays with one decoder. A worker's decoding is counted from each of its GOPs' start to
-        the last frame it needs there. A chunk that would not split evenly enough stays
-        whole, with worker 0, and so does a chunk of consecutive frames (an in-order
-        stream): the decoder that read the chunk before goes on without seeking, where a
-        split makes another one seek back to a GOP's start (on 2 CPUs, in-order streams
-        split by GOP ran 0.92-0.96x of one decoder).
+        a GOP whose frames come in several chunks stays with one decoder. A worker's
+        decoding is counted from each of its GOPs' start to the last frame it needs there.
+        A chunk that would not split evenly enough stays whole, with worker 0, and so does
+        a chunk of consecutive frames (an in-order stream): the decoder that read the
+        chunk before goes on without seeking, where a split makes another one seek back to
+        a GOP's start (on 2 CPUs, in-order streams split by GOP ran 0.92-0.96x of one decoder).
     """
     whole = {0: list(range(len(idxs)))}
     if workers < 2 or len(idxs) < 2 or len(starts) < 2:
