@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 import msgpack
@@ -38,6 +39,36 @@ def flood_and_leave(endpoint: str, messages: int = 2000, slots: int = 50_000, he
         sock.send(ping if k % 2 else release)
     sock.close()
     ctx.term()  # waits until everything is sent
+
+
+def threads_of(pid: int) -> str:
+    """What each thread of process ``pid`` is doing, from /proc: name, state, CPU ticks used, the
+    system call it waits in (number and arguments) and the kernel function it sleeps in."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda t: int(t.name)):
+        try:
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            syscall = (task / "syscall").read_text().strip() if os.access(task / "syscall", os.R_OK) else "?"
+            wchan = (task / "wchan").read_text().strip()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        lines.append(f"  {task.name} {comm!r} state {fields[0]} cpu_ticks {ticks} wchan {wchan} syscall {syscall[:60]}")
+    return "\n".join(lines)
+
+
+def tcp_queues(port: int) -> str:
+    """The loopback TCP connections to or from ``port``: state and bytes queued each way (/proc/net/tcp)."""
+    lines = []
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        local, remote = (int(addr.split(":")[1], 16) for addr in fields[1:3])
+        if port in (local, remote):
+            tx, rx = (int(q, 16) for q in fields[4].split(":"))
+            lines.append(f"  {local} -> {remote} state {fields[3]} tx_queue {tx} rx_queue {rx} inode {fields[9]}")
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -152,6 +183,14 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
                 print(f"client stream: request {getattr(stream, 'request_id', None)} next_chunk "
                       f"{getattr(stream, 'next_chunk', None)} done {getattr(stream, 'done', None)}; link health "
                       f"{link.health} generation {link.generation} arrivals waiting {len(link.inbox)}", file=out, flush=True)
+                # Where each process's threads are (libzmq's I/O threads among them), twice 0.5 s
+                # apart (CPU used in between), and what the kernel holds on each connection.
+                for again in (False, True):
+                    if again:
+                        time.sleep(0.5)
+                    for name, pid in (("server", server.proc.pid), ("client", os.getpid()), ("flooder", flooder.pid)):
+                        print(f"{name} threads:\n{threads_of(pid)}", file=out, flush=True)
+                    print(f"connections:\n{tcp_queues(int(server.endpoint.rsplit(':', 1)[1]))}", file=out, flush=True)
                 os.kill(server.proc.pid, signal.SIGUSR1)
 
             with open(stacks, "w") as out:
