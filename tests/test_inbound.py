@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -69,6 +71,18 @@ def tcp_queues(port: int) -> str:
             tx, rx = (int(q, 16) for q in fields[4].split(":"))
             lines.append(f"  {local} -> {remote} state {fields[3]} tx_queue {tx} rx_queue {rx} inode {fields[9]}")
     return "\n".join(lines)
+
+
+def memory_of(pid: int) -> str:
+    """Process ``pid``'s resident and swapped memory, the machine's free memory and the kernel's
+    TCP buffers: whether a flood made the machine short of memory."""
+    status = {k: v.strip() for k, _, v in (ln.partition(":") for ln in Path(f"/proc/{pid}/status").read_text().splitlines())}
+    meminfo = {k: v.strip() for k, _, v in (ln.partition(":") for ln in Path("/proc/meminfo").read_text().splitlines())}
+    tcp = next(ln for ln in Path("/proc/net/sockstat").read_text().splitlines() if ln.startswith("TCP:"))
+    return (
+        f"  pid {pid}: VmRSS {status.get('VmRSS')} VmSwap {status.get('VmSwap')}; machine: MemAvailable "
+        f"{meminfo.get('MemAvailable')} SwapFree {meminfo.get('SwapFree')}; {tcp} (pages)"
+    )
 
 
 @pytest.fixture
@@ -147,7 +161,6 @@ while True:  # as fast as it can, reading answers only to keep its connection
 
 def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_path):
     import select
-    import subprocess
     import sys
 
     gaps: list[float] = []  # seconds between chunks of the last stream, said if it was slow
@@ -191,6 +204,13 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
                     for name, pid in (("server", server.proc.pid), ("client", os.getpid()), ("flooder", flooder.pid)):
                         print(f"{name} threads:\n{threads_of(pid)}", file=out, flush=True)
                     print(f"connections:\n{tcp_queues(int(server.endpoint.rsplit(':', 1)[1]))}", file=out, flush=True)
+                    print(f"memory:\n{memory_of(server.proc.pid)}", file=out, flush=True)
+                if shutil.which("gdb"):  # the native stacks too (libzmq's threads), where gdb is at hand
+                    run = subprocess.run(
+                        ["gdb", "-p", str(server.proc.pid), "-batch", "-ex", "thread apply all bt 12"],
+                        capture_output=True, text=True, timeout=60,
+                    )
+                    print(f"server native stacks (gdb):\n{run.stdout[-8000:]}", file=out, flush=True)
                 os.kill(server.proc.pid, signal.SIGUSR1)
 
             with open(stacks, "w") as out:
