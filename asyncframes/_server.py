@@ -242,8 +242,8 @@ class FrameServer:
                 count += 1
                 continue
             if self.state.disconnect_due(client):
-                log.warning("client %s went on flooding after it was dropped; its connection is cut", client.hex())
-                self.socket.disconnect_last_sender()
+                outcome = self.socket.disconnect_last_sender()
+                log.warning("client %s went on flooding after it was dropped; its connection: %s", client.hex(), outcome)
             now = time.monotonic()
             if drain_until is None:
                 drain_until = now + drain_s

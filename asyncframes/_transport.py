@@ -189,23 +189,37 @@ class ServerSocket:
         self._last_identity = identity
         return identity.bytes, self.socket.recv_multipart(flags=zmq.NOBLOCK) if identity.more else []
 
-    def disconnect_last_sender(self) -> bool:
+    def disconnect_last_sender(self) -> str:
         """Cut the connection the last received message came from (a client that floods after
-        it was dropped); whether there was one to cut. ROUTER sockets have no call for this, so
-        the connection's socket is shut down under libzmq, which then closes it as it would a
-        peer that went away (it never stopped reading it: no RCVHWM, so libzmq issue 4841 does
-        not arise). A peer that reconnects gets a new identity. inproc has no descriptor: False.
+        it was dropped); says what was cut, or why nothing was. ROUTER sockets have no call for
+        this, so the connection's socket is shut down under libzmq, which then closes it as it
+        would a peer that went away (it never stopped reading it: no RCVHWM, so libzmq issue
+        4841 does not arise). A peer that reconnects gets a new identity. inproc has no
+        descriptor: nothing is cut.
         """
         identity, self._last_identity = self._last_identity, None
         fd = identity.get(zmq.SRCFD) if identity is not None else -1
         if fd < 0:
-            return False
+            return "not cut: the connection has no descriptor"
         try:
-            with socket.socket(fileno=os.dup(fd)) as conn:
+            copy = os.dup(fd)
+        except OSError as exc:  # closed already
+            return f"not cut: descriptor {fd}: {exc.strerror}"
+        try:
+            conn = socket.socket(fileno=copy)
+        except OSError as exc:  # the number now names something else
+            os.close(copy)
+            return f"not cut: descriptor {fd}: {exc.strerror}"
+        with conn:
+            try:
+                peer = conn.getpeername()
+            except OSError as exc:
+                peer = f"none: {exc.strerror}"
+            try:
                 conn.shutdown(socket.SHUT_RDWR)
-        except OSError:  # already closed
-            return False
-        return True
+            except OSError as exc:
+                return f"not cut: descriptor {fd} (peer {peer}): {exc.strerror}"
+        return f"cut descriptor {fd} (peer {peer})"
 
     def has_message(self) -> bool:
         """Whether a message waits to be read."""
