@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import faulthandler
+import io
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -178,7 +180,6 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
         return last - start
 
     flooder = None
-    stacks = tmp_path / "client-stacks.txt"
     try:
         with AsyncVideo(server.endpoint, timeout=20) as av:
             stream(av)
@@ -191,7 +192,10 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
             # A stream still going after 3 s has failed already: both sides then write their stacks,
             # and what each holds, so a failure says where each was (the server logs its own on SIGUSR1).
             def dump(out: "IO[str]") -> None:  # the client's stacks and what its core waits for; the server's own
-                faulthandler.dump_traceback(out)
+                with tempfile.TemporaryFile("w+") as stacks:  # faulthandler writes to a descriptor
+                    faulthandler.dump_traceback(stacks)
+                    stacks.seek(0)
+                    out.write(stacks.read())
                 stream, link = av._state.stream, av._state.links[0]
                 print(f"client stream: request {getattr(stream, 'request_id', None)} next_chunk "
                       f"{getattr(stream, 'next_chunk', None)} done {getattr(stream, 'done', None)}; link health "
@@ -205,31 +209,34 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
                         print(f"{name} threads:\n{threads_of(pid)}", file=out, flush=True)
                     print(f"connections:\n{tcp_queues(int(server.endpoint.rsplit(':', 1)[1]))}", file=out, flush=True)
                     print(f"memory:\n{memory_of(server.proc.pid)}", file=out, flush=True)
-                if shutil.which("gdb"):  # the native stacks too (libzmq's threads), where gdb is at hand
-                    run = subprocess.run(
-                        ["gdb", "-p", str(server.proc.pid), "-batch", "-ex", "thread apply all bt 12"],
-                        capture_output=True, text=True, timeout=60,
-                    )
-                    print(f"server native stacks (gdb):\n{run.stdout[-8000:]}", file=out, flush=True)
+                for name, pid in (("server", server.proc.pid), ("client", os.getpid())):
+                    if shutil.which("gdb"):  # the native stacks too (libzmq's threads), where gdb is at hand
+                        run = subprocess.run(
+                            ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 10"],
+                            capture_output=True, text=True, timeout=60,
+                        )
+                        print(f"{name} native stacks (gdb):\n{run.stdout[-6000:]}", file=out, flush=True)
                 os.kill(server.proc.pid, signal.SIGUSR1)
 
-            with open(stacks, "w") as out:
-                # Again after the client's 20 s timeout: a stream that is still going then has
-                # also failed to raise RequestTimeoutError (one did, in a full run: 270 s).
-                watchdogs = [threading.Timer(delay, dump, args=(out,)) for delay in (3.0, 25.0)]
+            # Again after the client's 20 s timeout: a stream that is still going then has
+            # also failed to raise RequestTimeoutError (one did, in a full run: 270 s).
+            out = io.StringIO()
+            watchdogs = [threading.Timer(delay, dump, args=(out,)) for delay in (3.0, 25.0)]
+            for watchdog in watchdogs:
+                watchdog.start()
+            try:
+                flooded = stream(av)
+            finally:
                 for watchdog in watchdogs:
-                    watchdog.start()
-                try:
-                    flooded = stream(av)
-                finally:
-                    for watchdog in watchdogs:
-                        watchdog.cancel()
+                    watchdog.cancel()
+                    if watchdog.is_alive():  # a dump under way is finished, so that the failure holds it
+                        watchdog.join(180)
             assert flooder.poll() is None  # the flood lasted the whole stream
         # Relative and generous: the flooder shares the machine's cores, so some slowdown is fair;
         # before, the loop handled every waiting message before each chunk (~50x slower here).
         assert flooded < max(10 * quiet, 3.0), (
             f"stream took {flooded:.2f}s under a flood, {quiet:.2f}s without; between chunks: {gaps}\n"
-            f"the client's stacks at 3 s and 25 s:\n{stacks.read_text()}\nthe server's log (its stacks and state in it):\n{server.log[-12000:]}"
+            f"the client's stacks at 3 s and 25 s:\n{out.getvalue()}\nthe server's log (its stacks and state in it):\n{server.log[-12000:]}"
         )
     finally:
         if flooder is not None:
