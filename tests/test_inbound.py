@@ -151,7 +151,8 @@ while True:  # as fast as it can, reading answers only to keep its connection
     for _ in range(100):
         try:
             s.send(info if k % 2 else ping, zmq.NOBLOCK)
-        except zmq.Again:
+        except zmq.Again:  # cut (reconnecting) or its queue full: wait for room, not spin
+            s.poll(10, zmq.POLLIN | zmq.POLLOUT)
             break
         k += 1
         if k == 20000:
