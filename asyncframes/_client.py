@@ -90,6 +90,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 _DEFAULT: Any = object()
 #: Longest single wait between liveness checks.
 _SLICE_S = 0.05
+#: Messages taken past a wait's deadline before the wait gives up although more keep coming (a
+#: server that only chatters cannot hold a caller past its timeout; a chunk already here is
+#: still handed over, since the waits look for it between messages).
+_LATE_MESSAGES = 1000
 #: This process's AsyncVideos (see AsyncVideo._release_for_neighbours).
 _CLIENTS: "weakref.WeakSet[AsyncVideo]" = weakref.WeakSet()
 #: How long libzmq may go on sending a closed connection's last messages (its goodbye), in the
@@ -325,6 +329,8 @@ class AsyncVideo:
         self._conns: list[_Connection] = []
         #: The thread that last used our sockets (see _release_for_neighbours).
         self._thread = threading.get_ident()
+        #: The deadline the last wait overran, and how many messages it took since (see _pump).
+        self._late: tuple[Optional[float], int] = (None, 0)
         #: Per server, the connection generation our Hello was queued on, and when.
         self._hello_sent: dict[int, int] = {}
         self._hello_at: dict[int, float] = {}
@@ -570,7 +576,8 @@ class AsyncVideo:
             AuthenticationError: as for the constructor.
         """
         self._check_open()
-        while self._pump(time.monotonic()):
+        now = time.monotonic()
+        while self._pump(now):  # what is here now (bounded, should more keep coming)
             pass
         if not self.ready:
             for i in range(len(self._conns)):  # a replaced connection needs our Hello again
@@ -1074,7 +1081,16 @@ class AsyncVideo:
         """Receive what is waiting (up to ``deadline``) and hand it to the core. False on timeout.
 
         ``greeting``: the server we are greeting, whose loss counts as a loss while busy.
+        Past ``deadline``, only what is already waiting is taken, and at most
+        :data:`_LATE_MESSAGES` of it per deadline: messages that keep coming cannot make a
+        wait outlast its deadline by more than that.
         """
+        if deadline is not None and time.monotonic() >= deadline:
+            overran, taken = self._late
+            taken = taken + 1 if overran == deadline else 1
+            self._late = (deadline, taken)
+            if taken > _LATE_MESSAGES:
+                return False
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             wait = _SLICE_S if remaining is None else max(0.0, min(_SLICE_S, remaining))

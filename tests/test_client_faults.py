@@ -325,6 +325,36 @@ def test_a_server_that_sends_other_frames_than_asked_is_a_protocol_error():
         server.close()
 
 
+def test_a_server_that_only_chatters_cannot_hold_a_wait_past_its_timeout():
+    """Messages that keep coming (pings here, as fast as the server can send them) do not stretch
+    a wait: the chunk that never comes is a RequestTimeoutError about the timeout after the
+    request, not once the chatter stops. A chunk already here is still handed over (the waits
+    look for it between messages), which the other fake-server stories check."""
+    stop = threading.Event()
+
+    def chatter(_request: protocol.Request):
+        while not stop.is_set():  # the fake server's thread, until the test ends
+            yield protocol.Ping(request_id=0), None
+
+    server = FakeServer(chatter)
+    quiet_after = threading.Timer(10, stop.set)  # so that a wait without the bound ends (and fails below)
+    quiet_after.start()
+    try:
+        with AsyncVideo(server.endpoint, timeout=0.5, shared_memory=False) as av:
+            av.load_by_chunk("x.mp4", [1], frames_per_chunk=1)
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError, match="no chunk arrived within 0.5 s"):
+                list(av.chunks)
+            took = time.monotonic() - start
+            assert not stop.is_set()  # the pings never stopped
+        # Without the bound, the wait lasted until the chatter stopped (10 s). 1,000 late messages take ~0.1 s.
+        assert took < 5, f"the wait took {took:.1f} s for a 0.5 s timeout"
+    finally:
+        quiet_after.cancel()
+        stop.set()
+        server.close()
+
+
 @pytest.mark.skipif(not shm.AVAILABLE, reason="shared memory needs Linux memfd")
 def test_a_slot_lost_to_a_shutdown_is_reported_as_the_shutdown():
     """A SIGTERM'd server closes its slots as it says goodbye: the caller hears 'shut down', not '/proc/.../fd'."""
