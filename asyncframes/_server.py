@@ -42,6 +42,7 @@ from ._server_actions import (
     FreeBuffers,
     OpenVideo,
     ReadAround,
+    ReleaseMemory,
     ResizeCache,
     Send,
     Stop,
@@ -292,6 +293,8 @@ class FrameServer:
                 self._pool.tidy()
                 if self._buffers.trim() or action.release_memory:
                     _release_free_memory()
+            elif isinstance(action, ReleaseMemory):
+                _release_free_memory()
             elif isinstance(action, Stop):
                 self.stop(action.reason)
             else:

@@ -167,6 +167,12 @@ class FreeBuffers:
 
 
 @attrs.frozen
+class ReleaseMemory:
+    """Hand freed heap memory back to the system: a flood was read and thrown away, and glibc
+    keeps what libzmq held for it otherwise (the server's RSS would stay at the flood's peak)."""
+
+
+@attrs.frozen
 class Stop:
     """End the serve loop (a client sent ``stop`` to a server that allows it)."""
 
@@ -174,5 +180,6 @@ class Stop:
 
 
 Action = Union[
-    Send, OpenVideo, Decode, ReadAround, ResizeCache, ForgetRequest, ForgetClient, CloseSpares, ForgetVideo, FreeBuffers, Stop
+    Send, OpenVideo, Decode, ReadAround, ResizeCache, ForgetRequest, ForgetClient, CloseSpares, ForgetVideo, FreeBuffers,
+    ReleaseMemory, Stop,
 ]

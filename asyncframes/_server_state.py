@@ -79,6 +79,7 @@ from ._server_actions import (
     FreeBuffers,
     OpenVideo,
     ReadAround,
+    ReleaseMemory,
     ResizeCache,
     Send,
     SlotUse,
@@ -95,6 +96,11 @@ log = logging.getLogger("asyncframes._server")
 CACHE_IDLE_S = 5.0
 #: A server that has sent no chunk for this long frees the chunk buffers it keeps for reuse.
 BUFFERS_IDLE_S = 2.0
+#: Messages of silenced connections thrown away before the heap they held is handed back
+#: (:class:`ReleaseMemory`), and the least time between two such hand-backs; a flood that
+#: stops with fewer is handed back once it has been quiet that long.
+TRIM_AFTER_DISCARDS = 20_000
+TRIM_EVERY_S = 1.0
 #: How long a request waiting for room to send (or for a shared slot) waits before looking again.
 ROOM_RETRY_S = 0.01
 #: The longest the loop sleeps when nothing is due.
@@ -499,6 +505,12 @@ class ServerState:
         self._resized: dict[tuple[bytes, int], int] = {}
         self._last_chunk_at = now
         self._trimmed = True
+        #: Messages of silenced connections thrown away since the heap was last handed back;
+        #: the count the last tick saw, since when it has not changed, and the next hand-back allowed.
+        self._discarded = 0
+        self._discards_seen = 0
+        self._discards_quiet_since = now
+        self._next_trim = now
         #: Free slots of clients that left, for the next ones.
         self.spares = Spares()
         #: What to read around: video, grayscale, frame, frame count, frame bytes, and whether it
@@ -529,6 +541,7 @@ class ServerState:
         """
         if client in self._silenced:
             self._silenced[client] += 1
+            self._discarded += 1
             return False
         queue = self._inbox.get(client)
         if queue is None:
@@ -1089,6 +1102,7 @@ class ServerState:
         if now - self._last_chunk_at >= BUFFERS_IDLE_S:
             actions.append(FreeBuffers(release_memory=not self._trimmed))
             self._trimmed = True
+        actions += self._release_flood_memory(now)
         if self.spares.kept and now - self._last_chunk_at >= SPARES_IDLE_S:
             actions.append(CloseSpares(tuple(self.spares.close_all())))
         if self._clients or self._inbox:
@@ -1158,6 +1172,21 @@ class ServerState:
         if gone:
             lines.append(f"silenced connections no longer known: {len(gone)} (last {', '.join(gone[-3:])})")
         return lines
+
+    def _release_flood_memory(self, now: float) -> list[Action]:
+        """Hand back the heap a flood held once it was thrown away: every
+        :data:`TRIM_AFTER_DISCARDS` discarded messages while it goes on, and once more when it
+        has been quiet for :data:`TRIM_EVERY_S`; at most once per :data:`TRIM_EVERY_S`."""
+        if not self._discarded:
+            return []
+        if self._discarded != self._discards_seen:
+            self._discards_seen, self._discards_quiet_since = self._discarded, now
+        due = self._discarded >= TRIM_AFTER_DISCARDS or now - self._discards_quiet_since >= TRIM_EVERY_S
+        if not due or now < self._next_trim:
+            return []
+        self._discarded = self._discards_seen = 0
+        self._next_trim = now + TRIM_EVERY_S
+        return [ReleaseMemory()]
 
     def wait_s(self, now: float, queued: Mapping[bytes, int]) -> float:
         """How long the loop may sleep: 0 while messages wait or a chunk can go; else until

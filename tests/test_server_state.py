@@ -44,6 +44,7 @@ from asyncframes._server_actions import (
     FreeBuffers,
     OpenVideo,
     ReadAround,
+    ReleaseMemory,
     ResizeCache,
     Send,
     Stop,
@@ -57,6 +58,8 @@ from asyncframes._server_state import (
     DISCARDS_BEFORE_DISCONNECT,
     READ_AROUND_DELAY_S,
     ROOM_RETRY_S,
+    TRIM_AFTER_DISCARDS,
+    TRIM_EVERY_S,
     ServerState,
     SlotBook,
     wire_error,
@@ -821,6 +824,37 @@ def test_a_silenced_client_flooding_on_is_to_be_disconnected_once():
         due.append(h.state.disconnect_due(A))
     assert due.index(True) == DISCARDS_BEFORE_DISCONNECT - 1 and due.count(True) == 1
     assert not h.state.disconnect_due(B)  # never silenced
+
+
+def test_the_heap_a_flood_held_is_handed_back_while_it_goes_on_and_once_it_stops():
+    """What silenced connections send is read and thrown away; the heap libzmq held for it is
+    handed back every TRIM_AFTER_DISCARDS messages (at most once per TRIM_EVERY_S), and once
+    more when the flood has been quiet for TRIM_EVERY_S, so RSS does not stay at its peak."""
+    h = Harness()
+    h.hello(A)
+
+    def released(now: float) -> int:
+        return sum(isinstance(a, ReleaseMemory) for a in h.state.tick(now))
+
+    for _ in range(CLIENT_QUEUE + 1):
+        h.state.receive(A, parts(Ping()))
+    h.rounds()  # dropped and silenced
+    assert released(0.0) == 0  # nothing thrown away yet
+    for _ in range(TRIM_AFTER_DISCARDS - 1):
+        assert not h.state.receive(A, parts(Ping()))
+    assert released(0.1) == 0  # fewer than TRIM_AFTER_DISCARDS, and still coming
+    assert not h.state.receive(A, parts(Ping()))
+    assert released(0.2) == 1
+    for _ in range(TRIM_AFTER_DISCARDS):
+        h.state.receive(A, parts(Ping()))
+    assert released(0.3) == 0  # again due, but not within TRIM_EVERY_S of the last
+    assert released(0.2 + TRIM_EVERY_S) == 1
+    for _ in range(10):  # a few more, then the flood stops
+        h.state.receive(A, parts(Ping()))
+    assert released(1.5 + TRIM_EVERY_S) == 0  # seen now: quiet since this tick
+    assert released(1.5 + 2 * TRIM_EVERY_S - 0.01) == 0
+    assert released(1.5 + 2 * TRIM_EVERY_S) == 1
+    assert released(1.5 + 4 * TRIM_EVERY_S) == 0  # nothing thrown away since
 
 
 # -- frame times ----------------------------------------------------------------------------------
