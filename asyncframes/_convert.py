@@ -238,12 +238,10 @@ def _neutral_chroma(frame: av.VideoFrame) -> bool:
     if frame.format.name not in YUV_8BIT:
         return False
     for k in (1, 2):
-        plane = _plane(frame, k)
+        plane, neutral = _plane(frame, k), 128
         if plane.shape[1] % 8 == 0:  # rows of whole 8-byte words: compared a word at a time
-            plane = plane.view(np.uint64)
-            if not bool((plane == _NEUTRAL_8).all()):
-                return False
-        elif not bool((plane == 128).all()):
+            plane, neutral = plane.view(np.uint64), _NEUTRAL_8
+        if not bool((plane == neutral).all()):
             return False
     return True
 

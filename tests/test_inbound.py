@@ -162,7 +162,7 @@ while True:  # as fast as it can, reading answers only to keep its connection
 """
 
 
-def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_path):
+def test_a_flooding_client_does_not_stall_another_clients_stream(server):
     import select
     import sys
 
@@ -201,19 +201,21 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
                 print(f"client stream: request {getattr(stream, 'request_id', None)} next_chunk "
                       f"{getattr(stream, 'next_chunk', None)} done {getattr(stream, 'done', None)}; link health "
                       f"{link.health} generation {link.generation} arrivals waiting {len(link.inbox)}", file=out, flush=True)
-                # Where each process's threads are (libzmq's I/O threads among them), twice 0.5 s
-                # apart (CPU used in between), and what the kernel holds on each connection.
+                # Where each process's threads are (libzmq's I/O threads among them), twice (CPU
+                # used in between: 0.5 s, or until the stream ends), and what the kernel holds on
+                # each connection.
                 for again in (False, True):
                     if again:
-                        time.sleep(0.5)
+                        streamed.wait(0.5)
                     for name, pid in (("server", server.proc.pid), ("client", os.getpid()), ("flooder", flooder.pid)):
                         print(f"{name} threads:\n{threads_of(pid)}", file=out, flush=True)
                     print(f"connections:\n{tcp_queues(int(server.endpoint.rsplit(':', 1)[1]))}", file=out, flush=True)
                     print(f"memory:\n{memory_of(server.proc.pid)}", file=out, flush=True)
-                for name, pid in (("server", server.proc.pid), ("client", os.getpid())):
-                    if shutil.which("gdb"):  # the native stacks too (libzmq's threads), where gdb is at hand
+                gdb = shutil.which("gdb")  # the native stacks too (libzmq's threads), where gdb is at hand
+                if gdb:
+                    for name, pid in (("server", server.proc.pid), ("client", os.getpid())):
                         run = subprocess.run(
-                            ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 10"],
+                            [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt 10"],
                             capture_output=True, text=True, timeout=60,
                         )
                         print(f"{name} native stacks (gdb):\n{run.stdout[-6000:]}", file=out, flush=True)
@@ -221,13 +223,14 @@ def test_a_flooding_client_does_not_stall_another_clients_stream(server, tmp_pat
 
             # Again after the client's 20 s timeout: a stream that is still going then has
             # also failed to raise RequestTimeoutError (one did, in a full run: 270 s).
-            out = io.StringIO()
+            out, streamed = io.StringIO(), threading.Event()
             watchdogs = [threading.Timer(delay, dump, args=(out,)) for delay in (3.0, 25.0)]
             for watchdog in watchdogs:
                 watchdog.start()
             try:
                 flooded = stream(av)
             finally:
+                streamed.set()
                 for watchdog in watchdogs:
                     watchdog.cancel()
                     if watchdog.is_alive():  # a dump under way is finished, so that the failure holds it
