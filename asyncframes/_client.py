@@ -336,6 +336,8 @@ class AsyncVideo:
         self._hello_at: dict[int, float] = {}
         #: The last path given and the working directory then, with its spec.
         self._last_spec: tuple[Any, str, Optional[Video]] = (None, "", None)
+        #: Read ahead several frames a chunk: the request, and the frames of the chunk it took last.
+        self._held: Optional[tuple[Any, np.ndarray]] = None
         self._pid = os.getpid()
         _check_window(window)
         if (curve_secret is None) != (curve_server_key is None):
@@ -530,6 +532,7 @@ class AsyncVideo:
         state = self._state
         if state.continues(spec, idxs, fpc):
             return  # the next frame of a request reading ahead: it is here, or on its way
+        self._held = None  # its slot goes back with the next release
         self._release_for_neighbours()
         rid = state.new_request_id()
         self._carry_out(state.replace(rid))
@@ -619,7 +622,7 @@ class AsyncVideo:
         spec = self._spec(video)
         state = self._state
         rid = state.new_request_id()
-        state.expect(rid)
+        state.expect(rid, spec)
         self._send_first(protocol.InfoRequest(rid, spec), time.monotonic() + 1.0)
         return rid
 
@@ -749,6 +752,9 @@ class AsyncVideo:
         deadline = self._deadline(timeout)
         while True:
             arrival = self._state.next_ready()
+            if isinstance(arrival, _client_state.Held):  # in the chunk read ahead that the caller took last
+                assert self._held is not None and self._held[0] is self._state.stream
+                return FrameChunk([arrival.frame], self._held[1][arrival.offset : arrival.offset + 1])
             if arrival is not None:
                 chunk = self._take(arrival, deadline)
                 if chunk is not None:
@@ -765,6 +771,7 @@ class AsyncVideo:
                 iterating the request raises from now on.
         """
         state = getattr(self, "_state", None)
+        self._held = None
         if state is not None:
             self._carry_out(state.cancel(reason))
 
@@ -1058,15 +1065,15 @@ class AsyncVideo:
         the error it sends instead, or :class:`ProtocolError` for anything else."""
         self._check_open()
         spec = self._spec(video)
-        return _answer(self._ask(lambda rid: asking(rid, spec), timeout), answer)
+        return _answer(self._ask(lambda rid: asking(rid, spec), timeout, spec), answer)
 
-    def _ask(self, message: Any, timeout: Optional[float]) -> protocol.Message:
-        """Send ``message(request_id)`` to the first server and wait for its reply (or its error)."""
+    def _ask(self, message: Any, timeout: Optional[float], video: Optional[Video] = None) -> protocol.Message:
+        """Send ``message(request_id)`` (about ``video``) to the first server and wait for its reply (or its error)."""
         timeout = self.timeout if timeout is _DEFAULT else timeout
         deadline = self._deadline(timeout)
         state = self._state
         rid = state.new_request_id()
-        state.expect(rid)
+        state.expect(rid, video)
         try:
             self._open(0, deadline)
             self._send_first(message(rid), deadline)
@@ -1134,11 +1141,17 @@ class AsyncVideo:
             raise
         message = arrival.message
         assert isinstance(message, protocol.Chunk)
-        redeals = state.stream.redeals if state.stream is not None else 0
+        stream = state.stream
+        redeals = stream.redeals if stream is not None else 0
         self._carry_out(state.took(arrival, now=time.monotonic()), _at_least(deadline))
         if state.stream is not None and state.stream.redeals != redeals:
             log.debug("dealt the rest of the request again by the servers' paces: %s", self._paces())
-        return FrameChunk(list(message.frame_idxs), frames) if message.frame_idxs else None
+        if not message.frame_idxs:
+            return None
+        if stream is not None and stream.shown is not None:  # read ahead: the caller gets its frame; the rest wait in hand
+            self._held = (stream, frames) if len(frames) > 1 else None
+            return FrameChunk([message.frame_idxs[0]], frames[:1])
+        return FrameChunk(list(message.frame_idxs), frames)
 
     def _frames_of(self, arrival: Arrival) -> np.ndarray:
         """The chunk's frames: a view of its shared slot, or of the received payload."""

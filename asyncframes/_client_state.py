@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections import deque
 from typing import Optional, Sequence, Union
 
@@ -54,6 +55,18 @@ from .errors import (
 
 #: Frame indices as the client keeps them: a range or a one-dimensional integer array (None: every frame).
 Indices = Optional[Union[range, np.ndarray]]
+
+#: Frames read ahead come in chunks of at most this many bytes (the frame size known from an
+#: earlier chunk of the same video; unknown: one frame a chunk) and at most
+#: :data:`AHEAD_FRAMES_PER_CHUNK` frames: a person stepping forward then takes most steps
+#: from the chunk in hand, with no message to receive or send (a step that must take a
+#: chunk costs ~0.7 ms of Python on a CPU gone cold between steps; one from the chunk in
+#: hand, a fraction of that), while a chunk of small frames is decoded well within the
+#: pause before the first step (32 frames of 384x384: ~15 ms).
+AHEAD_CHUNK_BYTES = 16 << 20
+AHEAD_FRAMES_PER_CHUNK = 32
+#: Frame sizes remembered, by video (for the size of chunks read ahead).
+_KNOWN_SIZES = 64
 
 
 class Health(enum.Enum):
@@ -119,6 +132,15 @@ class Arrival:
     server: int
     message: Union[protocol.Chunk, protocol.Error]
     payload: Optional[memoryview] = None
+
+
+@attrs.frozen
+class Held:
+    """The next frame for the caller is ``frame``, at ``offset`` in the chunk it took last
+    (read ahead, several frames a chunk): the driver hands it over; nothing is due."""
+
+    frame: int
+    offset: int
 
 
 @attrs.define
@@ -220,19 +242,26 @@ class Stream:
     left: dict = attrs.field(factory=dict)  # chunks each server has still to deliver
     delivered_before: int = 0  # chunks taken under earlier deals of this request
     redeals: int = 0  # how often the rest of it was dealt again
-    shown: Optional[int] = None  # chunks the caller asked for; the rest are read ahead (None: none are)
+    shown: Optional[int] = None  # frames the caller asked for; the rest are read ahead (None: none are)
     finished: bool = False  # its last chunk was taken
     generation: int = 0  # its server's connection (read ahead, it goes on only on the same one)
+    #: Which frames each chunk holds, when frames read ahead come several a chunk (None: chunks of ``frames_per_chunk``).
+    chunking: Optional[protocol.Chunking] = None
+    given: int = 0  # read ahead: frames handed to the caller, one a step
+    taken: int = 0  # read ahead: frames in the chunks taken
+    held_from: int = 0  # read ahead: the position of the first frame of the chunk taken last
 
     @property
     def delivered(self) -> int:
-        """Chunks of this request taken so far, over all its deals."""
-        return self.delivered_before + self.next_chunk
+        """Chunks of this request taken so far, over all its deals (read ahead: frames handed over, one a chunk)."""
+        return self.given if self.shown is not None else self.delivered_before + self.next_chunk
 
     def chunks_left(self, frame_count: Optional[int] = None) -> Optional[int]:
         """Chunks the caller has still to take; None if that needs the video's ``frame_count``
         (a request of every frame from one server) and it was not given."""
-        total = self.total_chunks if self.shown is None else self.shown
+        if self.shown is not None:
+            return 0 if self.done else max(0, self.shown - self.given)
+        total = self.total_chunks
         if total is None:
             count = len(self.idxs) if self.idxs is not None else frame_count
             if count is None:
@@ -250,8 +279,15 @@ class Stream:
         fpc = self.frames_per_chunk
         if self.idxs is None:
             return list(range(k * fpc, k * fpc + n))
-        selected = self.idxs[k * fpc : (k + 1) * fpc]
+        start, stop = self.bounds(k)
+        selected = self.idxs[start:stop]
         return selected.tolist() if isinstance(selected, np.ndarray) else list(selected)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        """The positions ``[start, stop)`` among :attr:`idxs` of chunk ``k``'s frames (see :class:`~protocol.Chunking`)."""
+        if self.chunking is not None:
+            return self.chunking.bounds(k)
+        return k * self.frames_per_chunk, (k + 1) * self.frames_per_chunk
 
     def check(self, link: Link, message: protocol.Chunk, payload: Optional[memoryview]) -> None:
         """Raise ProtocolError unless ``message`` is the chunk we asked for next: number, indices, dtype, shape, pixels."""
@@ -262,16 +298,17 @@ class Stream:
             raise ProtocolError(f"expected chunk {local} from {link.endpoint}, it sent chunk {message.chunk}")
         got = list(message.frame_idxs)
         expected = self.expected_idxs(k, len(got))
-        if got != expected:
+        # Frames read ahead past the video's end are dropped: the request may end after those
+        # asked for, its last chunk holding the first of those it would have held.
+        early = message.last_chunk and self.shown is not None and self.bounds(k)[1] >= self.shown
+        if got != expected and not (early and got and got == expected[: len(got)]):
             raise ProtocolError(f"{where} sent frames {_short(got)}, we asked for {_short(expected)}")
         fpc = self.frames_per_chunk
         if self.idxs is None:
             if len(got) > fpc or (not message.last_chunk and len(got) != fpc) or (not got and k > 0):
                 raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
         elif self.total_chunks is None:
-            chunks = max(1, -(-len(self.idxs) // fpc))
-            # Frames read ahead past the video's end are dropped: the request may end after those asked for.
-            early = message.last_chunk and self.shown is not None and k >= self.shown - 1
+            chunks = self.chunking.chunks(len(self.idxs)) if self.chunking is not None else max(1, -(-len(self.idxs) // fpc))
             if message.last_chunk != (k >= chunks - 1) and not early:
                 raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {chunks}")
         if message.dtype != np.dtype(np.uint8).str:
@@ -348,8 +385,9 @@ class ClientState:
         self.last: Optional[Stream] = None  # the latest request, even once it is over
         self.closed = False
         self._ids = itertools.count(1)
-        self._awaiting: set[int] = set()  # request ids of info/ping requests waiting for their reply
+        self._awaiting: dict[int, Optional[Video]] = {}  # info/ping requests waiting for their reply, and their video
         self._replies: dict[int, protocol.Message] = {}
+        self._frame_bytes: dict[Video, int] = {}  # each video's frame size, from its latest info or first chunk
 
     # -- request ids and replies ----------------------------------------------------------
 
@@ -357,9 +395,9 @@ class ClientState:
         """A request id never used before by this client."""
         return next(self._ids)
 
-    def expect(self, request_id: int) -> None:
-        """A reply to ``request_id`` is awaited: file it when it comes."""
-        self._awaiting.add(request_id)
+    def expect(self, request_id: int, video: Optional[Video] = None) -> None:
+        """A reply to ``request_id`` (about ``video``) is awaited: file it when it comes."""
+        self._awaiting[request_id] = video
 
     def reply(self, request_id: int) -> Optional[protocol.Message]:
         """The reply to ``request_id`` if it came (taken: asked again, None)."""
@@ -367,7 +405,7 @@ class ClientState:
 
     def abandon(self, request_id: int) -> None:
         """No longer waiting for ``request_id``: a reply arriving later is dropped."""
-        self._awaiting.discard(request_id)
+        self._awaiting.pop(request_id, None)
         self._replies.pop(request_id, None)
 
     def busy(self, server: int) -> bool:
@@ -440,9 +478,10 @@ class ClientState:
         """Make ``request_id`` the current request (ending any other, as replaced) and say what to send.
 
         A request for one frame ``i`` to one server of our version also reads ahead (with
-        :attr:`read_ahead` set): it asks for ``i`` and the ``read_ahead`` frames after it,
-        in chunks of one (``Request.ahead``), and the caller is handed the first; see
-        :meth:`continues` for the rest.
+        :attr:`read_ahead` set): it asks for ``i`` and the ``read_ahead`` frames after it
+        (``Request.ahead``): ``i`` alone in the first chunk, the others in chunks of
+        :meth:`ahead_frames_per_chunk`; the caller is handed ``i``; see :meth:`continues`
+        for the rest.
 
         Args:
             request_id: from :meth:`new_request_id`.
@@ -469,7 +508,11 @@ class ClientState:
             assert idxs is not None
             i = int(idxs[0])  # chunks of one frame: this one, then those after it, read ahead
             ahead = range(i, i + 1 + self.read_ahead)
-            stream = Stream(request_id, [0], None, ahead, 1, video, shown=1, generation=self.links[0].generation)
+            per_chunk = self.ahead_frames_per_chunk(video)
+            chunking = protocol.Chunking(1, 1, per_chunk) if per_chunk > 1 else None
+            stream = Stream(
+                request_id, [0], None, ahead, 1, video, shown=1, generation=self.links[0].generation, chunking=chunking
+            )
             shares: list[tuple[int, Indices]] = [(0, ahead)]
         elif len(self.links) == 1:
             stream = Stream(request_id, [0], None, idxs, frames_per_chunk, video)
@@ -486,6 +529,22 @@ class ClientState:
             return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
         return actions + self._ask(stream, shares, now)
 
+    def ahead_frames_per_chunk(self, video: Video) -> int:
+        """How many frames a chunk read ahead of ``video`` holds: as many as fit
+        :data:`AHEAD_CHUNK_BYTES`, at most :data:`AHEAD_FRAMES_PER_CHUNK`; one while its
+        frame size is not known (no chunk of it was taken yet)."""
+        frame_bytes = self._frame_bytes.get(video)
+        if not frame_bytes:
+            return 1
+        return max(1, min(AHEAD_FRAMES_PER_CHUNK, AHEAD_CHUNK_BYTES // frame_bytes))
+
+    def _learn(self, video: Video, frame_bytes: int) -> None:
+        """``video``'s frames are ``frame_bytes`` each (the latest :data:`_KNOWN_SIZES` videos are kept)."""
+        self._frame_bytes.pop(video, None)
+        self._frame_bytes[video] = frame_bytes
+        if len(self._frame_bytes) > _KNOWN_SIZES:
+            del self._frame_bytes[next(iter(self._frame_bytes))]
+
     def _reads_ahead(self, idxs: Indices) -> bool:
         """Whether a request for ``idxs`` also reads ahead: one frame, from one server of our version."""
         link = self.links[0]
@@ -495,19 +554,23 @@ class ClientState:
         )
 
     def continues(self, video: Video, idxs: Indices, frames_per_chunk: int) -> bool:
-        """Is a request for ``idxs`` of ``video`` the next chunk the current request reads
-        ahead (a person stepping forward)? If so, that chunk becomes the caller's, as if it
-        had been asked for now: nothing needs to be sent.
+        """Is a request for ``idxs`` of ``video`` the next frame the current request reads
+        ahead (a person stepping forward)? If so, that frame becomes the caller's, as if it
+        had been asked for now: nothing needs to be sent. It is in the chunk the caller
+        took last (:meth:`next_ready` says so with :class:`Held`) or in the next one.
 
         The current request must have delivered what the caller asked for, not have ended
         otherwise, and still be on the same connection.
         """
         stream = self.stream
-        if stream is None or stream.shown is None or not stream.done or stream.finished or stream.spec != video:
+        if stream is None or stream.shown is None or not stream.done or stream.spec != video:
             return False
-        if idxs is None or frames_per_chunk < len(idxs) or self.links[0].generation != stream.generation:
+        if idxs is None or len(idxs) != 1 or frames_per_chunk < 1 or self.links[0].generation != stream.generation:
             return False
-        if list(idxs) != stream.expected_idxs(stream.next_chunk, 1):
+        assert stream.idxs is not None  # a range, for a request reading ahead
+        if (stream.finished and stream.given >= stream.taken) or stream.given >= len(stream.idxs):
+            return False
+        if int(idxs[0]) != stream.idxs[stream.given]:
             return False
         stream.shown += 1
         stream.done = stream.end_seen = False
@@ -548,7 +611,10 @@ class ClientState:
             shm = self.shared_memory and link.shm_pid is not None
             selection = protocol.frame_selection(share)
             ahead = len(share) - stream.shown if stream.shown is not None and share is not None else 0
-            request = protocol.Request(stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm, ahead)
+            per_chunk = stream.chunking.ahead_frames_per_chunk if stream.chunking is not None else 0
+            request = protocol.Request(
+                stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm, ahead, per_chunk
+            )
             sends.append(Send(server, link.generation, request))
             if now is not None:
                 link.pace.dealt(now, self.window)
@@ -688,6 +754,9 @@ class ClientState:
             isinstance(message, protocol.Error) and message.request_id is not None
         ):
             if message.request_id in self._awaiting:
+                video = self._awaiting[message.request_id]
+                if isinstance(message, protocol.InfoReply) and video is not None:
+                    self._learn(video, message.info.height * message.info.width * message.info.channels)
                 self._replies[message.request_id] = message
         elif isinstance(message, protocol.Error) and message.error == UnknownClientError.__name__ and link.greeted:
             # Another server process answers at this endpoint (ZeroMQ reconnected to it by itself):
@@ -759,11 +828,21 @@ class ClientState:
 
     # -- handing chunks to the caller -------------------------------------------------------
 
-    def next_ready(self) -> Optional[Arrival]:
-        """The next message of the current request in chunk order, taken from its server's inbox; None if not here yet."""
+    def next_ready(self) -> "Optional[Arrival | Held]":
+        """The next message of the current request in chunk order, taken from its server's inbox; None if not here yet.
+
+        Read ahead, when the next frame is in the chunk the caller took last: :class:`Held`,
+        counted as handed over (the driver gives it; nothing is checked or sent).
+        """
         stream = self.stream
         if stream is None or stream.done:
             return None
+        if stream.given < stream.taken:
+            assert stream.idxs is not None
+            held = Held(int(stream.idxs[stream.given]), stream.given - stream.held_from)
+            stream.given += 1
+            stream.done = stream.given >= stream.shown
+            return held
         inbox = self.links[stream.next_server].inbox
         return inbox.popleft() if inbox else None
 
@@ -812,14 +891,18 @@ class ClientState:
         if arrival.server in stream.left:
             stream.left[arrival.server] -= 1
         stream.finished = message.last_chunk
-        if stream.shown is not None:
-            stream.done = stream.finished or stream.next_chunk >= stream.shown
+        if stream.shown is not None:  # the caller is handed the chunk's first frame; the rest wait in hand
+            stream.held_from, stream.taken = stream.taken, stream.taken + len(message.frame_idxs)
+            stream.given += 1
+            stream.done = stream.given >= stream.shown
         elif stream.total_chunks is None:
             stream.done = message.last_chunk
         else:
             stream.done = stream.next_chunk >= stream.total_chunks
         if message.frame_idxs and stream.frame_shape is None:
             stream.frame_shape = tuple(message.shape[1:])
+            if stream.spec is not None:
+                self._learn(stream.spec, math.prod(stream.frame_shape))
         if now is not None:
             weights = self._redeal_due()
             redeal = self._redeal(weights, now) if weights is not None else None

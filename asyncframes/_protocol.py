@@ -144,6 +144,11 @@ class Request:
     while it looks at the others. The server drops those past the video's end (the
     request then ends sooner) and treats the request by the frames asked for (a small
     one is served from, and kept in, the recent-frames cache, and read around).
+
+    ``ahead_frames_per_chunk``: with ``ahead``, the frames asked for come in chunks of
+    ``frames_per_chunk`` and the frames read ahead after them in chunks of this many, so
+    that a person stepping forward takes most steps from a chunk already in hand (see
+    :class:`Chunking`). 0: every chunk holds ``frames_per_chunk``, across both.
     """
 
     request_id: int = attrs.field(validator=_nonneg)
@@ -156,6 +161,45 @@ class Request:
     window: int = attrs.field(default=2, validator=_positive)
     shm: bool = attrs.field(default=False, validator=_v.instance_of(bool))
     ahead: int = attrs.field(default=0, validator=_nonneg)
+    ahead_frames_per_chunk: int = attrs.field(default=0, validator=_nonneg)
+
+
+@attrs.frozen
+class Chunking:
+    """Which of a request's frames chunk *k* holds: the one rule both sides follow.
+
+    The first ``asked`` frames come in chunks of ``frames_per_chunk``; with
+    ``ahead_frames_per_chunk`` set, the frames after them (read ahead) come in chunks of
+    that many, never sharing a chunk with a frame asked for. Without it, every chunk
+    holds ``frames_per_chunk`` frames, from the first frame on.
+    """
+
+    frames_per_chunk: int
+    asked: int = 0
+    ahead_frames_per_chunk: int = 0
+
+    @property
+    def most(self) -> int:
+        """The most frames one chunk holds."""
+        return max(self.frames_per_chunk, self.ahead_frames_per_chunk)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        """The positions ``[start, stop)`` of chunk ``k``'s frames among the request's (``stop`` may pass its end)."""
+        fpc, asked, ahead = self.frames_per_chunk, self.asked, self.ahead_frames_per_chunk
+        if not ahead:
+            return k * fpc, (k + 1) * fpc
+        asked_chunks = -(-asked // fpc)
+        if k < asked_chunks:
+            return k * fpc, min((k + 1) * fpc, asked)
+        start = asked + (k - asked_chunks) * ahead
+        return start, start + ahead
+
+    def chunks(self, count: int) -> int:
+        """How many chunks ``count`` frames make (at least one: an empty request sends one empty chunk)."""
+        fpc, ahead = self.frames_per_chunk, self.ahead_frames_per_chunk
+        if not ahead or count <= self.asked:
+            return max(1, -(-count // fpc))
+        return -(-self.asked // fpc) + -(-(count - self.asked) // ahead)
 
 
 @attrs.frozen
@@ -362,7 +406,10 @@ converter.register_unstructure_hook(
     ),
 )
 converter.register_unstructure_hook(
-    Request, make_dict_unstructure_fn(Request, converter, ahead=override(omit_if_default=True))
+    Request,
+    make_dict_unstructure_fn(
+        Request, converter, ahead=override(omit_if_default=True), ahead_frames_per_chunk=override(omit_if_default=True)
+    ),
 )
 converter.register_unstructure_hook(
     VideoInfo,

@@ -422,10 +422,16 @@ class _Request:
     asked: int = 0
     #: Chunks of frames read ahead wait until this time (see READ_AHEAD_DELAY_S).
     ahead_at: float = 0.0
+    #: Which frames each chunk holds (None: chunks of ``frames_per_chunk``).
+    chunks_of: Optional[protocol.Chunking] = None
+
+    @property
+    def chunking(self) -> protocol.Chunking:
+        return self.chunks_of or protocol.Chunking(self.request.frames_per_chunk)
 
     def held_back(self, now: float) -> bool:
         """Whether its next chunk holds frames read ahead that must wait for quiet (see READ_AHEAD_DELAY_S)."""
-        return now < self.ahead_at and self.next_chunk * self.request.frames_per_chunk >= self.asked
+        return now < self.ahead_at and self.chunking.bounds(self.next_chunk)[0] >= self.asked
 
     @property
     def rid(self) -> int:
@@ -437,11 +443,11 @@ class _Request:
 
     @property
     def n_chunks(self) -> int:
-        return max(1, math.ceil(len(self.frame_idxs) / self.request.frames_per_chunk))
+        return self.chunking.chunks(len(self.frame_idxs))
 
     def next_chunk_bytes(self) -> int:
-        start = self.next_chunk * self.request.frames_per_chunk
-        return len(self.frame_idxs[start : start + self.request.frames_per_chunk]) * self.frame_bytes
+        start, stop = self.chunking.bounds(self.next_chunk)
+        return len(self.frame_idxs[start:stop]) * self.frame_bytes
 
     def idle(self, now: float) -> bool:
         """No credit and nothing sent for a while: its client is not taking chunks."""
@@ -729,10 +735,11 @@ class ServerState:
                 raise ProtocolError(f"request id {rid} is already in use")
             if len(state.requests) + len(state.opening) >= cfg.max_requests_per_client:
                 raise ServerError(f"too many concurrent requests from this client (limit {cfg.max_requests_per_client})")
-            if request.frames_per_chunk > cfg.max_frames_per_chunk:
-                raise ServerError(
-                    f"frames_per_chunk {request.frames_per_chunk} exceeds this server's limit of {cfg.max_frames_per_chunk}"
-                )
+            for name in ("frames_per_chunk", "ahead_frames_per_chunk"):
+                if getattr(request, name) > cfg.max_frames_per_chunk:
+                    raise ServerError(
+                        f"{name} {getattr(request, name)} exceeds this server's limit of {cfg.max_frames_per_chunk}"
+                    )
             count = protocol.selection_count(request.frame_idxs)
             if count is not None:  # counted before anything is opened or built
                 self._check_count(count)
@@ -812,11 +819,13 @@ class ServerState:
         if request.ahead:
             idxs = _within(idxs, asked, facts.frame_count)
         frame_bytes = math.prod(facts.frame_shape)
-        chunk_bytes = min(request.frames_per_chunk, max(len(idxs), 1)) * frame_bytes
+        chunking = protocol.Chunking(request.frames_per_chunk, asked, request.ahead_frames_per_chunk if request.ahead else 0)
+        most = min(chunking.most, max(len(idxs), 1))
+        chunk_bytes = most * frame_bytes
         limit = min(cfg.max_chunk_bytes, cfg.client_inline_bytes, cfg.max_inline_bytes)
         if chunk_bytes > limit:
             raise ServerError(
-                f"a chunk of {request.frames_per_chunk} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
+                f"a chunk of {most} frames of this video is {chunk_bytes / 2**20:.3g} MiB, "
                 f"over this server's limit of {limit / 2**20:.3g} MiB; ask for fewer frames per chunk"
             )
         cache = request_cache(idxs) if min(cfg.request_cache_bytes, cfg.total_cache_bytes) > 0 else None
@@ -834,6 +843,7 @@ class ServerState:
             cache=cache,
             cache_bytes=min(cfg.request_cache_bytes, cfg.total_cache_bytes) if cache is not None else 0,
             asked=asked,
+            chunks_of=chunking if chunking.ahead_frames_per_chunk else None,
         )
 
     def _check_count(self, count: int) -> None:
@@ -914,7 +924,7 @@ class ServerState:
         """
         state = self._clients.get(client)
         reqs = state.requests.values() if state is not None else ()
-        return sum(min(r.request.window, self.config.max_window) * r.request.frames_per_chunk * r.frame_bytes for r in reqs)
+        return sum(min(r.request.window, self.config.max_window) * r.chunking.most * r.frame_bytes for r in reqs)
 
     def _shared_bytes(self) -> int:
         """Shared memory held for all clients' chunk slots, and as spares."""
@@ -925,12 +935,11 @@ class ServerState:
         req.last_sent = self._last_chunk_at = now
         self._trimmed = False
         self._rebalance(now)
-        fpc = req.request.frames_per_chunk
-        start = req.next_chunk * fpc
-        frames = _frames_at(req.frame_idxs, start, start + fpc)
+        start, stop = req.chunking.bounds(req.next_chunk)
+        frames = _frames_at(req.frame_idxs, start, stop)
         cache = None
         if req.cache is not None:
-            later = _frames_at(req.frame_idxs, start + fpc, start + fpc + self.config.cache_lookahead_frames)
+            later = _frames_at(req.frame_idxs, stop, stop + self.config.cache_lookahead_frames)
             cache = CacheUse(req.cache_bytes, req.cache, later)
         return Decode(
             client=req.client,
@@ -1011,7 +1020,7 @@ class ServerState:
             video, i = req.request.video, decode.frames[-1]
             last = self._last_small
             # The client may be up to a window of chunks behind what was read ahead for it.
-            behind = req.request.window * req.request.frames_per_chunk if req.request.ahead else 0
+            behind = req.request.window * req.chunking.most if req.request.ahead else 0
             back = last is not None and last[:2] == (video, req.grayscale) and 0 < last[2] - i <= STEP_BACK_FRAMES + behind
             self._last_small = (video, req.grayscale, i)
             if back or not req.request.ahead:  # the frames after it are already read ahead
@@ -1058,7 +1067,7 @@ class ServerState:
         return [ForgetRequest(req.client, req.rid)]
 
     def _log(self, req: _Request, now: float, outcome: str) -> None:
-        sent = min(len(req.frame_idxs), req.next_chunk * req.request.frames_per_chunk)
+        sent = min(len(req.frame_idxs), req.chunking.bounds(req.next_chunk)[0])
         log.info(
             "client=%s video=%s frames=%d/%d chunks=%d time=%.3fs %s",
             req.client.hex(),

@@ -320,6 +320,34 @@ def test_a_person_stepping_forward_gets_the_frames_read_ahead_exact_to_the_end(m
         assert av._state.last.request_id > ids[-1] + 2
 
 
+def test_stepping_through_frames_read_ahead_several_a_chunk_is_exact_and_keeps_every_frame_handed_out(make_clip):
+    """Once the client knows a video's frame size (from info() or an earlier chunk), frames
+    read ahead come several a chunk, and most steps take their frame from the chunk in hand.
+    Steps across chunk boundaries, back, a jump and to the last frame are exact, and every
+    frame handed out stays what it was while the caller keeps it (its slot is not reused).
+    (The rules are protocol.Chunking and ClientState.continues/next_ready, tested purely in
+    test_read_ahead.py.)"""
+    clip = make_clip("h264_gops.mp4")
+    n = len(reference_frames(clip))
+    with AsyncVideo() as av:
+        info = av.info(clip)
+        per_chunk = av._state.ahead_frames_per_chunk(av._spec(clip))
+        assert per_chunk == min(32, (16 << 20) // (info.height * info.width * info.channels)) and per_chunk > 1
+        steps = list(range(10, 10 + 3 * per_chunk + 2)) + [12, 13, 14] + list(range(n - per_chunk - 2, n))
+        kept, received = [], av._state.links[0].chunks_received
+        for i in steps:
+            av.load_by_chunk(clip, [i], 1)
+            (idxs, frames), = av.chunks
+            assert idxs == [i] and frames.shape[0] == 1
+            kept.append(frames)
+        chunks = av._state.links[0].chunks_received - received
+        assert chunks <= 14, f"{len(steps)} steps took {chunks} chunks: frames read ahead did not come several a chunk"
+        assert_frames_exact(clip, steps, np.concatenate(kept))
+        av.load_by_chunk(clip, [n], 1)
+        with pytest.raises(FrameIndexError):
+            next(iter(av.chunks))
+
+
 @needs_shm
 def test_a_server_keeps_to_its_shared_memory_budget(tmp_path, make_clip):
     """Beyond --max-shared-mb, chunks go inline: still exact, and no more slots are made."""

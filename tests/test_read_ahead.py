@@ -11,15 +11,24 @@ from typing import Optional
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asyncframes import _protocol as protocol
-from asyncframes._client_state import Actions, ClientState, ConnectionEvent
+from asyncframes._client_state import (
+    AHEAD_CHUNK_BYTES,
+    AHEAD_FRAMES_PER_CHUNK,
+    Actions,
+    ClientState,
+    ConnectionEvent,
+    Held,
+)
 from asyncframes._protocol import Credit, Request
 from asyncframes._server_state import READ_AHEAD_DELAY_S, READ_AROUND_DELAY_S
 from asyncframes._video import Video
 from asyncframes.errors import AsyncFramesError, FrameIndexError, ProtocolError
 
-from .test_client_state import VIDEO, chunk_of, raised, sent
+from .test_client_state import VIDEO, C, H, W, chunk_of, raised, sent
 from .test_server_state import A, Harness, only_error
 
 pytestmark = pytest.mark.pure
@@ -204,6 +213,137 @@ def test_replacing_a_request_that_reads_ahead_cancels_it_even_once_the_caller_ha
         state.iteration_start()
 
 
+# -- several frames read ahead a chunk ---------------------------------------------------------------------------------------
+
+PER_CHUNK = 4  # frames read ahead a chunk, for frames of a quarter of AHEAD_CHUNK_BYTES
+
+
+def knowing(frame_bytes: int = AHEAD_CHUNK_BYTES // PER_CHUNK) -> ClientState:
+    """A client reading 16 frames ahead that asked for VIDEO's info and was told its frames are ``frame_bytes`` each."""
+    state = client(read_ahead=16)
+    rid = state.new_request_id()
+    state.expect(rid, VIDEO)
+    info = protocol.VideoInfo("v.mp4", 100, 1, frame_bytes // 3, 3, False, 25.0, "h264", "yuv420p", "mp4")
+    assert state.received(0, protocol.InfoReply(rid, info)) == Actions()
+    state.abandon(rid)
+    return state
+
+
+def arrive_chunk(state: ClientState, rid: int, k: int, idxs: list[int], last: bool = False) -> None:
+    assert state.received(0, *chunk_of(rid, k, idxs, last)) == Actions()
+
+
+def next_frame(state: ClientState) -> "tuple[list[int], Actions | Held]":
+    """What a driver's next_chunk() does: the frame the caller gets of the chunk it takes (and what is due), or the
+    frame in hand."""
+    ready = state.next_ready()
+    assert ready is not None
+    if isinstance(ready, Held):
+        return [ready.frame], ready
+    assert state.check(ready) == Actions()
+    return list(ready.message.frame_idxs)[:1], state.took(ready)
+
+
+@pytest.mark.parametrize(
+    "frame_bytes, per_chunk",
+    [(AHEAD_CHUNK_BYTES // PER_CHUNK, PER_CHUNK), (384 * 384 * 3, AHEAD_FRAMES_PER_CHUNK), (1920 * 1080 * 3, 2),
+     (3840 * 2160 * 3, 1), (AHEAD_CHUNK_BYTES + 3, 1)],
+)
+def test_once_the_frame_size_is_known_frames_read_ahead_come_several_a_chunk(frame_bytes, per_chunk):
+    (request,) = requests(step(knowing(frame_bytes), 10))
+    assert request.frame_idxs == protocol.FrameRange(10, 11 + 16, 1)
+    assert (request.frames_per_chunk, request.ahead, request.ahead_frames_per_chunk) == (1, 16, per_chunk if per_chunk > 1 else 0)
+
+
+def test_a_chunk_taken_tells_the_frame_size_too_and_other_videos_stay_unknown():
+    state = client()
+    (first,) = requests(step(state, 10))
+    arrive(state, first.request_id, 0, 10)
+    take(state)
+    (again,) = requests(step(state, 40))
+    assert again.ahead_frames_per_chunk == min(AHEAD_FRAMES_PER_CHUNK, AHEAD_CHUNK_BYTES // (H * W * C))
+    (other,) = requests(step(state, 40, Video("other.mp4")))
+    assert other.ahead_frames_per_chunk == 0
+
+
+def test_steps_within_a_chunk_read_ahead_take_the_frame_in_hand_and_send_nothing():
+    state = knowing()
+    (request,) = requests(step(state, 10))
+    rid = request.request_id
+    arrive_chunk(state, rid, 0, [10])
+    arrive_chunk(state, rid, 1, [11, 12, 13, 14])
+    arrive_chunk(state, rid, 2, [15, 16, 17, 18])
+    got, _ = next_frame(state)
+    assert got == [10] and state.stream.done
+    seen = []
+    for i in range(11, 19):
+        assert step(state, i) is None, f"step to {i} asked the server again"
+        got, what = next_frame(state)
+        assert got == [i] and state.stream.done and state.next_ready() is None
+        seen.append(what if isinstance(what, Held) else sent(what, Credit))
+    credit = [(0, Credit(rid, 1))]
+    assert seen == [credit, Held(12, 1), Held(13, 2), Held(14, 3), credit, Held(16, 1), Held(17, 2), Held(18, 3)]
+    assert state.stream.delivered == 9
+    assert state.next_ready() is None  # chunk 3 has not come: the step to 19 waits for it
+    assert step(state, 19) is None and state.next_ready() is None and not state.stream.done
+
+
+def test_a_step_back_or_a_jump_within_the_chunk_in_hand_asks_again():
+    for i in [10, 11, 13]:  # back to the frame shown, further back, a frame skipped
+        state = knowing()
+        (request,) = requests(step(state, 10))
+        arrive_chunk(state, request.request_id, 0, [10])
+        arrive_chunk(state, request.request_id, 1, [11, 12, 13, 14])
+        next_frame(state)
+        assert step(state, 11) is None
+        next_frame(state)
+        assert requests(step(state, i)), i
+
+
+def test_near_the_end_the_last_chunk_read_ahead_holds_the_frames_left():
+    state = knowing()  # of 100 frames: the server drops 100 and after
+    (request,) = requests(step(state, 97))
+    rid = request.request_id
+    arrive_chunk(state, rid, 0, [97])
+    arrive_chunk(state, rid, 1, [98, 99], last=True)
+    next_frame(state)
+    assert step(state, 98) is None and next_frame(state)[0] == [98]
+    assert step(state, 99) is None and next_frame(state) == ([99], Held(99, 1))
+    assert state.stream.finished and not state.in_flight
+    assert requests(step(state, 100))  # nothing more read ahead: asked for (the server says it is no frame)
+
+
+@pytest.mark.parametrize("idxs, last", [([11, 12], False), ([11, 13, 14, 15], False), ([12], True), ([11, 12, 13, 14, 15], False)])
+def test_a_chunk_read_ahead_that_is_not_the_frames_next_in_line_is_a_protocol_error(idxs, last):
+    state = knowing()
+    (request,) = requests(step(state, 10))
+    arrive_chunk(state, request.request_id, 0, [10])
+    next_frame(state)
+    assert step(state, 11) is None
+    arrive_chunk(state, request.request_id, 1, idxs, last)
+    assert isinstance(raised(state.check(state.next_ready())), ProtocolError)
+
+
+@given(
+    fpc=st.integers(1, 9), asked=st.integers(1, 40), ahead=st.integers(0, 40), per_chunk=st.integers(0, 9), dropped=st.integers(0, 40)
+)
+def test_chunks_hold_every_frame_once_in_order_and_frames_read_ahead_never_share_a_chunk_with_those_asked_for(
+    fpc, asked, ahead, per_chunk, dropped
+):
+    chunking = protocol.Chunking(fpc, asked, per_chunk)
+    count = asked + max(0, ahead - dropped)  # the server drops frames read ahead past the video's end
+    spans = [chunking.bounds(k) for k in range(chunking.chunks(count))]
+    positions = [p for start, stop in spans for p in range(start, min(stop, count))]
+    assert positions == list(range(count))
+    assert all(start < min(stop, count) for start, stop in spans), "no empty chunk"
+    assert all(stop - start <= chunking.most for start, stop in spans)
+    if per_chunk:
+        assert all(stop <= asked or start >= asked for start, stop in spans)
+        assert all(stop - start == per_chunk for start, stop in spans if start >= asked)
+    else:
+        assert spans == [(k * fpc, (k + 1) * fpc) for k in range(len(spans))]
+
+
 # -- the server's side -----------------------------------------------------------------------------------------------------
 
 
@@ -293,3 +433,31 @@ def test_a_step_back_behind_what_was_read_ahead_reads_behind_first():
     h.chunks()
     h.now += READ_AROUND_DELAY_S
     assert h.state.read_around(h.now).frames[:5] == (34, 35, 36, 37, 38)
+
+
+def test_the_server_sends_frames_read_ahead_in_chunks_of_the_size_asked_and_counts_them_in_the_window():
+    h = Harness(max_frames_per_chunk=64)  # 100 frames
+    h.hello(A)
+    h.send(A, Request(1, Video("v.mp4"), range(90, 100), frames_per_chunk=1, window=2, ahead=9, ahead_frames_per_chunk=4))
+    assert h.state.window_bytes(A) == 2 * 4 * 4 * 4 * 3
+    got = [h.chunk()[1]]
+    assert h.chunk() is None  # frames read ahead wait for quiet, as in chunks of one
+    h.now += READ_AHEAD_DELAY_S
+    got.append(h.chunk()[1])
+    h.send(A, Credit(1, 1))
+    h.now += READ_AHEAD_DELAY_S
+    got.append(h.chunk()[1])
+    assert [(c.chunk, c.frame_idxs, c.shape[0], c.last_chunk) for c in got] == [
+        (0, [90], 1, False), (1, [91, 92, 93, 94], 4, False), (2, [95, 96, 97, 98], 4, False)
+    ]
+    h.send(A, Credit(1, 1))
+    h.now += READ_AHEAD_DELAY_S
+    last = h.chunk()[1]
+    assert (last.chunk, last.frame_idxs, last.last_chunk) == (3, [99], True)  # the frames left
+
+
+def test_chunks_read_ahead_over_the_servers_limits_are_refused():
+    h = Harness(max_frames_per_chunk=8)
+    h.hello(A)
+    error = only_error(h.send(A, Request(1, Video("v.mp4"), range(10, 20), frames_per_chunk=1, ahead=9, ahead_frames_per_chunk=9)))
+    assert error.error == "ServerError" and "ahead_frames_per_chunk 9" in error.message
