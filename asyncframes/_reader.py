@@ -32,6 +32,7 @@ from . import _index_store as index_store
 from ._convert import Converter, is_gray, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
+from ._nal import Disposable, disposable_test
 from ._split import gop_starts
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
@@ -136,6 +137,8 @@ class ReaderStats:
     seeks: int = 0
     #: packets dropped undecoded because a seek landed before the keyframe aimed for.
     packets_skipped: int = 0
+    #: packets of non-reference frames nobody wanted, left undecoded on the way to wanted ones.
+    packets_undecoded: int = 0
     #: seeks that went past the keyframe aimed for.
     late_landings: int = 0
     #: times the packet index was given up for counting decoded frames.
@@ -300,6 +303,16 @@ class VideoReader(FrameSource):
         self._last = -1  # index of the last frame the decoder presented
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
+        #: Leaving packets of unwanted non-reference frames undecoded (see :mod:`._nal`): the
+        #: test for this stream (None: none known), whether it is still trusted here, the
+        #: frames of the current read that must be decoded and the first frame past its last
+        #: target (None between reads: frames decoded ahead may be wanted by the next read),
+        #: and the frames left undecoded that the decoder has not gone past yet.
+        self._disposable: Optional[Disposable] = None
+        self._leave_undecoded = True
+        self._keep: frozenset[int] | set[int] = frozenset()
+        self._leave_before: Optional[int] = None
+        self._undecoded: set[int] = set()
         self._convert = Converter(filename)
         #: The index :meth:`gop_starts` last worked on, and where its GOPs start.
         self._gop_starts: Optional[tuple[FrameIndex, list[int]]] = None
@@ -483,6 +496,7 @@ class VideoReader(FrameSource):
                 cache.offer(i, image)
 
         for _attempt in range(3):
+            undecoded = self.stats.packets_undecoded
             try:
                 self._decode(targets, sink, extra, interrupt)
                 return out
@@ -497,6 +511,13 @@ class VideoReader(FrameSource):
             except _Mismatch as exc:
                 if self.index.sequential:
                     raise VideoDecodeError(f"{self.filename}: the decoder is not repeatable here ({exc})") from None
+                if self.stats.packets_undecoded != undecoded:
+                    # Frames were left undecoded on the way: decode every frame of this file from now
+                    # on before doubting the index.
+                    log.warning("%s: %s with non-reference frames left undecoded; decoding them from now on", self.filename, exc)
+                    self._leave_undecoded = False
+                    self._frames = None
+                    continue
                 log.warning("%s: decoder disagrees with the packet index (%s); counting frames instead", self.filename, exc)
                 self.stats.counting_fallbacks += 1
                 self.index = self._count_frames(str(exc))
@@ -563,6 +584,8 @@ class VideoReader(FrameSource):
         stream = streams[self.stream_index]
         if self.thread_type is not None:
             stream.thread_type = self.thread_type
+        ctx = stream.codec_context
+        self._disposable = disposable_test(ctx.name, bytes(ctx.extradata or b""))
         return container, stream
 
     def _open_facts(self) -> StreamFacts:
@@ -687,8 +710,9 @@ class VideoReader(FrameSource):
             self.close()  # (a container nothing was read from is reused: opening a long MP4 costs ~13 ms)
         container, stream = self._ensure_open()
         self._untouched = False
-        self._frames = container.decode(stream)
+        self._frames = self._decoded(container.demux(stream))
         self._last, self._anchor, self._after_seek = -1, None, False
+        self._undecoded.clear()
 
     def _seek_for(self, target: int, back: int = 0, early: int = 0) -> None:
         """Get ready to decode from the keyframe ``back`` keyframes before ``target``'s, pointing
@@ -712,6 +736,7 @@ class VideoReader(FrameSource):
             return
         self.stats.seeks += 1
         self._frames = self._frames_from_keyframe(container.demux(stream), key)
+        self._undecoded.clear()
         self._anchor = key
         self._last = self.index.first_at_or_after(key) - 1
         self._after_seek = True
@@ -735,9 +760,32 @@ class VideoReader(FrameSource):
                 started = True
                 if place == "after":
                     raise _LandedLate()
-            yield from packet.decode()
+            if not self._may_leave_undecoded(packet):
+                yield from packet.decode()
         if not started:
             raise _LandedLate()
+
+    def _decoded(self, packets: Iterator[av.Packet]) -> Iterator[av.VideoFrame]:
+        """Frames decoded from ``packets`` (from the start of the file), as ``container.decode`` gives them."""
+        for packet in packets:
+            if not self._may_leave_undecoded(packet):
+                yield from packet.decode()
+
+    def _may_leave_undecoded(self, packet: av.Packet) -> bool:
+        """Whether ``packet`` is left undecoded: a non-reference frame (see :mod:`._nal`) before the
+        current read's last target that the read does not want (nor its cache). Such a frame
+        changes no other frame, so the frames wanted come out the same."""
+        before, disposable = self._leave_before, self._disposable
+        if before is None or disposable is None or not packet.size:
+            return False
+        i = self.index.index_of(packet.pts)
+        if i is None or i >= before or i in self._keep or i <= self._last:
+            return False
+        if not disposable(memoryview(packet)):  # type: ignore[arg-type]
+            return False
+        self._undecoded.add(i)
+        self.stats.packets_undecoded += 1
+        return True
 
     def _landed_late(self, target: int, back: int) -> bool:
         """After a seek went past its keyframe: seek by decode timestamps from now on, if that
@@ -795,6 +843,9 @@ class VideoReader(FrameSource):
                 if found is None:
                     raise _Mismatch(f"decoder presented pts {frame.pts}, which no packet announced")
                 i = found
+                while self._undecoded and self._last + 1 < i and self._last + 1 in self._undecoded:
+                    self._undecoded.discard(self._last + 1)  # left undecoded: never presented
+                    self._last += 1
                 if i != self._last + 1:
                     if self._after_seek and i > self._last + 1:
                         raise _Overshoot()
@@ -812,6 +863,16 @@ class VideoReader(FrameSource):
         """
         done: set[int] = set()
         want = set(wanted)
+        use = self._leave_undecoded and bool(wanted) and not self.index.sequential
+        self._keep, self._leave_before = want | extra, (wanted[-1] if use else None)
+        try:
+            self._decode_each(wanted, want, done, sink, extra, interrupt)
+        finally:
+            self._keep, self._leave_before = frozenset(), None  # what is fed between reads is decoded
+
+    def _decode_each(  # type: ignore[no-untyped-def]
+        self, wanted: list[int], want: set[int], done: set[int], sink, extra: frozenset[int], interrupt
+    ) -> None:
         for target in wanted:
             if target in done:
                 continue

@@ -1,0 +1,101 @@
+"""Leaving unwanted non-reference H.264 frames undecoded: which packets qualify (pure), and that
+a reader doing so still returns exactly the frames of a sequential decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asyncframes._nal import disposable_test
+from asyncframes._reader import VideoReader
+
+from .conftest import assert_frames_exact, reference_frames, shared_video
+
+#: NAL headers: (forbidden bit 0) nal_ref_idc (2 bits) nal_unit_type (5 bits).
+units = st.tuples(st.integers(0, 3), st.integers(0, 31), st.binary(min_size=0, max_size=12))
+
+
+def header(ref_idc: int, kind: int) -> int:
+    return (ref_idc << 5) | kind
+
+
+def expected(nals: list[tuple[int, int, bytes]]) -> bool:
+    """The definition: a coded slice (types 1-5) and no slice of a reference picture."""
+    slices = [ref for ref, kind, _ in nals if 1 <= kind <= 5]
+    return bool(slices) and not any(slices)
+
+
+def avcc(prefix: int) -> bytes:
+    return bytes([1, 0x64, 0, 0x1F, 0xFC | (prefix - 1)])
+
+
+def length_prefixed(nals: list[tuple[int, int, bytes]], prefix: int) -> bytes:
+    return b"".join((1 + len(body)).to_bytes(prefix, "big") + bytes([header(ref, kind)]) + body for ref, kind, body in nals)
+
+
+def annex_b(nals: list[tuple[int, int, bytes]]) -> bytes:
+    # Payload bytes never hold a start code (emulation prevention): keep them free of zeros.
+    return b"".join(b"\x00\x00\x00\x01" + bytes([header(ref, kind)]) + body.replace(b"\x00", b"\x07") for ref, kind, body in nals)
+
+
+@pytest.mark.pure
+@given(st.lists(units, max_size=6), st.sampled_from([1, 2, 4]))
+def test_a_packet_is_disposable_when_it_holds_slices_and_none_of_a_reference_picture(nals, prefix):
+    assert disposable_test("h264", avcc(prefix))(memoryview(length_prefixed(nals, prefix))) is expected(nals)
+    assert disposable_test("h264", None)(memoryview(annex_b(nals))) is expected(nals)
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    "data",
+    [
+        length_prefixed([(0, 1, b"\x88\x84")], 4)[:-1] + b"\x00\x00\x00\x09\x01",  # a length past the end
+        bytes([0, 0, 0, 2, 0x81, 0]),  # the forbidden bit
+        b"",
+    ],
+)
+def test_what_cannot_be_read_is_never_disposable(data):
+    assert disposable_test("h264", avcc(4))(memoryview(data)) is False
+
+
+@pytest.mark.pure
+def test_only_h264_with_a_readable_record_has_a_test():
+    assert disposable_test("hevc", None) is None and disposable_test("vp9", b"") is None
+    assert disposable_test("h264", bytes([1, 0x64, 0, 0x1F, 0xFE])) is None  # a 3-byte prefix is not allowed
+    assert disposable_test("h264", bytes([1, 0x64])) is None  # a record cut short
+
+
+def _reads(n: int, seed: int) -> list[list[int]]:
+    """Single frames, then batches, at random (one frame twice; one batch repeats a frame)."""
+    rng = np.random.default_rng(seed)
+    singles = [[int(i)] for i in rng.integers(0, n, 12)]
+    batches = [sorted(int(i) for i in rng.integers(0, n, 6)) for _ in range(4)]
+    return singles + [singles[0]] + batches + [[n - 1, 0, n - 1]]
+
+
+@pytest.mark.parametrize(
+    "name, leaves",
+    [("h264_gops.mp4", True), ("h264_bframes_longgop.mp4", True), ("h264.ts", True), ("h264.mkv", True),
+     ("h264_vfr.mp4", True), ("h264_opengop.ts", True), ("h264_gops.ts", True), ("hevc.mp4", False),
+     ("mpeg4_bframes.avi", False)],
+)
+def test_reading_at_random_leaves_unwanted_non_reference_frames_undecoded_and_stays_exact(make_clip, name, leaves):
+    path = make_clip(name)
+    n = len(reference_frames(path))
+    with VideoReader(str(path)) as reader:
+        for idxs in _reads(n, seed=len(name)):
+            assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+        assert (reader.stats.packets_undecoded > 0) is leaves
+        assert reader.stats.counting_fallbacks == 0 and reader._leave_undecoded
+
+
+def test_the_shared_recording_with_b_frames_is_read_exactly_with_about_half_its_frames_left_undecoded():
+    path = shared_video("centered_pair_small.mp4")
+    n = len(reference_frames(path))
+    with VideoReader(str(path)) as reader:
+        for idxs in _reads(n, seed=3):
+            assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
+        decoded, left = reader.stats.frames_decoded, reader.stats.packets_undecoded
+        assert left > 0.3 * (decoded + left), (decoded, left)
