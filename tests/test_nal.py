@@ -1,5 +1,5 @@
-"""Leaving unwanted non-reference H.264 frames undecoded: which packets qualify (pure), and that
-a reader doing so still returns exactly the frames of a sequential decode."""
+"""Leaving unwanted non-reference H.264 and HEVC frames undecoded: which packets qualify (pure),
+and that a reader doing so still returns exactly the frames of a sequential decode."""
 
 from __future__ import annotations
 
@@ -60,11 +60,43 @@ def test_what_cannot_be_read_is_never_disposable(data):
     assert disposable_test("h264", avcc(4))(memoryview(data)) is False
 
 
+#: HEVC NAL units: (nal_unit_type, nuh_layer_id, body).
+hevc_units = st.tuples(st.integers(0, 63), st.sampled_from([0, 0, 0, 1]), st.binary(min_size=0, max_size=12))
+
+
+def hvcc(prefix: int, temporal_layers: int = 1) -> bytes:
+    record = bytearray(23)
+    record[0] = 1
+    record[21] = (temporal_layers << 3) | (prefix - 1)
+    return bytes(record)
+
+
+def hevc_expected(nals: list[tuple[int, int, bytes]]) -> bool:
+    """The definition: a slice (types 0-31), every slice of a sub-layer non-reference picture
+    (the even types below 16), every unit of the base layer."""
+    slices = [kind for kind, _, _ in nals if kind < 32]
+    return bool(slices) and all(k < 16 and k % 2 == 0 for k in slices) and all(layer == 0 for _, layer, _ in nals)
+
+
 @pytest.mark.pure
-def test_only_h264_with_a_readable_record_has_a_test():
-    assert disposable_test("hevc", None) is None and disposable_test("vp9", b"") is None
+@given(st.lists(hevc_units, max_size=6), st.sampled_from([1, 2, 4]), st.integers(0, 6))
+def test_an_hevc_packet_is_disposable_when_it_holds_only_slices_of_non_reference_pictures(nals, prefix, temporal_id):
+    data = b"".join(
+        (2 + len(body)).to_bytes(prefix, "big") + bytes([(kind << 1) | (layer >> 5), ((layer & 31) << 3) | (temporal_id + 1)]) + body
+        for kind, layer, body in nals
+    )
+    assert disposable_test("hevc", hvcc(prefix))(memoryview(data)) is hevc_expected(nals)
+
+
+@pytest.mark.pure
+def test_only_h264_and_single_layer_hevc_with_a_readable_record_have_a_test():
+    assert disposable_test("vp9", b"") is None and disposable_test("mpeg4", None) is None
     assert disposable_test("h264", bytes([1, 0x64, 0, 0x1F, 0xFE])) is None  # a 3-byte prefix is not allowed
     assert disposable_test("h264", bytes([1, 0x64])) is None  # a record cut short
+    assert disposable_test("hevc", None) is None  # Annex B: how many temporal sub-layers is not known
+    assert disposable_test("hevc", hvcc(4, temporal_layers=2)) is None  # a higher sub-layer may predict from one
+    assert disposable_test("hevc", hvcc(4, temporal_layers=0)) is None  # "unknown"
+    assert disposable_test("hevc", hvcc(4)) is not None
 
 
 def _reads(n: int, seed: int) -> list[list[int]]:
@@ -78,8 +110,8 @@ def _reads(n: int, seed: int) -> list[list[int]]:
 @pytest.mark.parametrize(
     "name, leaves",
     [("h264_gops.mp4", True), ("h264_bframes_longgop.mp4", True), ("h264.ts", True), ("h264.mkv", True),
-     ("h264_vfr.mp4", True), ("h264_opengop.ts", True), ("h264_gops.ts", True), ("hevc.mp4", False),
-     ("mpeg4_bframes.avi", False)],
+     ("h264_vfr.mp4", True), ("h264_opengop.ts", True), ("h264_gops.ts", True), ("hevc.mp4", True),
+     ("hevc_opengop.mkv", True), ("mpeg4_bframes.avi", False), ("vp9.webm", False)],
 )
 def test_reading_at_random_leaves_unwanted_non_reference_frames_undecoded_and_stays_exact(make_clip, name, leaves):
     path = make_clip(name)
