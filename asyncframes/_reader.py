@@ -802,8 +802,8 @@ class VideoReader(FrameSource):
         return True
 
     def _must_seek(self, target: int) -> bool:
-        if self._frames is None or target <= self._last:
-            return True
+        if self._frames is None or target <= self._last or target in self._undecoded:
+            return True  # (left undecoded by a read that stopped before it: its packet is gone)
         if self.index.sequential:
             return False
         key_idx = self.index.first_at_or_after(self.index.keyframe_for(target))

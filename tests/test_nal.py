@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncframes._nal import disposable_test
-from asyncframes._reader import VideoReader
+from asyncframes._reader import ReadInterrupted, VideoReader
 
 from .conftest import assert_frames_exact, reference_frames, shared_video
 
@@ -131,3 +131,27 @@ def test_the_shared_recording_with_b_frames_is_read_exactly_with_about_half_its_
             assert_frames_exact(path, idxs, reader.read(idxs, grayscale=False))
         decoded, left = reader.stats.frames_decoded, reader.stats.packets_undecoded
         assert left > 0.3 * (decoded + left), (decoded, left)
+
+
+def _after(checks: int):
+    """An interrupt that says stop once it has been asked ``checks`` times."""
+    asked = iter(range(1 << 20))
+    return lambda: next(asked) >= checks
+
+
+def test_a_frame_left_undecoded_by_a_read_that_stopped_early_is_decoded_when_asked_for(make_clip):
+    """A read interrupted (a cancel) after the decoder went past frames it left undecoded: the
+    next read of such a frame seeks back for it, and the index is never doubted."""
+    path = make_clip("h264_bframes_longgop.mp4")  # one keyframe, B-frames: most frames lie ahead of a seek
+    with VideoReader(str(path)) as reader:
+        for stop in range(5, 100, 5):  # where the decoder has gone past a frame it left undecoded
+            reader.close()
+            with pytest.raises(ReadInterrupted):
+                reader.read([2, 140], grayscale=False, interrupt=_after(stop))
+            if reader._undecoded:
+                break
+        passed = sorted(reader._undecoded)
+        assert passed, "no read stopped with a frame left undecoded ahead of it"
+        for i in passed:
+            assert_frames_exact(path, [i], reader.read([i], grayscale=False))
+        assert reader.stats.counting_fallbacks == 0 and reader._leave_undecoded
