@@ -56,8 +56,8 @@ from .errors import (
 #: Frame indices as the client keeps them: a range or a one-dimensional integer array (None: every frame).
 Indices = Optional[Union[range, np.ndarray]]
 
-#: Frames read ahead come in chunks of at most this many bytes (the frame size known from an
-#: earlier chunk of the same video; unknown: one frame a chunk) and at most
+#: Frames read ahead come in chunks of at most this many bytes (the frame size known from the
+#: video's info or an earlier chunk of it; unknown: one frame a chunk) and at most
 #: :data:`AHEAD_FRAMES_PER_CHUNK` frames: a person stepping forward then takes most steps
 #: from the chunk in hand, with no message to receive or send (a step that must take a
 #: chunk costs ~0.7 ms of Python on a CPU gone cold between steps; one from the chunk in
@@ -506,7 +506,7 @@ class ClientState:
         actions = self.replace(request_id)
         if self._reads_ahead(idxs):
             assert idxs is not None
-            i = int(idxs[0])  # chunks of one frame: this one, then those after it, read ahead
+            i = int(idxs[0])  # this one alone in the first chunk, then those after it, read ahead
             ahead = range(i, i + 1 + self.read_ahead)
             per_chunk = self.ahead_frames_per_chunk(video)
             chunking = protocol.Chunking(1, 1, per_chunk) if per_chunk > 1 else None
@@ -532,7 +532,7 @@ class ClientState:
     def ahead_frames_per_chunk(self, video: Video) -> int:
         """How many frames a chunk read ahead of ``video`` holds: as many as fit
         :data:`AHEAD_CHUNK_BYTES`, at most :data:`AHEAD_FRAMES_PER_CHUNK`; one while its
-        frame size is not known (no chunk of it was taken yet)."""
+        frame size is not known (neither its info nor a chunk of it came yet)."""
         frame_bytes = self._frame_bytes.get(video)
         if not frame_bytes:
             return 1
@@ -565,7 +565,7 @@ class ClientState:
         stream = self.stream
         if stream is None or stream.shown is None or not stream.done or stream.spec != video:
             return False
-        if idxs is None or len(idxs) != 1 or frames_per_chunk < 1 or self.links[0].generation != stream.generation:
+        if idxs is None or len(idxs) != 1 or self.links[0].generation != stream.generation:
             return False
         assert stream.idxs is not None  # a range, for a request reading ahead
         if (stream.finished and stream.given >= stream.taken) or stream.given >= len(stream.idxs):

@@ -410,6 +410,8 @@ class _Request:
     started: float
     #: When a chunk was last begun (or the request started).
     last_sent: float
+    #: Which frames each chunk holds (see ``Request.ahead_frames_per_chunk``).
+    chunking: protocol.Chunking
     #: The frame cache's finish_gops (None: the request needs no cache), and its share now.
     cache: Optional[bool] = None
     cache_bytes: int = 0
@@ -422,12 +424,6 @@ class _Request:
     asked: int = 0
     #: Chunks of frames read ahead wait until this time (see READ_AHEAD_DELAY_S).
     ahead_at: float = 0.0
-    #: Which frames each chunk holds (None: chunks of ``frames_per_chunk``).
-    chunks_of: Optional[protocol.Chunking] = None
-
-    @property
-    def chunking(self) -> protocol.Chunking:
-        return self.chunks_of or protocol.Chunking(self.request.frames_per_chunk)
 
     def held_back(self, now: float) -> bool:
         """Whether its next chunk holds frames read ahead that must wait for quiet (see READ_AHEAD_DELAY_S)."""
@@ -843,7 +839,7 @@ class ServerState:
             cache=cache,
             cache_bytes=min(cfg.request_cache_bytes, cfg.total_cache_bytes) if cache is not None else 0,
             asked=asked,
-            chunks_of=chunking if chunking.ahead_frames_per_chunk else None,
+            chunking=chunking,
         )
 
     def _check_count(self, count: int) -> None:
