@@ -200,6 +200,11 @@ def _second_from_video(video: Video, frames_per_chunk: int) -> int:
         return _drain(client)
 
 
+def _failure(exc: BaseException) -> str:
+    """What another library's failure was, for the row that would have shown it."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
@@ -283,8 +288,12 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
             # this run would pay for fresh shared pages (a 1080p round held gigabytes so).
             del got
         for name, open_video, read_batch, as_rgb in optional_batch_readers():
-            handle = open_video(path)  # opened (and indexed) before the clock, like the seeker and the server above
-            t, theirs = _timed(partial(read_batch, handle, random_idxs))
+            try:
+                handle = open_video(path)  # opened (and indexed) before the clock, like the seeker and the server above
+                t, theirs = _timed(partial(read_batch, handle, random_idxs))
+            except Exception as exc:  # another library's failure on this video: its row says so
+                res.notes[f"random.other.{name}_failed"] = _failure(exc)
+                continue
             res.add(f"random.other.{name}_fps", len(random_idxs) / t)
             key = f"random.other.{name}_exact"
             res.notes[key] = res.notes.get(key, True) and _same(as_rgb(theirs), expected)
@@ -663,6 +672,9 @@ def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int)
     row("PyAV done well (baseline)", "sequential.pyav_best_fps")
     for other in [k for k in res.samples if k.startswith("sequential.other.")]:
         row(OTHER_LABELS.get(other.split(".")[-1].removesuffix("_fps"), other), other)
+    for key, why in res.notes.items():
+        if key.startswith("sequential.other.") and key.endswith("_failed"):
+            print(f"    {OTHER_LABELS.get(key.split('.')[-1].removesuffix('_failed'), key):38s} failed: {why}")
     row("asyncframes, running server", "sequential.asyncframes_fps", "target >= 1.00")
     row("  consumer reading one pixel per chunk", "sequential.asyncframes_one_pixel_fps")
     row("asyncframes, 2nd from_video() (+open)", "sequential.second_from_video_fps", "target >= 0.90")
@@ -677,6 +689,10 @@ def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int)
         name = other.split(".")[-1].removesuffix("_fps")
         print(f"    {RANDOM_LABELS.get(name, name):38s} {m(other):8.0f}   {m(other) / rbase:6.2f}   "
               f"frames exact: {res.notes[f'random.other.{name}_exact']}")
+    for key, why in res.notes.items():
+        if key.startswith("random.other.") and key.endswith("_failed"):
+            name = key.split(".")[-1].removesuffix("_failed")
+            print(f"    {RANDOM_LABELS.get(name, name):38s} failed: {why}")
     print("  one frame per request                    p50 ms     p95 ms")
     p95 = res.pct
     print(f"    in-process seek + decode               {m('scrub.pyav_seek_ms'):8.1f}   {p95('scrub.pyav_seek_ms', 95):8.1f}")
@@ -704,16 +720,20 @@ def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int)
 UNSTABLE = 0.15
 
 
-def bench_clips(videos: Sequence[str], rounds: int, clips: int = 200, clip_frames: int = 8) -> dict[str, list[float]]:
+def bench_clips(
+    videos: Sequence[str], rounds: int, clips: int = 200, clip_frames: int = 8
+) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Training clips: ``clips`` random clips of ``clip_frames`` consecutive frames over ``videos``,
     one request per clip (clips/s), against PyAV done well in-process and the optional readers;
-    and all of a video's clips in one request. Every clip is checked against PyAV's."""
+    and all of a video's clips in one request. Every clip is checked against PyAV's.
+    Also returns the optional readers that failed, and how (their rows are left out)."""
     rng = np.random.default_rng(11)
     counts = {v: len(_frame_pts(v)) for v in videos}
     picks = [(v, int(rng.integers(0, max(1, counts[v] - clip_frames)))) for v in rng.choice(list(videos), clips)]
     out: dict[str, list[float]] = {"pyav": [], "asyncframes": [], "asyncframes_one_request_per_video": []}
     exact = True
     others_exact: dict[str, bool] = {}
+    failed: dict[str, str] = {}  # other libraries that failed on these videos, and how
     for _ in range(rounds):
         readers = {v: SeekingReader(v) for v in videos}
         try:
@@ -745,21 +765,27 @@ def bench_clips(videos: Sequence[str], rounds: int, clips: int = 200, clip_frame
                     pass
             out["asyncframes_one_request_per_video"].append(clips / (time.perf_counter() - start))
         for name, open_video, read_batch, as_rgb in optional_batch_readers():
-            handles = {v: open_video(v) for v in videos}  # opened before the clock, like PyAV's readers
-            start = time.perf_counter()
-            theirs = [read_batch(handles[v], list(range(i, i + clip_frames))) for v, i in picks]
+            if name in failed:
+                continue
+            try:
+                handles = {v: open_video(v) for v in videos}  # opened before the clock, like PyAV's readers
+                start = time.perf_counter()
+                theirs = [read_batch(handles[v], list(range(i, i + clip_frames))) for v, i in picks]
+            except Exception as exc:  # another library's failure on these videos: its row says so
+                failed[name] = _failure(exc)
+                continue
             out.setdefault(name, []).append(clips / (time.perf_counter() - start))
             others_exact[name] = others_exact.get(name, True) and _digests(as_rgb(a) for a in theirs) == want
             del handles, theirs
     out["exact"] = [float(exact)]
     for name, ok in others_exact.items():
         out[f"exact.{name}"] = [float(ok)]
-    return out
+    return out, failed
 
 
 def clips_row(title: str, videos: Sequence[str], rounds: int, clips: int) -> dict[str, Any]:
     """Run :func:`bench_clips` over ``videos``, print its rows and return them for the report."""
-    out = bench_clips(videos, rounds, clips=clips)
+    out, failed = bench_clips(videos, rounds, clips=clips)
     exact = bool(out.pop("exact")[0])
     others_exact = {k.split(".", 1)[1]: bool(out.pop(k)[0]) for k in list(out) if k.startswith("exact.")}
     base = statistics.median(out["pyav"])
@@ -772,8 +798,11 @@ def clips_row(title: str, videos: Sequence[str], rounds: int, clips: int) -> dic
         if name in others_exact:
             label, target = f"{name}, one call per clip", f"   exact: {others_exact[name]}"
         print(f"  {label:38s} {statistics.median(values):8.1f}   x{statistics.median(values) / base:5.2f}{target}")
+    for name, why in failed.items():
+        print(f"  {name + ', one call per clip':38s} failed: {why}")
     report: dict[str, Any] = {name: {"median": statistics.median(v), "samples": v} for name, v in out.items()}
     report["exact"] = exact
+    report.update({f"failed_{name}": why for name, why in failed.items()})
     report.update({f"exact_{name}": ok for name, ok in others_exact.items()})
     return report
 
@@ -834,7 +863,11 @@ def run(args: argparse.Namespace) -> int:
         res = bench_video(path, args.rounds, args.random, args.scrub, fpc)
         for name, reader in optional_readers():
             for _ in range(args.rounds):
-                t, count = _timed(partial(reader, path))
+                try:
+                    t, count = _timed(partial(reader, path))
+                except Exception as exc:  # another library's failure on this video: its row says so
+                    res.notes[f"sequential.other.{name}_failed"] = _failure(exc)
+                    break
                 res.add(f"sequential.other.{name}_fps", count / t)
         print_video(video.name, _describe(path), res, fpc, args.random)
         report["videos"][video.name] = {"path": path, **res.as_dict()}

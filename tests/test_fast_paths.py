@@ -223,7 +223,15 @@ def test_a_frame_asked_again_is_the_same_frame_and_follows_the_file(tmp_path):
         assert not np.array_equal(frames, first)
 
 
-def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
+def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys, monkeypatch):
+    import asyncframes._bench as bench
+
+    def fails(*_args):
+        raise RuntimeError("Requested next frame while there are no more frames left to decode.")
+
+    # Another library that fails on a video (torchcodec on an MPEG-TS clip did): its rows say so, the bench goes on.
+    monkeypatch.setattr(bench, "optional_readers", lambda: iter([("other", fails)]))
+    monkeypatch.setattr(bench, "optional_batch_readers", lambda: iter([("other", fails, fails, fails)]))
     clip = make_clip("h264_gops.mp4")
     out = tmp_path / "bench.json"
     code = cli_main(
@@ -244,6 +252,8 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys):
                  "first_chunk.cold_user_ms", "first_chunk.cold_pyav_ms", "client.constructor_ms", "client.close_ms"):
         assert figures[name]["median"] > 0
     assert report["clips"]["asyncframes"]["median"] > 0
+    assert text.count("failed: RuntimeError: Requested next frame") == 3  # sequential, random, clips
+    assert figures["random.other.other_failed"].startswith("RuntimeError") and "failed_other" in report["clips"]
     assert report["memory"]["frames"] == 300
     scaling = report["workers"]["h264_gops.mp4"]
     rows = {"threads 1", "threads 2", "processes 2"}
