@@ -245,8 +245,10 @@ class Stream:
     shown: Optional[int] = None  # frames the caller asked for; the rest are read ahead (None: none are)
     finished: bool = False  # its last chunk was taken
     generation: int = 0  # its server's connection (read ahead, it goes on only on the same one)
-    #: Which frames each chunk holds, when frames read ahead come several a chunk (None: chunks of ``frames_per_chunk``).
-    chunking: Optional[protocol.Chunking] = None
+    #: Which frames each chunk holds (by default: chunks of ``frames_per_chunk``; see ``Request.ahead_frames_per_chunk``).
+    chunking: protocol.Chunking = attrs.field(
+        default=attrs.Factory(lambda stream: protocol.Chunking(stream.frames_per_chunk), takes_self=True)
+    )
     given: int = 0  # read ahead: frames handed to the caller, one a step
     taken: int = 0  # read ahead: frames in the chunks taken
     held_from: int = 0  # read ahead: the position of the first frame of the chunk taken last
@@ -279,15 +281,9 @@ class Stream:
         fpc = self.frames_per_chunk
         if self.idxs is None:
             return list(range(k * fpc, k * fpc + n))
-        start, stop = self.bounds(k)
+        start, stop = self.chunking.bounds(k)
         selected = self.idxs[start:stop]
         return selected.tolist() if isinstance(selected, np.ndarray) else list(selected)
-
-    def bounds(self, k: int) -> tuple[int, int]:
-        """The positions ``[start, stop)`` among :attr:`idxs` of chunk ``k``'s frames (see :class:`~protocol.Chunking`)."""
-        if self.chunking is not None:
-            return self.chunking.bounds(k)
-        return k * self.frames_per_chunk, (k + 1) * self.frames_per_chunk
 
     def check(self, link: Link, message: protocol.Chunk, payload: Optional[memoryview]) -> None:
         """Raise ProtocolError unless ``message`` is the chunk we asked for next: number, indices, dtype, shape, pixels."""
@@ -300,7 +296,7 @@ class Stream:
         expected = self.expected_idxs(k, len(got))
         # Frames read ahead past the video's end are dropped: the request may end after those
         # asked for, its last chunk holding the first of those it would have held.
-        early = message.last_chunk and self.shown is not None and self.bounds(k)[1] >= self.shown
+        early = message.last_chunk and self.shown is not None and self.chunking.bounds(k)[1] >= self.shown
         if got != expected and not (early and got and got == expected[: len(got)]):
             raise ProtocolError(f"{where} sent frames {_short(got)}, we asked for {_short(expected)}")
         fpc = self.frames_per_chunk
@@ -308,7 +304,7 @@ class Stream:
             if len(got) > fpc or (not message.last_chunk and len(got) != fpc) or (not got and k > 0):
                 raise ProtocolError(f"{where} sent {len(got)} frames in a chunk of {fpc} (last_chunk={message.last_chunk})")
         elif self.total_chunks is None:
-            chunks = self.chunking.chunks(len(self.idxs)) if self.chunking is not None else max(1, -(-len(self.idxs) // fpc))
+            chunks = self.chunking.chunks(len(self.idxs))
             if message.last_chunk != (k >= chunks - 1) and not early:
                 raise ProtocolError(f"{where} says last_chunk={message.last_chunk}, but it is chunk {k} of {chunks}")
         if message.dtype != np.dtype(np.uint8).str:
@@ -509,7 +505,7 @@ class ClientState:
             i = int(idxs[0])  # this one alone in the first chunk, then those after it, read ahead
             ahead = range(i, i + 1 + self.read_ahead)
             per_chunk = self.ahead_frames_per_chunk(video)
-            chunking = protocol.Chunking(1, 1, per_chunk) if per_chunk > 1 else None
+            chunking = protocol.Chunking(1, 1, per_chunk if per_chunk > 1 else 0)
             stream = Stream(
                 request_id, [0], None, ahead, 1, video, shown=1, generation=self.links[0].generation, chunking=chunking
             )
@@ -611,9 +607,9 @@ class ClientState:
             shm = self.shared_memory and link.shm_pid is not None
             selection = protocol.frame_selection(share)
             ahead = len(share) - stream.shown if stream.shown is not None and share is not None else 0
-            per_chunk = stream.chunking.ahead_frames_per_chunk if stream.chunking is not None else 0
             request = protocol.Request(
-                stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm, ahead, per_chunk
+                stream.request_id, stream.spec, selection, stream.frames_per_chunk, self.window, shm, ahead,
+                stream.chunking.ahead_frames_per_chunk,
             )
             sends.append(Send(server, link.generation, request))
             if now is not None:
