@@ -28,6 +28,10 @@ _HEVC_NON_REFERENCE = frozenset({0, 2, 4, 6, 8, 10, 12, 14})
 
 #: Whether a packet's bytes hold only non-reference slices.
 Disposable = Callable[[memoryview], bool]
+#: What one NAL unit's header (at ``data[at]``) says: None, no slice; True, a slice of a
+#: picture no other picture predicts from; False, anything else (a reference picture's
+#: slice, or a unit not understood), which makes the packet's frame one to decode.
+Unit = Callable[[memoryview, int], Optional[bool]]
 
 
 def disposable_test(codec: str, extradata: Optional[bytes]) -> Optional[Disposable]:
@@ -35,7 +39,12 @@ def disposable_test(codec: str, extradata: Optional[bytes]) -> Optional[Disposab
     (codecs other than H.264 and HEVC, a record that does not say its prefix size, HEVC with
     more than one temporal sub-layer or no ``hvcC`` record to say how many)."""
     if codec == "hevc":
-        return _hevc_test(extradata)
+        if not extradata or extradata[0] != 1 or len(extradata) < 23:
+            return None  # no hvcC record: how many temporal sub-layers is not known here
+        layers, prefix = (extradata[21] >> 3) & 7, (extradata[21] & 3) + 1  # numTemporalLayers, lengthSizeMinusOne
+        if layers != 1 or prefix == 3:
+            return None
+        return lambda data: _length_prefixed(data, prefix, _hevc_unit, 2)
     if codec != "h264":
         return None
     if extradata and extradata[0] == 1:  # avcC: configurationVersion 1
@@ -44,71 +53,50 @@ def disposable_test(codec: str, extradata: Optional[bytes]) -> Optional[Disposab
         prefix = (extradata[4] & 3) + 1  # lengthSizeMinusOne
         if prefix == 3:
             return None  # not allowed by ISO/IEC 14496-15
-        return lambda data: _length_prefixed(data, prefix)
+        return lambda data: _length_prefixed(data, prefix, _h264_unit, 1)
     return _annex_b
 
 
-def _length_prefixed(data: memoryview, prefix: int) -> bool:
-    """Whether ``data`` (NAL units, each after a ``prefix``-byte big-endian length) holds a
-    slice and no slice of a reference picture."""
+def _h264_unit(data: memoryview, at: int) -> Optional[bool]:
+    header = data[at]
+    if header & 0x80:
+        return False  # forbidden_zero_bit set: not a unit we understand
+    if header & 0x1F not in _SLICES:
+        return None
+    return not header & 0x60  # nal_ref_idc != 0: a reference picture
+
+
+def _hevc_unit(data: memoryview, at: int) -> Optional[bool]:
+    first, second = data[at], data[at + 1]
+    if first & 0x80 or (first & 1) or (second >> 3):
+        return False  # the forbidden bit, or a layer other than the base layer
+    kind = (first >> 1) & 0x3F
+    return kind in _HEVC_NON_REFERENCE if kind < 32 else None
+
+
+def _length_prefixed(data: memoryview, prefix: int, unit: Unit, header: int) -> bool:
+    """Whether ``data`` (NAL units with ``header``-byte headers, each after a ``prefix``-byte
+    big-endian length) holds a slice and only slices ``unit`` calls disposable."""
     pos, end, slices = 0, len(data), False
-    while pos + prefix < end:
+    while pos + prefix + header <= end:
         size = int.from_bytes(data[pos : pos + prefix], "big")
-        header = data[pos + prefix]
-        if header & 0x80:
-            return False  # forbidden_zero_bit set: not a unit we understand
-        if header & 0x1F in _SLICES:
-            if header & 0x60:
-                return False  # nal_ref_idc != 0: a reference picture
-            slices = True
+        verdict = unit(data, pos + prefix)
+        if verdict is False:
+            return False
+        slices = slices or verdict is True
         pos += prefix + size
     return slices and pos == end
 
 
 def _annex_b(data: memoryview) -> bool:
-    """Whether ``data`` (NAL units after start codes ``00 00 01``) holds a slice and no slice
-    of a reference picture."""
-    raw = bytes(data)
+    """Whether ``data`` (H.264 NAL units after start codes ``00 00 01``) holds a slice and no
+    slice of a reference picture."""
+    raw = bytes(data)  # (bytes.find looks for the start codes)
     pos, slices = raw.find(b"\x00\x00\x01"), False
-    if pos < 0:
-        return False
-    while pos >= 0:
-        at = pos + 3
-        if at >= len(raw):
-            break
-        header = raw[at]
-        if header & 0x80:
+    while pos >= 0 and pos + 3 < len(raw):
+        verdict = _h264_unit(data, pos + 3)
+        if verdict is False:
             return False
-        if header & 0x1F in _SLICES:
-            if header & 0x60:
-                return False
-            slices = True
-        pos = raw.find(b"\x00\x00\x01", at)
+        slices = slices or verdict is True
+        pos = raw.find(b"\x00\x00\x01", pos + 3)
     return slices
-
-
-def _hevc_test(extradata: Optional[bytes]) -> Optional[Disposable]:
-    if not extradata or extradata[0] != 1 or len(extradata) < 23:
-        return None  # no hvcC record: how many temporal sub-layers is not known here
-    layers, prefix = (extradata[21] >> 3) & 7, (extradata[21] & 3) + 1  # numTemporalLayers, lengthSizeMinusOne
-    if layers != 1 or prefix == 3:
-        return None
-    return lambda data: _hevc_length_prefixed(data, prefix)
-
-
-def _hevc_length_prefixed(data: memoryview, prefix: int) -> bool:
-    """Whether ``data`` (HEVC NAL units, each after a ``prefix``-byte length) holds a slice and
-    only slices of sub-layer non-reference pictures, of the base layer."""
-    pos, end, slices = 0, len(data), False
-    while pos + prefix + 1 < end:
-        size = int.from_bytes(data[pos : pos + prefix], "big")
-        first, second = data[pos + prefix], data[pos + prefix + 1]
-        if first & 0x80 or (first & 1) or (second >> 3):
-            return False  # the forbidden bit, or a layer other than the base layer
-        kind = (first >> 1) & 0x3F
-        if kind < 32:  # a slice
-            if kind not in _HEVC_NON_REFERENCE:
-                return False
-            slices = True
-        pos += prefix + size
-    return slices and pos == end
