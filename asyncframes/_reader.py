@@ -861,18 +861,18 @@ class VideoReader(FrameSource):
 
         Frames in ``extra`` that are decoded on the way are handed to ``sink`` too.
         """
-        done: set[int] = set()
         want = set(wanted)
         use = self._leave_undecoded and bool(wanted) and not self.index.sequential
         self._keep, self._leave_before = want | extra, (wanted[-1] if use else None)
         try:
-            self._decode_each(wanted, want, done, sink, extra, interrupt)
+            self._decode_each(wanted, want, sink, extra, interrupt)
         finally:
             self._keep, self._leave_before = frozenset(), None  # what is fed between reads is decoded
 
     def _decode_each(  # type: ignore[no-untyped-def]
-        self, wanted: list[int], want: set[int], done: set[int], sink, extra: frozenset[int], interrupt
+        self, wanted: list[int], want: set[int], sink, extra: frozenset[int], interrupt
     ) -> None:
+        done: set[int] = set()
         for target in wanted:
             if target in done:
                 continue
