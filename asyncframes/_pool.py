@@ -81,13 +81,22 @@ class RecentFrames:
         return (key, i) in self._frames
 
     def put(self, key: Any, i: int, frame: np.ndarray) -> None:
+        """Keep a copy of ``frame``; the least recently used frames go to make room, and the
+        copy is written over one of them when one has the same shape (memory written before
+        costs nothing to write again; fresh memory costs ~1 ms per MB here)."""
         if frame.nbytes > self.max_bytes or (key, i) in self._frames:
             return
-        self._frames[(key, i)] = frame.copy()
-        self.nbytes += frame.nbytes
-        while self.nbytes > self.max_bytes:
+        reuse: Optional[np.ndarray] = None
+        while self._frames and self.nbytes + frame.nbytes > self.max_bytes:
             _, old = self._frames.popitem(last=False)
             self.nbytes -= old.nbytes
+            if reuse is None and old.shape == frame.shape and old.dtype == frame.dtype:
+                reuse = old
+        if reuse is None:
+            reuse = np.empty_like(frame)
+        np.copyto(reuse, frame)
+        self._frames[(key, i)] = reuse
+        self.nbytes += frame.nbytes
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -115,6 +124,11 @@ class DecoderPool:
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
+        #: The recent-frames cache's key, the chunk buffer and (frame, position) of the frames
+        #: the last small request decoded into it: kept by :meth:`keep_recent`.
+        self._unkept: Optional[tuple[RecentKey, np.ndarray, list[tuple[int, int]]]] = None
+        #: Reading around decodes into this, reused (see :meth:`_around_buffer`).
+        self._around: Optional[np.ndarray] = None
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
         self.processes: Optional[ProcessWorkers] = None
         if processes:
@@ -144,7 +158,8 @@ class DecoderPool:
             out: ``(len(idxs), h, w, c)`` uint8, filled in place.
             identity: the file's identity when the request started.
             cache: the request's frame cache.
-            recent: a small request: frames come from, and go to, the recent-frames cache,
+            recent: a small request: frames come from, and go to, the recent-frames cache
+                (those decoded now once :meth:`keep_recent` is called, after the chunk went),
                 and the caller's thread decodes. Otherwise the frames are split by GOP
                 over the workers.
             interrupt: asked between frames in the caller's thread (between the worker
@@ -157,6 +172,7 @@ class DecoderPool:
             ReadInterrupted: ``interrupt`` said so.
             VideoError: the video could not be opened or decoded.
         """
+        self.keep_recent()  # before anything is written into a chunk's buffer again
         main = self.opener.open(video)
         if main.signature != identity:
             raise changed_error(video.filename)
@@ -197,6 +213,7 @@ class DecoderPool:
         Returns:
             How many frames were decoded and kept.
         """
+        self.keep_recent()
         reader = self.opener.opened(video)
         if reader is None:
             return 0
@@ -210,7 +227,8 @@ class DecoderPool:
             if interrupt():
                 break
             try:
-                decoded = reader.read(piece, grayscale=grayscale, interrupt=interrupt, video=video)
+                decoded = reader.read(piece, grayscale=grayscale, out=self._around_buffer(reader, piece, grayscale, video),
+                                      interrupt=interrupt, video=video)
             except ReadInterrupted:
                 break
             except Exception as exc:  # an idle nicety: a failure here is the next request's to report
@@ -222,6 +240,14 @@ class DecoderPool:
                 self.recent.put(key, j, frame)
             kept += len(piece)
         return kept
+
+    def _around_buffer(self, reader: VideoReader, piece: list[int], grayscale: bool, video: Video) -> np.ndarray:
+        """Where reading around decodes ``piece`` before the cache copies it: one buffer, reused
+        while the frame shape stays (not fresh memory for every frame)."""
+        shape = (len(piece), *reader.frame_shape(grayscale, video))
+        if self._around is None or self._around.shape != shape:
+            self._around = np.empty(shape, np.uint8)
+        return self._around
 
     def tidy(self) -> None:
         """Have worker processes let go of shared memory and caches the server dropped (when idle)."""
@@ -236,6 +262,7 @@ class DecoderPool:
         if self.processes is not None:
             self.processes.close()
             self.processes = None
+        self._unkept = self._around = None
         self.recent = RecentFrames(self.recent.max_bytes)
 
     def _read_recent(
@@ -249,17 +276,34 @@ class DecoderPool:
         interrupt: Optional[Callable[[], bool]],
     ) -> None:
         key = _recent_key(video, grayscale, main)
-        kept = [self.recent.get(key, i) for i in idxs]
-        missing = [pos for pos, frame in enumerate(kept) if frame is None]
+        missing = []
+        for pos, i in enumerate(idxs):
+            kept = self.recent.get(key, i)
+            if kept is None:
+                missing.append(pos)
+            else:
+                out[pos] = kept
         log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
         if missing:
-            decoded = main.read([idxs[pos] for pos in missing], grayscale=grayscale, cache=cache, interrupt=interrupt, video=video)
+            # Straight into the chunk (no array of its own, no copy before it goes); the
+            # recent-frames cache copies them from there after the chunk is sent (keep_recent).
+            wanted = [idxs[pos] for pos in missing]
+            main.read(wanted, grayscale=grayscale, out=out, cache=cache, positions=missing, interrupt=interrupt, video=video)
             main.check_unchanged()
-            for pos, frame in zip(missing, decoded):
-                kept[pos] = frame
-                self.recent.put(key, idxs[pos], frame)
-        for pos, frame in enumerate(kept):
-            out[pos] = frame
+            self._unkept = (key, out, list(zip(wanted, missing)))
+
+    def keep_recent(self) -> None:
+        """Copy the frames the last small request decoded into the recent-frames cache.
+
+        Call it once that chunk is sent (the copy then costs the caller nothing). Nothing may
+        write into that chunk's buffer before: :meth:`read` and :meth:`read_around` keep
+        them first themselves, so a caller that forgets loses nothing.
+        """
+        unkept, self._unkept = self._unkept, None
+        if unkept is not None:
+            key, out, frames = unkept
+            for i, pos in frames:
+                self.recent.put(key, i, out[pos])
 
     def _split(self, main: VideoReader, idxs: Sequence[int], workers: int, evenly: bool = True) -> dict[int, list[int]]:
         """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from

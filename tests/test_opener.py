@@ -242,6 +242,7 @@ def pool_read(pool: DecoderPool, v: Video, idxs, *, recent: bool, cache=None, id
     main = pool.opener.open(v)
     out = np.zeros((len(idxs), *main.frame_shape(False)), np.uint8)
     pool.read(v, list(idxs), False, out, identity=main.signature if identity is None else identity, cache=cache, recent=recent)
+    pool.keep_recent()  # as the server does once the chunk is sent
     return out
 
 
@@ -427,6 +428,44 @@ def test_recent_frames_keep_to_their_budget():
         recent.put("k", i, frame)
     assert len(recent) == 3 and recent.nbytes == 3 * frame.nbytes
     assert not recent.has("k", 0) and recent.has("k", 4)
+
+
+def test_a_full_recent_cache_copies_a_new_frame_over_the_one_it_lets_go():
+    frames = [np.full((10, 10, 3), i, np.uint8) for i in range(3)]
+    recent = RecentFrames(max_bytes=2 * frames[0].nbytes)
+    recent.put("k", 0, frames[0])
+    recent.put("k", 1, frames[1])
+    oldest = recent.get("k", 0)
+    recent.get("k", 1)  # frame 1 used since: frame 0 goes first
+    recent.put("k", 2, frames[2])
+    assert not recent.has("k", 0)
+    kept = recent.get("k", 2)
+    assert kept is oldest and np.array_equal(kept, frames[2])  # the same memory, the new pixels
+    assert not np.shares_memory(kept, frames[2])  # a copy: the caller's buffer serves other chunks
+    recent.put("k", 3, np.zeros((5, 5, 3), np.uint8))  # another shape takes memory of its own
+    assert recent.get("k", 3).shape == (5, 5, 3)
+
+
+def test_a_small_request_decodes_into_the_chunk_and_its_frames_are_kept_before_the_buffer_is_used_again(
+    make_clip, pool, monkeypatch
+):
+    clip = make_clip("h264_gops.mp4")
+    v = Video(str(clip))
+    main = pool.opener.open(v)
+    out = np.zeros((2, *main.frame_shape(False)), np.uint8)
+    pool.read(v, [7, 90], False, out, identity=main.signature, recent=True)
+    assert_frames_exact(clip, [7, 90], out)
+    assert len(pool.recent) == 0  # nothing copied before the chunk is sent
+    # The server sends the chunk, then has the pool keep its frames; here it does not, and the
+    # same buffer takes the next chunk: the frames are kept before it is written.
+    pool.read(v, [8, 9], False, out, identity=main.signature, recent=True)
+    assert_frames_exact(clip, [8, 9], out)
+    pool.keep_recent()
+    assert len(pool.recent) == 4
+    monkeypatch.setattr(main, "read", lambda *a, **k: pytest.fail("a kept frame was decoded again"))
+    again = np.zeros_like(out)
+    pool.read(v, [90, 7], False, again, identity=main.signature, recent=True)  # from the cache
+    assert_frames_exact(clip, [90, 7], again)
 
 
 # -- index records ----------------------------------------------------------------------
