@@ -32,7 +32,7 @@ from . import _index_store as index_store
 from ._convert import Converter, is_gray, shaped
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
-from ._nal import Disposable, disposable_test
+from ._disposable import Disposable, disposable_test
 from ._split import gop_starts
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
@@ -303,7 +303,7 @@ class VideoReader(FrameSource):
         self._last = -1  # index of the last frame the decoder presented
         self._anchor: Optional[int] = None  # frames before this pts are seek leftovers
         self._after_seek = False
-        #: Leaving packets of unwanted non-reference frames undecoded (see :mod:`._nal`): the
+        #: Leaving packets of unwanted non-reference frames undecoded (see :mod:`._disposable`): the
         #: test for this stream (None: none known), whether it is still trusted here, the
         #: frames of the current read that must be decoded and the first frame past its last
         #: target (None between reads: frames decoded ahead may be wanted by the next read),
@@ -772,7 +772,7 @@ class VideoReader(FrameSource):
                 yield from packet.decode()
 
     def _may_leave_undecoded(self, packet: av.Packet) -> bool:
-        """Whether ``packet`` is left undecoded: a non-reference frame (see :mod:`._nal`) before the
+        """Whether ``packet`` is left undecoded: a non-reference frame (see :mod:`._disposable`) before the
         current read's last target that the read does not want (nor its cache). Such a frame
         changes no other frame, so the frames wanted come out the same."""
         before, disposable = self._leave_before, self._disposable

@@ -89,6 +89,8 @@ ZOO = {
     "vp8.webm": dict(codec="libvpx", frames=40, gop=15, bframes=0),
     "av1.mp4": dict(codec="libsvtav1", frames=40, gop=20, bframes=0),
     "mpeg2.mpg": dict(codec="mpeg2video", frames=60, gop=15, bframes=2),
+    "mpeg4_bframes.mp4": dict(codec="mpeg4", frames=60, gop=12, bframes=2),
+    "hevc_gops.ts": dict(codec="libx265", frames=90, gop=30, bframes=3),  # parameter sets in Annex B
     "wmv2.wmv": dict(codec="wmv2", frames=30, gop=10, bframes=0),
     "prores.mov": dict(codec="prores_ks", frames=15, bframes=0, pix_fmt="yuv422p10le"),
     "rawvideo.y4m": dict(codec="rawvideo", frames=15, bframes=0),

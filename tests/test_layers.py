@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "asyncframes"
 #: Every module of the package, lowest layer first: each may import only modules before it.
 ORDER = [
     # pure: what the two sides say and decide
-    "errors", "_version", "_deferred", "_video", "_config", "_index", "_nal", "_times", "_protocol",
+    "errors", "_version", "_deferred", "_video", "_config", "_index", "_disposable", "_times", "_protocol",
     "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard",
     # decoding (PyAV, and its swscale through ctypes) and opening files; shared memory, which decoder worker processes write into
     "_sws", "_convert", "_files", "_index_store", "_reader", "_images", "_opener", "_shm", "_procwire", "_procworker", "_procpool", "_pool",
@@ -36,7 +36,7 @@ ORDER = [
     "asyncio", "qt", "ray", "torch",
 ]
 #: Modules with no I/O at all: no sockets, files, processes, decoders, threads or clock.
-PURE = ["errors", "_version", "_video", "_config", "_index", "_nal", "_times", "_protocol", "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard"]
+PURE = ["errors", "_version", "_video", "_config", "_index", "_disposable", "_times", "_protocol", "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard"]
 IO_MODULES = {"zmq", "av", "os", "time", "threading", "socket", "subprocess", "select", "mmap", "signal", "ctypes", "shutil", "tempfile", "io", "pathlib"}
 #: What a pure module may use of an I/O module: spelling paths (``Video("clip.mp4")`` takes a
 #: PathLike), naming signals (how a process ended, in words).

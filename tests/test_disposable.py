@@ -1,5 +1,6 @@
-"""Leaving unwanted non-reference H.264 and HEVC frames undecoded: which packets qualify (pure),
-and that a reader doing so still returns exactly the frames of a sequential decode."""
+"""Leaving unwanted frames no other frame is decoded from undecoded (H.264 and HEVC non-reference
+pictures, MPEG-4 Part 2 and MPEG-1/2 B-frames): which packets qualify (pure), and that a reader
+doing so still returns exactly the frames of a sequential decode."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncframes._nal import disposable_test
+from asyncframes._disposable import disposable_test
 from asyncframes._reader import ReadInterrupted, VideoReader
 
 from .conftest import assert_frames_exact, reference_frames, shared_video
@@ -88,15 +89,72 @@ def test_an_hevc_packet_is_disposable_when_it_holds_only_slices_of_non_reference
     assert disposable_test("hevc", hvcc(prefix))(memoryview(data)) is hevc_expected(nals)
 
 
+def hevc_header(kind: int, layer: int = 0, temporal_id: int = 0) -> bytes:
+    return bytes([(kind << 1) | (layer >> 5), ((layer & 31) << 3) | (temporal_id + 1)])
+
+
+def parameter_sets(vps_sub_layers: int = 1, sps_sub_layers: int = 1) -> bytes:
+    """Annex B VPS, SPS and PPS (the first bytes of each, as an MPEG-TS stream's extradata has them)."""
+    vps = hevc_header(32) + bytes([0x0C, 0x01 | ((vps_sub_layers - 1) << 1), 0xFF, 0xFF])
+    sps = hevc_header(33) + bytes([0x01 | ((sps_sub_layers - 1) << 1), 0x60, 0x00])
+    return b"\x00\x00\x00\x01" + vps + b"\x00\x00\x00\x01" + sps + b"\x00\x00\x00\x01" + hevc_header(34) + b"\xc1\x72"
+
+
 @pytest.mark.pure
-def test_only_h264_and_single_layer_hevc_with_a_readable_record_have_a_test():
-    assert disposable_test("vp9", b"") is None and disposable_test("mpeg4", None) is None
+@given(st.lists(hevc_units, max_size=6), st.integers(0, 6))
+def test_an_hevc_packet_in_annex_b_is_disposable_when_it_holds_only_slices_of_non_reference_pictures(nals, temporal_id):
+    data = b"".join(b"\x00\x00\x01" + hevc_header(kind, layer, temporal_id) + body.replace(b"\x00", b"\x07") for kind, layer, body in nals)
+    assert disposable_test("hevc", parameter_sets())(memoryview(data)) is hevc_expected(nals)
+
+
+#: Pictures of MPEG-4 Part 2 and MPEG-1/2: their coding types (MPEG-4: I P B S; MPEG-1/2: I P B D).
+mpeg_pictures = st.lists(st.sampled_from("IPBS"), max_size=4)
+
+
+def mpeg4_packet(types: str) -> bytes:
+    """A VOL header (as keyframes carry), then a VOP of each type, with bytes between that hold no start code."""
+    vops = b"".join(b"\x00\x00\x01\xb6" + bytes(["IPBS".index(t) << 6 | 0x15, 0x42, 0x99]) for t in types)
+    return b"\x00\x00\x01\x20\x08\xc8" + vops if "I" in types else vops
+
+
+def mpeg2_packet(types: str) -> bytes:
+    """A sequence header before an I picture, then each picture's header and a slice."""
+    pictures = b"".join(
+        b"\x00\x00\x01\x00" + bytes([0x12, ("?IPBD".index(t.replace("S", "D"))) << 3 | 0x07, 0xFF]) + b"\x00\x00\x01\x01\x33\x44"
+        for t in types
+    )
+    return b"\x00\x00\x01\xb3\x14\x00\xf0" + pictures if "I" in types else pictures
+
+
+@pytest.mark.pure
+@given(mpeg_pictures)
+def test_an_mpeg_packet_is_disposable_when_it_holds_pictures_and_only_b_pictures(types):
+    expected = bool(types) and set(types) == {"B"}
+    assert disposable_test("mpeg4", None)(memoryview(mpeg4_packet("".join(types)))) is expected
+    for codec in ("mpeg1video", "mpeg2video"):
+        assert disposable_test(codec, None)(memoryview(mpeg2_packet("".join(types)))) is expected
+
+
+@pytest.mark.pure
+def test_an_mpeg_picture_header_cut_short_is_never_disposable():
+    assert disposable_test("mpeg4", None)(memoryview(b"\x00\x00\x01\xb6")) is False
+    assert disposable_test("mpeg2video", None)(memoryview(b"\x00\x00\x01\x00\x12")) is False
+
+
+@pytest.mark.pure
+def test_only_codecs_whose_streams_say_enough_have_a_test():
+    assert disposable_test("vp9", b"") is None and disposable_test("av1", None) is None and disposable_test("mjpeg", None) is None
     assert disposable_test("h264", bytes([1, 0x64, 0, 0x1F, 0xFE])) is None  # a 3-byte prefix is not allowed
     assert disposable_test("h264", bytes([1, 0x64])) is None  # a record cut short
-    assert disposable_test("hevc", None) is None  # Annex B: how many temporal sub-layers is not known
+    assert disposable_test("hevc", None) is None  # nothing says how many temporal sub-layers
     assert disposable_test("hevc", hvcc(4, temporal_layers=2)) is None  # a higher sub-layer may predict from one
     assert disposable_test("hevc", hvcc(4, temporal_layers=0)) is None  # "unknown"
     assert disposable_test("hevc", hvcc(4)) is not None
+    assert disposable_test("hevc", parameter_sets()) is not None
+    assert disposable_test("hevc", parameter_sets(vps_sub_layers=3)) is None
+    assert disposable_test("hevc", parameter_sets(sps_sub_layers=2)) is None
+    assert disposable_test("hevc", b"\x00\x00\x01" + hevc_header(34) + b"\xc1") is None  # a PPS alone
+    assert disposable_test("hevc", b"\x00\x00\x01" + hevc_header(32) + b"\x0c") is None  # a VPS cut short
 
 
 def _reads(n: int, seed: int) -> list[list[int]]:
@@ -111,7 +169,8 @@ def _reads(n: int, seed: int) -> list[list[int]]:
     "name, leaves",
     [("h264_gops.mp4", True), ("h264_bframes_longgop.mp4", True), ("h264.ts", True), ("h264.mkv", True),
      ("h264_vfr.mp4", True), ("h264_opengop.ts", True), ("h264_gops.ts", True), ("hevc.mp4", True),
-     ("hevc_opengop.mkv", True), ("mpeg4_bframes.avi", False), ("vp9.webm", False)],
+     ("hevc_opengop.mkv", True), ("hevc_gops.ts", True), ("mpeg4_bframes.avi", True), ("mpeg4_bframes.mp4", True),
+     ("mpeg2.ts", True), ("vp9.webm", False), ("mjpeg.avi", False)],
 )
 def test_reading_at_random_leaves_unwanted_non_reference_frames_undecoded_and_stays_exact(make_clip, name, leaves):
     path = make_clip(name)
