@@ -30,9 +30,9 @@ import numpy as np
 
 from . import _index_store as index_store
 from ._convert import Converter, is_gray, shaped
+from ._disposable import Disposable, disposable_test
 from ._files import SourceIdentity, resource_error, source_identity
 from ._index import FrameIndex, StreamFacts, check_frame_idxs, index_from_packets, landing
-from ._disposable import Disposable, disposable_test
 from ._split import gop_starts
 from ._times import FrameTimes, frame_times
 from ._video import Video, VideoInfo
