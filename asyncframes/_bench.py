@@ -340,11 +340,36 @@ def bench_video(path: str, rounds: int, random_count: int, scrub_count: int, fra
             client.next_chunk()
             res.add("first_chunk.prestarted_ms", (time.perf_counter() - start) * 1e3)
         res.add("first_chunk.pyav_open_decode_ms", _timed(lambda: pyav_best(path, limit=frames_per_chunk))[0] * 1e3)
+        bench_open(path, res)
         for name, ms in cold_first_chunk(path, frames_per_chunk).items():
             res.add(f"first_chunk.cold_{name}_ms", ms)
     res.notes["random.exact"] = exact
     res.notes["frames"] = n
     return res
+
+
+#: Videos opened per round for the opening comparison.
+OPENS = 10
+
+
+def _pyav_metadata(path: str) -> tuple:
+    """What opening a video in-process gives: its size, frame count, rate and duration."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.width, stream.codec_context.height, stream.frames, stream.average_rate, stream.duration
+
+
+def bench_open(path: str, res: Results) -> None:
+    """Opening a video on a running server (``info()`` of a path it has no reader of; the
+    video's index record is on disk, as after any earlier open) against ``av.open`` here.
+    Each open names a new symlink to the video, so the server opens a file it has not open."""
+    with AsyncVideo() as client, tempfile.TemporaryDirectory(prefix="af-open-") as links:
+        client.info(path)  # the server is up and the video's record written
+        for k in range(OPENS):
+            link = os.path.join(links, f"{k}{Path(path).suffix}")
+            os.symlink(os.path.abspath(path), link)
+            res.add("open.asyncframes_ms", _timed(partial(client.info, link))[0] * 1e3)
+            res.add("open.pyav_ms", _timed(partial(_pyav_metadata, link))[0] * 1e3)
 
 
 #: Forward stepping: a person stepping through frames one by one, pausing between steps.
@@ -713,6 +738,11 @@ def print_video(name: str, desc: str, res: Results, fpc: int, random_count: int)
     print(f"    running server, video open             {m('first_chunk.running_ms'):8.1f}              "
           f"target <= {m('first_chunk.pyav_open_decode_ms'):.1f} (in-process open + decode)")
     print(f"    in-process: open + decode {fpc:3d} frames  {m('first_chunk.pyav_open_decode_ms'):8.1f}")
+    if "open.pyav_ms" in res.samples:
+        print("  opening a video, metadata in hand        p50 ms     p95 ms")
+        print(f"    in-process av.open                     {m('open.pyav_ms'):8.1f}   {p95('open.pyav_ms', 95):8.1f}")
+        print(f"    asyncframes info(), running server     {m('open.asyncframes_ms'):8.1f}   {p95('open.asyncframes_ms', 95):8.1f}"
+              f"   target p50 <= {m('open.pyav_ms'):.1f} (index record on disk)")
     print(f"  AsyncVideo() blocks {m('client.constructor_ms'):.2f} ms (target <= 5); close() {m('client.close_ms'):.2f} ms (target <= 5)")
 
 

@@ -241,7 +241,8 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys, 
     assert code == 0
     text = capsys.readouterr().out
     for heading in ("sequential", "random access", "one frame per request", "stepping forward", "first chunk",
-                    "fresh process", "2nd from_video", "AsyncVideo() blocks", "training clips", "client memory", "workers"):
+                    "fresh process", "2nd from_video", "AsyncVideo() blocks", "opening a video", "training clips", "client memory",
+                    "workers"):
         assert heading in text
     report = json.loads(out.read_text())
     figures = report["videos"]["h264_gops.mp4"]
@@ -249,7 +250,8 @@ def test_bench_prints_every_figure_and_writes_json(tmp_path, make_clip, capsys, 
     for name in ("sequential.pyav_best_fps", "sequential.asyncframes_fps", "sequential.asyncframes_one_pixel_fps",
                  "sequential.second_from_video_fps", "random.asyncframes_fps", "scrub.asyncframes_repeat_ms",
                  "step.asyncframes_ms", "first_chunk.fresh_ms", "first_chunk.running_ms", "first_chunk.cold_process_ms",
-                 "first_chunk.cold_user_ms", "first_chunk.cold_pyav_ms", "client.constructor_ms", "client.close_ms"):
+                 "first_chunk.cold_user_ms", "first_chunk.cold_pyav_ms", "client.constructor_ms", "client.close_ms",
+                 "open.asyncframes_ms", "open.pyav_ms"):
         assert figures[name]["median"] > 0
     assert report["clips"]["asyncframes"]["median"] > 0
     assert text.count("failed: RuntimeError: Requested next frame") == 3  # sequential, random, clips
