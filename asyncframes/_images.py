@@ -69,6 +69,11 @@ class ImageListReader(FrameSource):
         nan = np.full(self.frame_count, np.nan)
         return FrameTimes(pts_seconds=nan, duration_seconds=nan.copy(), num_frames_from_header=None)
 
+    def gop_starts(self) -> np.ndarray:
+        """Every image starts a GOP of its own: each is decoded alone (how the decoder pool
+        splits a chunk over its workers, see :func:`asyncframes._split.chunk_shares`)."""
+        return np.arange(self.frame_count)
+
     def sibling(self) -> "ImageListReader":
         """A reader of the same files for a decoder worker (nothing to share: images are cheap to open)."""
         if self.is_stale():

@@ -122,7 +122,7 @@ def chunk_shares(
 
     Args:
         idxs: the chunk's frame indices (any order, duplicates allowed).
-        starts: where the video's GOPs start (:func:`gop_starts`).
+        starts: where the video's GOPs start (:func:`gop_starts`), sorted (a list or an array).
         workers: decoder workers (1: the chunk is not split).
         balanced: the largest share of the decoding one worker may have for the chunk to be
             split (see :data:`BALANCED_SHARE`); None: split every chunk of several GOPs,
@@ -136,14 +136,23 @@ def chunk_shares(
         a chunk of consecutive frames (an in-order stream): the decoder that read the
         chunk before goes on without seeking, where a split makes another one seek back to
         a GOP's start (on 2 CPUs, in-order streams split by GOP ran 0.92-0.96x of one decoder).
+        Except where every frame of an in-order chunk is a keyframe (MJPEG, ProRes, an image
+        sequence): no worker seeks back then, and the chunk goes in consecutive runs, one per
+        worker, each read without a seek inside it (in process on 2 CPUs, two decoders on
+        halves ran 1.45x one on MJPEG, 1.2x on ProRes, 1.0x on FFV1; by GOP, every other frame
+        to each, 0.8-0.9x, each decoding the frames between its own).
     """
     whole = {0: list(range(len(idxs)))}
     if workers < 2 or len(idxs) < 2 or len(starts) < 2:
         return whole
     first = int(idxs[0])
-    if balanced is not None and all(int(i) == first + k for k, i in enumerate(idxs)):
-        return whole
     begins = np.asarray(starts, dtype=np.int64)
+    if all(int(i) == first + k for k, i in enumerate(idxs)):
+        if _all_keyframes(begins, first, len(idxs)):
+            runs = np.array_split(np.arange(len(idxs)), min(workers, len(idxs)))
+            return {worker: run.tolist() for worker, run in enumerate(runs)}
+        if balanced is not None:
+            return whole
     gops = _gop_numbers(begins, np.asarray(idxs, dtype=np.int64))
     last: dict[int, int] = {}
     for gop, i in zip(gops.tolist(), idxs):
@@ -157,6 +166,13 @@ def chunk_shares(
     for pos, gop in enumerate(gops.tolist()):
         shares.setdefault(gop % workers, []).append(pos)
     return shares
+
+
+def _all_keyframes(begins: np.ndarray, first: int, count: int) -> bool:
+    """Whether each of the ``count`` frames from ``first`` on starts a GOP (``begins``: the
+    sorted GOP starts, distinct)."""
+    g = int(_gop_numbers(begins, first))
+    return g >= 0 and int(begins[g]) == first and g + count <= len(begins) and int(begins[g + count - 1]) == first + count - 1
 
 
 def split_clips(clips: Sequence[tuple[int, np.ndarray]], starts: Sequence[Sequence[int]], tasks: int) -> list[list[int]]:

@@ -55,6 +55,20 @@ def test_images_by_any_name_are_frames_exactly(client, shots, how):
         assert np.array_equal(frame, decoded(files[i])), f"image {i}"
 
 
+@pytest.mark.parametrize("order", ["in order", "shuffled"])
+def test_a_whole_sequence_is_read_by_two_decoder_workers_exactly(shots, order):
+    """More frames than a small request: the chunks are split over the server's two decoder
+    workers (in order: consecutive runs, every image being a keyframe of its own)."""
+    files = files_of(shots)
+    idxs = list(range(12)) if order == "in order" else [7, 2, 11, 0, 9, 4, 1, 10, 3, 8, 6, 5]
+    with asyncframes.AsyncVideo(workers=2) as client:
+        client.load_by_chunk(str(shots), idxs, frames_per_chunk=10)
+        got = [(i, f) for chunk_idxs, frames in client.chunks for i, f in zip(chunk_idxs, frames)]
+    assert [i for i, _ in got] == idxs
+    for i, frame in got:
+        assert np.array_equal(frame, decoded(files[i])), f"image {i}"
+
+
 def test_the_shared_jpeg_sequence_as_a_folder(client):
     folder = shared_video("robot_frames")
     client.load_by_chunk(str(folder), [2, 0, 1], frames_per_chunk=3)

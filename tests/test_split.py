@@ -108,6 +108,17 @@ def test_a_chunk_of_an_in_order_stream_stays_with_one_decoder():
         assert chunk_shares(list(range(start, start + 64)), GOP60, workers=2) == {0: list(range(64))}
 
 
+def test_an_in_order_chunk_of_keyframes_only_goes_in_consecutive_runs_one_per_worker():
+    every_frame = list(range(300))  # MJPEG, ProRes, an image sequence
+    assert chunk_shares(list(range(64, 128)), every_frame, workers=2) == {0: list(range(32)), 1: list(range(32, 64))}
+    assert chunk_shares(list(range(296, 300)), np.arange(300), workers=3) == {0: [0, 1], 1: [2], 2: [3]}
+    assert chunk_shares([5, 6], every_frame, workers=4) == {0: [0], 1: [1]}
+    assert chunk_shares(list(range(64, 128)), every_frame, workers=2, balanced=None) == {0: list(range(32)), 1: list(range(32, 64))}
+    # One frame in the chunk is not a keyframe: the rule for in-order chunks holds
+    mostly = [s for s in every_frame if s != 100]
+    assert chunk_shares(list(range(64, 128)), mostly, workers=2) == {0: list(range(64))}
+
+
 def test_a_chunk_from_all_over_the_video_is_split_by_gop():
     idxs = [700, 10, 130, 65, 250, 11, 700, 190]  # GOPs 11, 0, 2, 1, 4, 0, 11, 3
     shares = chunk_shares(idxs, GOP60, workers=2)
@@ -138,6 +149,12 @@ def test_every_position_goes_to_one_worker_and_a_gop_never_to_two(data, workers)
     shares = chunk_shares(idxs, starts, workers)
     assert sorted(p for share in shares.values() for p in share) == list(range(len(idxs)))
     assert set(shares) <= set(range(workers))
+    in_order = idxs == list(range(idxs[0], idxs[0] + len(idxs)))
+    if in_order and set(idxs) <= set(starts) and len(idxs) > 1 and workers > 1:  # every frame a keyframe
+        runs = [shares[w] for w in sorted(shares)]
+        assert [p for run in runs for p in run] == list(range(len(idxs)))  # consecutive runs, in worker order
+        assert len(runs) == min(workers, len(idxs)) and max(map(len, runs)) - min(map(len, runs)) <= 1
+        return
     for worker, share in shares.items():
         if len(shares) > 1:
             gops = {int(np.searchsorted(starts, idxs[p], side="right")) - 1 for p in share}
