@@ -124,9 +124,6 @@ class DecoderPool:
         self.opener = opener
         self.workers = workers
         self.recent = RecentFrames(recent_cache_bytes)
-        #: The recent-frames cache's key, the chunk buffer and (frame, position) of the frames
-        #: the last small request decoded into it: kept by :meth:`keep_recent`.
-        self._unkept: Optional[tuple[RecentKey, np.ndarray, list[tuple[int, int]]]] = None
         #: Reading around decodes into this, reused (see :meth:`_around_buffer`).
         self._around: Optional[np.ndarray] = None
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
@@ -158,9 +155,8 @@ class DecoderPool:
             out: ``(len(idxs), h, w, c)`` uint8, filled in place.
             identity: the file's identity when the request started.
             cache: the request's frame cache.
-            recent: a small request: frames come from, and go to, the recent-frames cache
-                (those decoded now once :meth:`keep_recent` is called, after the chunk went),
-                and the caller's thread decodes. Otherwise the frames are split by GOP
+            recent: a small request: frames come from, and go to, the recent-frames cache,
+                and the caller's thread decodes (straight into ``out``). Otherwise the frames are split by GOP
                 over the workers.
             interrupt: asked between frames in the caller's thread (between the worker
                 processes' frames too); True stops the read.
@@ -172,7 +168,6 @@ class DecoderPool:
             ReadInterrupted: ``interrupt`` said so.
             VideoError: the video could not be opened or decoded.
         """
-        self.keep_recent()  # before anything is written into a chunk's buffer again
         main = self.opener.open(video)
         if main.signature != identity:
             raise changed_error(video.filename)
@@ -213,7 +208,6 @@ class DecoderPool:
         Returns:
             How many frames were decoded and kept.
         """
-        self.keep_recent()
         reader = self.opener.opened(video)
         if reader is None:
             return 0
@@ -262,7 +256,7 @@ class DecoderPool:
         if self.processes is not None:
             self.processes.close()
             self.processes = None
-        self._unkept = self._around = None
+        self._around = None
         self.recent = RecentFrames(self.recent.max_bytes)
 
     def _read_recent(
@@ -285,24 +279,13 @@ class DecoderPool:
                 out[pos] = kept
         log.debug("frames %s: %d of %d from the recent-frames cache", idxs, len(idxs) - len(missing), len(idxs))
         if missing:
-            # Straight into the chunk (no array of its own, no copy before it goes); the
-            # recent-frames cache copies them from there after the chunk is sent (keep_recent).
+            # Straight into the chunk (no array of its own, nor a copy of it into the chunk); the
+            # recent-frames cache copies them from there (copying after the chunk is sent was
+            # tried: it made a GUI asking for the same frame at once wait for that copy).
             wanted = [idxs[pos] for pos in missing]
             main.read(wanted, grayscale=grayscale, out=out, cache=cache, positions=missing, interrupt=interrupt, video=video)
             main.check_unchanged()
-            self._unkept = (key, out, list(zip(wanted, missing)))
-
-    def keep_recent(self) -> None:
-        """Copy the frames the last small request decoded into the recent-frames cache.
-
-        Call it once that chunk is sent (the copy then costs the caller nothing). Nothing may
-        write into that chunk's buffer before: :meth:`read` and :meth:`read_around` keep
-        them first themselves, so a caller that forgets loses nothing.
-        """
-        unkept, self._unkept = self._unkept, None
-        if unkept is not None:
-            key, out, frames = unkept
-            for i, pos in frames:
+            for i, pos in zip(wanted, missing):
                 self.recent.put(key, i, out[pos])
 
     def _split(self, main: VideoReader, idxs: Sequence[int], workers: int, evenly: bool = True) -> dict[int, list[int]]:

@@ -371,7 +371,6 @@ class FrameServer:
             self._carry_out(self.state.chunk_failed(decode, exc, time.monotonic()))
             return
         self._carry_out(self.state.chunk_decoded(decode, time.monotonic()), payload=frames)
-        self._pool.keep_recent()  # a small request's frames, copied once the chunk is on its way
 
     def _close_spares(self, keys: Sequence[int]) -> None:
         for key in keys:
