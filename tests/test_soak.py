@@ -79,7 +79,7 @@ RSS_GROWTH_MARGIN = 64 * 2**20
 #: A misbehaving client, run as ``python -c FAULTY MODE ENDPOINT VIDEO``. It prints one line
 #: once it is doing its thing, so the test acts on an outcome, not on a delay.
 FAULTY = r"""
-import sys, time
+import os, sys, time
 import zmq
 from asyncframes import AsyncVideo, _protocol as protocol
 from asyncframes.errors import AsyncFramesError
@@ -119,6 +119,10 @@ if mode == "stream":  # a normal client streaming long requests, until it is kil
         except AsyncFramesError:  # resumed after a stop: the server may have dropped us
             pass
 elif mode == "flood":  # pings and infos as fast as it can, reading the answers
+    # At a lower priority than the server: a flood faster than the server reads is not bounded
+    # in memory (docs/security.md, known gaps), and on a loaded 2-CPU machine an equal-priority
+    # flooder outran the server (RSS 106 -> 393 MiB in 4 s). What this soak bounds is the rest.
+    os.nice(5)
     sock = raw()
     k = 0
     while True:
