@@ -27,7 +27,7 @@ not understood makes its frame one to decode.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 #: H.264 VCL NAL unit types: coded slices (1: non-IDR, 2-4: data partitions, 5: IDR).
 _SLICES = range(1, 6)
@@ -94,9 +94,7 @@ def _hevc_sub_layers(parameter_sets: bytes) -> Optional[int]:
     """How many temporal sub-layers the VPS and SPS of Annex B ``parameter_sets`` allow (the
     most either says); None when neither is there, or one cannot be read."""
     most: Optional[int] = None
-    pos = parameter_sets.find(_START)
-    while pos >= 0:
-        at = pos + 3
+    for at in _after_start_codes(parameter_sets, _START):
         body = parameter_sets[at + 2 : at + 4]
         kind = (parameter_sets[at] >> 1) & 0x3F if at < len(parameter_sets) else -1
         if kind in (_HEVC_VPS, _HEVC_SPS):
@@ -106,8 +104,16 @@ def _hevc_sub_layers(parameter_sets: bytes) -> Optional[int]:
             # SPS: vps id (4 bits), max_sub_layers_minus1 (3).
             minus1 = (body[1] >> 1) & 7 if kind == _HEVC_VPS else (body[0] >> 1) & 7
             most = max(most or 0, minus1 + 1)
-        pos = parameter_sets.find(_START, at)
     return most
+
+
+def _after_start_codes(raw: bytes, start: bytes) -> Iterator[int]:
+    """Where the bytes after each occurrence of the start code ``start`` in ``raw`` begin, in order."""
+    pos = raw.find(start)
+    while pos >= 0:
+        at = pos + len(start)
+        yield at
+        pos = raw.find(start, at)
 
 
 def _h264_unit(data: memoryview, at: int) -> Optional[bool]:
@@ -145,16 +151,14 @@ def _annex_b(data: memoryview, unit: Unit, header: int) -> bool:
     """Whether ``data`` (NAL units with ``header``-byte headers after start codes ``00 00 01``)
     holds a slice and only slices ``unit`` calls disposable."""
     raw = bytes(data)  # (bytes.find looks for the start codes)
-    pos, slices = raw.find(_START), False
-    while pos >= 0:
-        at = pos + 3
+    slices = False
+    for at in _after_start_codes(raw, _START):
         if at + header > len(raw):
             break  # a start code at the very end: nothing after it to read
         verdict = unit(data, at)
         if verdict is False:
             return False
         slices = slices or verdict is True
-        pos = raw.find(_START, at)
     return slices
 
 
@@ -171,11 +175,9 @@ def _all_b(start: bytes, coding_type: Callable[[bytes, int], int], b: int, data:
     ``coding_type`` reads their headers: B-frames no other frame predicts from. A header cut
     short makes the packet one to decode."""
     raw = bytes(data)
-    pos, pictures = raw.find(start), False
-    while pos >= 0:
-        at = pos + len(start)
+    pictures = False
+    for at in _after_start_codes(raw, start):
         if at + 2 > len(raw) or coding_type(raw, at) != b:
             return False
         pictures = True
-        pos = raw.find(start, at)
     return pictures

@@ -61,6 +61,10 @@ def test_what_cannot_be_read_is_never_disposable(data):
     assert disposable_test("h264", avcc(4))(memoryview(data)) is False
 
 
+def hevc_header(kind: int, layer: int = 0, temporal_id: int = 0) -> bytes:
+    return bytes([(kind << 1) | (layer >> 5), ((layer & 31) << 3) | (temporal_id + 1)])
+
+
 #: HEVC NAL units: (nal_unit_type, nuh_layer_id, body).
 hevc_units = st.tuples(st.integers(0, 63), st.sampled_from([0, 0, 0, 1]), st.binary(min_size=0, max_size=12))
 
@@ -83,14 +87,10 @@ def hevc_expected(nals: list[tuple[int, int, bytes]]) -> bool:
 @given(st.lists(hevc_units, max_size=6), st.sampled_from([1, 2, 4]), st.integers(0, 6))
 def test_an_hevc_packet_is_disposable_when_it_holds_only_slices_of_non_reference_pictures(nals, prefix, temporal_id):
     data = b"".join(
-        (2 + len(body)).to_bytes(prefix, "big") + bytes([(kind << 1) | (layer >> 5), ((layer & 31) << 3) | (temporal_id + 1)]) + body
+        (2 + len(body)).to_bytes(prefix, "big") + hevc_header(kind, layer, temporal_id) + body
         for kind, layer, body in nals
     )
     assert disposable_test("hevc", hvcc(prefix))(memoryview(data)) is hevc_expected(nals)
-
-
-def hevc_header(kind: int, layer: int = 0, temporal_id: int = 0) -> bytes:
-    return bytes([(kind << 1) | (layer >> 5), ((layer & 31) << 3) | (temporal_id + 1)])
 
 
 def parameter_sets(vps_sub_layers: int = 1, sps_sub_layers: int = 1) -> bytes:
