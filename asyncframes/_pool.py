@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _files as files
 from ._opener import VideoOpener
-from ._reader import FrameCache, ReadInterrupted, VideoReader, changed_error
+from ._reader import FrameCache, FrameSource, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
 from ._split import BALANCED_SHARE, chunk_shares
 from ._video import Video
@@ -288,7 +288,7 @@ class DecoderPool:
             for i, pos in zip(wanted, missing):
                 self.recent.put(key, i, out[pos])
 
-    def _split(self, main: VideoReader, idxs: Sequence[int], workers: int, evenly: bool = True) -> dict[int, list[int]]:
+    def _split(self, main: FrameSource, idxs: Sequence[int], workers: int, evenly: bool = True) -> dict[int, list[int]]:
         """Positions in ``idxs`` per worker (of ``workers``), by the GOP each frame decodes from
         (:func:`asyncframes._split.chunk_shares`; ``evenly``: a chunk that would split unevenly,
         or an in-order one, stays whole)."""

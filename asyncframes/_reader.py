@@ -177,8 +177,8 @@ class FrameSource:
     """What every reader says about its frames, from its size and what its first frame showed:
     the grayscale option as served, frame shapes after transforms, the checks of indices and
     its :class:`VideoInfo`. A reader sets ``filename``, ``width``, ``height``, ``fps``,
-    ``codec``, ``pix_fmt``, ``container_format``, ``duration`` and ``frame_count``, and
-    either ``_gray`` or :meth:`_detect_grayscale`."""
+    ``codec``, ``pix_fmt``, ``container_format``, ``duration`` and ``frame_count``, gives
+    :meth:`gop_starts`, and either ``_gray`` or :meth:`_detect_grayscale`."""
 
     filename: str
     width: int
@@ -193,6 +193,11 @@ class FrameSource:
 
     @property
     def frame_count(self) -> int:
+        raise NotImplementedError
+
+    def gop_starts(self) -> Sequence[int]:
+        """Where a decoder can start reading, sorted: the frames the decoder pool splits a chunk
+        at (:func:`asyncframes._split.chunk_shares`). Every reader the server opens has them."""
         raise NotImplementedError
 
     @property
