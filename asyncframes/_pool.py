@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import _files as files
+from ._arena import FrameArena, Warmer
 from ._opener import VideoOpener
 from ._reader import FrameCache, FrameSource, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
@@ -59,44 +60,101 @@ def default_workers() -> int:
     return 1 if cpus < 2 else max(2, cpus // 2)
 
 
+#: Free slots the recent-frames cache keeps written ahead of need, per frame shape, while
+#: it is not full: at most this many frames ...
+WARM_AHEAD_FRAMES = 8
+#: ... and this many bytes.
+WARM_AHEAD_BYTES = 16 << 20
+
+
 class RecentFrames:
     """The frames of recent small requests, for a GUI that asks for the same frame again.
 
     Least recently used frames go first once ``max_bytes`` is exceeded. Keys say which
     file (and which version of it), stream and grayscale setting a frame belongs to.
+
+    Frames are kept in :class:`asyncframes._arena.FrameArena` slots, one arena per frame
+    shape. A new frame is written over the memory of one let go of; until the cache is full,
+    a ``warmer`` (if given) writes a few free slots ahead (:data:`WARM_AHEAD_FRAMES`), so a
+    cold frame is not kept waiting for fresh memory (~0.7 ms per MB here). The memory held
+    stays within ``max_bytes``: a frame of a new shape first takes the memory of free slots
+    of other shapes.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, warmer: Optional[Warmer] = None) -> None:
         self.max_bytes = max_bytes
+        #: Bytes of the frames kept.
         self.nbytes = 0
-        self._frames: "OrderedDict[tuple[Any, int], np.ndarray]" = OrderedDict()
+        self._warmer = warmer
+        self._frames: "OrderedDict[tuple[Any, int], tuple[FrameArena, int, np.ndarray]]" = OrderedDict()
+        self._arenas: dict[tuple[tuple[int, ...], str], FrameArena] = {}
 
     def get(self, key: Any, i: int) -> Optional[np.ndarray]:
-        frame = self._frames.get((key, i))
-        if frame is not None:
-            self._frames.move_to_end((key, i))
-        return frame
+        """The kept frame (valid until the next :meth:`put`), or None."""
+        entry = self._frames.get((key, i))
+        if entry is None:
+            return None
+        self._frames.move_to_end((key, i))
+        return entry[2]
 
     def has(self, key: Any, i: int) -> bool:
         return (key, i) in self._frames
 
     def put(self, key: Any, i: int, frame: np.ndarray) -> None:
         """Keep a copy of ``frame``; the least recently used frames go to make room, and the
-        copy is written over one of them when one has the same shape (memory written before
-        costs nothing to write again; fresh memory costs ~1 ms per MB here)."""
-        if frame.nbytes > self.max_bytes or (key, i) in self._frames:
+        copy is written over one of them when one has the same shape."""
+        if not 0 < frame.nbytes <= self.max_bytes or (key, i) in self._frames:
             return
-        reuse: Optional[np.ndarray] = None
         while self._frames and self.nbytes + frame.nbytes > self.max_bytes:
-            _, old = self._frames.popitem(last=False)
+            _, (old, slot, _view) = self._frames.popitem(last=False)
             self.nbytes -= old.nbytes
-            if reuse is None and old.shape == frame.shape and old.dtype == frame.dtype:
-                reuse = old
-        if reuse is None:
-            reuse = np.empty_like(frame)
-        np.copyto(reuse, frame)
-        self._frames[(key, i)] = reuse
+            old.give_back(slot)
+        arena = self._arena(frame)
+        taken = arena.take_warm()
+        if taken is None:  # memory written for the first time: within the budget, all shapes together
+            self._make_room(arena)
+            taken = arena.take()
+        assert taken is not None, "an arena holds as many frames as the budget"
+        slot, view = taken
+        np.copyto(view, frame)
+        self._frames[(key, i)] = (arena, slot, view)
         self.nbytes += frame.nbytes
+        if self._warmer is not None:
+            room = arena.warm_free + (self.max_bytes - self.resident_bytes) // arena.stride
+            ahead = min(WARM_AHEAD_FRAMES, WARM_AHEAD_BYTES // arena.stride, room)
+            if ahead > arena.warm_free:
+                self._warmer.ask(arena, ahead)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the kept frames and the free slots written before hold."""
+        return sum(arena.resident_bytes for arena in self._arenas.values())
+
+    def close(self) -> None:
+        """Forget every frame (the memory goes with the last view of it)."""
+        for arena in self._arenas.values():
+            if self._warmer is not None:
+                self._warmer.forget(arena)
+        self._frames.clear()
+        self._arenas.clear()
+        self.nbytes = 0
+
+    def _make_room(self, arena: FrameArena) -> None:
+        """Give back the memory of other shapes' free slots until a new slot of ``arena`` fits."""
+        for other in [other for other in self._arenas.values() if other is not arena]:
+            while self.resident_bytes + arena.stride > self.max_bytes and other.release():
+                pass
+            if other.used == 0 and other.warm_free == 0:  # nothing of it is held: gone with its last view
+                if self._warmer is not None:
+                    self._warmer.forget(other)
+                del self._arenas[(other.shape, other.dtype.str)]
+
+    def _arena(self, frame: np.ndarray) -> FrameArena:
+        key = (frame.shape, frame.dtype.str)
+        arena = self._arenas.get(key)
+        if arena is None:
+            arena = self._arenas[key] = FrameArena(frame.shape, frame.dtype, self.max_bytes // frame.nbytes)
+        return arena
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -123,7 +181,8 @@ class DecoderPool:
             raise ValueError("processes must be 0 or more")
         self.opener = opener
         self.workers = workers
-        self.recent = RecentFrames(recent_cache_bytes)
+        self._warmer = Warmer()
+        self.recent = RecentFrames(recent_cache_bytes, self._warmer)
         #: Reading around decodes into this, reused (see :meth:`_around_buffer`).
         self._around: Optional[np.ndarray] = None
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="asyncframes-decoder") if workers > 1 else None
@@ -257,7 +316,8 @@ class DecoderPool:
             self.processes.close()
             self.processes = None
         self._around = None
-        self.recent = RecentFrames(self.recent.max_bytes)
+        self.recent.close()
+        self._warmer.close()
 
     def _read_recent(
         self,

@@ -1,0 +1,137 @@
+"""The memory a server keeps frames in: arena slots, the warmer, and the recent-frames cache over them (no sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncframes._arena import FrameArena, Warmer
+from asyncframes._pool import WARM_AHEAD_FRAMES, RecentFrames
+
+FRAME = (48, 64, 3)  # 9 KiB: more than a page, so slots are page-released whole
+FRAME_BYTES = int(np.prod(FRAME))
+
+
+@pytest.fixture
+def warmer():
+    w = Warmer()
+    yield w
+    w.close()
+
+
+def test_a_slot_given_back_is_the_next_one_taken():
+    arena = FrameArena(FRAME, np.uint8, capacity=3)
+    slot, view = arena.take()
+    view[...] = 7
+    arena.give_back(slot)
+    again, same = arena.take_warm()
+    assert again == slot and same is view and (same == 7).all()
+    assert arena.used == 1 and arena.resident_bytes == arena.stride
+
+
+def test_an_arena_hands_out_its_capacity_and_no_more():
+    arena = FrameArena(FRAME, np.uint8, capacity=2)
+    (a, va), (b, vb) = arena.take(), arena.take()
+    assert a != b and not np.shares_memory(va, vb)
+    assert arena.take() is None and arena.take_warm() is None
+    with pytest.raises(ValueError, match="capacity must be at least 1, not 0"):
+        FrameArena(FRAME, np.uint8, capacity=0)
+
+
+def test_released_memory_no_longer_counts_and_reads_as_fresh():
+    arena = FrameArena(FRAME, np.uint8, capacity=2)
+    slot, view = arena.take()
+    view[...] = 9
+    arena.give_back(slot)
+    assert arena.release() == arena.stride and arena.resident_bytes == 0
+    assert arena.release() == 0  # nothing warm is left to give back
+    again, same = arena.take()
+    assert again == slot and not same.reshape(-1)[:8192].any()  # its whole pages were given back: zero-filled anew
+
+
+def test_warming_writes_free_slots_that_are_then_taken_first():
+    arena = FrameArena(FRAME, np.uint8, capacity=3)
+    assert arena.warm_one() and arena.warm_one()
+    assert arena.warm_free == 2 and arena.used == 0 and arena.resident_bytes == 2 * arena.stride
+    assert arena.take_warm() is not None and arena.warm_free == 1
+    assert arena.warm_one() and not arena.warm_one()  # capacity 3: one in use, two warm
+    assert arena.warm_free == 2
+
+
+def test_the_warmer_writes_what_it_is_asked_for(warmer):
+    arena = FrameArena(FRAME, np.uint8, capacity=10)
+    warmer.ask(arena, 4)
+    assert warmer.wait_done(timeout=10)
+    assert arena.warm_free == 4 and arena.used == 0
+    warmer.ask(arena, 50)  # more than the arena holds: it stops at its capacity
+    assert warmer.wait_done(timeout=10)
+    assert arena.warm_free == 10
+
+
+def test_a_recent_cache_warms_slots_ahead_while_it_is_not_full(warmer):
+    recent = RecentFrames(max_bytes=100 * FRAME_BYTES, warmer=warmer)
+    recent.put("k", 0, np.full(FRAME, 1, np.uint8))
+    assert warmer.wait_done(timeout=10)
+    arena = recent._frames[("k", 0)][0]
+    assert arena.warm_free == WARM_AHEAD_FRAMES
+    recent.put("k", 1, np.full(FRAME, 2, np.uint8))  # into a slot written ahead; the warmer writes another
+    assert warmer.wait_done(timeout=10)
+    assert arena.warm_free == WARM_AHEAD_FRAMES and arena.used == 2 and (recent.get("k", 1) == 2).all()
+    assert recent.resident_bytes == (2 + WARM_AHEAD_FRAMES) * arena.stride
+
+
+def test_a_small_cache_warms_no_more_than_its_budget(warmer):
+    recent = RecentFrames(max_bytes=3 * FRAME_BYTES + 10, warmer=warmer)
+    for i in range(5):
+        recent.put("k", i, np.full(FRAME, i, np.uint8))
+        assert warmer.wait_done(timeout=10)
+        assert recent.resident_bytes <= recent.max_bytes
+    assert len(recent) == 3 and [i for i in range(5) if recent.has("k", i)] == [2, 3, 4]
+
+
+def test_a_new_shape_takes_the_memory_of_another_shapes_free_slots():
+    small, large = (48, 64, 3), (96, 64, 3)
+    recent = RecentFrames(max_bytes=4 * int(np.prod(small)))
+    for i in range(4):
+        recent.put("a", i, np.full(small, i, np.uint8))
+    recent.put("b", 0, np.full(large, 5, np.uint8))  # two small frames go, and their memory with them
+    assert recent.resident_bytes <= recent.max_bytes
+    assert len(recent) == 3 and (recent.get("b", 0) == 5).all()
+    assert (recent.get("a", 3) == 3).all() and not recent.has("a", 0)
+
+
+@st.composite
+def _puts(draw):
+    shapes = draw(st.lists(st.sampled_from([(8, 8, 3), (16, 8, 3), (48, 64, 3), (40, 40, 1)]), min_size=1, max_size=3, unique=True))
+    return draw(st.lists(st.tuples(st.integers(0, len(shapes) - 1), st.integers(0, 12)), min_size=1, max_size=40)), shapes
+
+
+@settings(max_examples=150, deadline=None)
+@given(_puts(), st.integers(1, 6))
+def test_the_recent_cache_keeps_exact_frames_within_its_budget(puts_shapes, frames_budget):
+    """Whatever the shapes and order: every frame kept reads as it was put, the least recently
+    used go first, and frames plus written free slots stay within the budget."""
+    puts, shapes = puts_shapes
+    max_bytes = frames_budget * 48 * 64 * 3
+    recent = RecentFrames(max_bytes)
+    model: dict[tuple[int, int], int] = {}  # (shape, frame) -> fill value, in use order
+    for step, (s, i) in enumerate(puts):
+        key = (s, i)
+        frame = np.full(shapes[s], step % 251, np.uint8)
+        if recent.has(shapes[s], i):
+            assert (recent.get(shapes[s], i) == model[key]).all()
+            model[key] = model.pop(key)  # used: now the most recent
+            continue
+        recent.put(shapes[s], i, frame)
+        if frame.nbytes > max_bytes:
+            assert not recent.has(shapes[s], i)
+            continue
+        model[key] = step % 251
+        while sum(int(np.prod(shapes[k[0]])) for k in model) > max_bytes:
+            del model[next(iter(model))]
+        assert recent.nbytes <= max_bytes and recent.resident_bytes <= max_bytes + 64 * len(recent)
+        assert sorted((shapes[s_], j) for s_, j in model) == sorted(k for k in recent._frames)
+        for (s_, j), value in model.items():
+            assert (recent._frames[(shapes[s_], j)][2] == value).all()
