@@ -20,6 +20,7 @@ the definition of frame *i*. It never returns a frame it could not identify.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -29,6 +30,7 @@ import av
 import numpy as np
 
 from . import _index_store as index_store
+from ._arena import FrameArena
 from ._convert import Converter, is_gray, shaped
 from ._disposable import Disposable, disposable_test
 from ._files import SourceIdentity, resource_error, source_identity
@@ -59,6 +61,9 @@ class FrameCache:
     later chunks will ask for (within ``max_bytes``) means each GOP is decoded
     about once per request instead of once per chunk. The caller says which
     frames are still ``wanted``; frames nobody wants any more are dropped.
+
+    Frames live in :class:`asyncframes._arena.FrameArena` slots: a frame dropped leaves
+    its memory to the next one kept (fresh memory costs ~0.7 ms per MB here).
     """
 
     def __init__(self, max_bytes: int, finish_gops: bool = True) -> None:
@@ -67,7 +72,9 @@ class FrameCache:
         #: requests that jump around; an ascending request gets there by decoding on anyway.
         self.finish_gops = finish_gops
         self.nbytes = 0
-        self._frames: dict[int, np.ndarray] = {}
+        self._frames: dict[int, tuple[FrameArena, int, np.ndarray]] = {}
+        self._placed: dict[int, tuple[FrameArena, int, np.ndarray]] = {}  # given a place, not yet kept
+        self._arena: Optional[FrameArena] = None
         self.wanted: frozenset[int] = frozenset()
         #: What the last :meth:`want` said: the frames later chunks ask for, in their order, and
         #: the frames of the chunk being read (decoder worker processes keep caches of their own).
@@ -88,7 +95,7 @@ class FrameCache:
             for pos, i in enumerate(order):
                 self._rank.setdefault(i, pos)
             for i in [i for i in self._frames if i not in self._rank]:
-                self.nbytes -= self._frames.pop(i).nbytes
+                self._drop(i)
 
     def resize(self, max_bytes: int) -> None:
         """Keep at most ``max_bytes`` from now on, releasing the frames needed last to get there.
@@ -98,28 +105,72 @@ class FrameCache:
         """
         with self._lock:
             self.max_bytes = max(0, max_bytes)
-            if self.nbytes <= self.max_bytes:
-                return
-            by_need = sorted(self._frames, key=lambda i: self._rank.get(i, -1))
-            while self.nbytes > self.max_bytes and by_need:
-                self.nbytes -= self._frames.pop(by_need.pop()).nbytes
+            if self.nbytes > self.max_bytes:
+                by_need = sorted(self._frames, key=lambda i: self._rank.get(i, -1))
+                while self.nbytes > self.max_bytes and by_need:
+                    self._drop(by_need.pop())
+            arena = self._arena
+            while arena is not None and arena.resident_bytes > self.max_bytes and arena.release():
+                pass
 
     def get(self, i: int) -> Optional[np.ndarray]:
         with self._lock:
-            return self._frames.get(i)
+            entry = self._frames.get(i)
+            return entry[2] if entry is not None else None
 
     def accepts(self, i: int, nbytes: int) -> bool:
         """Whether :meth:`offer` would keep frame ``i`` of ``nbytes`` bytes."""
-        return i in self.wanted and i not in self._frames and self.nbytes + nbytes <= self.max_bytes
+        return i in self.wanted and i not in self._frames and i not in self._placed and self.nbytes + nbytes <= self.max_bytes
 
     def offer(self, i: int, frame: np.ndarray) -> None:
-        if not self.accepts(i, frame.nbytes):
-            return
-        kept = frame.copy()
+        """Keep a copy of ``frame`` as frame ``i`` if it is wanted and there is room."""
+        place = self.place(i, frame.shape)
+        if place is not None:
+            np.copyto(place, frame)
+            self.keep(i, place)
+
+    def place(self, i: int, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """Where to write frame ``i`` of ``shape`` (uint8) to keep it, then :meth:`keep` it; None
+        if it is not wanted or there is no room."""
+        nbytes = math.prod(shape)
+        if not self.accepts(i, nbytes):
+            return None
         with self._lock:
-            if self.accepts(i, frame.nbytes):
-                self._frames[i] = kept
-                self.nbytes += frame.nbytes
+            if not self.accepts(i, nbytes):
+                return None
+            arena = self._arena
+            if arena is None or arena.shape != tuple(shape):
+                if self._frames:
+                    return None  # one shape per cache (one grayscale setting, one video)
+                arena = self._arena = FrameArena(tuple(shape), np.dtype(np.uint8), max(1, self.max_bytes // max(nbytes, 1)))
+            taken = arena.take()
+            # A budget grown past the arena made for it: memory of its own for this frame.
+            slot, view = taken if taken is not None else (-1, np.empty(shape, np.uint8))
+            self._placed[i] = (arena, slot, view)  # counted from now on, kept once written
+            self.nbytes += nbytes
+            return view
+
+    def keep(self, i: int, place: np.ndarray) -> None:
+        """Frame ``i`` is written into ``place`` (from :meth:`place`): keep it, unless it is no
+        longer wanted (its place is let go of then)."""
+        with self._lock:
+            entry = self._placed.pop(i)
+            assert entry[2] is place, "keep() takes the place place() gave"
+            self._frames[i] = entry
+            if i not in self._rank and i not in self.wanted:
+                self._drop(i)
+
+    def abandon(self, i: int) -> None:
+        """Frame ``i`` was not written into the place :meth:`place` gave: let go of it."""
+        with self._lock:
+            self._frames[i] = self._placed.pop(i)
+            self._drop(i)
+
+    def _drop(self, i: int) -> None:
+        arena, slot, view = self._frames.pop(i)
+        self.nbytes -= view.nbytes
+        if slot >= 0:
+            arena.give_back(slot)
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -480,6 +531,16 @@ class VideoReader(FrameSource):
                     f"but the video starts at {self.width}x{self.height}; size changes are not supported"
                 )
             where = places.get(i)
+            if not shape_it and not gray and where is None and cache is not None:
+                place = cache.place(i, shape[1:])  # only the cache keeps it: converted straight into its place
+                if place is not None:
+                    try:
+                        self._convert.rgb_into(frame, place)
+                    except BaseException:
+                        cache.abandon(i)
+                        raise
+                    cache.keep(i, place)
+                return
             if not shape_it and not gray and where is not None and len(where) == 1:
                 # Converted straight into its place (no copy); the cache copies what it keeps,
                 # so it never holds a view of ``out``, whose slot serves other chunks later.

@@ -135,3 +135,52 @@ def test_the_recent_cache_keeps_exact_frames_within_its_budget(puts_shapes, fram
         assert sorted((shapes[s_], j) for s_, j in model) == sorted(k for k in recent._frames)
         for (s_, j), value in model.items():
             assert (recent._frames[(shapes[s_], j)][2] == value).all()
+
+
+# -- a request's frame cache over an arena ------------------------------------------------
+
+
+def test_a_frame_cache_writes_a_new_frame_over_one_no_longer_wanted():
+    from asyncframes._reader import FrameCache
+
+    frames = [np.full(FRAME, i, np.uint8) for i in range(3)]
+    cache = FrameCache(max_bytes=10 * FRAME_BYTES, finish_gops=False)
+    cache.want(later=[0, 1])
+    cache.offer(0, frames[0])
+    cache.offer(1, frames[1])
+    first = cache.get(0)
+    assert (first == 0).all() and not np.shares_memory(first, frames[0])  # a copy, never the caller's buffer
+    cache.want(later=[1, 2])  # frame 0 is let go of ...
+    cache.offer(2, frames[2])
+    assert cache.get(0) is None and np.shares_memory(cache.get(2), first)  # ... and frame 2 takes its memory
+    assert (cache.get(2) == 2).all() and (cache.get(1) == 1).all() and cache.nbytes == 2 * FRAME_BYTES
+
+
+def test_a_frame_given_a_place_is_kept_only_once_written():
+    from asyncframes._reader import FrameCache
+
+    cache = FrameCache(max_bytes=2 * FRAME_BYTES, finish_gops=False)
+    cache.want(later=[4, 5, 6])
+    place = cache.place(4, FRAME)
+    assert place is not None and cache.get(4) is None and not cache.accepts(4, FRAME_BYTES)
+    place[...] = 4
+    cache.keep(4, place)
+    assert (cache.get(4) == 4).all()
+    spot = cache.place(5, FRAME)
+    assert spot is not None and cache.place(6, FRAME) is None  # the budget counts a place given
+    cache.abandon(5)  # its decoding failed: the place goes back
+    assert cache.get(5) is None and cache.nbytes == FRAME_BYTES and cache.place(6, FRAME) is not None
+
+
+def test_a_frame_cache_grown_past_its_arena_still_keeps_frames():
+    from asyncframes._reader import FrameCache
+
+    cache = FrameCache(max_bytes=FRAME_BYTES, finish_gops=False)
+    cache.want(later=[0, 1, 2])
+    cache.offer(0, np.full(FRAME, 0, np.uint8))
+    cache.resize(3 * FRAME_BYTES)
+    cache.offer(1, np.full(FRAME, 1, np.uint8))
+    cache.offer(2, np.full(FRAME, 2, np.uint8))
+    assert [int(cache.get(i)[0, 0, 0]) for i in range(3)] == [0, 1, 2]
+    cache.want(later=[])
+    assert len(cache) == 0 and cache.nbytes == 0
