@@ -523,7 +523,41 @@ class ClientState:
         too_many = self._over_limit(shares)
         if too_many is not None:
             return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
-        return actions + self._ask(stream, shares, now)
+        asked = actions + self._ask(stream, shares, now)
+        return attrs.evolve(asked, send=self._folded(asked.send))
+
+    def _folded(self, sends: Sequence[Send]) -> tuple[Send, ...]:
+        """``sends`` with each :class:`~protocol.Cancel` and :class:`~protocol.Release` to a
+        server of our version carried by the :class:`~protocol.Request` that follows it
+        there (``Request.replaces`` and ``Request.release``): one message instead of three.
+        A server of another version may not know those fields: it gets them apart."""
+        out: list[Optional[Send]] = list(sends)
+        pending: dict[tuple[int, int], list[int]] = {}  # (server, generation) -> positions in out
+        for pos, send in enumerate(sends):
+            key, message = (send.server, send.generation), send.message
+            if isinstance(message, (protocol.Cancel, protocol.Release)) and self._same_version(send.server):
+                pending.setdefault(key, []).append(pos)
+                continue
+            before = pending.pop(key, [])
+            if not isinstance(message, protocol.Request) or not before:
+                continue
+            release, replaces = list(message.release), message.replaces
+            for k in before:
+                earlier = out[k]
+                assert earlier is not None
+                if isinstance(earlier.message, protocol.Release):
+                    release += earlier.message.slots
+                elif replaces is None:
+                    replaces = earlier.message.request_id
+                else:
+                    continue  # a second cancel (never made today): sent as it is
+                out[k] = None
+            out[pos] = attrs.evolve(send, message=attrs.evolve(message, release=release, replaces=replaces))
+        return tuple(send for send in out if send is not None)
+
+    def _same_version(self, server: int) -> bool:
+        """Whether ``server`` runs our version (so it knows the fields newer than the protocol version)."""
+        return bool(self.version) and self.links[server].server_version == self.version
 
     def ahead_frames_per_chunk(self, video: Video) -> int:
         """How many frames a chunk read ahead of ``video`` holds: as many as fit
@@ -543,11 +577,7 @@ class ClientState:
 
     def _reads_ahead(self, idxs: Indices) -> bool:
         """Whether a request for ``idxs`` also reads ahead: one frame, from one server of our version."""
-        link = self.links[0]
-        return (
-            self.read_ahead > 0 and len(self.links) == 1 and idxs is not None and len(idxs) == 1
-            and bool(self.version) and link.server_version == self.version
-        )
+        return self.read_ahead > 0 and len(self.links) == 1 and idxs is not None and len(idxs) == 1 and self._same_version(0)
 
     def continues(self, video: Video, idxs: Indices, frames_per_chunk: int) -> bool:
         """Is a request for ``idxs`` of ``video`` the next frame the current request reads

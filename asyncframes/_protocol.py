@@ -149,6 +149,12 @@ class Request:
     ``frames_per_chunk`` and the frames read ahead after them in chunks of this many, so
     that a person stepping forward takes most steps from a chunk already in hand (see
     :class:`Chunking`). 0: every chunk holds ``frames_per_chunk``, across both.
+
+    ``release`` and ``replaces``: what a :class:`Release` and a :class:`Cancel` sent just
+    before would say, carried by the request instead (a GUI asking for one frame after
+    another sends one message a frame, not three): the server first takes back the slots
+    ``release`` names, then cancels request ``replaces`` (if it is still going), then
+    starts this one.
     """
 
     request_id: int = attrs.field(validator=_nonneg)
@@ -162,6 +168,8 @@ class Request:
     shm: bool = attrs.field(default=False, validator=_v.instance_of(bool))
     ahead: int = attrs.field(default=0, validator=_nonneg)
     ahead_frames_per_chunk: int = attrs.field(default=0, validator=_nonneg)
+    release: list[int] = attrs.field(factory=list, validator=[_idx_list, _v.max_len(MAX_RELEASE_SLOTS)])
+    replaces: Optional[int] = attrs.field(default=None, validator=_v.optional(_nonneg))
 
 
 @attrs.frozen
@@ -408,7 +416,12 @@ converter.register_unstructure_hook(
 converter.register_unstructure_hook(
     Request,
     make_dict_unstructure_fn(
-        Request, converter, ahead=override(omit_if_default=True), ahead_frames_per_chunk=override(omit_if_default=True)
+        Request,
+        converter,
+        ahead=override(omit_if_default=True),
+        ahead_frames_per_chunk=override(omit_if_default=True),
+        release=override(omit_if_default=True),
+        replaces=override(omit_if_default=True),
     ),
 )
 converter.register_unstructure_hook(

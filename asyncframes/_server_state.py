@@ -670,8 +670,11 @@ class ServerState:
             return [Send(client, Pong(request_id=message.request_id, server=self.version))]
         if not state.hello:
             return [self._error(client, None, UnknownClientError("send hello before anything else"))]
-        if isinstance(message, Request):
-            return self._start(client, state, message, now)
+        if isinstance(message, Request):  # after what the release and the cancel it carries say
+            if message.release and state.slots is not None:
+                state.slots.release(message.release)
+            replaced = self._cancel(client, state, message.replaces, now) if message.replaces is not None else []
+            return replaced + self._start(client, state, message, now)
         if isinstance(message, Credit):
             req = state.requests.get(message.request_id)
             if req is not None:

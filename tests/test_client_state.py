@@ -403,6 +403,41 @@ def test_chunks_nobody_will_look_at_have_their_slots_released():
     assert sent(actions, protocol.Release) == [(0, protocol.Release(slots=[3]))]  # handed back with the next request
 
 
+def test_to_a_server_of_our_version_a_new_request_carries_the_cancel_and_the_release():
+    state = ClientState(["tcp://server0:9010"], window=2, version="1.0")
+    probe = protocol.ShmProbe(pid=1234, fd=3, token=b"t")
+    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, "1.0", probe, None), shm_reachable=True)
+    rid, _ = start(state, list(range(4)), 1)
+    state.received(0, *chunk_of(rid, 0, [0], False, slot=1))
+    state.links[0].freed.append(7)  # the caller let go of a chunk in slot 7
+    new, actions = start(state, [5, 6], 1)
+    assert [type(s.message).__name__ for s in actions.send] == ["Request"]  # one message, not three
+    (send,) = actions.send
+    assert send.must and send.message.request_id == new and send.message.replaces == rid
+    assert sorted(send.message.release) == [1, 7]  # the chunk nobody took, and the one let go of
+    assert not state.links[0].freed
+
+
+def test_to_a_server_of_another_version_the_cancel_and_the_release_go_apart():
+    state = ClientState(["tcp://server0:9010"], window=2, version="1.0")
+    probe = protocol.ShmProbe(pid=1234, fd=3, token=b"t")
+    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, "0.9", probe, None), shm_reachable=True)
+    rid, _ = start(state, list(range(4)), 1)
+    state.received(0, *chunk_of(rid, 0, [0], False, slot=1))
+    _new, actions = start(state, [5, 6], 1)
+    assert [type(s.message).__name__ for s in actions.send] == ["Cancel", "Release", "Request"]
+    assert actions.send[2].message.replaces is None and actions.send[2].message.release == []
+
+
+def test_a_request_with_nothing_to_cancel_or_release_is_sent_as_it_was():
+    state = ClientState(["tcp://server0:9010"], window=2, version="1.0")
+    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, "1.0", None, None))
+    _rid, actions = start(state, [1, 2], 1)
+    (send,) = actions.send
+    assert send.message.replaces is None and send.message.release == []
+    assert "replaces" not in protocol.converter.unstructure(send.message)  # absent on the wire: older servers accept it
+
+
 # -- request ids and replies --------------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ ORDER = [
     "errors", "_version", "_deferred", "_video", "_config", "_index", "_disposable", "_times", "_protocol",
     "_server_actions", "_server_state", "_deal", "_client_state", "_split", "_shard",
     # decoding (PyAV, and its swscale through ctypes) and opening files; shared memory, which decoder worker processes write into
-    "_sws", "_convert", "_files", "_index_store", "_reader", "_images", "_opener", "_shm", "_procwire", "_procworker", "_procpool", "_pool",
+    "_sws", "_convert", "_arena", "_files", "_index_store", "_reader", "_images", "_opener", "_shm", "_procwire", "_procworker", "_procpool", "_pool",
     # between processes: ZeroMQ
     "_transport",
     # the drivers

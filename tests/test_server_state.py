@@ -459,6 +459,19 @@ def test_shared_chunks_go_in_slots_reused_once_released():
     assert d3.slot.new and c3.shm.slot not in (c0.shm.slot, c1.shm.slot)
 
 
+def test_a_request_carrying_a_release_and_a_cancel_acts_on_them_first():
+    h = Harness(shm=True)
+    h.hello(A)
+    h.request(A, 1, idxs=range(100), fpc=2, window=2, shm=True)
+    (_, c0, _), (_, c1, _) = h.chunk(), h.chunk()
+    h.send(A, Request(2, Video("v.mp4"), range(10), frames_per_chunk=2, window=2, shm=True, release=[c0.shm.slot], replaces=1))
+    assert h.state.requests_of(A) == [2]  # request 1 was cancelled
+    d2, c2, _ = h.chunk()
+    assert d2.request_id == 2 and not d2.slot.new and c2.shm.slot == c0.shm.slot  # the slot released first is reused
+    h.send(A, Request(3, Video("v.mp4"), range(4), replaces=77))  # an unknown request to replace: nothing else changes
+    assert h.state.requests_of(A) == [2, 3]
+
+
 def test_a_client_has_at_most_its_window_plus_three_slots_then_chunks_go_inline():
     h = Harness(shm=True, max_window=2)
     h.hello(A)
