@@ -535,7 +535,10 @@ class AsyncVideo:
         self._held = None  # its slot goes back with the next release
         self._release_for_neighbours()
         rid = state.new_request_id()
-        self._carry_out(state.replace(rid))
+        withdraw = state.replace(rid)
+        if not all(link.greeted for link in state.links):  # a connection may take a while: the cancel goes first
+            self._carry_out(withdraw)
+            withdraw = _client_state.Actions()
         deadline = self._deadline(self.timeout)
         try:
             if len(self._conns) > 1 and idxs is None:  # dealing every frame needs their number
@@ -543,7 +546,13 @@ class AsyncVideo:
             among = self._servers_up()
             for i in state.servers_for(idxs, fpc, among):
                 self._open(i, deadline)
-            self._carry_out(state.start_request(rid, spec, idxs, fpc, among, now=time.monotonic()), deadline)
+            asked = state.start_request(rid, spec, idxs, fpc, among, now=time.monotonic())
+        except BaseException as exc:
+            self._carry_out(withdraw)
+            self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
+            raise
+        try:  # the cancel and the release go with the request (one message to a server of our version)
+            self._carry_out(state.folded(withdraw + asked), deadline)
         except BaseException as exc:
             self._carry_out(state.not_sent(rid, f"could not be sent ({type(exc).__name__}: {exc})"))
             raise

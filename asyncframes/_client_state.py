@@ -523,14 +523,16 @@ class ClientState:
         too_many = self._over_limit(shares)
         if too_many is not None:
             return actions + self.cancel(f"could not be sent ({type(too_many).__name__}: {too_many})") + Actions(error=too_many)
-        asked = actions + self._ask(stream, shares, now)
-        return attrs.evolve(asked, send=self._folded(asked.send))
+        return self.folded(actions + self._ask(stream, shares, now))
 
-    def _folded(self, sends: Sequence[Send]) -> tuple[Send, ...]:
-        """``sends`` with each :class:`~protocol.Cancel` and :class:`~protocol.Release` to a
+    def folded(self, actions: Actions) -> Actions:
+        """``actions`` with each :class:`~protocol.Cancel` and :class:`~protocol.Release` to a
         server of our version carried by the :class:`~protocol.Request` that follows it
-        there (``Request.replaces`` and ``Request.release``): one message instead of three.
-        A server of another version may not know those fields: it gets them apart."""
+        there (``Request.replaces`` and ``Request.release``): one message instead of three
+        (a driver that withdrew a request with :meth:`replace` passes those sends in with
+        :meth:`start_request`'s). A server of another version may not know those fields:
+        it gets them apart."""
+        sends = actions.send
         out: list[Optional[Send]] = list(sends)
         pending: dict[tuple[int, int], list[int]] = {}  # (server, generation) -> positions in out
         for pos, send in enumerate(sends):
@@ -553,7 +555,7 @@ class ClientState:
                     continue  # a second cancel (never made today): sent as it is
                 out[k] = None
             out[pos] = attrs.evolve(send, message=attrs.evolve(message, release=release, replaces=replaces))
-        return tuple(send for send in out if send is not None)
+        return attrs.evolve(actions, send=tuple(send for send in out if send is not None))
 
     def _same_version(self, server: int) -> bool:
         """Whether ``server`` runs our version (so it knows the fields newer than the protocol version)."""
