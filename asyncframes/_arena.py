@@ -1,13 +1,12 @@
-"""Frame-sized slots in one anonymous mapping per frame shape, written ahead of need: memory
-for frames a server keeps (the recent-frames cache).
+"""Memory for frames a server keeps, written ahead of need or written over.
 
 Fresh memory costs a page fault per 4 KiB page on first touch: ~0.7 ms per MB written for
 the first time on the VMs we measure on (a 640x480 RGB frame: 0.65 ms, as long as decoding
 it), against ~0.03 ms per MB for memory written before. A cache that copies each new frame
-into fresh memory pays that on the way of every cold frame a GUI asks for. Here the frames
-of a shape share one mapping, a slot let go of is written over by the next frame, and
-:class:`Warmer` writes free slots ahead of need on a thread of its own, while the server
-waits or sends (a frame then costs a copy into memory written before).
+into fresh memory pays that on the way of every frame it keeps. :class:`FrameArena` holds
+the frames of one shape in one mapping, where a slot let go of is written over by the next
+frame (a request's frame cache); :class:`Warmer` writes memory ahead of need on a thread of
+its own, while the server waits or sends (the recent-frames cache's spare frames).
 
 Transparent huge pages were tried (``MADV_HUGEPAGE``, one fault per 2 MiB) and dropped: with
 the kernel's ``defrag=madvise`` each huge-page fault compacted memory first, 5-10 ms each
@@ -19,7 +18,7 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -32,8 +31,8 @@ class FrameArena:
 
     A free slot is *warm* once written (taking it costs no page faults) until
     :meth:`release` gives its memory back. The arrays are views of the mapping: it stays
-    mapped while any of them lives, so dropping the arena never invalidates one. Thread-safe:
-    the owner takes and gives back slots while a :class:`Warmer` writes free ones.
+    mapped while any of them lives, so dropping the arena never invalidates one. Thread-safe
+    (decoder workers share a request's frame cache).
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, capacity: int) -> None:
@@ -52,19 +51,13 @@ class FrameArena:
         self._warm: list[int] = []  # free slots written before
         self._cold: list[int] = []  # free slots whose memory was given back
         self._top = 0  # slots at and after this were never used
-        self._warming = 0  # slots a warmer is writing
         #: Slots handed out and not taken back.
         self.used = 0
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of slots in use, warm, or being warmed (what this arena holds of the machine's memory)."""
-        return (self.used + len(self._warm) + self._warming) * self.stride
-
-    @property
-    def warm_free(self) -> int:
-        """Free slots written before, and being written."""
-        return len(self._warm) + self._warming
+        """Bytes of slots in use or warm (what this arena holds of the machine's memory)."""
+        return (self.used + len(self._warm)) * self.stride
 
     def take(self) -> Optional[tuple[int, np.ndarray]]:
         """A free slot and its array, warm ones first; None when all ``capacity`` are in use."""
@@ -105,21 +98,6 @@ class FrameArena:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
         return self.stride
 
-    def warm_one(self) -> bool:
-        """Write a free slot never written (or released), so that taking it later costs no page
-        faults; False when none is left."""
-        with self._lock:
-            slot = self._pop_free(warm=False)
-            if slot is None:
-                return False
-            self._warming += 1
-            view = self._view(slot)
-        view.fill(0)  # NumPy lets go of the GIL: the server's thread goes on meanwhile
-        with self._lock:
-            self._warming -= 1
-            self._warm.append(slot)
-        return True
-
     def _pop_free(self, warm: bool) -> Optional[int]:
         if warm and self._warm:
             return self._warm.pop()
@@ -139,61 +117,54 @@ class FrameArena:
 
 
 class Warmer:
-    """A thread that writes free arena slots ahead of need (:meth:`FrameArena.warm_one`).
-
-    :meth:`ask` says how many free slots of an arena should be warm; the thread writes them
-    one after the other, and stops at :meth:`close`. A failure to write (the system out of
-    memory) only leaves slots cold: taking them then costs what it did without a warmer.
+    """A thread that writes memory ahead of need: it calls each ``step`` it is asked to run
+    (:meth:`ask`) until the step says there is nothing more to write (returns False), and
+    stops at :meth:`close`. A step that fails (the system out of memory) only leaves memory
+    unwritten: using it then costs what it did without a warmer.
     """
 
     def __init__(self) -> None:
-        self._wanted: dict[int, tuple[FrameArena, int]] = {}
+        self._steps: list[Callable[[], bool]] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="asyncframes-warmer", daemon=True)
         self._thread.start()
 
-    def ask(self, arena: FrameArena, warm_free: int) -> None:
-        """Have ``warm_free`` free slots of ``arena`` warm (at most; fewer if it runs out)."""
+    def ask(self, step: Callable[[], bool]) -> None:
+        """Run ``step`` until it returns False (once queued, asking again changes nothing)."""
         with self._wake:
-            self._wanted[id(arena)] = (arena, warm_free)
-            self._wake.notify_all()
-
-    def forget(self, arena: FrameArena) -> None:
-        """Write no more slots of ``arena``."""
-        with self._wake:
-            self._wanted.pop(id(arena), None)
+            if step not in self._steps:
+                self._steps.append(step)
             self._wake.notify_all()
 
     def wait_done(self, timeout: float) -> bool:
-        """Wait until everything asked for is written (or cannot be); False if ``timeout`` seconds passed first."""
+        """Wait until every step asked for is done; False if ``timeout`` seconds passed first."""
         with self._wake:
-            return self._wake.wait_for(lambda: not self._wanted or self._closed, timeout)
+            return self._wake.wait_for(lambda: not self._steps or self._closed, timeout)
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()
         self._thread.join()
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._wanted:
+                while not self._closed and not self._steps:
                     self._wake.wait()
                 if self._closed:
                     return
-                key, (arena, wanted) = next(iter(self._wanted.items()))
-                if arena.warm_free >= wanted:
-                    del self._wanted[key]
-                    self._wake.notify_all()
-                    continue
+                step = self._steps[0]
             try:
-                more = arena.warm_one()
-            except Exception:  # e.g. MemoryError: the slots stay cold
+                more = step()
+            except Exception:  # e.g. MemoryError: what is left stays unwritten
                 more = False
             if not more:
-                self.forget(arena)
+                with self._wake:
+                    if step in self._steps:
+                        self._steps.remove(step)
+                    self._wake.notify_all()
 
 
 def _anonymous(size: int) -> mmap.mmap:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import _files as files
-from ._arena import FrameArena, Warmer
+from ._arena import Warmer
 from ._opener import VideoOpener
 from ._reader import FrameCache, FrameSource, ReadInterrupted, VideoReader, changed_error
 from ._shm import SharedBuffer
@@ -60,8 +61,8 @@ def default_workers() -> int:
     return 1 if cpus < 2 else max(2, cpus // 2)
 
 
-#: Free slots the recent-frames cache keeps written ahead of need, per frame shape, while
-#: it is not full: at most this many frames ...
+#: Spare frames the recent-frames cache keeps written ahead of need, for the shape it last
+#: kept, while it is not full: at most this many frames ...
 WARM_AHEAD_FRAMES = 8
 #: ... and this many bytes.
 WARM_AHEAD_BYTES = 16 << 20
@@ -73,12 +74,12 @@ class RecentFrames:
     Least recently used frames go first once ``max_bytes`` is exceeded. Keys say which
     file (and which version of it), stream and grayscale setting a frame belongs to.
 
-    Frames are kept in :class:`asyncframes._arena.FrameArena` slots, one arena per frame
-    shape. A new frame is written over the memory of one let go of; until the cache is full,
-    a ``warmer`` (if given) writes a few free slots ahead (:data:`WARM_AHEAD_FRAMES`), so a
-    cold frame is not kept waiting for fresh memory (~0.7 ms per MB here). The memory held
-    stays within ``max_bytes``: a frame of a new shape first takes the memory of free slots
-    of other shapes.
+    A new frame is written over the memory of one it lets go of when one has its shape (memory
+    written before costs ~0.03 ms per MB here; fresh memory ~0.7 ms per MB, as long as
+    decoding a small frame). Until the cache is full, a ``warmer`` (if given) writes a few
+    spare frames of the shape last kept ahead of need (:data:`WARM_AHEAD_FRAMES`), so a
+    cold frame is not kept waiting for fresh memory. Spares count in ``max_bytes``, and go
+    first when frames need the room.
     """
 
     def __init__(self, max_bytes: int, warmer: Optional[Warmer] = None) -> None:
@@ -86,75 +87,93 @@ class RecentFrames:
         #: Bytes of the frames kept.
         self.nbytes = 0
         self._warmer = warmer
-        self._frames: "OrderedDict[tuple[Any, int], tuple[FrameArena, int, np.ndarray]]" = OrderedDict()
-        self._arenas: dict[tuple[tuple[int, ...], str], FrameArena] = {}
+        self._frames: "OrderedDict[tuple[Any, int], np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()  # the spares, which the warmer's thread adds to
+        self._spares: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._spare_bytes = 0
+        self._wanted: Optional[tuple[tuple[tuple[int, ...], str], int]] = None  # (shape, count) the warmer writes
 
     def get(self, key: Any, i: int) -> Optional[np.ndarray]:
         """The kept frame (valid until the next :meth:`put`), or None."""
-        entry = self._frames.get((key, i))
-        if entry is None:
-            return None
-        self._frames.move_to_end((key, i))
-        return entry[2]
+        frame = self._frames.get((key, i))
+        if frame is not None:
+            self._frames.move_to_end((key, i))
+        return frame
 
     def has(self, key: Any, i: int) -> bool:
         return (key, i) in self._frames
 
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of spare frames written ahead."""
+        return self._spare_bytes
+
     def put(self, key: Any, i: int, frame: np.ndarray) -> None:
         """Keep a copy of ``frame``; the least recently used frames go to make room, and the
-        copy is written over one of them when one has the same shape."""
+        copy is written over one of them when one has the same shape, else into a spare."""
         if not 0 < frame.nbytes <= self.max_bytes or (key, i) in self._frames:
             return
-        while self._frames and self.nbytes + frame.nbytes > self.max_bytes:
-            _, (old, slot, _view) = self._frames.popitem(last=False)
+        shape = (frame.shape, frame.dtype.str)
+        with self._lock:
+            spares = self._spares.get(shape)
+            reuse = spares.pop() if spares else None
+            if reuse is not None:
+                self._spare_bytes -= reuse.nbytes
+            while self._spare_bytes and self.nbytes + self._spare_bytes + frame.nbytes > self.max_bytes:
+                self._drop_a_spare()
+        while self._frames and self.nbytes + self._spare_bytes + frame.nbytes > self.max_bytes:
+            _, old = self._frames.popitem(last=False)
             self.nbytes -= old.nbytes
-            old.give_back(slot)
-        arena = self._arena(frame)
-        taken = arena.take_warm()
-        if taken is None:  # memory written for the first time: within the budget, all shapes together
-            self._make_room(arena)
-            taken = arena.take()
-        assert taken is not None, "an arena holds as many frames as the budget"
-        slot, view = taken
-        np.copyto(view, frame)
-        self._frames[(key, i)] = (arena, slot, view)
+            if reuse is None and old.shape == frame.shape and old.dtype == frame.dtype:
+                reuse = old
+        if reuse is None:
+            reuse = np.empty_like(frame)
+        np.copyto(reuse, frame)
+        self._frames[(key, i)] = reuse
         self.nbytes += frame.nbytes
         if self._warmer is not None:
-            room = arena.warm_free + (self.max_bytes - self.resident_bytes) // arena.stride
-            ahead = min(WARM_AHEAD_FRAMES, WARM_AHEAD_BYTES // arena.stride, room)
-            if ahead > arena.warm_free:
-                self._warmer.ask(arena, ahead)
+            room = (self.max_bytes - self.nbytes - self._spare_bytes) // frame.nbytes
+            with self._lock:
+                have = len(self._spares.get(shape, ()))
+            ahead = min(WARM_AHEAD_FRAMES - have, WARM_AHEAD_BYTES // frame.nbytes - have, room)
+            if ahead > 0:
+                with self._lock:
+                    self._wanted = (shape, have + ahead)
+                self._warmer.ask(self._warm_one)
 
-    @property
-    def resident_bytes(self) -> int:
-        """Memory the kept frames and the free slots written before hold."""
-        return sum(arena.resident_bytes for arena in self._arenas.values())
+    def _warm_one(self) -> bool:
+        """Write one spare frame of the shape wanted (the warmer's thread); False when enough are written."""
+        with self._lock:
+            if self._wanted is None:
+                return False
+            shape, count = self._wanted
+            if len(self._spares.get(shape, ())) >= count or self.nbytes + self._spare_bytes >= self.max_bytes:
+                self._wanted = None
+                return False
+        spare = np.empty(shape[0], np.dtype(shape[1]))
+        spare.fill(0)  # written, not only mapped, so taking it later costs no page faults (NumPy lets go of the GIL meanwhile)
+        with self._lock:
+            if self._wanted is None or self.nbytes + self._spare_bytes + spare.nbytes > self.max_bytes:
+                return False
+            self._spares.setdefault(shape, []).append(spare)
+            self._spare_bytes += spare.nbytes
+        return True
+
+    def _drop_a_spare(self) -> None:
+        """Let go of one spare (of any shape; under the lock)."""
+        for spares in self._spares.values():
+            if spares:
+                self._spare_bytes -= spares.pop().nbytes
+                return
 
     def close(self) -> None:
-        """Forget every frame (the memory goes with the last view of it)."""
-        for arena in self._arenas.values():
-            if self._warmer is not None:
-                self._warmer.forget(arena)
+        """Forget every frame and spare."""
+        with self._lock:
+            self._wanted = None
+            self._spares.clear()
+            self._spare_bytes = 0
         self._frames.clear()
-        self._arenas.clear()
         self.nbytes = 0
-
-    def _make_room(self, arena: FrameArena) -> None:
-        """Give back the memory of other shapes' free slots until a new slot of ``arena`` fits."""
-        for other in [other for other in self._arenas.values() if other is not arena]:
-            while self.resident_bytes + arena.stride > self.max_bytes and other.release():
-                pass
-            if other.used == 0 and other.warm_free == 0:  # nothing of it is held: gone with its last view
-                if self._warmer is not None:
-                    self._warmer.forget(other)
-                del self._arenas[(other.shape, other.dtype.str)]
-
-    def _arena(self, frame: np.ndarray) -> FrameArena:
-        key = (frame.shape, frame.dtype.str)
-        arena = self._arenas.get(key)
-        if arena is None:
-            arena = self._arenas[key] = FrameArena(frame.shape, frame.dtype, self.max_bytes // frame.nbytes)
-        return arena
 
     def __len__(self) -> int:
         return len(self._frames)

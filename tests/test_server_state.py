@@ -463,7 +463,7 @@ def test_a_request_carrying_a_release_and_a_cancel_acts_on_them_first():
     h = Harness(shm=True)
     h.hello(A)
     h.request(A, 1, idxs=range(100), fpc=2, window=2, shm=True)
-    (_, c0, _), (_, c1, _) = h.chunk(), h.chunk()
+    (_, c0, _), _second = h.chunk(), h.chunk()
     h.send(A, Request(2, Video("v.mp4"), range(10), frames_per_chunk=2, window=2, shm=True, release=[c0.shm.slot], replaces=1))
     assert h.state.requests_of(A) == [2]  # request 1 was cancelled
     d2, c2, _ = h.chunk()
