@@ -403,12 +403,19 @@ def test_chunks_nobody_will_look_at_have_their_slots_released():
     assert sent(actions, protocol.Release) == [(0, protocol.Release(slots=[3]))]  # handed back with the next request
 
 
-def test_to_a_server_of_our_version_a_new_request_carries_the_cancel_and_the_release():
+def replaced_in_flight(server_version: str) -> tuple[ClientState, int]:
+    """A client of version 1.0 whose request (returned) has a chunk in slot 1 not taken yet,
+    served by a server of ``server_version``."""
     state = ClientState(["tcp://server0:9010"], window=2, version="1.0")
     probe = protocol.ShmProbe(pid=1234, fd=3, token=b"t")
-    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, "1.0", probe, None), shm_reachable=True)
+    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, server_version, probe, None), shm_reachable=True)
     rid, _ = start(state, list(range(4)), 1)
     state.received(0, *chunk_of(rid, 0, [0], False, slot=1))
+    return state, rid
+
+
+def test_to_a_server_of_our_version_a_new_request_carries_the_cancel_and_the_release():
+    state, rid = replaced_in_flight("1.0")
     state.links[0].freed.append(7)  # the caller let go of a chunk in slot 7
     new, actions = start(state, [5, 6], 1)
     assert [type(s.message).__name__ for s in actions.send] == ["Request"]  # one message, not three
@@ -419,11 +426,7 @@ def test_to_a_server_of_our_version_a_new_request_carries_the_cancel_and_the_rel
 
 
 def test_to_a_server_of_another_version_the_cancel_and_the_release_go_apart():
-    state = ClientState(["tcp://server0:9010"], window=2, version="1.0")
-    probe = protocol.ShmProbe(pid=1234, fd=3, token=b"t")
-    state.received(0, protocol.Welcome(protocol.PROTOCOL_VERSION, "0.9", probe, None), shm_reachable=True)
-    rid, _ = start(state, list(range(4)), 1)
-    state.received(0, *chunk_of(rid, 0, [0], False, slot=1))
+    state, _rid = replaced_in_flight("0.9")
     _new, actions = start(state, [5, 6], 1)
     assert [type(s.message).__name__ for s in actions.send] == ["Cancel", "Release", "Request"]
     assert actions.send[2].message.replaces is None and actions.send[2].message.release == []
